@@ -1,0 +1,223 @@
+"""The Celery peers: canvas (group / chain / chord on a Redis result backend) and raw fire-and-forget.
+
+Both drive a real ``celery worker`` subprocess (prefork, ``workers`` children) on the bench queue. Canvas
+cannot express a general DAG: the lattice and the random DAG run as a chain of one group per dependency
+level (a barrier between levels, more synchronisation than the shape asks for) and are labelled so, or
+are reported n/a with ``layered=False``. The raw floor sends tasks with ``ignore_result`` and learns of
+completion through a Redis counter; it runs fan-out, and chain / fan-in through tasks that send their
+successor themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import chain, chord, group
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from bench.engines import BenchError, Engine, Measurement, ShapeUnsupported, Stopwatch
+from bench.shapes import Shape
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+class CeleryWorker:
+    """A ``celery -A bench.celery_peer worker`` subprocess in its own process group, log in a temp file."""
+
+    def __init__(self, redis_url: str, concurrency: int) -> None:
+        self.redis_url = redis_url
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="nerv-bench-celery-", suffix=".log")[1])
+
+    def start(self) -> None:
+        from bench.celery_peer import QUEUE, URL_ENV
+
+        env = dict(os.environ)
+        env[URL_ENV] = self.redis_url
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker",
+            "--pool", "prefork", "--concurrency", str(self.concurrency), "-Q", QUEUE,
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning",
+            "-n", f"nerv-bench-{os.getpid()}@%h",
+        ]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail when the worker has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"celery worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM); after ``STOP_TIMEOUT_S`` kill the worker's own process group."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+
+class _CeleryEngine(Engine):
+    """Shared start / stop: one worker subprocess, ready once warm-up tasks came back."""
+
+    def __init__(self, timeout: float = 300.0) -> None:
+        super().__init__(timeout)
+        self.worker: CeleryWorker | None = None
+        self.redis: redis.Redis | None = None
+
+    def start(self, redis_url: str, workers: int) -> None:
+        from bench import celery_peer
+
+        if redis_url != celery_peer.URL:
+            raise BenchError(f"bench.celery_peer was imported for {celery_peer.URL}, not {redis_url}; "
+                             f"set {celery_peer.URL_ENV} before importing it")
+        self.redis = redis.Redis.from_url(redis_url)
+        self.worker = CeleryWorker(redis_url, workers)
+        self.worker.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        results = [celery_peer.noop.apply_async(queue=celery_peer.QUEUE) for _ in range(4 * workers)]
+        for res in results:
+            while True:
+                self.worker.check_alive()
+                try:
+                    res.get(timeout=1.0)
+                    break
+                except CeleryTimeout:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"celery worker not ready after {READY_TIMEOUT_S:.0f}s:\n"
+                                         f"{self.worker.log_tail()}") from None
+        self.warm_up(workers)
+
+    def warm_up(self, workers: int) -> None:
+        """Extra warm-up for the engine's own path (after the worker answered)."""
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+
+class CeleryCanvasEngine(_CeleryEngine):
+    """Canvas: group for fan-out, chain for a chain, chord for fan-in, else a chain of groups per level."""
+
+    name = "celery-canvas"
+    description = "Celery canvas, Redis broker + result backend"
+
+    def __init__(self, timeout: float = 300.0, layered: bool = True) -> None:
+        super().__init__(timeout)
+        #: Run general DAGs as one group per level (approximate); False reports them unsupported.
+        self.layered = layered
+
+    def run(self, shape: Shape) -> Measurement:
+        from bench.celery_peer import QUEUE, noop
+
+        note, approximate = "", False
+        if shape.kind == "dag" and not self.layered:
+            raise ShapeUnsupported("canvas cannot express a general DAG")
+        with Stopwatch() as sw:
+            sig: Any
+            if shape.kind == "independent":
+                note = "group"
+                sig = group(noop.si() for _ in range(shape.size))
+            elif shape.kind == "chain":
+                note = "chain"
+                sig = chain(noop.si() for _ in range(shape.size))
+            elif shape.kind == "fanin":
+                note = "chord"
+                sig = chord((noop.si() for _ in range(shape.size - 1)), noop.s())
+            else:
+                layers = shape.layers()
+                note, approximate = f"chain of {len(layers)} groups, one per level (barriers)", True
+                sig = chain(group(noop.si() for _ in layer) for layer in layers)
+            result = sig.apply_async(queue=QUEUE)
+            result.get(timeout=self.timeout)
+        return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note, approximate=approximate)
+
+
+class CeleryRawEngine(_CeleryEngine):
+    """Raw Celery, no result backend: ``send_task`` with ``ignore_result``, completion via a Redis counter."""
+
+    name = "celery-raw"
+    description = "raw Celery fire-and-forget, no results"
+
+    def warm_up(self, workers: int) -> None:
+        self._fanout(4 * workers)
+
+    def run(self, shape: Shape) -> Measurement:
+        if shape.kind == "independent":
+            seconds, note = self._fanout(shape.size), "send_task x N, Redis INCR"
+        elif shape.kind == "chain":
+            seconds, note = self._chain(shape.size), "each task sends the next"
+        elif shape.kind == "fanin":
+            seconds, note = self._fanout(shape.size - 1, then="bench.join"), "last INCR sends the join"
+        else:
+            raise ShapeUnsupported("fire-and-forget Celery has no dependencies")
+        return Measurement(self.name, shape.name, shape.size, seconds, note=note)
+
+    def _new_run(self) -> tuple[redis.Redis, str]:
+        from bench.celery_peer import done_key
+
+        assert self.redis is not None, "engine not started"
+        run_key = f"nerv-bench:raw:{uuid.uuid4().hex}"
+        self.redis.delete(run_key, done_key(run_key))
+        return self.redis, run_key
+
+    def _wait(self, r: redis.Redis, run_key: str) -> None:
+        from bench.celery_peer import done_key
+
+        if r.brpop([done_key(run_key)], timeout=self.timeout) is None:
+            raise TimeoutError(f"raw Celery run {run_key} did not finish in {self.timeout:.0f}s")
+        r.delete(run_key)
+
+    def _fanout(self, n: int, then: str | None = None) -> float:
+        from bench.celery_peer import QUEUE, app
+
+        r, run_key = self._new_run()
+        with Stopwatch() as sw:
+            with app.producer_or_acquire() as producer:
+                for _ in range(n):
+                    app.send_task("bench.count", args=(run_key, n, then), queue=QUEUE, ignore_result=True,
+                                  producer=producer)
+            self._wait(r, run_key)
+        return sw.seconds
+
+    def _chain(self, n: int) -> float:
+        from bench.celery_peer import QUEUE, app
+
+        r, run_key = self._new_run()
+        with Stopwatch() as sw:
+            app.send_task("bench.hop", args=(run_key, n), queue=QUEUE, ignore_result=True)
+            self._wait(r, run_key)
+        return sw.seconds
