@@ -1,0 +1,55 @@
+"""nerv-cluster: a distributed DAG workflow engine on Celery and Redis.
+
+The public API::
+
+    from nerv_cluster import Client, Workflow, task, RetryPolicy
+"""
+
+from nerv_cluster.bus import EventBus
+from nerv_cluster.client import Client
+from nerv_cluster.errors import NervError
+from nerv_cluster.model import (
+    Event,
+    EventType,
+    RetryPolicy,
+    RunStatus,
+    TaskDef,
+    TaskError,
+    TaskPriority,
+    TaskResult,
+    TaskStatus,
+    TriggerRule,
+    WorkflowDef,
+)
+from nerv_cluster.registry import TaskContext, TaskFunction, task
+from nerv_cluster.settings import Settings
+from nerv_cluster.state import RunResult, StateProjector
+from nerv_cluster.workflow import TaskHandle, Workflow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Event",
+    "EventBus",
+    "EventType",
+    "NervError",
+    "RetryPolicy",
+    "RunResult",
+    "RunStatus",
+    "Settings",
+    "StateProjector",
+    "TaskContext",
+    "TaskDef",
+    "TaskError",
+    "TaskFunction",
+    "TaskHandle",
+    "TaskPriority",
+    "TaskResult",
+    "TaskStatus",
+    "TriggerRule",
+    "Workflow",
+    "WorkflowDef",
+    "__version__",
+    "task",
+]

@@ -1,0 +1,44 @@
+"""The Celery app both sides share: the scheduler sends jobs with it, workers consume with it.
+
+JSON only (pickle is refused), no result backend (results travel in the event log), late acks so a
+task whose worker dies is redelivered, and task events on so Flower can watch.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from nerv_cluster import constants
+from nerv_cluster.settings import Settings
+
+
+def create_celery(settings: Settings, main: str = "nerv") -> Celery:
+    """A configured Celery app (no tasks registered; workers add theirs)."""
+    app = Celery(main, broker=settings.broker, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=settings.prefetch_multiplier,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_queues=[Queue(q, routing_key=q) for q in constants.QUEUES],
+        task_default_queue=constants.DEFAULT_QUEUE,
+        task_create_missing_queues=False,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    return app

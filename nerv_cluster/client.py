@@ -1,0 +1,177 @@
+"""The client: submit workflows, wait for them, read their status and events, cancel them, subscribe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+
+from nerv_cluster import state as st
+from nerv_cluster.bus import EventBus, Handler, RedisBridge
+from nerv_cluster.errors import RunNotFoundError, WaitTimeoutError
+from nerv_cluster.eventlog import EventLog
+from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
+from nerv_cluster.settings import Settings
+from nerv_cluster.workflow import Workflow
+
+#: How long one blocking read of a run's log waits before the loop checks its deadline again.
+_FOLLOW_BLOCK_MS = 1_000
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client for nerv's own keys (decoded responses, health checks, retry on timeouts)."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry_on_timeout=True,
+    )
+
+
+class Client:
+    """Talks to a nerv cluster through Redis. Thread-safe; cheap to keep for the life of a process.
+
+    ``Client()`` reads ``NERV_REDIS_URL``; ``Client("redis://host:6379/0")`` names the Redis.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        redis_client: redis.Redis | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        settings = settings or Settings.from_env()
+        if url:
+            settings = settings.with_(redis_url=url)
+        self.settings = settings
+        self.redis = redis_client or connect(settings)
+        self.keys = settings.keys()
+        self.log = EventLog(self.redis, self.keys)
+        self.bus = bus or EventBus()
+        self._bridge = RedisBridge(self.redis, self.keys, self.bus)
+
+    # -- submit ---------------------------------------------------------------------------------------
+
+    def registered_tasks(self) -> dict[str, str]:
+        """Task name -> queue for every task some worker has registered."""
+        return dict(self.redis.hgetall(self.keys.registry))
+
+    def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
+        """Validate and submit a workflow; returns the run id at once.
+
+        Raises a :class:`~nerv_cluster.errors.WorkflowError` (and writes nothing) for a cycle, an unknown
+        dependency, a duplicate id, a non-JSON argument, an oversized payload, too many tasks, or (with
+        ``check_names`` and once any worker has registered) a task name no worker knows.
+        """
+        known = self.registered_tasks() if check_names else {}
+        workflow.validate(
+            max_payload_bytes=self.settings.max_payload_bytes,
+            max_tasks=self.settings.max_tasks,
+            known_names=known.keys() if known else None,
+        )
+        run_id = run_id or new_run_id(workflow.name)
+        event = Event(
+            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": workflow.definition().to_dict()}, source="client"
+        )
+        self.log.submit(event)
+        return run_id
+
+    def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
+        """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""
+        self.log.require_run(run_id)
+        self.log.append([Event(EventType.WORKFLOW_CANCEL_REQUESTED, run_id, data={"reason": reason}, source="client")])
+
+    # -- read -----------------------------------------------------------------------------------------
+
+    def _fold(self, run_id: str) -> tuple[st.RunState, str]:
+        run: st.RunState | None = None
+        last = "0-0"
+        for entry_id, ev in self.log.read_run(run_id):
+            run = st.apply_to_run(run, ev)
+            last = entry_id
+        if run is None:
+            raise RunNotFoundError(f"no run {run_id!r} (never submitted, or expired after its retention time)")
+        return run, last
+
+    def status(self, run_id: str) -> st.RunResult:
+        """The run as of now: its status and every task's status, result, error and timings."""
+        return st.run_result(self._fold(run_id)[0])
+
+    def wait(self, run_id: str, timeout: float | None = None) -> st.RunResult:
+        """Block until the run ends and return its :class:`RunResult` (whatever the outcome).
+
+        Reads the run's log, then follows it, so no event can be missed. Raises
+        :class:`WaitTimeoutError` if the run is still going after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        run, last = self._fold(run_id)
+        while not run.status.terminal:
+            block = _FOLLOW_BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeoutError(
+                        f"run {run_id} still {run.status.value} after {timeout}s "
+                        f"({run.finished_tasks}/{run.total} tasks done)"
+                    )
+                block = max(1, min(block, int(left * 1000)))
+            for entry_id, ev in self.log.follow_run(run_id, last, block):
+                run = st.apply_to_run(run, ev) or run
+                last = entry_id
+        return st.run_result(run)
+
+    def events(self, run_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[Event]:
+        """The run's events from the log (after entry id ``after``), then live ones until the run ends.
+
+        With ``follow=False`` it stops at the end of what is logged now.
+        """
+        self.log.require_run(run_id)
+        last = after
+        for entry_id, ev in self.log.read_run(run_id, after=after):
+            last = entry_id
+            yield ev
+            if ev.type in WORKFLOW_END_EVENTS:
+                return
+        while follow:
+            for entry_id, ev in self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS):
+                last = entry_id
+                yield ev
+                if ev.type in WORKFLOW_END_EVENTS:
+                    return
+
+    def runs(self, limit: int = 20) -> list[tuple[str, float]]:
+        """The newest runs (id, submit time), newest first."""
+        return self.log.recent_runs(limit)
+
+    # -- live events ------------------------------------------------------------------------------------
+
+    def subscribe(
+        self, event_type: EventType | str, handler: Handler, *, sender: str | None = None, weak: bool = False
+    ) -> Callable[[], None]:
+        """Call ``handler(event)`` for live events of a type (``"*"`` for all), of run ``sender`` if given.
+
+        Bridged from Redis pub/sub into this client's Blinker :class:`EventBus`; returns an unsubscribe
+        function. Pub/sub is at-most-once: use :meth:`events` or :meth:`wait` where nothing may be missed.
+        """
+        unsubscribe = self.bus.subscribe(event_type, handler, sender=sender, weak=weak)
+        self._bridge.start()
+        return unsubscribe
+
+    def close(self) -> None:
+        """Stop the pub/sub bridge and close connections."""
+        self._bridge.stop()
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Client", "RunStatus", "connect"]

@@ -1,0 +1,102 @@
+"""Every name, default and limit of nerv-cluster in one place.
+
+Redis keys of one run share the hash tag ``{run_id}`` so a run's keys land in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Default Redis URL when ``NERV_REDIS_URL`` is not set.
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: Default key prefix; tests and multi-tenant setups change it with ``NERV_PREFIX``.
+DEFAULT_PREFIX: Final = "nerv"
+
+#: The worker queues a task can ask for.
+QUEUES: Final = ("cpu", "io")
+DEFAULT_QUEUE: Final = "cpu"
+
+#: Largest JSON payload (args + kwargs of one task) accepted at submit.
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+#: Largest JSON result a task may return.
+DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
+#: Largest number of tasks in one workflow.
+DEFAULT_MAX_TASKS: Final = 200_000
+
+#: The scheduler lease: how long it lives and how often the holder renews it.
+DEFAULT_LEASE_TTL_MS: Final = 5_000
+LEASE_RENEW_FRACTION: Final = 3  # renew every ttl/3 so two missed renewals still keep it
+#: Events read from the feed per round trip.
+DEFAULT_BATCH_SIZE: Final = 2_000
+#: How long a scheduler read blocks waiting for new events.
+DEFAULT_BLOCK_MS: Final = 200
+#: How long a finished run's log and keys stay in Redis.
+DEFAULT_RETENTION_SECONDS: Final = 7 * 24 * 3600
+#: Celery's Redis visibility timeout: an unacked message is redelivered after it.
+DEFAULT_VISIBILITY_TIMEOUT: Final = 3600
+#: Worker liveness: a heartbeat key refreshed every interval, expiring after the TTL.
+WORKER_HEARTBEAT_INTERVAL_S: Final = 1.0
+WORKER_HEARTBEAT_TTL_MS: Final = 4_000
+#: Events kept in a client EventBus history.
+DEFAULT_HISTORY_LIMIT: Final = 1_000
+
+#: The marker that stands for an upstream task's result inside args/kwargs on the wire.
+REF_KEY: Final = "__nerv_ref__"
+
+#: Stream entry field that holds the JSON event.
+EVENT_FIELD: Final = "e"
+#: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
+FEED_MAXLEN: Final = 1_000_000
+
+
+class Keys:
+    """Every Redis key and channel name, built from one prefix.
+
+    Per-run keys carry the hash tag ``{run_id}``; the feed, the lease and the registries are global.
+    """
+
+    __slots__ = ("active", "epoch", "feed", "lease", "prefix", "registry", "runs", "workers")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.feed = f"{prefix}:feed"  # events the scheduler must react to (from clients and workers)
+        self.active = f"{prefix}:runs:active"  # ids of runs not finished yet
+        self.runs = f"{prefix}:runs"  # every run id, scored by submit time
+        self.lease = f"{prefix}:scheduler:lease"  # holder's token; expires unless renewed
+        self.epoch = f"{prefix}:scheduler:epoch"  # counter: each new lease holder's fencing token
+        self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
+        self.workers = f"{prefix}:workers"  # worker id -> JSON description
+
+    def log(self, run_id: str) -> str:
+        """The run's event log stream: the source of truth for the run."""
+        return f"{self.prefix}:{{{run_id}}}:log"
+
+    def outcomes(self, run_id: str) -> str:
+        """Hash ``task:attempt`` -> outcome: makes each attempt's outcome recorded once."""
+        return f"{self.prefix}:{{{run_id}}}:outcomes"
+
+    def claims(self, run_id: str) -> str:
+        """Hash ``task:attempt`` -> worker id that runs it."""
+        return f"{self.prefix}:{{{run_id}}}:claims"
+
+    def channel(self, run_id: str) -> str:
+        """The run's pub/sub channel (a hint for live listeners, never state)."""
+        return f"{self.prefix}:{{{run_id}}}:bus"
+
+    @property
+    def channel_pattern(self) -> str:
+        """Pattern matching every run's channel."""
+        return f"{self.prefix}:*:bus"
+
+    def heartbeat(self, worker_id: str) -> str:
+        """A worker process's liveness key; it expires when the process stops renewing it."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def heartbeat_prefix(self) -> str:
+        """What :meth:`heartbeat` puts before the worker id."""
+        return f"{self.prefix}:worker:"
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str]:
+        """The keys a run owns, for expiry when it is over."""
+        return self.log(run_id), self.outcomes(run_id), self.claims(run_id)

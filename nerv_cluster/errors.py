@@ -1,0 +1,71 @@
+"""The one error tree of nerv-cluster: catch ``NervError`` to catch them all."""
+
+from __future__ import annotations
+
+
+class NervError(Exception):
+    """Base of every error raised by nerv-cluster."""
+
+
+class ConfigurationError(NervError):
+    """A setting is missing or malformed."""
+
+
+class WorkflowError(NervError):
+    """A workflow definition is invalid; nothing was submitted."""
+
+
+class CycleError(WorkflowError):
+    """The dependencies form a cycle; ``cycle`` lists the task ids in it, in order."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        self.cycle = cycle
+        super().__init__("dependency cycle: " + " -> ".join([*cycle, cycle[0]]))
+
+
+class UnknownDependencyError(WorkflowError):
+    """A task depends on a task id that is not in the workflow."""
+
+
+class DuplicateTaskError(WorkflowError):
+    """Two tasks in one workflow share an id."""
+
+
+class UnknownTaskError(WorkflowError):
+    """A task function name is registered nowhere (not locally, not by any worker)."""
+
+
+class SerializationError(WorkflowError):
+    """An argument or result is not JSON-serialisable."""
+
+
+class PayloadTooLargeError(WorkflowError):
+    """An argument payload or a result is larger than the configured limit."""
+
+
+class RegistrationError(NervError):
+    """A task function cannot be registered (bad name, name clash, bad options)."""
+
+
+class RunNotFoundError(NervError):
+    """No run with this id exists in the event log."""
+
+
+class WaitTimeoutError(NervError, TimeoutError):
+    """A run did not finish within the time ``Client.wait`` was given."""
+
+
+class LeaseLostError(NervError):
+    """This scheduler no longer holds the lease; its writes are fenced off."""
+
+
+class TaskFailedError(NervError):
+    """A run finished without success; raised by ``RunResult.raise_for_status``."""
+
+
+class TaskTimeoutError(NervError):
+    """A task ran past its time limit."""
+
+
+class NotRegisteredError(NervError):
+    """A worker received a task whose name no module on it registered."""

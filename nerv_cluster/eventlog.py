@@ -1,0 +1,206 @@
+"""The durable event log in Redis: one Stream per run (the source of truth) plus the scheduler's feed.
+
+Writers: the client (submit, cancel), workers (started, completed, failed, retrying) and the scheduler
+(dispatched, skipped, run outcomes, fenced by its lease). Every write also announces the event on the
+run's pub/sub channel, which is only a hint for live listeners.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+
+from nerv_cluster import constants
+from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError
+from nerv_cluster.model import Event
+
+#: A stream entry id and the event stored under it.
+Entry = tuple[str, Event]
+
+
+@cache
+def lua_source(name: str) -> str:
+    """The text of ``nerv_cluster/lua/<name>.lua``."""
+    return resources.files("nerv_cluster").joinpath("lua").joinpath(f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The Lua scripts, registered on one Redis client (EVALSHA, reloaded on NOSCRIPT by redis-py)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.submit = client.register_script(lua_source("submit"))
+        self.append = client.register_script(lua_source("append"))
+        self.fenced_append = client.register_script(lua_source("fenced_append"))
+        self.start = client.register_script(lua_source("start"))
+        self.finish = client.register_script(lua_source("finish"))
+        self.lease = client.register_script(lua_source("lease"))
+        self.release = client.register_script(lua_source("release"))
+
+
+def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
+    return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
+
+
+def attempt_field(task_id: str, attempt: int) -> str:
+    """The hash field naming one attempt of one task."""
+    return f"{task_id}:{attempt}"
+
+
+class EventLog:
+    """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
+
+    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self.scripts = Scripts(client)
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def submit(self, event: Event) -> None:
+        """Record a WORKFLOW_SUBMITTED event: the run exists from here on."""
+        k = self.keys
+        try:
+            self.scripts.submit(
+                keys=[k.log(event.run_id), k.feed, k.active, k.runs],
+                args=[event.run_id, k.channel(event.run_id), event.to_json(), event.ts, constants.FEED_MAXLEN],
+            )
+        except redis.ResponseError as exc:
+            raise NervError(str(exc).removeprefix("RUN_EXISTS ")) from exc
+
+    def append(self, events: Sequence[Event]) -> None:
+        """Append events (of any runs) to their run logs and the feed, one script call per run, pipelined."""
+        by_run: dict[str, list[str]] = defaultdict(list)
+        for ev in events:
+            by_run[ev.run_id].append(ev.to_json())
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, payloads in by_run.items():
+            self.scripts.append(
+                keys=[k.log(run_id), k.feed],
+                args=[k.channel(run_id), constants.FEED_MAXLEN, *payloads],
+                client=pipe,
+            )
+        pipe.execute()
+
+    def append_fenced(self, events: Sequence[Event], token: str) -> None:
+        """Append the scheduler's events; raises :class:`LeaseLostError` if ``token`` no longer holds the lease."""
+        if not events:
+            return
+        k = self.keys
+        keys = [k.lease]
+        index: dict[str, int] = {}
+        args: list[Any] = [token]
+        for ev in events:
+            if ev.run_id not in index:
+                keys.append(k.log(ev.run_id))
+                index[ev.run_id] = len(keys)
+            args.extend((index[ev.run_id], k.channel(ev.run_id), ev.to_json()))
+        try:
+            self.scripts.fenced_append(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise LeaseLostError(str(exc)) from exc
+            raise
+
+    def start_attempt(self, event: Event, worker_id: str) -> str:
+        """Claim the attempt named by a TASK_STARTED event: ``'ok'``, ``'done'`` or ``'busy'``."""
+        k, run = self.keys, event.run_id
+        assert event.task_id is not None and event.attempt is not None
+        return str(
+            self.scripts.start(
+                keys=[k.log(run), k.feed, k.outcomes(run), k.claims(run)],
+                args=[
+                    attempt_field(event.task_id, event.attempt),
+                    worker_id,
+                    k.heartbeat_prefix,
+                    k.channel(run),
+                    event.to_json(),
+                    constants.FEED_MAXLEN,
+                ],
+            )
+        )
+
+    def finish_attempt(self, event: Event) -> bool:
+        """Record an attempt's outcome event; False when that attempt already had one (nothing written)."""
+        k, run = self.keys, event.run_id
+        assert event.task_id is not None and event.attempt is not None
+        return bool(
+            self.scripts.finish(
+                keys=[k.log(run), k.feed, k.outcomes(run)],
+                args=[
+                    attempt_field(event.task_id, event.attempt),
+                    event.type.value,
+                    k.channel(run),
+                    event.to_json(),
+                    constants.FEED_MAXLEN,
+                ],
+            )
+        )
+
+    def close_run(self, run_id: str, retention_seconds: int) -> None:
+        """A run is over: drop it from the active set and let its keys expire after the retention time."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(self.keys.active, run_id)
+        for key in self.keys.run_keys(run_id):
+            pipe.expire(key, retention_seconds)
+        pipe.execute()
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def read_run(self, run_id: str, after: str = "-", count: int = 10_000) -> Iterator[Entry]:
+        """Every event of a run after entry id ``after`` (exclusive; ``'-'`` for the start), in order."""
+        key = self.keys.log(run_id)
+        start = "-" if after in ("-", "0", "0-0") else f"({after}"
+        while True:
+            chunk = self.redis.xrange(key, min=start, max="+", count=count)
+            yield from _decode(chunk)
+            if len(chunk) < count:
+                return
+            start = f"({chunk[-1][0]}"
+
+    def run_exists(self, run_id: str) -> bool:
+        """True when the run's log exists."""
+        return bool(self.redis.exists(self.keys.log(run_id)))
+
+    def require_run(self, run_id: str) -> None:
+        """Raise :class:`RunNotFoundError` unless the run exists."""
+        if not self.run_exists(run_id):
+            raise RunNotFoundError(f"no run {run_id!r} (never submitted, or expired after its retention time)")
+
+    def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> list[Entry]:
+        """Events of a run after ``after``, waiting up to ``block_ms`` for the first one."""
+        reply = self.redis.xread({self.keys.log(run_id): after or "0-0"}, count=count, block=block_ms)
+        return _decode(reply[0][1]) if reply else []
+
+    def read_feed(self, after: str, count: int, block_ms: int | None) -> list[Entry]:
+        """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none."""
+        reply = self.redis.xread({self.keys.feed: after}, count=count, block=block_ms)
+        return _decode(reply[0][1]) if reply else []
+
+    def feed_tail(self) -> str:
+        """The id of the newest feed entry (``'0-0'`` when empty)."""
+        last = self.redis.xrevrange(self.keys.feed, count=1)
+        return str(last[0][0]) if last else "0-0"
+
+    def trim_feed(self, upto: str) -> None:
+        """Drop feed entries older than ``upto`` (which the leader has processed)."""
+        self.redis.xtrim(self.keys.feed, minid=upto, approximate=False)
+
+    def active_runs(self) -> set[str]:
+        """Ids of runs that are not finished."""
+        return set(self.redis.smembers(self.keys.active))
+
+    def recent_runs(self, limit: int = 20) -> list[tuple[str, float]]:
+        """The newest runs with their submit times, newest first."""
+        return [(rid, float(score)) for rid, score in self.redis.zrevrange(self.keys.runs, 0, limit - 1, withscores=True)]
+
+
+def now() -> float:
+    """Wall-clock seconds; events carry wall time so processes on different hosts agree."""
+    return time.time()

@@ -1,0 +1,1 @@
+"""Example task modules: ``nerv worker --app nerv_cluster.examples.wordcount``."""

@@ -1,0 +1,90 @@
+"""The job message: what the scheduler sends a worker for one attempt of one task (JSON only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nerv_cluster.model import RetryPolicy
+from nerv_cluster.state import RunState
+from nerv_cluster.workflow import resolve_refs
+
+
+def job_id(run_id: str, task_id: str, attempt: int) -> str:
+    """The deterministic Celery task id of one attempt: resending it never makes a second job id."""
+    return f"{run_id}:{task_id}:{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One attempt to run, as a worker receives it. Upstream results are already in the arguments."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    fn: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    workflow: str = ""
+    context: dict[str, Any] | None = None
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+
+    @property
+    def id(self) -> str:
+        """The Celery task id."""
+        return job_id(self.run_id, self.task_id, self.attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body, with short keys."""
+        out: dict[str, Any] = {"r": self.run_id, "k": self.task_id, "a": self.attempt, "fn": self.fn}
+        if self.args:
+            out["args"] = self.args
+        if self.kwargs:
+            out["kwargs"] = self.kwargs
+        if self.workflow:
+            out["w"] = self.workflow
+        if self.context is not None:
+            out["ctx"] = self.context
+        if self.retry is not None:
+            out["retry"] = self.retry.to_dict()
+        if self.timeout is not None:
+            out["t"] = self.timeout
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """Inverse of :meth:`to_dict`; KeyError/TypeError on a malformed body."""
+        retry = data.get("retry")
+        return cls(
+            run_id=str(data["r"]),
+            task_id=str(data["k"]),
+            attempt=int(data["a"]),
+            fn=str(data["fn"]),
+            args=list(data.get("args", [])),
+            kwargs=dict(data.get("kwargs", {})),
+            workflow=str(data.get("w", "")),
+            context=data.get("ctx"),
+            retry=RetryPolicy.from_dict(retry) if retry else None,
+            timeout=data.get("t"),
+        )
+
+
+def build_job(run: RunState, task_id: str) -> Job:
+    """The job for the current attempt of ``task_id``, its references replaced by upstream results."""
+    td = run.defs[task_id]
+    ts = run.tasks[task_id]
+    tasks = run.tasks
+    upstream = {d: tasks[d].result for d in td.dependencies}
+    return Job(
+        run_id=run.run_id,
+        task_id=task_id,
+        attempt=ts.attempt,
+        fn=td.fn,
+        args=resolve_refs(list(td.args), upstream) if td.args else [],
+        kwargs=resolve_refs(dict(td.kwargs), upstream) if td.kwargs else {},
+        workflow=run.name,
+        context=upstream if td.context else None,
+        retry=td.retry,
+        timeout=td.timeout,
+    )

@@ -1,0 +1,413 @@
+"""The data model: statuses, priorities, event types, task definitions, results and events.
+
+Everything here is immutable and converts to and from plain JSON-able dicts, because only JSON travels
+between the client, the scheduler and the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from nerv_cluster import constants
+from nerv_cluster.errors import WorkflowError
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life. Serialises as its plain name."""
+
+    PENDING = "PENDING"  # waiting for its dependencies (or for a retry delay)
+    READY = "READY"  # dependencies satisfied; dispatched or about to be
+    RUNNING = "RUNNING"  # a worker started the current attempt
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"  # its trigger rule can no longer be met
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True when the task will not change any more."""
+        return self in TERMINAL_TASK_STATUSES
+
+
+TERMINAL_TASK_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.SKIPPED, TaskStatus.CANCELLED}
+)
+
+
+class RunStatus(StrEnum):
+    """Where a whole workflow run is in its life."""
+
+    PENDING = "PENDING"  # submitted, not yet accepted by a scheduler
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True when the run is over."""
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+class TaskPriority(IntEnum):
+    """Dispatch priority within a dependency level: higher goes first."""
+
+    LOW = 0
+    MEDIUM = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: TaskPriority | str | int) -> TaskPriority:
+        """Accept a member, its name in any case (``"high"``) or its number."""
+        if isinstance(value, TaskPriority):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise WorkflowError(
+                    f"unknown priority {value!r}; expected one of {', '.join(m.name.lower() for m in cls)}"
+                ) from None
+        try:
+            return cls(value)
+        except ValueError:
+            raise WorkflowError(f"unknown priority {value!r}") from None
+
+
+class TriggerRule(StrEnum):
+    """When a task may run, given how its dependencies ended."""
+
+    ALL_SUCCESS = "all_success"  # every dependency COMPLETED (the default)
+    ALL_DONE = "all_done"  # every dependency ended, however
+    ONE_FAILED = "one_failed"  # at least one dependency FAILED: the fallback rule
+    NONE_FAILED = "none_failed"  # every dependency ended and none FAILED (SKIPPED is fine)
+
+    @classmethod
+    def parse(cls, value: TriggerRule | str) -> TriggerRule:
+        """Accept a member or its value."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise WorkflowError(
+                f"unknown trigger rule {value!r}; expected one of {', '.join(m.value for m in cls)}"
+            ) from None
+
+
+class EventType(StrEnum):
+    """Every lifecycle change that is written to the event log."""
+
+    WORKFLOW_SUBMITTED = "WORKFLOW_SUBMITTED"  # the seed's WORKFLOW_CREATED; carries the definition
+    WORKFLOW_STARTED = "WORKFLOW_STARTED"  # a scheduler accepted and planned the run
+    WORKFLOW_COMPLETED = "WORKFLOW_COMPLETED"
+    WORKFLOW_FAILED = "WORKFLOW_FAILED"
+    WORKFLOW_CANCEL_REQUESTED = "WORKFLOW_CANCEL_REQUESTED"
+    WORKFLOW_CANCELLED = "WORKFLOW_CANCELLED"
+    TASK_PENDING = "TASK_PENDING"  # a task was reset to wait for a new attempt (its worker was lost)
+    TASK_DISPATCHED = "TASK_DISPATCHED"
+    TASK_STARTED = "TASK_STARTED"
+    TASK_COMPLETED = "TASK_COMPLETED"
+    TASK_FAILED = "TASK_FAILED"
+    TASK_RETRYING = "TASK_RETRYING"
+    TASK_SKIPPED = "TASK_SKIPPED"
+    TASK_CANCELLED = "TASK_CANCELLED"
+
+    @classmethod
+    def parse(cls, value: EventType | str) -> EventType:
+        """Accept a member or its name in any case."""
+        try:
+            return cls(str(value).upper())
+        except ValueError:
+            raise ValueError(f"unknown event type {value!r}") from None
+
+
+WORKFLOW_END_EVENTS = frozenset(
+    {EventType.WORKFLOW_COMPLETED, EventType.WORKFLOW_FAILED, EventType.WORKFLOW_CANCELLED}
+)
+
+
+def _qualname(kind: type | str) -> str:
+    if isinstance(kind, str):
+        return kind
+    if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+        raise WorkflowError(f"retry_on expects exception classes or their names, got {kind!r}")
+    return kind.__name__
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how late a failed task is tried again.
+
+    The delay before attempt ``n + 1`` is ``backoff * factor ** (n - 1)``, capped at ``max_delay``, then
+    spread by up to ``jitter`` (a fraction) either way. ``retry_on`` limits retries to exceptions of
+    these types (names match the exception class or any of its bases); empty means any exception.
+    """
+
+    max_retries: int = 0
+    backoff: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.0
+    retry_on: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.backoff < 0 or self.factor < 1 or self.max_delay < 0:
+            raise WorkflowError(f"invalid retry policy {self!r}: counts and delays must be >= 0, factor >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise WorkflowError("retry jitter is a fraction between 0 and 1")
+        object.__setattr__(self, "retry_on", tuple(_qualname(k) for k in self.retry_on))
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based) before the next one."""
+        base = min(self.max_delay, self.backoff * self.factor ** max(0, attempt - 1))
+        if self.jitter and base:
+            spread = base * self.jitter
+            base += (rng or random).uniform(-spread, spread)
+        return max(0.0, base)
+
+    def allows(self, attempt: int, error_types: Iterable[str]) -> bool:
+        """True when failed attempt ``attempt`` may be retried for an error of these class names."""
+        if attempt > self.max_retries:
+            return False
+        return not self.retry_on or any(name in self.retry_on for name in error_types)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "max_retries": self.max_retries,
+            "backoff": self.backoff,
+            "factor": self.factor,
+            "max_delay": self.max_delay,
+            "jitter": self.jitter,
+            "retry_on": list(self.retry_on),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RetryPolicy:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "retry_on": tuple(data.get("retry_on", ()))})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDef:
+    """One task of a workflow, as it travels on the wire.
+
+    ``fn`` is the registered name of the function; ``args``/``kwargs`` are JSON where an upstream result
+    is written as ``{"__nerv_ref__": task_id}``. ``dependencies`` holds every upstream task id, whether it
+    came from a reference in the arguments or was listed explicitly.
+    """
+
+    id: str
+    fn: str
+    name: str = ""
+    description: str = ""
+    dependencies: tuple[str, ...] = ()
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    priority: TaskPriority = TaskPriority.MEDIUM
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    queue: str = constants.DEFAULT_QUEUE
+    tags: tuple[str, ...] = ()
+    trigger: TriggerRule = TriggerRule.ALL_SUCCESS
+    context: bool = False  # call fn(ctx, *args) with a TaskContext first
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; defaults are left out to keep messages lean."""
+        out: dict[str, Any] = {"id": self.id, "fn": self.fn}
+        if self.name and self.name != self.id:
+            out["name"] = self.name
+        if self.description:
+            out["description"] = self.description
+        if self.dependencies:
+            out["deps"] = list(self.dependencies)
+        if self.args:
+            out["args"] = list(self.args)
+        if self.kwargs:
+            out["kwargs"] = dict(self.kwargs)
+        if self.priority != TaskPriority.MEDIUM:
+            out["priority"] = self.priority.name
+        if self.timeout is not None:
+            out["timeout"] = self.timeout
+        if self.retry is not None:
+            out["retry"] = self.retry.to_dict()
+        if self.queue != constants.DEFAULT_QUEUE:
+            out["queue"] = self.queue
+        if self.tags:
+            out["tags"] = list(self.tags)
+        if self.trigger != TriggerRule.ALL_SUCCESS:
+            out["trigger"] = self.trigger.value
+        if self.context:
+            out["context"] = True
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskDef:
+        """Inverse of :meth:`to_dict`."""
+        retry = data.get("retry")
+        return cls(
+            id=data["id"],
+            fn=data["fn"],
+            name=data.get("name") or data["id"],
+            description=data.get("description", ""),
+            dependencies=tuple(data.get("deps", ())),
+            args=tuple(data.get("args", ())),
+            kwargs=dict(data.get("kwargs", {})),
+            priority=TaskPriority.parse(data.get("priority", "MEDIUM")),
+            timeout=data.get("timeout"),
+            retry=RetryPolicy.from_dict(retry) if retry else None,
+            queue=data.get("queue", constants.DEFAULT_QUEUE),
+            tags=tuple(data.get("tags", ())),
+            trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
+            context=bool(data.get("context", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """A whole workflow: a name and its tasks in the order they were added."""
+
+    name: str
+    tasks: tuple[TaskDef, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        out: dict[str, Any] = {"name": self.name, "tasks": [t.to_dict() for t in self.tasks]}
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorkflowDef:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            name=data["name"],
+            tasks=tuple(TaskDef.from_dict(t) for t in data["tasks"]),
+            meta=dict(data.get("meta", {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    """Why an attempt failed: the exception's class name, its message and the formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    #: The exception's class and base class names, so retry_on can match a base class.
+    types: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"type": self.type, "message": self.message, "traceback": self.traceback, "types": list(self.types)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            type=data.get("type", "Error"),
+            message=data.get("message", ""),
+            traceback=data.get("traceback", ""),
+            types=tuple(data.get("types", ())),
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, traceback: str = "") -> TaskError:
+        """Describe a caught exception."""
+        kinds = tuple(k.__name__ for k in type(exc).__mro__ if k not in (object, BaseException))
+        return cls(type=type(exc).__name__, message=str(exc), traceback=traceback, types=kinds)
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """Everything known about one task of a run: its status, value or error, and timings."""
+
+    task_id: str
+    status: TaskStatus
+    result: Any = None
+    error: TaskError | None = None
+    attempts: int = 0
+    worker: str | None = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    name: str = ""
+    reason: str = ""
+
+    @property
+    def execution_time(self) -> float | None:
+        """Seconds the last attempt ran, when it both started and finished."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the event log.
+
+    ``id`` makes applying an event idempotent; ``source`` names the writer (``client``,
+    ``scheduler:<epoch>``, ``worker:<id>``); ``data`` holds what the type needs.
+    """
+
+    type: EventType
+    run_id: str
+    task_id: str | None = None
+    attempt: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, with short keys: this is the hottest thing on the wire."""
+        out: dict[str, Any] = {"i": self.id, "t": self.type.value, "r": self.run_id, "ts": self.ts}
+        if self.task_id is not None:
+            out["k"] = self.task_id
+        if self.attempt is not None:
+            out["a"] = self.attempt
+        if self.data:
+            out["d"] = self.data
+        if self.source:
+            out["s"] = self.source
+        return out
+
+    def to_json(self) -> str:
+        """Compact JSON."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            type=EventType(data["t"]),
+            run_id=data["r"],
+            task_id=data.get("k"),
+            attempt=data.get("a"),
+            data=data.get("d") or {},
+            ts=data["ts"],
+            id=data["i"],
+            source=data.get("s", ""),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Event:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(raw))
+
+
+def new_run_id(name: str) -> str:
+    """A unique, readable run id: the workflow name's slug and 12 random hex digits."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower()).strip("-")[:40] or "run"
+    return f"{slug}-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,92 @@
+"""Settings: one small frozen dataclass, read from ``NERV_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from nerv_cluster import constants
+from nerv_cluster.errors import ConfigurationError
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable. Each field is read from ``NERV_<FIELD NAME IN CAPITALS>``."""
+
+    redis_url: str = constants.DEFAULT_REDIS_URL
+    #: Celery broker; defaults to ``redis_url``.
+    broker_url: str = ""
+    prefix: str = constants.DEFAULT_PREFIX
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES
+    max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
+    max_tasks: int = constants.DEFAULT_MAX_TASKS
+    lease_ttl_ms: int = constants.DEFAULT_LEASE_TTL_MS
+    batch_size: int = constants.DEFAULT_BATCH_SIZE
+    block_ms: int = constants.DEFAULT_BLOCK_MS
+    retention_seconds: int = constants.DEFAULT_RETENTION_SECONDS
+    visibility_timeout: int = constants.DEFAULT_VISIBILITY_TIMEOUT
+    #: Modules with ``@task`` functions that workers import.
+    worker_modules: tuple[str, ...] = ("nerv_cluster.examples.wordcount",)
+    #: Worker processes for ``cpu`` (default: one per core) and threads for ``io`` (default: 8 per core).
+    cpu_concurrency: int = 0
+    io_concurrency: int = 0
+    #: Messages a worker process reserves ahead; more is faster for short tasks.
+    prefetch_multiplier: int = 4
+    #: Celery task events, which Flower needs; they cost a publish per task state change.
+    task_events: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL in force."""
+        return self.broker_url or self.redis_url
+
+    def keys(self) -> constants.Keys:
+        """The key names for this prefix."""
+        return constants.Keys(self.prefix)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``NERV_*`` variables; ``overrides`` win over the environment."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"NERV_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, tuple):
+                    values[f.name] = _split(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise ConfigurationError(f"NERV_{f.name.upper()}={raw!r} is not a valid {type(default).__name__}")
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_dsn(cls, redis_url: str, **overrides: Any) -> Settings:
+        """Settings from the environment, with this Redis URL."""
+        return cls.from_env(redis_url=redis_url, **overrides)
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        for name in ("max_payload_bytes", "max_result_bytes", "lease_ttl_ms", "batch_size", "max_tasks"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")

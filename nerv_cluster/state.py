@@ -1,0 +1,537 @@
+"""The state of every run as a pure fold of the event log: ``apply(state, event) -> state``.
+
+No I/O happens here. The transitions table (``_HANDLERS``) is the whole state machine; each handler is
+guarded by status and attempt, so applying an event twice, or a stale event of an older attempt,
+changes nothing. Derived facts (a task became ready, a task can no longer run) are kept as sets the
+scheduler turns into decisions; decisions come back as events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pyrsistent import PMap, PSet, pmap, pset
+
+from nerv_cluster.errors import TaskFailedError
+from nerv_cluster.model import (
+    Event,
+    EventType,
+    RunStatus,
+    TaskDef,
+    TaskError,
+    TaskResult,
+    TaskStatus,
+    TriggerRule,
+    WorkflowDef,
+)
+from nerv_cluster.planner import Plan, plan
+
+_ACTIVE = (TaskStatus.READY, TaskStatus.RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """One task's state. ``attempt`` is the current attempt (1-based); ``ok``/``failed``/``skipped`` count
+    how its dependencies ended, which decides its trigger rule."""
+
+    status: TaskStatus = TaskStatus.PENDING
+    attempt: int = 1
+    dispatched: bool = False
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    result: Any = None
+    error: TaskError | None = None
+    worker: str | None = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    due_at: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """One run: its definition and plan, every task's state, and the pending decisions.
+
+    ``ready`` holds READY tasks not yet dispatched (some may wait for ``due_at``); ``doomed`` holds
+    PENDING tasks whose trigger rule can no longer be met, to be SKIPPED.
+    """
+
+    run_id: str
+    definition: WorkflowDef
+    plan: Plan
+    defs: Mapping[str, TaskDef]
+    tasks: PMap[str, TaskState]
+    status: RunStatus = RunStatus.PENDING
+    ready: PSet[str] = field(default_factory=pset)
+    doomed: PSet[str] = field(default_factory=pset)
+    counts: PMap[str, int] = field(default_factory=pmap)
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    reason: str = ""
+    cancel_requested: bool = False
+
+    @property
+    def name(self) -> str:
+        """The workflow's name."""
+        return self.definition.name
+
+    @property
+    def total(self) -> int:
+        """Number of tasks."""
+        return len(self.defs)
+
+    @property
+    def finished_tasks(self) -> int:
+        """Number of tasks in a terminal status."""
+        c = self.counts
+        return sum(c.get(s, 0) for s in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"))
+
+    @property
+    def all_tasks_done(self) -> bool:
+        """True when every task is terminal: the run can be finished."""
+        return self.finished_tasks == self.total
+
+    def count(self, status: TaskStatus) -> int:
+        """How many tasks have ``status``."""
+        return self.counts.get(status.value, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Every run the holder of this state knows of."""
+
+    runs: PMap[str, RunState] = field(default_factory=pmap)
+
+
+EMPTY = State()
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any) -> RunState:
+    """Store ``new`` for ``tid``, keeping the per-status counts right, plus any RunState changes."""
+    counts = run.counts
+    if old.status != new.status:
+        counts = counts.set(old.status.value, counts.get(old.status.value, 0) - 1)
+        counts = counts.set(new.status.value, counts.get(new.status.value, 0) + 1)
+    return replace(run, tasks=run.tasks.set(tid, new), counts=counts, **changes)
+
+
+def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) -> bool | None:
+    """True: the task may run now; False: it never can; None: not decided yet."""
+    done = ok + failed + skipped
+    if rule is TriggerRule.ALL_SUCCESS:
+        return False if failed or skipped else (True if ok == n else None)
+    if rule is TriggerRule.ALL_DONE:
+        return True if done == n else None
+    if rule is TriggerRule.ONE_FAILED:
+        return True if failed else (False if done == n else None)
+    # NONE_FAILED
+    return False if failed else (True if done == n else None)
+
+
+def _settle(run: RunState, tid: str, outcome: TaskStatus) -> RunState:
+    """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed."""
+    ready, doomed, tasks, counts = run.ready, run.doomed, run.tasks, run.counts
+    for child in run.plan.dependents[tid]:
+        cs = tasks[child]
+        if outcome is TaskStatus.COMPLETED:
+            cs = replace(cs, ok=cs.ok + 1)
+        elif outcome is TaskStatus.FAILED:
+            cs = replace(cs, failed=cs.failed + 1)
+        else:
+            cs = replace(cs, skipped=cs.skipped + 1)
+        if cs.status is TaskStatus.PENDING and child not in doomed:
+            td = run.defs[child]
+            verdict = rule_outcome(td.trigger, len(td.dependencies), cs.ok, cs.failed, cs.skipped)
+            if verdict is True and not run.cancel_requested:
+                counts = counts.set("PENDING", counts.get("PENDING", 0) - 1)
+                counts = counts.set("READY", counts.get("READY", 0) + 1)
+                cs = replace(cs, status=TaskStatus.READY)
+                ready = ready.add(child)
+            elif verdict is False:
+                doomed = doomed.add(child)
+        tasks = tasks.set(child, cs)
+    return replace(run, tasks=tasks, ready=ready, doomed=doomed, counts=counts)
+
+
+def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatus, **fields: Any) -> RunState:
+    """End task ``tid`` with a terminal ``status`` and settle its dependents."""
+    new = replace(ts, status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
+    run = _put(run, tid, ts, new, ready=run.ready.discard(tid), doomed=run.doomed.discard(tid))
+    return _settle(run, tid, status)
+
+
+# --------------------------------------------------------------------------------------------------
+# transitions: one function per event type, (run, event) -> run; returning ``run`` means "no change".
+
+
+def _submitted(run: RunState | None, ev: Event) -> RunState | None:
+    raise AssertionError("handled by apply")  # pragma: no cover - creation needs no existing run
+
+
+def _wf_started(run: RunState, ev: Event) -> RunState:
+    if run.status is not RunStatus.PENDING:
+        return run
+    return replace(run, status=RunStatus.RUNNING, started_at=ev.ts)
+
+
+def _wf_end(status: RunStatus) -> Callable[[RunState, Event], RunState]:
+    def handler(run: RunState, ev: Event) -> RunState:
+        if run.status.terminal:
+            return run
+        return replace(run, status=status, finished_at=ev.ts, reason=str(ev.data.get("reason", "")))
+
+    return handler
+
+
+def _cancel_requested(run: RunState, ev: Event) -> RunState:
+    if run.cancel_requested or run.status.terminal:
+        return run
+    return replace(run, cancel_requested=True, reason=str(ev.data.get("reason", "cancelled")))
+
+
+def _current(run: RunState, ev: Event) -> tuple[str, TaskState] | None:
+    """The task an event is about, if the event is for its current attempt."""
+    tid = ev.task_id
+    if tid is None:
+        return None
+    ts = run.tasks.get(tid)
+    if ts is None or ev.attempt != ts.attempt:
+        return None
+    return tid, ts
+
+
+def _dispatched(run: RunState, ev: Event) -> RunState:
+    cur = _current(run, ev)
+    if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched:
+        return run
+    tid, ts = cur
+    new = replace(ts, dispatched=True, dispatched_at=ev.ts, due_at=None)
+    return _put(run, tid, ts, new, ready=run.ready.discard(tid))
+
+
+def _started(run: RunState, ev: Event) -> RunState:
+    cur = _current(run, ev)
+    if cur is None or cur[1].status is not TaskStatus.READY:
+        return run
+    tid, ts = cur
+    new = replace(ts, status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=ev.data.get("worker"))
+    return _put(run, tid, ts, new, ready=run.ready.discard(tid))
+
+
+def _completed(run: RunState, ev: Event) -> RunState:
+    cur = _current(run, ev)
+    if cur is None or cur[1].status not in _ACTIVE:
+        return run
+    tid, ts = cur
+    return _finish(
+        run,
+        ev,
+        tid,
+        ts,
+        TaskStatus.COMPLETED,
+        result=ev.data.get("result"),
+        worker=ev.data.get("worker", ts.worker),
+        started_at=ev.data.get("started_at", ts.started_at),
+    )
+
+
+def _failed(run: RunState, ev: Event) -> RunState:
+    cur = _current(run, ev)
+    if cur is None or cur[1].status not in _ACTIVE:
+        return run
+    tid, ts = cur
+    err = ev.data.get("error")
+    return _finish(
+        run,
+        ev,
+        tid,
+        ts,
+        TaskStatus.FAILED,
+        error=TaskError.from_dict(err) if err else None,
+        worker=ev.data.get("worker", ts.worker),
+        started_at=ev.data.get("started_at", ts.started_at),
+        reason=str(ev.data.get("reason", "")),
+    )
+
+
+def _again(run: RunState, ev: Event) -> RunState:
+    """TASK_RETRYING / TASK_PENDING: the current attempt is over; a new one waits for dispatch."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].status not in _ACTIVE or run.cancel_requested:
+        return run
+    tid, ts = cur
+    err = ev.data.get("error")
+    new = replace(
+        ts,
+        status=TaskStatus.READY,
+        attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
+        dispatched=False,
+        due_at=ev.data.get("due_at"),
+        error=TaskError.from_dict(err) if err else ts.error,
+        reason=str(ev.data.get("reason", "")),
+    )
+    return _put(run, tid, ts, new, ready=run.ready.add(tid))
+
+
+def _skipped(run: RunState, ev: Event) -> RunState:
+    tid = ev.task_id
+    ts = run.tasks.get(tid) if tid is not None else None
+    if tid is None or ts is None or ts.status is not TaskStatus.PENDING:
+        return run
+    return _finish(run, ev, tid, ts, TaskStatus.SKIPPED, reason=str(ev.data.get("reason", "")))
+
+
+def _cancelled(run: RunState, ev: Event) -> RunState:
+    tid = ev.task_id
+    ts = run.tasks.get(tid) if tid is not None else None
+    if tid is None or ts is None or ts.status.terminal:
+        return run
+    return _finish(run, ev, tid, ts, TaskStatus.CANCELLED, reason=str(ev.data.get("reason", "cancelled")))
+
+
+_HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
+    EventType.WORKFLOW_STARTED: _wf_started,
+    EventType.WORKFLOW_COMPLETED: _wf_end(RunStatus.COMPLETED),
+    EventType.WORKFLOW_FAILED: _wf_end(RunStatus.FAILED),
+    EventType.WORKFLOW_CANCELLED: _wf_end(RunStatus.CANCELLED),
+    EventType.WORKFLOW_CANCEL_REQUESTED: _cancel_requested,
+    EventType.TASK_DISPATCHED: _dispatched,
+    EventType.TASK_STARTED: _started,
+    EventType.TASK_COMPLETED: _completed,
+    EventType.TASK_FAILED: _failed,
+    EventType.TASK_RETRYING: _again,
+    EventType.TASK_PENDING: _again,
+    EventType.TASK_SKIPPED: _skipped,
+    EventType.TASK_CANCELLED: _cancelled,
+}
+
+
+def new_run(run_id: str, definition: WorkflowDef, submitted_at: float, the_plan: Plan | None = None) -> RunState:
+    """The state of a freshly submitted run: roots READY, everything else PENDING."""
+    the_plan = the_plan or plan(definition.tasks)
+    defs = {t.id: t for t in definition.tasks}
+    roots = [t.id for t in definition.tasks if not t.dependencies]
+    tasks = {tid: TaskState() for tid in defs}
+    for r in roots:
+        tasks[r] = TaskState(status=TaskStatus.READY)
+    return RunState(
+        run_id=run_id,
+        definition=definition,
+        plan=the_plan,
+        defs=defs,
+        tasks=pmap(tasks, pre_size=len(tasks) * 2),
+        ready=pset(roots),
+        counts=pmap({"PENDING": len(defs) - len(roots), "READY": len(roots)}),
+        submitted_at=submitted_at,
+    )
+
+
+def apply_to_run(run: RunState | None, ev: Event) -> RunState | None:
+    """Apply one event to one run's state (None before the run was submitted)."""
+    if ev.type is EventType.WORKFLOW_SUBMITTED:
+        if run is not None:
+            return run
+        return new_run(ev.run_id, WorkflowDef.from_dict(ev.data["workflow"]), ev.ts)
+    if run is None:
+        return None
+    return _HANDLERS[ev.type](run, ev)
+
+
+def apply(state: State, ev: Event) -> State:
+    """Apply one event to the whole state. Pure, and idempotent for every event."""
+    run = state.runs.get(ev.run_id)
+    new = apply_to_run(run, ev)
+    if new is run or new is None:
+        return state
+    return State(runs=state.runs.set(ev.run_id, new))
+
+
+def fold(events: Iterable[Event], state: State = EMPTY) -> State:
+    """Apply events in order."""
+    for ev in events:
+        state = apply(state, ev)
+    return state
+
+
+def evict(state: State, run_id: str) -> State:
+    """Forget a run (the scheduler does this once a run is finished, to keep memory bounded)."""
+    return State(runs=state.runs.discard(run_id))
+
+
+# --------------------------------------------------------------------------------------------------
+# projections
+
+
+def task_result(run: RunState, tid: str) -> TaskResult:
+    """Everything known about one task."""
+    ts = run.tasks[tid]
+    return TaskResult(
+        task_id=tid,
+        name=run.defs[tid].name,
+        status=ts.status,
+        result=ts.result,
+        error=ts.error,
+        attempts=ts.attempt if ts.dispatched else ts.attempt - 1,
+        worker=ts.worker,
+        dispatched_at=ts.dispatched_at,
+        started_at=ts.started_at,
+        finished_at=ts.finished_at,
+        reason=ts.reason,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """A run as the client sees it: its status, every task's :class:`TaskResult`, and timings."""
+
+    run_id: str
+    name: str
+    status: RunStatus
+    tasks: Mapping[str, TaskResult]
+    reason: str = ""
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """Task id -> result value, for every COMPLETED task."""
+        return {tid: t.result for tid, t in self.tasks.items() if t.status is TaskStatus.COMPLETED}
+
+    @property
+    def errors(self) -> dict[str, TaskError]:
+        """Task id -> error, for every task whose last attempt failed."""
+        return {tid: t.error for tid, t in self.tasks.items() if t.error is not None}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Status name -> number of tasks in it."""
+        out: dict[str, int] = {}
+        for t in self.tasks.values():
+            out[t.status.value] = out.get(t.status.value, 0) + 1
+        return out
+
+    @property
+    def done(self) -> bool:
+        """True when the run is over."""
+        return self.status.terminal
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from submit to the end, when it ended."""
+        return None if self.finished_at is None else self.finished_at - self.submitted_at
+
+    def raise_for_status(self) -> RunResult:
+        """Return self when COMPLETED; raise :class:`TaskFailedError` with the reason otherwise."""
+        if self.status is not RunStatus.COMPLETED:
+            raise TaskFailedError(f"run {self.run_id} is {self.status.value}: {self.reason}".rstrip(": "))
+        return self
+
+
+def run_result(run: RunState) -> RunResult:
+    """Project a run's state to the client's view."""
+    return RunResult(
+        run_id=run.run_id,
+        name=run.name,
+        status=run.status,
+        tasks={tid: task_result(run, tid) for tid in run.defs},
+        reason=run.reason,
+        submitted_at=run.submitted_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def task_statuses(run: RunState) -> dict[str, TaskStatus]:
+    """Task id -> status."""
+    return {tid: ts.status for tid, ts in run.tasks.items()}
+
+
+def results(run: RunState) -> dict[str, Any]:
+    """Task id -> result, for COMPLETED tasks."""
+    return {tid: ts.result for tid, ts in run.tasks.items() if ts.status is TaskStatus.COMPLETED}
+
+
+def completed(run: RunState) -> list[str]:
+    """Ids of COMPLETED tasks."""
+    return [tid for tid, ts in run.tasks.items() if ts.status is TaskStatus.COMPLETED]
+
+
+def failed(run: RunState) -> dict[str, TaskError | None]:
+    """Id -> error, for FAILED tasks."""
+    return {tid: ts.error for tid, ts in run.tasks.items() if ts.status is TaskStatus.FAILED}
+
+
+def run_outcome(run: RunState) -> tuple[RunStatus, str]:
+    """How a run whose tasks are all done ends, and why.
+
+    A FAILED task is handled when a dependent that runs on failure (``one_failed``/``all_done``) ended
+    COMPLETED; any unhandled failure fails the run.
+    """
+    if run.cancel_requested:
+        return RunStatus.CANCELLED, run.reason or "cancelled"
+    unhandled = []
+    for tid, ts in run.tasks.items():
+        if ts.status is not TaskStatus.FAILED:
+            continue
+        handled = any(
+            run.defs[c].trigger in (TriggerRule.ONE_FAILED, TriggerRule.ALL_DONE)
+            and run.tasks[c].status is TaskStatus.COMPLETED
+            for c in run.plan.dependents[tid]
+        )
+        if not handled:
+            unhandled.append(tid)
+    if not unhandled:
+        return RunStatus.COMPLETED, ""
+    first = sorted(unhandled, key=lambda t: run.tasks[t].finished_at or 0)[0]
+    err = run.tasks[first].error
+    more = f" (and {len(unhandled) - 1} more)" if len(unhandled) > 1 else ""
+    return RunStatus.FAILED, f"task {first!r} failed: {err or run.tasks[first].reason}{more}"
+
+
+class StateProjector:
+    """The seed's StateProjector: holds the current state, applies events, serves named projections."""
+
+    def __init__(self, state: State = EMPTY) -> None:
+        self._initial = state
+        self._state = state
+        self._projections: dict[str, Callable[[State], Any]] = {}
+
+    @property
+    def state(self) -> State:
+        """The current snapshot."""
+        return self._state
+
+    def apply(self, event: Event) -> State:
+        """Fold one event in and return the new snapshot."""
+        self._state = apply(self._state, event)
+        return self._state
+
+    def apply_all(self, events: Iterable[Event]) -> State:
+        """Fold many events in."""
+        self._state = fold(events, self._state)
+        return self._state
+
+    def add_projection(self, name: str, fn: Callable[[State], Any]) -> None:
+        """Register a named view of the state."""
+        self._projections[name] = fn
+
+    def project(self, name: str) -> Any:
+        """Compute a named view; KeyError names the registered ones when ``name`` is not one."""
+        try:
+            fn = self._projections[name]
+        except KeyError:
+            raise KeyError(f"no projection {name!r}; have {sorted(self._projections)}") from None
+        return fn(self._state)
+
+    def reset(self) -> None:
+        """Back to the initial snapshot."""
+        self._state = self._initial

@@ -1,0 +1,240 @@
+"""Building workflows in Python: ``Workflow.add`` returns handles; a handle in an argument is a dependency.
+
+Validation happens here, before anything reaches Redis: ids, dependencies, cycles, JSON-safety and size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nerv_cluster import constants
+from nerv_cluster.errors import (
+    DuplicateTaskError,
+    PayloadTooLargeError,
+    SerializationError,
+    UnknownTaskError,
+    WorkflowError,
+)
+from nerv_cluster.model import RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
+from nerv_cluster.planner import Plan, plan
+from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHandle:
+    """Stands for a task's future result inside another task's arguments. ``id`` is the task id."""
+
+    id: str
+    name: str
+    workflow: str
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id}>"
+
+
+def _encode(value: Any, where: str, refs: list[str], wf_name: str) -> Any:
+    """Replace handles by reference markers, checking that everything else is plain JSON."""
+    if isinstance(value, TaskHandle):
+        if value.workflow != wf_name:
+            raise WorkflowError(f"{where}: handle {value.id!r} belongs to workflow {value.workflow!r}")
+        refs.append(value.id)
+        return {constants.REF_KEY: value.id}
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SerializationError(f"{where}: {value!r} is not valid JSON")
+        return value
+    if isinstance(value, list | tuple):
+        return [_encode(v, f"{where}[{i}]", refs, wf_name) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise SerializationError(f"{where}: dict key {k!r} is not a string, JSON needs string keys")
+            if k == constants.REF_KEY:
+                raise SerializationError(f"{where}: the key {k!r} is reserved for task references")
+            out[k] = _encode(v, f"{where}[{k!r}]", refs, wf_name)
+        return out
+    raise SerializationError(
+        f"{where}: {type(value).__name__} value {value!r:.80} is not JSON-serialisable; "
+        "pass plain JSON data (dict, list, str, int, float, bool, None) or a task handle"
+    )
+
+
+def resolve_refs(value: Any, results: Mapping[str, Any]) -> Any:
+    """Replace reference markers by the referenced task's result (the inverse of handle encoding)."""
+    if isinstance(value, list):
+        return [resolve_refs(v, results) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1 and constants.REF_KEY in value:
+            return results[value[constants.REF_KEY]]
+        return {k: resolve_refs(v, results) for k, v in value.items()}
+    return value
+
+
+class Workflow:
+    """A DAG of tasks under construction. Add tasks with :meth:`add`; submit with ``Client.submit``."""
+
+    def __init__(self, name: str, *, registry: Registry | None = None, description: str = "") -> None:
+        if not name or not isinstance(name, str):
+            raise WorkflowError("a workflow needs a non-empty name")
+        self.name = name
+        self.description = description
+        self._registry = registry or default_registry
+        self._tasks: list[TaskDef] = []
+        self._ids: set[str] = set()
+        self._counter = 0
+
+    def add(
+        self,
+        fn: TaskFunction | Callable[..., Any] | str,
+        *call_args: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        id: str | None = None,
+        name: str | None = None,
+        description: str = "",
+        dependencies: Iterable[TaskHandle | str] = (),
+        priority: TaskPriority | str | int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        tags: Iterable[str] = (),
+        trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
+        context: bool | None = None,
+    ) -> TaskHandle:
+        """Add one task and return its handle.
+
+        ``fn`` is a ``@task`` function or a registered name. Arguments go positionally or as ``args=``
+        (not both); task keyword arguments go in ``kwargs=``. Handles anywhere in the arguments, also
+        nested in lists and dicts, become dependencies and are replaced by the upstream results when
+        the task runs. ``dependencies`` adds ordering-only dependencies (handles or task ids). Options
+        left unset take the ``@task`` defaults.
+        """
+        if call_args and args is not None:
+            raise WorkflowError("give task arguments positionally or as args=..., not both")
+        tf, fn_name = self._lookup(fn)
+        task_id = id or name or self._auto_id(fn_name)
+        if not isinstance(task_id, str) or not task_id:
+            raise WorkflowError(f"task id must be a non-empty string, got {task_id!r}")
+        if task_id in self._ids:
+            raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
+        where = f"task {task_id!r}"
+        refs: list[str] = []
+        enc_args = _encode(list(args if args is not None else call_args), f"{where} args", refs, self.name)
+        enc_kwargs = _encode(dict(kwargs or {}), f"{where} kwargs", refs, self.name)
+        explicit = [d.id if isinstance(d, TaskHandle) else d for d in dependencies]
+        for d in explicit:
+            if not isinstance(d, str):
+                raise WorkflowError(f"{where}: dependencies must be handles or task ids, got {d!r}")
+        deps = tuple(dict.fromkeys([*refs, *explicit]))
+        queue = queue or (tf.queue if tf else constants.DEFAULT_QUEUE)
+        check_queue(queue)
+        if timeout is not None and timeout <= 0:
+            raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
+        td = TaskDef(
+            id=task_id,
+            fn=fn_name,
+            name=name or task_id,
+            description=description or (tf.description if tf else ""),
+            dependencies=deps,
+            args=tuple(enc_args),
+            kwargs=enc_kwargs,
+            priority=TaskPriority.parse(priority if priority is not None else (tf.priority if tf else 1)),
+            timeout=timeout if timeout is not None else (tf.timeout if tf else None),
+            retry=retry if retry is not None else (tf.retry if tf else None),
+            queue=queue,
+            tags=tuple(tags),
+            trigger=TriggerRule.parse(trigger),
+            context=context if context is not None else (tf.context if tf else False),
+        )
+        self._tasks.append(td)
+        self._ids.add(task_id)
+        return TaskHandle(id=task_id, name=td.name, workflow=self.name)
+
+    def _lookup(self, fn: TaskFunction | Callable[..., Any] | str) -> tuple[TaskFunction | None, str]:
+        if isinstance(fn, TaskFunction):
+            return fn, fn.name
+        if isinstance(fn, str):
+            return self._registry.get(fn), fn
+        if callable(fn):
+            raise UnknownTaskError(
+                f"{getattr(fn, '__qualname__', fn)!r} is not a registered task: decorate it with @task "
+                "so workers can find it by name (functions never travel)"
+            )
+        raise WorkflowError(f"expected a @task function or a task name, got {fn!r}")
+
+    def _auto_id(self, fn_name: str) -> str:
+        short = fn_name.rsplit(".", 1)[-1]
+        while True:
+            self._counter += 1
+            candidate = f"{short}-{self._counter}"
+            if candidate not in self._ids:
+                return candidate
+
+    @property
+    def tasks(self) -> tuple[TaskDef, ...]:
+        """The task definitions added so far, in order."""
+        return tuple(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def definition(self) -> WorkflowDef:
+        """The wire form of this workflow."""
+        meta = {"description": self.description} if self.description else {}
+        return WorkflowDef(name=self.name, tasks=tuple(self._tasks), meta=meta)
+
+    def plan(self) -> Plan:
+        """Levels, dispatch order and critical path; raises on cycles and unknown dependencies."""
+        return plan(self._tasks)
+
+    def validate(
+        self,
+        *,
+        max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+        max_tasks: int = constants.DEFAULT_MAX_TASKS,
+        known_names: Iterable[str] | None = None,
+    ) -> Plan:
+        """Check everything that can be checked before submit and return the plan.
+
+        ``known_names``, when given, are the task names some worker registered; a task whose function
+        is in neither it nor the local registry raises :class:`UnknownTaskError`.
+        """
+        return validate_definition(
+            self.definition(),
+            max_payload_bytes=max_payload_bytes,
+            max_tasks=max_tasks,
+            known_names=None if known_names is None else {*known_names, *self._registry.names()},
+        )
+
+
+def validate_definition(
+    wf: WorkflowDef,
+    *,
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+    max_tasks: int = constants.DEFAULT_MAX_TASKS,
+    known_names: set[str] | None = None,
+) -> Plan:
+    """Validate a wire-form workflow (as ``Workflow.validate`` does) and return its plan."""
+    if not wf.tasks:
+        raise WorkflowError(f"workflow {wf.name!r} has no tasks")
+    if len(wf.tasks) > max_tasks:
+        raise WorkflowError(f"workflow {wf.name!r} has {len(wf.tasks)} tasks; the limit is {max_tasks}")
+    for t in wf.tasks:
+        if known_names is not None and t.fn not in known_names:
+            raise UnknownTaskError(
+                f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
+                "start a worker with the module that defines it (nerv worker --app MODULE)"
+            )
+        size = len(json.dumps([t.args, t.kwargs], separators=(",", ":")))
+        if size > max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "
+                "(store large data elsewhere and pass a reference)"
+            )
+    return plan(wf.tasks)

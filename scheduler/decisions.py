@@ -1,0 +1,100 @@
+"""What the scheduler decides for a run, as a pure function of its state: events out, jobs to send.
+
+``decide`` does no I/O. The service writes the events (fenced), folds them back in, then sends the jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nerv_cluster.jobs import Job, build_job, job_id
+from nerv_cluster.model import Event, EventType, RunStatus, TaskStatus
+from nerv_cluster.state import RunState, run_outcome
+
+
+@dataclass(slots=True)
+class Decisions:
+    """Everything the scheduler will do for some runs in one step."""
+
+    events: list[Event] = field(default_factory=list)
+    jobs: list[tuple[Job, str]] = field(default_factory=list)
+    revoke: list[str] = field(default_factory=list)
+    #: (due time, run id, task id, attempt) of ready tasks that wait for a retry delay.
+    delayed: list[tuple[float, str, str, int]] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+def _why_skipped(run: RunState, tid: str) -> str:
+    td = run.defs[tid]
+    bad = [d for d in td.dependencies if run.tasks[d].status in (TaskStatus.FAILED, TaskStatus.SKIPPED)]
+    if bad:
+        return f"trigger rule {td.trigger.value} cannot be met: upstream {', '.join(bad[:5])} " + (
+            "did not succeed" if len(bad) > 1 else f"is {run.tasks[bad[0]].status.value}"
+        )
+    return f"trigger rule {td.trigger.value} cannot be met"
+
+
+def decide(run: RunState, now: float, source: str, out: Decisions) -> None:
+    """Append to ``out`` what to do next for ``run``."""
+    rid = run.run_id
+    if run.status.terminal:
+        out.finished.append(rid)
+        return
+    if run.status is RunStatus.PENDING:
+        out.events.append(
+            Event(
+                EventType.WORKFLOW_STARTED,
+                rid,
+                ts=now,
+                source=source,
+                data={
+                    "tasks": run.total,
+                    "levels": len(run.plan.levels),
+                    "width": run.plan.width,
+                    "critical_path": run.plan.critical_path_length,
+                },
+            )
+        )
+    if run.cancel_requested:
+        for tid, ts in run.tasks.items():
+            if ts.status.terminal:
+                continue
+            if ts.dispatched or ts.status is TaskStatus.RUNNING:
+                out.revoke.append(job_id(rid, tid, ts.attempt))
+            out.events.append(
+                Event(EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source)
+            )
+        out.events.append(Event(EventType.WORKFLOW_CANCELLED, rid, data={"reason": run.reason}, ts=now, source=source))
+        return
+    for tid in run.doomed:
+        out.events.append(
+            Event(EventType.TASK_SKIPPED, rid, tid, data={"reason": _why_skipped(run, tid)}, ts=now, source=source)
+        )
+    if run.ready:
+        rank = run.plan.rank
+        for tid in sorted(run.ready, key=rank.__getitem__):
+            ts = run.tasks[tid]
+            if ts.due_at is not None and ts.due_at > now:
+                out.delayed.append((ts.due_at, rid, tid, ts.attempt))
+                continue
+            queue = run.defs[tid].queue
+            out.events.append(
+                Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source)
+            )
+            out.jobs.append((build_job(run, tid), queue))
+    if run.all_tasks_done and not run.doomed:
+        status, reason = run_outcome(run)
+        kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
+        out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def in_flight(run: RunState) -> list[tuple[Job, str]]:
+    """Jobs dispatched but not started: resent by a new leader, as the old one may have died before sending.
+
+    Resending the same attempt is harmless: a worker claims an attempt once (``start.lua``).
+    """
+    return [
+        (build_job(run, tid), run.defs[tid].queue)
+        for tid, ts in run.tasks.items()
+        if ts.status is TaskStatus.READY and ts.dispatched
+    ]

@@ -1,0 +1,232 @@
+"""The scheduler service loop: hold the lease, fold the feed, decide, write, dispatch.
+
+Level-triggered: every decision is recomputed from the folded state, so a new leader that refolds the
+run logs picks up exactly where a dead one stopped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from nerv_cluster import state as st
+from nerv_cluster.errors import LeaseLostError
+from nerv_cluster.eventlog import EventLog, attempt_field
+from nerv_cluster.settings import Settings
+from scheduler.decisions import Decisions, decide, in_flight
+from scheduler.dispatch import Dispatcher
+from scheduler.lease import Lease
+
+log = logging.getLogger("nerv.scheduler")
+
+#: Feed entries processed between two trims of the feed.
+_TRIM_EVERY = 5_000
+#: Pause after a Redis error before trying again.
+_BACKOFF_S = 0.5
+
+
+class SchedulerService:
+    """One scheduler replica. Call :meth:`run` (blocking) or :meth:`step` (for tests)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: EventLog,
+        lease: Lease,
+        dispatcher: Dispatcher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.lease = lease
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.state = st.EMPTY
+        self.cursor = "0-0"
+        self._touched: set[str] = set()
+        self._delayed: list[tuple[float, str, str, int]] = []
+        self._delayed_keys: set[tuple[str, str, int]] = set()
+        self._unsent: list = []
+        self._since_trim = 0
+        self.leader_since: float | None = None
+        #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
+        self._stale = False
+
+    @property
+    def source(self) -> str:
+        """How this scheduler signs its events."""
+        return f"scheduler:{self.lease.token}"
+
+    # -- leadership -------------------------------------------------------------------------------------
+
+    def become_leader(self) -> None:
+        """Rebuild the state from the run logs of every active run, then resend in-flight jobs."""
+        started = time.monotonic()
+        cursor = self.log.feed_tail()  # read first: later events are both in the logs and after it
+        state = st.EMPTY
+        n = 0
+        for run_id in self.log.active_runs():
+            run: st.RunState | None = None
+            for _, ev in self.log.read_run(run_id):
+                run = st.apply_to_run(run, ev)
+                n += 1
+            if run is not None:
+                state = st.State(runs=state.runs.set(run_id, run))
+        self.state, self.cursor = state, cursor
+        self._touched = set(state.runs.keys())
+        self._delayed, self._delayed_keys = [], set()
+        self._unsent = [job for run in state.runs.values() for job in in_flight(run)]
+        self.leader_since = time.time()
+        self._stale = False
+        log.info(
+            "leader (token %s): refolded %d events of %d active runs in %.3fs; %d jobs to resend",
+            self.lease.token,
+            n,
+            len(state.runs),
+            time.monotonic() - started,
+            len(self._unsent),
+        )
+
+    def step_down(self, why: str) -> None:
+        """Stop acting as leader; keep nothing, the next leader refolds."""
+        log.warning("stepping down: %s", why)
+        self.lease.token = None
+        self.state = st.EMPTY
+        self._touched.clear()
+        self._unsent = []
+        self.leader_since = None
+
+    # -- one iteration --------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Read one batch from the feed (waiting briefly if idle), fold it, act. Returns events read."""
+        self._send_unsent()
+        now = self.clock()
+        block = self.settings.block_ms
+        if self._delayed:
+            block = max(1, min(block, int((self._delayed[0][0] - now) * 1000)))
+        entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
+        state = self.state
+        for entry_id, ev in entries:
+            state = st.apply(state, ev)
+            self._touched.add(ev.run_id)
+            self.cursor = entry_id
+        self.state = state
+        self._release_due(self.clock())
+        self.act()
+        self._since_trim += len(entries)
+        if self._since_trim >= _TRIM_EVERY:
+            self.log.trim_feed(self.cursor)
+            self._since_trim = 0
+        return len(entries)
+
+    def _release_due(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, rid, tid, attempt = heapq.heappop(self._delayed)
+            self._delayed_keys.discard((rid, tid, attempt))
+            self._touched.add(rid)
+
+    def act(self) -> None:
+        """Decide for every touched run until nothing more follows; write, fold back, dispatch."""
+        while self._touched:
+            touched, self._touched = self._touched, set()
+            try:
+                self._act_on(touched)
+            except BaseException:
+                self._touched |= touched
+                raise
+
+    def _act_on(self, touched: set[str]) -> None:
+        """Decide for ``touched`` runs; write the events (fenced), fold them back, then send the jobs."""
+        out = Decisions()
+        now = self.clock()
+        for rid in touched:
+            run = self.state.runs.get(rid)
+            if run is not None:
+                decide(run, now, self.source, out)
+        if out.events:
+            assert self.lease.token is not None
+            self.log.append_fenced(out.events, self.lease.token)
+            self.state = st.fold(out.events, self.state)
+            self._touched.update(ev.run_id for ev in out.events)
+        if out.revoke:
+            self._cancel_jobs(out.revoke)
+        for item in out.delayed:
+            key = item[1:]
+            if key not in self._delayed_keys:
+                self._delayed_keys.add(key)
+                heapq.heappush(self._delayed, item)
+        self._unsent.extend(out.jobs)
+        self._send_unsent()
+        for rid in out.finished:
+            self._close(rid)
+
+    def _send_unsent(self) -> None:
+        if not self._unsent:
+            return
+        jobs, self._unsent = self._unsent, []
+        try:
+            self.dispatcher.send(jobs)
+        except Exception:
+            # Already recorded as DISPATCHED: keep them and send again; workers claim an attempt once.
+            self._unsent = jobs + self._unsent
+            raise
+
+    def _cancel_jobs(self, job_ids: list[str]) -> None:
+        # Mark the attempts as over first, so a worker that picks one up later skips it (start.lua).
+        pipe = self.log.redis.pipeline(transaction=False)
+        for jid in job_ids:
+            rid, tid, attempt = jid.rsplit(":", 2)
+            pipe.hsetnx(self.log.keys.outcomes(rid), attempt_field(tid, int(attempt)), "TASK_CANCELLED")
+        pipe.execute()
+        self.dispatcher.revoke(job_ids)
+
+    def _close(self, run_id: str) -> None:
+        run = self.state.runs.get(run_id)
+        self.log.close_run(run_id, self.settings.retention_seconds)
+        self.state = st.evict(self.state, run_id)
+        if run is not None:
+            log.info("run %s %s (%d tasks)", run_id, run.status.value, run.total)
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set: stand by until the lease is free, then lead."""
+        stop = stop or threading.Event()
+        standby_wait = self.lease.ttl_ms / 1000 / 5
+        log.info("scheduler started; waiting for the lease")
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.lease.held:
+                        if self.leader_since is not None:
+                            self.step_down("lease expired before it was renewed")
+                        if not self.lease.acquire():
+                            stop.wait(standby_wait)
+                            continue
+                        self.become_leader()
+                    elif self._stale:
+                        if not self.lease.renew():
+                            self.step_down("lease lost while Redis was unreachable")
+                            continue
+                        self.become_leader()
+                    self.step()
+                    if self.lease.renew_due and not self.lease.renew():
+                        self.step_down("lease taken by another scheduler")
+                except LeaseLostError as exc:
+                    self.step_down(str(exc))
+                except redis.RedisError as exc:
+                    log.warning("redis error: %s; will refold and retry", exc)
+                    self._stale = True
+                    stop.wait(_BACKOFF_S)
+        finally:
+            try:
+                self.lease.release()
+            except redis.RedisError:
+                log.debug("could not release the lease; it will expire")
+            log.info("scheduler stopped")

@@ -1,0 +1,147 @@
+"""The worker's Celery app: each ``@task`` becomes a Celery task under its own registered name.
+
+``create_worker_app`` imports the task modules and registers their functions; ``app`` (built lazily
+from the environment) is what ``celery --app worker.app:app ...`` and Flower load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery
+from celery.signals import task_unknown, worker_process_init, worker_ready, worker_shutdown
+
+from nerv_cluster.container import Container, container_for
+from nerv_cluster.errors import ConfigurationError, NotRegisteredError
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, TaskError
+from nerv_cluster.registry import TaskFunction
+from nerv_cluster.settings import Settings
+from worker.runner import TaskRunner
+
+log = logging.getLogger("nerv.worker")
+
+
+class WorkerRuntime:
+    """The per-process parts of a worker (Redis client, runner, heartbeat), rebuilt after a fork."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def runner(self) -> TaskRunner:
+        """This process's runner, its heartbeat beating."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    # A forked child must not use the parent's connections or identity.
+                    self.container.reset_singletons()
+                    self.container.heartbeat().start()
+                    self._pid = os.getpid()
+        runner: TaskRunner = self.container.runner()
+        return runner
+
+    def stop(self) -> None:
+        """Stop the heartbeat of this process (if it ran tasks)."""
+        if self._pid == os.getpid():
+            self.container.heartbeat().stop()
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import the modules that define tasks (their ``@task`` decorators register them)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import task module {name!r}: {exc}") from exc
+
+
+def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime) -> None:
+    def run(job: dict[str, Any]) -> None:
+        runtime.runner().run(Job.from_dict(job))
+
+    run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
+    run.__doc__ = tf.description or f"nerv task {tf.name}"
+    app.task(name=tf.name, typing=False, ignore_result=True)(run)
+
+
+def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
+    """A job for a function this worker does not have: fail the task clearly instead of dropping it."""
+    try:
+        body = message.decode() if hasattr(message, "decode") else json.loads(message.body)
+        job = Job.from_dict(body[0][0])
+    except Exception:
+        log.error("refused a message for unknown task %r that is not a nerv job", name)
+        return
+    runner = runtime.runner()
+    error = TaskError.from_exception(
+        NotRegisteredError(
+            f"no worker on queue has task {name!r} registered (worker {runner.worker_id}); "
+            "start workers with the module that defines it"
+        )
+    )
+    event = Event(
+        EventType.TASK_FAILED,
+        job.run_id,
+        job.task_id,
+        job.attempt,
+        {"error": error.to_dict(), "worker": runner.worker_id},
+        source=f"worker:{runner.worker_id}",
+    )
+    runner.log.finish_attempt(event)
+
+
+def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) -> Celery:
+    """A Celery app with every registered task of ``modules`` (default: ``settings.worker_modules``)."""
+    container = container_for(settings)
+    import_modules(settings.worker_modules if modules is None else modules)
+    app: Celery = container.celery()
+    runtime = WorkerRuntime(container)
+    registry = container.registry()
+    for tf in registry:
+        _celery_task(app, tf, runtime)
+    app.nerv_runtime = runtime  # type: ignore[attr-defined]
+
+    def on_process_init(**_: Any) -> None:
+        runtime.runner()
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        client = container.redis()
+        keys = container.keys()
+        names = {tf.name: tf.queue for tf in registry}
+        if names:
+            client.hset(keys.registry, mapping=names)
+        log.info("worker %s ready with %d tasks: %s", getattr(sender, "hostname", "?"), len(names), ", ".join(sorted(names)))
+
+    def on_shutdown(**_: Any) -> None:
+        runtime.stop()
+
+    def on_unknown(sender: Any = None, message: Any = None, name: str = "", **_: Any) -> None:
+        _on_unknown(runtime, message, name)
+
+    # weak=False: these closures live only as long as the signal holds them.
+    worker_process_init.connect(on_process_init, weak=False)
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    task_unknown.connect(on_unknown, weak=False)
+    return app
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # ``app`` is built on first access, so importing this module has no side effects.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_worker_app(Settings.from_env())
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,120 @@
+"""Running one job: claim the attempt, call the registered function, record exactly one outcome.
+
+The outcome is TASK_COMPLETED (with the JSON result), TASK_RETRYING (the policy allows another
+attempt; the scheduler owns the delay) or TASK_FAILED (with the error's type, message and traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from nerv_cluster import constants
+from nerv_cluster.errors import NotRegisteredError, PayloadTooLargeError, SerializationError, TaskTimeoutError
+from nerv_cluster.eventlog import EventLog
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, TaskError
+from nerv_cluster.registry import Registry, TaskContext
+
+log = logging.getLogger("nerv.worker")
+
+#: How often a redelivered job polls while another live process holds its attempt.
+_BUSY_POLL_S = 0.25
+
+
+def new_worker_id() -> str:
+    """A unique id for this process: host, pid, and a random part (a restarted pid is a new worker)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class TaskRunner:
+    """Runs jobs in one worker process."""
+
+    def __init__(self, log: EventLog, registry: Registry, worker_id: str, max_result_bytes: int) -> None:
+        self.log = log
+        self.registry = registry
+        self.worker_id = worker_id
+        self.max_result_bytes = max_result_bytes
+
+    def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
+        return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
+
+    def claim(self, job: Job) -> bool:
+        """Record TASK_STARTED for this attempt unless it already ran or is running elsewhere.
+
+        A redelivered job whose attempt another process holds waits until that process's heartbeat
+        lapses (it died: take over) or the attempt gets an outcome (drop the duplicate).
+        """
+        deadline = time.monotonic() + constants.WORKER_HEARTBEAT_TTL_MS / 1000 + 1
+        while True:
+            verdict = self.log.start_attempt(self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id}), self.worker_id)
+            if verdict == "ok":
+                return True
+            if verdict == "done" or time.monotonic() > deadline:
+                log.info("job %s not run: attempt %s", job.id, "already has an outcome" if verdict == "done" else "is held by a live worker")
+                return False
+            time.sleep(_BUSY_POLL_S)
+
+    def run(self, job: Job) -> EventType | None:
+        """Run one job; returns the outcome recorded, or None when the job was a duplicate."""
+        if not self.claim(job):
+            return None
+        started = time.time()
+        tf = self.registry.get(job.fn)
+        try:
+            if tf is None:
+                raise NotRegisteredError(f"task {job.fn!r} is not registered on worker {self.worker_id}")
+            args = job.args
+            if tf.context:
+                ctx = TaskContext(
+                    run_id=job.run_id,
+                    task_id=job.task_id,
+                    attempt=job.attempt,
+                    results=job.context or {},
+                    worker=self.worker_id,
+                    workflow=job.workflow,
+                )
+                args = [ctx, *args]
+            value = tf.fn(*args, **job.kwargs)
+            self._check_result(job, value)
+        except SoftTimeLimitExceeded:
+            exc = TaskTimeoutError(f"task {job.task_id!r} ran past its {job.timeout}s time limit")
+            return self._failed(job, TaskError.from_exception(exc, traceback.format_exc()), started)
+        except Exception as exc:
+            return self._failed(job, TaskError.from_exception(exc, traceback.format_exc()), started)
+        outcome = self._event(
+            EventType.TASK_COMPLETED, job, {"result": value, "worker": self.worker_id, "started_at": started}
+        )
+        self.log.finish_attempt(outcome)
+        return EventType.TASK_COMPLETED
+
+    def _check_result(self, job: Job, value: Any) -> None:
+        try:
+            size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"task {job.task_id!r} returned a value that is not JSON: {exc}") from None
+        if size > self.max_result_bytes:
+            raise PayloadTooLargeError(
+                f"task {job.task_id!r} returned {size} bytes of JSON; the limit is {self.max_result_bytes}"
+            )
+
+    def _failed(self, job: Job, error: TaskError, started: float) -> EventType:
+        data: dict[str, Any] = {"error": error.to_dict(), "worker": self.worker_id, "started_at": started}
+        policy = job.retry
+        if policy is not None and policy.allows(job.attempt, error.types or (error.type,)):
+            delay = policy.delay(job.attempt)
+            data.update(next_attempt=job.attempt + 1, delay=delay, due_at=time.time() + delay)
+            kind = EventType.TASK_RETRYING
+        else:
+            kind = EventType.TASK_FAILED
+        self.log.finish_attempt(self._event(kind, job, data))
+        log.info("job %s %s: %s", job.id, kind.value, error)
+        return kind
