@@ -1,0 +1,42 @@
+"""Checks on a finished run's event log: every task ran once, never before its dependencies."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from nerv_cluster import Client, EventType, Workflow
+from nerv_cluster.model import Event
+
+
+def random_dag(wf: Workflow, n: int, fn: object, fn_io: object, seed: int = 7, max_parents: int = 4) -> dict[str, list[str]]:
+    """Add ``n`` tasks with up to ``max_parents`` random earlier parents; returns id -> parent ids."""
+    rng = random.Random(seed)
+    parents: dict[str, list[str]] = {}
+    handles = []
+    for i in range(n):
+        k = rng.randint(0, min(max_parents, i))
+        ps = rng.sample(handles, k) if k else []
+        h = wf.add(fn_io if i % 3 == 0 else fn, *ps, id=f"t{i}")  # type: ignore[arg-type]
+        parents[h.id] = [p.id for p in ps]
+        handles.append(h)
+    return parents
+
+
+def log_of(client: Client, run_id: str) -> list[Event]:
+    """Every event of a run, in log order."""
+    return [ev for _, ev in client.log.read_run(run_id)]
+
+
+def assert_ran_once_in_order(events: list[Event], parents: dict[str, list[str]]) -> None:
+    """Exactly one STARTED and one COMPLETED per task, and each task started after its parents completed."""
+    started = Counter(ev.task_id for ev in events if ev.type is EventType.TASK_STARTED)
+    completed = Counter(ev.task_id for ev in events if ev.type is EventType.TASK_COMPLETED)
+    assert set(started) == set(parents), f"tasks never started: {set(parents) - set(started)}"
+    assert max(started.values()) == 1, f"started twice: {[t for t, c in started.items() if c > 1]}"
+    assert completed == Counter(dict.fromkeys(parents, 1)), "each task must complete exactly once"
+    start_ts = {ev.task_id: ev.ts for ev in events if ev.type is EventType.TASK_STARTED}
+    done_ts = {ev.task_id: ev.ts for ev in events if ev.type is EventType.TASK_COMPLETED}
+    for tid, ps in parents.items():
+        for p in ps:
+            assert start_ts[tid] >= done_ts[p], f"{tid} started before its dependency {p} completed"
