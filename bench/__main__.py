@@ -51,8 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-db", type=int, default=DEFAULT_DB,
                    help=f"database number replacing the URL's (default {DEFAULT_DB}; -1 keeps the URL's)")
     p.add_argument("--no-flush", action="store_true", help="do not FLUSHDB the bench database at start")
-    p.add_argument("--no-layered", action="store_true",
-                   help="report general DAGs n/a for Celery canvas instead of running one group per level")
+    p.add_argument("--canvas-dag", choices=("levels", "chain", "none"), default="levels",
+                   help="Celery canvas on the lattice / random DAG: one group per level with the client "
+                        "waiting between levels (default), one canvas chain of those groups (cost grows "
+                        "with depth squared), or n/a")
+    p.add_argument("--canvas-poll", type=float, default=0.01,
+                   help="Celery result.get(interval=...) in seconds (Celery's default is 0.5; default 0.01)")
     p.add_argument("--no-floor", action="store_true", help="skip the Redis ping-pong floor")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each run (default 0.5)")
@@ -107,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for s in shapes:
         print(f"[bench] {s.summary()}", file=sys.stderr)
+    load_before = os.getloadavg()
     result = harness.run_all(names, shapes, url, args.workers, repeat=args.repeat, pause=args.pause,
-                             timeout=args.timeout, layered=not args.no_layered, floor=not args.no_floor)
+                             timeout=args.timeout, floor=not args.no_floor,
+                             options={"dag_mode": args.canvas_dag, "poll_interval": args.canvas_poll})
     result.meta = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
@@ -121,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "versions": _versions(),
     }
     print(report.table(result))
+    cpus = os.cpu_count() or 1
+    if load_before[0] > 0.5 * cpus:
+        print(f"warning: load average was {load_before[0]:.2f} on {cpus} CPUs at the start: other work was "
+              "running, absolute numbers are low; the ratios are the comparable part")
     report.write_json(result, args.json)
     print(f"\nJSON written to {args.json}")
     return 0

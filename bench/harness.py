@@ -10,8 +10,8 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench import redis_floor
 from bench.engines import ENGINES, Engine, EngineUnavailable, Measurement, ShapeUnsupported
@@ -120,9 +120,12 @@ def _run_shape(engine: Engine, shape: Shape, repeat: int, pause: float) -> Outco
 
 
 def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, workers: int, repeat: int = 1,
-            pause: float = 0.5, timeout: float = 300.0, layered: bool = True, floor: bool = True,
-            configure: Callable[[Engine], None] | None = None) -> Report:
-    """Measure the Redis floor, then each engine in turn over all ``shapes``."""
+            pause: float = 0.5, timeout: float = 300.0, floor: bool = True,
+            options: dict[str, Any] | None = None) -> Report:
+    """Measure the Redis floor, then each engine in turn over all ``shapes``.
+
+    ``options`` are engine attributes (e.g. ``dag_mode``): each engine that has one gets it set.
+    """
     report = Report(shapes=shapes)
     if floor:
         try:
@@ -139,9 +142,8 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
             report.outcomes.extend(Outcome(name, s.name, name == "nerv", NA, reason=reason) for s in shapes)
             continue
         engine.timeout = timeout
-        if not layered and isinstance(getattr(engine, "layered", None), bool):
-            engine.layered = False  # type: ignore[attr-defined]
-        if configure is not None:
-            configure(engine)
+        for key, value in (options or {}).items():
+            if hasattr(engine, key):
+                setattr(engine, key, value)
         run_engine(engine, shapes, redis_url, workers, repeat, pause, report)
     return report
