@@ -1,0 +1,208 @@
+"""Builders for hand-made definitions and events, and a pure in-memory scheduler simulation."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
+from nerv_cluster.state import EMPTY, RunState, State, apply
+from scheduler.decisions import Decisions, decide
+
+RUN = "run-1"
+FN = "tests.noop"
+
+_clock = itertools.count(1)
+
+
+def tick() -> float:
+    """A strictly increasing timestamp, so event order and timestamps agree."""
+    return float(next(_clock))
+
+
+def td(
+    tid: str,
+    *deps: str,
+    trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
+    priority: TaskPriority = TaskPriority.MEDIUM,
+    **kw: Any,
+) -> TaskDef:
+    """A task definition with ``name == id``."""
+    return TaskDef(
+        id=tid,
+        fn=kw.pop("fn", FN),
+        name=tid,
+        dependencies=tuple(deps),
+        trigger=TriggerRule.parse(trigger),
+        priority=priority,
+        **kw,
+    )
+
+
+def wdef(*tasks: TaskDef, name: str = "wf") -> WorkflowDef:
+    return WorkflowDef(name=name, tasks=tuple(tasks))
+
+
+def diamond(**d_kw: Any) -> WorkflowDef:
+    """a -> (b, c) -> d."""
+    return wdef(td("a"), td("b", "a"), td("c", "a"), td("d", "b", "c", **d_kw), name="diamond")
+
+
+def ev(
+    kind: EventType,
+    task: str | None = None,
+    attempt: int | None = None,
+    run_id: str = RUN,
+    ts: float | None = None,
+    **data: Any,
+) -> Event:
+    return Event(kind, run_id, task, attempt, data, ts=tick() if ts is None else ts)
+
+
+def submitted(definition: WorkflowDef, run_id: str = RUN) -> Event:
+    return ev(EventType.WORKFLOW_SUBMITTED, run_id=run_id, workflow=definition.to_dict())
+
+
+def completes(tid: str, result: Any = None, attempt: int = 1, worker: str = "w1") -> list[Event]:
+    """DISPATCHED, STARTED, COMPLETED of one attempt."""
+    return [
+        ev(EventType.TASK_DISPATCHED, tid, attempt, queue="cpu"),
+        ev(EventType.TASK_STARTED, tid, attempt, worker=worker),
+        ev(EventType.TASK_COMPLETED, tid, attempt, result=result, worker=worker),
+    ]
+
+
+def fails(tid: str, message: str = "boom", attempt: int = 1, worker: str = "w1") -> list[Event]:
+    """DISPATCHED, STARTED, FAILED of one attempt."""
+    error = {"type": "ValueError", "message": message, "types": ["ValueError", "Exception"]}
+    return [
+        ev(EventType.TASK_DISPATCHED, tid, attempt, queue="cpu"),
+        ev(EventType.TASK_STARTED, tid, attempt, worker=worker),
+        ev(EventType.TASK_FAILED, tid, attempt, error=error, worker=worker),
+    ]
+
+
+def run_of(state: State, run_id: str = RUN) -> RunState:
+    return state.runs[run_id]
+
+
+# --------------------------------------------------------------------------------------------------
+# a random DAG and a simulated cluster
+
+
+def random_dag(n: int, rng: random.Random, max_deps: int = 3, window: int = 50) -> WorkflowDef:
+    """``n`` tasks; task ``i`` takes the results of up to ``max_deps`` earlier tasks and its own index.
+
+    Arguments are wire-form: a dependency appears as a reference marker, as ``Workflow.add`` writes it.
+    """
+    tasks = []
+    for i in range(n):
+        k = rng.randint(0, min(max_deps, i))
+        deps = sorted(rng.sample(range(max(0, i - window), i), k)) if k else []
+        ids = [f"t{d}" for d in deps]
+        args = [{"__nerv_ref__": d} for d in ids] + [i]
+        prio = TaskPriority(rng.randint(0, 3))
+        tasks.append(TaskDef(id=f"t{i}", fn="sim.mix", name=f"t{i}", dependencies=tuple(ids), args=tuple(args),
+                             priority=prio))
+    return WorkflowDef(name="random", tasks=tuple(tasks))
+
+
+def mix(args: Iterable[int]) -> int:
+    """What the simulated task ``sim.mix`` computes from its (already resolved) arguments."""
+    acc = 7
+    for a in args:
+        acc = (acc * 31 + a) % 1_000_003
+    return acc
+
+
+def expected_results(definition: WorkflowDef) -> dict[str, int]:
+    """Every task's result, computed straight from the definition (tasks are in topological order)."""
+    out: dict[str, int] = {}
+    for t in definition.tasks:
+        out[t.id] = mix(out[a["__nerv_ref__"]] if isinstance(a, dict) else a for a in t.args)
+    return out
+
+
+class Sim:
+    """The scheduler loop in pure code: decide -> fold the decisions -> workers run some jobs -> ...
+
+    ``fail_first`` lists tasks whose first attempt fails (and is retried after ``retry_delay``).
+    """
+
+    def __init__(
+        self,
+        definition: WorkflowDef,
+        rng: random.Random,
+        *,
+        fail_first: Iterable[str] = (),
+        retry_delay: float = 0.0,
+        run_id: str = RUN,
+    ) -> None:
+        self.rng = rng
+        self.run_id = run_id
+        self.now = 1_000.0
+        self.state = EMPTY
+        self.log: list[Event] = []
+        self.inbox: list[Job] = []
+        self.fail_first = set(fail_first)
+        self.retry_delay = retry_delay
+        self.runs: list[tuple[str, int]] = []  # (task, attempt) in execution order
+        self.violations: list[str] = []
+        self.emit([Event(EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()},
+                         ts=self.now)])
+
+    @property
+    def run(self) -> RunState:
+        return self.state.runs[self.run_id]
+
+    def emit(self, events: Iterable[Event]) -> None:
+        for e in events:
+            self.log.append(e)
+            self.state = apply(self.state, e)
+
+    def schedule(self) -> Decisions:
+        out = Decisions()
+        decide(self.run, self.now, "scheduler:1", out)
+        self.emit(out.events)
+        self.inbox.extend(job for job, _queue in out.jobs)
+        return out
+
+    def work(self, k: int) -> None:
+        """Run ``k`` random jobs of the inbox to their end."""
+        self.rng.shuffle(self.inbox)
+        batch, self.inbox = self.inbox[:k], self.inbox[k:]
+        for job in batch:
+            self.now += 0.001
+            run = self.run
+            for dep in run.defs[job.task_id].dependencies:
+                if run.tasks[dep].status.value != "COMPLETED":
+                    self.violations.append(f"{job.task_id} ran before {dep} completed")
+            self.runs.append((job.task_id, job.attempt))
+            worker = f"w{self.rng.randint(1, 3)}"
+            self.emit([Event(EventType.TASK_STARTED, self.run_id, job.task_id, job.attempt, {"worker": worker},
+                             ts=self.now)])
+            self.now += 0.001
+            if job.attempt == 1 and job.task_id in self.fail_first:
+                policy = run.defs[job.task_id].retry or RetryPolicy(max_retries=1, backoff=self.retry_delay)
+                data = {"error": {"type": "ValueError", "message": "flaky", "types": ["ValueError"]},
+                        "next_attempt": 2, "due_at": self.now + policy.delay(1)}
+                self.emit([Event(EventType.TASK_RETRYING, self.run_id, job.task_id, 1, data, ts=self.now)])
+            else:
+                self.emit([Event(EventType.TASK_COMPLETED, self.run_id, job.task_id, job.attempt,
+                                 {"result": mix(job.args), "worker": worker}, ts=self.now)])
+
+    def run_to_end(self, max_rounds: int = 100_000) -> None:
+        for _ in range(max_rounds):
+            out = self.schedule()
+            if self.run.status.terminal:
+                return
+            if self.inbox:
+                self.work(self.rng.randint(1, max(1, len(self.inbox))))
+            elif out.delayed:
+                self.now = max(self.now, min(d[0] for d in out.delayed))
+            elif not out.events:
+                raise AssertionError(f"simulation stuck: {dict(self.run.counts)}")
+        raise AssertionError("simulation did not finish")
