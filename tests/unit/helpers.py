@@ -105,8 +105,16 @@ def random_dag(n: int, rng: random.Random, max_deps: int = 3, window: int = 50) 
         ids = [f"t{d}" for d in deps]
         args = [{"__nerv_ref__": d} for d in ids] + [i]
         prio = TaskPriority(rng.randint(0, 3))
-        tasks.append(TaskDef(id=f"t{i}", fn="sim.mix", name=f"t{i}", dependencies=tuple(ids), args=tuple(args),
-                             priority=prio))
+        tasks.append(
+            TaskDef(
+                id=f"t{i}",
+                fn="sim.mix",
+                name=f"t{i}",
+                dependencies=tuple(ids),
+                args=tuple(args),
+                priority=prio,
+            )
+        )
     return WorkflowDef(name="random", tasks=tuple(tasks))
 
 
@@ -151,8 +159,13 @@ class Sim:
         self.retry_delay = retry_delay
         self.runs: list[tuple[str, int]] = []  # (task, attempt) in execution order
         self.violations: list[str] = []
-        self.emit([Event(EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()},
-                         ts=self.now)])
+        self.emit(
+            [
+                Event(
+                    EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, ts=self.now
+                )
+            ]
+        )
 
     @property
     def run(self) -> RunState:
@@ -182,17 +195,40 @@ class Sim:
                     self.violations.append(f"{job.task_id} ran before {dep} completed")
             self.runs.append((job.task_id, job.attempt))
             worker = f"w{self.rng.randint(1, 3)}"
-            self.emit([Event(EventType.TASK_STARTED, self.run_id, job.task_id, job.attempt, {"worker": worker},
-                             ts=self.now)])
+            self.emit(
+                [
+                    Event(
+                        EventType.TASK_STARTED,
+                        self.run_id,
+                        job.task_id,
+                        job.attempt,
+                        {"worker": worker},
+                        ts=self.now,
+                    )
+                ]
+            )
             self.now += 0.001
             if job.attempt == 1 and job.task_id in self.fail_first:
                 policy = run.defs[job.task_id].retry or RetryPolicy(max_retries=1, backoff=self.retry_delay)
-                data = {"error": {"type": "ValueError", "message": "flaky", "types": ["ValueError"]},
-                        "next_attempt": 2, "due_at": self.now + policy.delay(1)}
+                data = {
+                    "error": {"type": "ValueError", "message": "flaky", "types": ["ValueError"]},
+                    "next_attempt": 2,
+                    "due_at": self.now + policy.delay(1),
+                }
                 self.emit([Event(EventType.TASK_RETRYING, self.run_id, job.task_id, 1, data, ts=self.now)])
             else:
-                self.emit([Event(EventType.TASK_COMPLETED, self.run_id, job.task_id, job.attempt,
-                                 {"result": mix(job.args), "worker": worker}, ts=self.now)])
+                self.emit(
+                    [
+                        Event(
+                            EventType.TASK_COMPLETED,
+                            self.run_id,
+                            job.task_id,
+                            job.attempt,
+                            {"result": mix(job.args), "worker": worker},
+                            ts=self.now,
+                        )
+                    ]
+                )
 
     def run_to_end(self, max_rounds: int = 100_000) -> None:
         for _ in range(max_rounds):
