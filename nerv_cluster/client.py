@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
+from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
 from nerv_cluster.errors import RunNotFoundError, WaitTimeoutError
@@ -20,14 +23,21 @@ from nerv_cluster.workflow import Workflow
 _FOLLOW_BLOCK_MS = 1_000
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A Redis client for nerv's own keys (decoded responses, health checks, retry on timeouts)."""
+def connect(settings: Settings, retries: int = constants.REDIS_RETRIES) -> redis.Redis:
+    """A Redis client for nerv's own keys: decoded responses, health checks, and retries with backoff
+    on connection errors, so every process rides out a Redis restart (about half a minute by default).
+
+    Every write nerv retries is idempotent (scripts check before they write), so a retried command
+    whose first try did run changes nothing.
+    """
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
         health_check_interval=30,
         socket_keepalive=True,
-        retry_on_timeout=True,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

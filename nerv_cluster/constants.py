@@ -37,6 +37,14 @@ DEFAULT_VISIBILITY_TIMEOUT: Final = 3600
 #: Worker liveness: a heartbeat key refreshed every interval, expiring after the TTL.
 WORKER_HEARTBEAT_INTERVAL_S: Final = 1.0
 WORKER_HEARTBEAT_TTL_MS: Final = 4_000
+#: The scheduler's watchdog: how often it looks for lost workers and overdue tasks, how long a
+#: worker's heartbeat must stay missing before its tasks are re-dispatched, and how long past its time
+#: limit a task may run before the scheduler fails it (after the worker's own soft and hard limits).
+WATCHDOG_INTERVAL_S: Final = 0.5
+LOST_WORKER_GRACE_S: Final = 1.5
+TIMEOUT_GRACE_S: Final = 3.0
+#: Retries (exponential backoff capped at 1 s) of a Redis command on connection errors: ~30 s.
+REDIS_RETRIES: Final = 40
 #: Events kept in a client EventBus history.
 DEFAULT_HISTORY_LIMIT: Final = 1_000
 

@@ -51,6 +51,7 @@ class Container(containers.DeclarativeContainer):
         registry=registry,
         worker_id=worker_id,
         max_result_bytes=settings.provided.max_result_bytes,
+        max_redeliveries=settings.provided.max_redeliveries,
     )
     heartbeat = providers.Singleton(
         "worker.heartbeat.Heartbeat", redis, key=providers.Callable(lambda k, w: k.heartbeat(w), keys, worker_id)

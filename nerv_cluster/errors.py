@@ -69,3 +69,7 @@ class TaskTimeoutError(NervError):
 
 class NotRegisteredError(NervError):
     """A worker received a task whose name no module on it registered."""
+
+
+class WorkerLostError(NervError):
+    """The worker process running a task died before recording an outcome, too many times."""

@@ -7,7 +7,6 @@ run's pub/sub channel, which is only a hint for live listeners.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from functools import cache
@@ -41,6 +40,7 @@ class Scripts:
         self.finish = client.register_script(lua_source("finish"))
         self.lease = client.register_script(lua_source("lease"))
         self.release = client.register_script(lua_source("release"))
+        self.supersede = client.register_script(lua_source("supersede"))
 
 
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
@@ -71,7 +71,12 @@ class EventLog:
                 args=[event.run_id, k.channel(event.run_id), event.to_json(), event.ts, constants.FEED_MAXLEN],
             )
         except redis.ResponseError as exc:
-            raise NervError(str(exc).removeprefix("RUN_EXISTS ")) from exc
+            if "RUN_EXISTS" not in str(exc):
+                raise
+            # A retry after a lost reply finds its own first try: that is success, not a clash.
+            first = self.redis.xrange(k.log(event.run_id), count=1)
+            if not (first and Event.from_json(first[0][1][constants.EVENT_FIELD]).id == event.id):
+                raise NervError(str(exc).removeprefix("RUN_EXISTS ")) from exc
 
     def append(self, events: Sequence[Event]) -> None:
         """Append events (of any runs) to their run logs and the feed, one script call per run, pipelined."""
@@ -108,8 +113,11 @@ class EventLog:
                 raise LeaseLostError(str(exc)) from exc
             raise
 
-    def start_attempt(self, event: Event, worker_id: str) -> str:
-        """Claim the attempt named by a TASK_STARTED event: ``'ok'``, ``'done'`` or ``'busy'``."""
+    def start_attempt(self, event: Event, worker_id: str, max_takeovers: int) -> str:
+        """Claim the attempt named by a TASK_STARTED event: ``'ok'``, ``'done'``, ``'busy'`` or ``'poison'``.
+
+        ``'poison'`` means ``max_takeovers`` processes holding this attempt died without an outcome.
+        """
         k, run = self.keys, event.run_id
         assert event.task_id is not None and event.attempt is not None
         return str(
@@ -122,6 +130,7 @@ class EventLog:
                     k.channel(run),
                     event.to_json(),
                     constants.FEED_MAXLEN,
+                    max_takeovers,
                 ],
             )
         )
@@ -142,6 +151,31 @@ class EventLog:
                 ],
             )
         )
+
+    def supersede(self, attempts: Sequence[tuple[str, str, int]], token: str, why: str) -> list[bool]:
+        """Take the outcome slot of each (run, task, attempt); True where we got it (no outcome yet).
+
+        A worker that finishes such an attempt later finds the slot taken and records nothing; one that
+        picks its job up later does not run it.
+        """
+        if not attempts:
+            return []
+        k = self.keys
+        keys = [k.lease]
+        index: dict[str, int] = {}
+        args: list[Any] = [token, why]
+        for run_id, task_id, attempt in attempts:
+            if run_id not in index:
+                keys.append(k.outcomes(run_id))
+                index[run_id] = len(keys)
+            args.extend((index[run_id], attempt_field(task_id, attempt)))
+        try:
+            got = self.scripts.supersede(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise LeaseLostError(str(exc)) from exc
+            raise
+        return [bool(x) for x in got]
 
     def close_run(self, run_id: str, retention_seconds: int) -> None:
         """A run is over: drop it from the active set and let its keys expire after the retention time."""
@@ -200,7 +234,3 @@ class EventLog:
         """The newest runs with their submit times, newest first."""
         return [(rid, float(score)) for rid, score in self.redis.zrevrange(self.keys.runs, 0, limit - 1, withscores=True)]
 
-
-def now() -> float:
-    """Wall-clock seconds; events carry wall time so processes on different hosts agree."""
-    return time.time()

@@ -36,6 +36,12 @@ class Settings:
     #: Worker processes for ``cpu`` (default: one per core) and threads for ``io`` (default: 8 per core).
     cpu_concurrency: int = 0
     io_concurrency: int = 0
+    #: Default time limit (seconds; 0 = none) for tasks of each queue that set no timeout of their own.
+    cpu_timeout: float = 0.0
+    io_timeout: float = 0.0
+    #: Times an attempt may lose its worker (the process died under it) before the task fails:
+    #: bounds a poison task that kills every worker that runs it.
+    max_redeliveries: int = 3
     #: Messages a worker process reserves ahead; more is faster for short tasks.
     prefetch_multiplier: int = 4
     #: Celery task events, which Flower needs; they cost a publish per task state change.
@@ -66,6 +72,8 @@ class Settings:
                     values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
                 elif isinstance(default, int):
                     values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
                 elif isinstance(default, tuple):
                     values[f.name] = _split(raw)
                 else:

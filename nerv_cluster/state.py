@@ -50,6 +50,8 @@ class TaskState:
     finished_at: float | None = None
     due_at: float | None = None
     reason: str = ""
+    #: Attempts given up because their worker was lost (bounded: a task that kills workers fails).
+    lost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,8 @@ class RunState:
     """One run: its definition and plan, every task's state, and the pending decisions.
 
     ``ready`` holds READY tasks not yet dispatched (some may wait for ``due_at``); ``doomed`` holds
-    PENDING tasks whose trigger rule can no longer be met, to be SKIPPED.
+    PENDING tasks whose trigger rule can no longer be met, to be SKIPPED; ``running`` holds RUNNING
+    tasks, which the scheduler watches for lost workers and timeouts.
     """
 
     run_id: str
@@ -68,6 +71,7 @@ class RunState:
     status: RunStatus = RunStatus.PENDING
     ready: PSet[str] = field(default_factory=pset)
     doomed: PSet[str] = field(default_factory=pset)
+    running: PSet[str] = field(default_factory=pset)
     counts: PMap[str, int] = field(default_factory=pmap)
     submitted_at: float = 0.0
     started_at: float | None = None
@@ -120,6 +124,10 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
     if old.status != new.status:
         counts = counts.set(old.status.value, counts.get(old.status.value, 0) - 1)
         counts = counts.set(new.status.value, counts.get(new.status.value, 0) + 1)
+        if new.status is TaskStatus.RUNNING:
+            changes["running"] = run.running.add(tid)
+        elif old.status is TaskStatus.RUNNING:
+            changes["running"] = run.running.discard(tid)
     return replace(run, tasks=run.tasks.set(tid, new), counts=counts, **changes)
 
 
@@ -219,10 +227,16 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
 
 def _started(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status is not TaskStatus.READY:
+    if cur is None or cur[1].status not in _ACTIVE:
         return run
     tid, ts = cur
-    new = replace(ts, status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=ev.data.get("worker"))
+    worker = ev.data.get("worker")
+    if ts.status is TaskStatus.RUNNING:
+        # Another process took the attempt over (its first worker died); idempotent for a replay.
+        if worker == ts.worker or ev.ts <= (ts.started_at or 0):
+            return run
+        return _put(run, tid, ts, replace(ts, worker=worker, started_at=ev.ts))
+    new = replace(ts, status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=worker)
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
 
@@ -272,6 +286,7 @@ def _again(run: RunState, ev: Event) -> RunState:
     new = replace(
         ts,
         status=TaskStatus.READY,
+        lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
         dispatched=False,
         due_at=ev.data.get("due_at"),

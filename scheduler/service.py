@@ -16,11 +16,13 @@ import redis
 
 from nerv_cluster import state as st
 from nerv_cluster.errors import LeaseLostError
-from nerv_cluster.eventlog import EventLog, attempt_field
+from nerv_cluster import constants
+from nerv_cluster.eventlog import EventLog
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher
 from scheduler.lease import Lease
+from scheduler.watchdog import Verdict, Watchdog
 
 log = logging.getLogger("nerv.scheduler")
 
@@ -54,6 +56,8 @@ class SchedulerService:
         self._unsent: list = []
         self._since_trim = 0
         self.leader_since: float | None = None
+        self.watchdog = Watchdog(log, settings)
+        self._next_sweep = 0.0
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
 
@@ -117,13 +121,34 @@ class SchedulerService:
             self._touched.add(ev.run_id)
             self.cursor = entry_id
         self.state = state
-        self._release_due(self.clock())
+        now = self.clock()
+        self._release_due(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
+            self._end_attempts(self.watchdog.sweep(self.state, now, self.source))
         self.act()
         self._since_trim += len(entries)
         if self._since_trim >= _TRIM_EVERY:
             self.log.trim_feed(self.cursor)
             self._since_trim = 0
         return len(entries)
+
+    def _end_attempts(self, verdicts: list[Verdict]) -> None:
+        """Supersede the attempts first (a worker finishing at the same moment wins or loses cleanly),
+        then record the verdicts we won."""
+        if not verdicts:
+            return
+        assert self.lease.token is not None
+        won = self.log.supersede(
+            [(v.run_id, v.task_id, v.attempt) for v in verdicts], self.lease.token, "SUPERSEDED"
+        )
+        events = [v.event for v, ok in zip(verdicts, won, strict=True) if ok]
+        for ev in events:
+            log.warning("%s %s/%s attempt %s: %s", ev.type.value, ev.run_id, ev.task_id, ev.attempt, ev.data.get("reason") or ev.data.get("error", {}).get("message"))
+        if events:
+            self.log.append_fenced(events, self.lease.token)
+            self.state = st.fold(events, self.state)
+            self._touched.update(ev.run_id for ev in events)
 
     def _release_due(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
@@ -178,12 +203,13 @@ class SchedulerService:
             raise
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
-        # Mark the attempts as over first, so a worker that picks one up later skips it (start.lua).
-        pipe = self.log.redis.pipeline(transaction=False)
+        # Take the attempts' outcome slots first, so a worker that picks one up later skips it.
+        assert self.lease.token is not None
+        attempts = []
         for jid in job_ids:
             rid, tid, attempt = jid.rsplit(":", 2)
-            pipe.hsetnx(self.log.keys.outcomes(rid), attempt_field(tid, int(attempt)), "TASK_CANCELLED")
-        pipe.execute()
+            attempts.append((rid, tid, int(attempt)))
+        self.log.supersede(attempts, self.lease.token, "TASK_CANCELLED")
         self.dispatcher.revoke(job_ids)
 
     def _close(self, run_id: str) -> None:

@@ -18,8 +18,15 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from nerv_cluster import constants
-from nerv_cluster.errors import NotRegisteredError, PayloadTooLargeError, SerializationError, TaskTimeoutError
+from nerv_cluster.errors import (
+    NotRegisteredError,
+    PayloadTooLargeError,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.failures import failure_outcome
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
@@ -38,11 +45,14 @@ def new_worker_id() -> str:
 class TaskRunner:
     """Runs jobs in one worker process."""
 
-    def __init__(self, log: EventLog, registry: Registry, worker_id: str, max_result_bytes: int) -> None:
+    def __init__(
+        self, log: EventLog, registry: Registry, worker_id: str, max_result_bytes: int, max_redeliveries: int
+    ) -> None:
         self.log = log
         self.registry = registry
         self.worker_id = worker_id
         self.max_result_bytes = max_result_bytes
+        self.max_redeliveries = max_redeliveries
 
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
@@ -51,15 +61,25 @@ class TaskRunner:
         """Record TASK_STARTED for this attempt unless it already ran or is running elsewhere.
 
         A redelivered job whose attempt another process holds waits until that process's heartbeat
-        lapses (it died: take over) or the attempt gets an outcome (drop the duplicate).
+        lapses (it died: take over) or the attempt gets an outcome (drop the duplicate). When processes
+        died holding it too often, the attempt fails instead of killing another one.
         """
         deadline = time.monotonic() + constants.WORKER_HEARTBEAT_TTL_MS / 1000 + 1
+        started = self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id})
         while True:
-            verdict = self.log.start_attempt(self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id}), self.worker_id)
+            verdict = self.log.start_attempt(started, self.worker_id, self.max_redeliveries)
             if verdict == "ok":
                 return True
+            if verdict == "poison":
+                lost = WorkerLostError(
+                    f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
+                    "before it could finish (a poison task?); not running it again"
+                )
+                self._failed(job, TaskError.from_exception(lost), time.time())
+                return False
             if verdict == "done" or time.monotonic() > deadline:
-                log.info("job %s not run: attempt %s", job.id, "already has an outcome" if verdict == "done" else "is held by a live worker")
+                why = "already has an outcome" if verdict == "done" else "is held by a live worker"
+                log.info("job %s not run: the attempt %s", job.id, why)
                 return False
             time.sleep(_BUSY_POLL_S)
 
@@ -107,14 +127,8 @@ class TaskRunner:
             )
 
     def _failed(self, job: Job, error: TaskError, started: float) -> EventType:
-        data: dict[str, Any] = {"error": error.to_dict(), "worker": self.worker_id, "started_at": started}
-        policy = job.retry
-        if policy is not None and policy.allows(job.attempt, error.types or (error.type,)):
-            delay = policy.delay(job.attempt)
-            data.update(next_attempt=job.attempt + 1, delay=delay, due_at=time.time() + delay)
-            kind = EventType.TASK_RETRYING
-        else:
-            kind = EventType.TASK_FAILED
+        kind, data = failure_outcome(job.retry, job.attempt, error, time.time())
+        data.update(worker=self.worker_id, started_at=started)
         self.log.finish_attempt(self._event(kind, job, data))
         log.info("job %s %s: %s", job.id, kind.value, error)
         return kind

@@ -80,3 +80,57 @@ def boom(message: str) -> None:
 def total(*values: int) -> int:
     """Sum of the values."""
     return sum(values)
+
+
+@task(queue="io")
+def slow_io(ctx: TaskContext, seconds: float) -> float:
+    """Sleep on the io queue (threads: no Celery time limits there)."""
+    _count(ctx)
+    time.sleep(seconds)
+    return seconds
+
+
+@task(queue="cpu")
+def slow_marked(ctx: TaskContext, seconds: float) -> float:
+    """Sleep, then leave a mark: a task terminated mid-sleep leaves none."""
+    _count(ctx)
+    time.sleep(seconds)
+    _redis().hset(f"test:marks:{ctx.run_id}", ctx.task_id, 1)
+    return seconds
+
+
+@task(queue="cpu")
+def suicide(ctx: TaskContext) -> None:
+    """Kill the process running it, every time: a poison task."""
+    _count(ctx)
+    os.kill(os.getpid(), 9)
+
+
+@task(queue="cpu")
+def flaky(ctx: TaskContext, succeed_on: int) -> int:
+    """Fail with ConnectionError until attempt ``succeed_on``; return the attempt that succeeded."""
+    _count(ctx)
+    if ctx.attempt < succeed_on:
+        raise ConnectionError(f"attempt {ctx.attempt} fails")
+    return ctx.attempt
+
+
+@task(queue="cpu")
+def stubborn(ctx: TaskContext, seconds: float) -> float:
+    """Ignore the soft time limit and keep sleeping: only the hard limit stops it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    _count(ctx)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue
+    return seconds
+
+
+@task(queue="cpu")
+def fallback(ctx: TaskContext) -> str:
+    """Runs when its upstream failed: returns which upstream tasks it saw results of."""
+    return "fallback ran after " + ",".join(sorted(ctx.results)) if ctx.results else "fallback ran"

@@ -1,0 +1,32 @@
+"""What a failed attempt leads to: another attempt after a delay (TASK_RETRYING) or TASK_FAILED.
+
+One pure function, used by workers (the task raised) and by the scheduler (the task timed out, or its
+worker was lost too often), so a retry policy means the same thing wherever the failure is seen.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from nerv_cluster.model import EventType, RetryPolicy, TaskError
+
+
+def failure_outcome(
+    policy: RetryPolicy | None,
+    attempt: int,
+    error: TaskError,
+    now: float,
+    rng: random.Random | None = None,
+) -> tuple[EventType, dict[str, Any]]:
+    """The event type and data that record failed attempt ``attempt``.
+
+    With a policy that allows another attempt for this error, TASK_RETRYING carries the next attempt
+    number, the delay and the due time (the scheduler holds the task until then); otherwise TASK_FAILED.
+    """
+    data: dict[str, Any] = {"error": error.to_dict()}
+    if policy is not None and policy.allows(attempt, error.types or (error.type,)):
+        delay = policy.delay(attempt, rng)
+        data.update(next_attempt=attempt + 1, delay=delay, due_at=now + delay)
+        return EventType.TASK_RETRYING, data
+    return EventType.TASK_FAILED, data

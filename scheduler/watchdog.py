@@ -1,0 +1,113 @@
+"""The watchdog: running tasks whose worker died, and tasks past their time limit.
+
+A worker host that dies whole keeps its Celery messages hostage until the broker's visibility timeout
+(an hour by default); the watchdog notices the missing heartbeat within seconds and re-dispatches the
+task as a new attempt. Time limits are enforced here too, so they hold on thread pools (where Celery
+cannot enforce them) and when a hard limit killed the process before it could record anything.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from nerv_cluster import constants
+from nerv_cluster.errors import TaskTimeoutError, WorkerLostError
+from nerv_cluster.eventlog import EventLog
+from nerv_cluster.failures import failure_outcome
+from nerv_cluster.model import Event, EventType, TaskError
+from nerv_cluster.settings import Settings
+from nerv_cluster.state import RunState, State
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An attempt the watchdog ends, and the event that records why."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    event: Event
+
+
+def time_limit(settings: Settings, run: RunState, task_id: str) -> float:
+    """The task's own timeout, else its queue's default (0: none)."""
+    td = run.defs[task_id]
+    if td.timeout:
+        return td.timeout
+    return settings.cpu_timeout if td.queue == "cpu" else settings.io_timeout
+
+
+def overdue(run: RunState, settings: Settings, now: float, source: str) -> list[Verdict]:
+    """RUNNING tasks of ``run`` past their time limit plus grace: each fails (or retries) with a timeout."""
+    out = []
+    for tid in run.running:
+        ts = run.tasks[tid]
+        limit = time_limit(settings, run, tid)
+        if not limit or ts.started_at is None or now < ts.started_at + limit + constants.TIMEOUT_GRACE_S:
+            continue
+        error = TaskError.from_exception(TaskTimeoutError(f"task {tid!r} ran past its {limit}s time limit"))
+        kind, data = failure_outcome(run.defs[tid].retry, ts.attempt, error, now)
+        data["worker"] = ts.worker
+        out.append(Verdict(run.run_id, tid, ts.attempt, Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source)))
+    return out
+
+
+def lost(run: RunState, task_id: str, settings: Settings, now: float, source: str) -> Verdict:
+    """The verdict for a task whose worker is gone: a new attempt, or FAILED once it happened too often."""
+    ts = run.tasks[task_id]
+    why = f"worker {ts.worker} was lost while running attempt {ts.attempt}"
+    if ts.lost + 1 >= settings.max_redeliveries:
+        error = TaskError.from_exception(
+            WorkerLostError(f"{why}; workers were lost {ts.lost + 1} times running this task (a poison task?)")
+        )
+        ev = Event(EventType.TASK_FAILED, run.run_id, task_id, ts.attempt, {"error": error.to_dict(), "reason": why}, ts=now, source=source)
+    else:
+        ev = Event(
+            EventType.TASK_PENDING,
+            run.run_id,
+            task_id,
+            ts.attempt,
+            {"next_attempt": ts.attempt + 1, "reason": why},
+            ts=now,
+            source=source,
+        )
+    return Verdict(run.run_id, task_id, ts.attempt, ev)
+
+
+class Watchdog:
+    """Finds attempts to end; the service supersedes them in Redis, then records the verdicts."""
+
+    def __init__(self, log: EventLog, settings: Settings) -> None:
+        self.log = log
+        self.settings = settings
+        self._missing_since: dict[str, float] = {}
+
+    def sweep(self, state: State, now: float, source: str) -> list[Verdict]:
+        """Every verdict due now across all runs."""
+        verdicts: list[Verdict] = []
+        by_worker: dict[str, list[tuple[RunState, str]]] = defaultdict(list)
+        for run in state.runs.values():
+            if not run.running or run.cancel_requested:
+                continue
+            late = overdue(run, self.settings, now, source)
+            verdicts.extend(late)
+            late_ids = {v.task_id for v in late}
+            for tid in run.running:
+                worker = run.tasks[tid].worker
+                if tid not in late_ids and worker:
+                    by_worker[worker].append((run, tid))
+        if not by_worker:
+            self._missing_since.clear()
+            return verdicts
+        workers = list(by_worker)
+        pipe = self.log.redis.pipeline(transaction=False)
+        for w in workers:
+            pipe.exists(self.log.keys.heartbeat(w))
+        alive = pipe.execute()
+        missing = {w for w, ok in zip(workers, alive, strict=True) if not ok}
+        self._missing_since = {w: self._missing_since.get(w, now) for w in missing}
+        for w in missing:
+            if now - self._missing_since[w] >= constants.LOST_WORKER_GRACE_S:
+                verdicts.extend(lost(run, tid, self.settings, now, source) for run, tid in by_worker[w])
+        return verdicts
