@@ -259,7 +259,8 @@ def run_demo(
         ok = result.status is RunStatus.COMPLETED and got == expected
         mark = "[green]✓ correct[/]" if got == expected else "[red]✗ wrong[/]"
         console.print(f"total = {got} words (expected_total = {expected}) {mark}")
-        console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{len(wf) / wall:.0f} tasks/s[/]")
+        rate = len(wf) / wall
+        console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{rate:.0f} tasks/s[/]")
         code = 0 if ok else 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: shutting down")
