@@ -22,6 +22,7 @@ from bench import shapes as shape_mod
 from bench.engines import BENCH_URL_ENV, resolve
 
 DEFAULT_DB = 13
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
 def with_db(url: str, db: int | None) -> str:
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: sizes x 0.1 (times --n-scale)")
     p.add_argument("--workers", type=int, default=2, help="worker processes per engine (default 2)")
     p.add_argument("--repeat", type=int, default=1, help="runs per (engine, shape); the median is kept")
+    p.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
+                   help="interleaved (default): all engines up, each shape run on one engine after the "
+                        "other; sequential: one engine at a time, started and stopped around its shapes")
     p.add_argument("--seed", type=int, default=shape_mod.DEFAULT_SEED, help="seed of the random DAG")
     p.add_argument("--redis-url", default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"),
                    help="Redis to use (default: $NERV_REDIS_URL or redis://127.0.0.1:6379)")
@@ -60,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-floor", action="store_true", help="skip the Redis ping-pong floor")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each run (default 0.5)")
-    p.add_argument("--json", type=Path, default=Path("bench-results.json"),
-                   help="where to write the JSON results (default bench-results.json)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                   help=f"where to write the JSON results (default {DEFAULT_JSON}, not tracked by git)")
     return p.parse_args(argv)
 
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {s.summary()}", file=sys.stderr)
     load_before = os.getloadavg()
     result = harness.run_all(names, shapes, url, args.workers, repeat=args.repeat, pause=args.pause,
-                             timeout=args.timeout, floor=not args.no_floor,
+                             timeout=args.timeout, floor=not args.no_floor, order=args.order,
                              options={"dag_mode": args.canvas_dag, "poll_interval": args.canvas_poll})
     result.meta = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "n_scale": scale,
         "repeat": args.repeat,
+        "order": args.order,
+        "canvas_dag": args.canvas_dag,
+        "canvas_poll_s": args.canvas_poll,
         "seed": args.seed,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -1,11 +1,12 @@
 """The Celery peers: canvas (group / chain / chord on a Redis result backend) and raw fire-and-forget.
 
-Both drive a real ``celery worker`` subprocess (prefork, ``workers`` children) on the bench queue. Canvas
-cannot express a general DAG: the lattice and the random DAG run as one group per dependency level (a
-barrier between levels, more synchronisation than the shape asks for), labelled so, or are n/a
-(``dag_mode``). The raw floor sends tasks with ``ignore_result`` and learns of
-completion through a Redis counter; it runs fan-out, and chain / fan-in through tasks that send their
-successor themselves.
+Each drives its own real ``celery worker`` subprocess (prefork, ``workers`` children) on its own queue.
+Canvas cannot express a general DAG: the lattice and the random DAG run as one group per dependency level
+(a barrier between levels, more synchronisation than the shape asks for), labelled so, or are n/a
+(``dag_mode``). The raw floor sends tasks with ``ignore_result`` and learns of completion through a Redis
+counter; it runs fan-out, and chain / fan-in through tasks that send their successor themselves.
+
+Import this module only after ``NERV_BENCH_REDIS_URL`` is set: ``bench.celery_peer`` reads it at import.
 """
 
 from __future__ import annotations
@@ -25,34 +26,35 @@ import redis
 from celery import chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from bench import celery_peer
 from bench.engines import BenchError, Engine, Measurement, ShapeUnsupported, Stopwatch
 from bench.shapes import Shape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+noop = celery_peer.noop
 
 
 class CeleryWorker:
     """A ``celery -A bench.celery_peer worker`` subprocess in its own process group, log in a temp file."""
 
-    def __init__(self, redis_url: str, concurrency: int) -> None:
+    def __init__(self, redis_url: str, concurrency: int, queue: str) -> None:
         self.redis_url = redis_url
         self.concurrency = concurrency
+        self.queue = queue
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="nerv-bench-celery-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{queue}-", suffix=".log")[1])
 
     def start(self) -> None:
-        from bench.celery_peer import QUEUE, URL_ENV
-
         env = dict(os.environ)
-        env[URL_ENV] = self.redis_url
+        env[celery_peer.URL_ENV] = self.redis_url
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         cmd = [
             sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker",
-            "--pool", "prefork", "--concurrency", str(self.concurrency), "-Q", QUEUE,
+            "--pool", "prefork", "--concurrency", str(self.concurrency), "-Q", self.queue,
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning",
-            "-n", f"nerv-bench-{os.getpid()}@%h",
+            "-n", f"{self.queue}-{os.getpid()}@%h",
         ]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -87,7 +89,9 @@ class CeleryWorker:
 
 
 class _CeleryEngine(Engine):
-    """Shared start / stop: one worker subprocess, ready once warm-up tasks came back."""
+    """Shared start / stop: one worker subprocess on ``queue``, ready once warm-up tasks came back."""
+
+    queue = celery_peer.CANVAS_QUEUE
 
     def __init__(self, timeout: float = 300.0) -> None:
         super().__init__(timeout)
@@ -95,21 +99,20 @@ class _CeleryEngine(Engine):
         self.redis: redis.Redis | None = None
 
     def start(self, redis_url: str, workers: int) -> None:
-        from bench import celery_peer
-
         if redis_url != celery_peer.URL:
             raise BenchError(f"bench.celery_peer was imported for {celery_peer.URL}, not {redis_url}; "
                              f"set {celery_peer.URL_ENV} before importing it")
-        self.redis = redis.Redis.from_url(redis_url)
-        self.worker = CeleryWorker(redis_url, workers)
+        # No socket timeout: redis-py's default (5 s) would cut the client's long BRPOPs.
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=None)
+        self.worker = CeleryWorker(redis_url, workers, self.queue)
         self.worker.start()
         deadline = time.monotonic() + READY_TIMEOUT_S
-        results = [celery_peer.noop.apply_async(queue=celery_peer.QUEUE) for _ in range(4 * workers)]
+        results = [noop.apply_async(queue=self.queue) for _ in range(4 * workers)]
         for res in results:
             while True:
                 self.worker.check_alive()
                 try:
-                    res.get(timeout=1.0)
+                    res.get(timeout=1.0, interval=0.05)
                     break
                 except CeleryTimeout:
                     if time.monotonic() > deadline:
@@ -134,6 +137,7 @@ class CeleryCanvasEngine(_CeleryEngine):
 
     name = "celery-canvas"
     description = "Celery canvas, Redis broker + result backend"
+    queue = celery_peer.CANVAS_QUEUE
     #: How a general DAG runs: "levels" = one group per dependency level, the client waiting for each
     #: level before sending the next; "chain" = one canvas, a chain of those groups (every message carries
     #: the rest of the chain, so the cost grows with the square of the depth); "none" = n/a.
@@ -147,8 +151,6 @@ class CeleryCanvasEngine(_CeleryEngine):
         self.poll_interval = poll_interval
 
     def run(self, shape: Shape) -> Measurement:
-        from bench.celery_peer import QUEUE, noop
-
         if shape.kind == "dag":
             return self._run_dag(shape)
         with Stopwatch() as sw:
@@ -159,12 +161,10 @@ class CeleryCanvasEngine(_CeleryEngine):
                 note, sig = "chain", chain(noop.si() for _ in range(shape.size))
             else:
                 note, sig = "chord", chord((noop.si() for _ in range(shape.size - 1)), noop.s())
-            sig.apply_async(queue=QUEUE).get(timeout=self.timeout, interval=self.poll_interval)
+            sig.apply_async(queue=self.queue).get(timeout=self.timeout, interval=self.poll_interval)
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note)
 
     def _run_dag(self, shape: Shape) -> Measurement:
-        from bench.celery_peer import QUEUE, noop
-
         if self.dag_mode not in self.DAG_MODES:
             raise ValueError(f"dag_mode {self.dag_mode!r} not in {self.DAG_MODES}")
         if self.dag_mode == "none":
@@ -175,11 +175,11 @@ class CeleryCanvasEngine(_CeleryEngine):
             if self.dag_mode == "chain":
                 note = f"canvas chain of {len(layers)} groups, one per level (barriers)"
                 sig = chain(group(noop.si() for _ in layer) for layer in layers)
-                sig.apply_async(queue=QUEUE).get(timeout=self.timeout, interval=self.poll_interval)
+                sig.apply_async(queue=self.queue).get(timeout=self.timeout, interval=self.poll_interval)
             else:
                 note = f"{len(layers)} groups, one per level, client waits between (barriers)"
                 for layer in layers:
-                    res = group(noop.si() for _ in layer).apply_async(queue=QUEUE)
+                    res = group(noop.si() for _ in layer).apply_async(queue=self.queue)
                     res.get(timeout=max(0.0, deadline - time.monotonic()), interval=self.poll_interval)
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note, approximate=True)
 
@@ -189,9 +189,11 @@ class CeleryRawEngine(_CeleryEngine):
 
     name = "celery-raw"
     description = "raw Celery fire-and-forget, no results"
+    queue = celery_peer.RAW_QUEUE
 
     def warm_up(self, workers: int) -> None:
         self._fanout(4 * workers)
+        self._chain(2)
 
     def run(self, shape: Shape) -> Measurement:
         if shape.kind == "independent":
@@ -205,37 +207,37 @@ class CeleryRawEngine(_CeleryEngine):
         return Measurement(self.name, shape.name, shape.size, seconds, note=note)
 
     def _new_run(self) -> tuple[redis.Redis, str]:
-        from bench.celery_peer import done_key
-
         assert self.redis is not None, "engine not started"
         run_key = f"nerv-bench:raw:{uuid.uuid4().hex}"
-        self.redis.delete(run_key, done_key(run_key))
+        self.redis.delete(run_key, celery_peer.done_key(run_key))
         return self.redis, run_key
 
-    def _wait(self, r: redis.Redis, run_key: str) -> None:
-        from bench.celery_peer import done_key
-
-        if r.brpop([done_key(run_key)], timeout=self.timeout) is None:
-            raise TimeoutError(f"raw Celery run {run_key} did not finish in {self.timeout:.0f}s")
-        r.delete(run_key)
+    def _wait(self, r: redis.Redis, run_key: str, deadline: float) -> None:
+        """Block until the run's done signal, checking once a second that the worker still lives."""
+        while r.brpop([celery_peer.done_key(run_key)], timeout=1) is None:
+            if self.worker is not None:
+                self.worker.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"raw Celery run {run_key} did not finish in {self.timeout:.0f}s")
 
     def _fanout(self, n: int, then: str | None = None) -> float:
-        from bench.celery_peer import QUEUE, app
-
+        app, queue = celery_peer.app, self.queue
         r, run_key = self._new_run()
+        deadline = time.monotonic() + self.timeout
         with Stopwatch() as sw:
             with app.producer_or_acquire() as producer:
                 for _ in range(n):
-                    app.send_task("bench.count", args=(run_key, n, then), queue=QUEUE, ignore_result=True,
-                                  producer=producer)
-            self._wait(r, run_key)
+                    app.send_task("bench.count", args=(run_key, n, queue, then), queue=queue,
+                                  ignore_result=True, producer=producer)
+            self._wait(r, run_key, deadline)
+        r.delete(run_key)
         return sw.seconds
 
     def _chain(self, n: int) -> float:
-        from bench.celery_peer import QUEUE, app
-
+        app, queue = celery_peer.app, self.queue
         r, run_key = self._new_run()
+        deadline = time.monotonic() + self.timeout
         with Stopwatch() as sw:
-            app.send_task("bench.hop", args=(run_key, n), queue=QUEUE, ignore_result=True)
-            self._wait(r, run_key)
+            app.send_task("bench.hop", args=(run_key, n, queue), queue=queue, ignore_result=True)
+            self._wait(r, run_key, deadline)
         return sw.seconds

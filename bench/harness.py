@@ -1,4 +1,9 @@
-"""Runs every selected engine over every shape, one engine at a time on the same Redis and worker count.
+"""Runs every selected engine over every shape on the same Redis with the same worker count.
+
+Two orders: "interleaved" (default) starts every engine first, then for each repeat and each shape runs
+the engines one after the other (their order rotating between repeats), so a load change on a shared
+machine hits all engines alike; "sequential" runs one engine at a time, started and stopped around its
+shapes. Only one engine ever runs work at a time; the others sit idle.
 
 An engine that cannot start is reported n/a for every shape; a shape an engine cannot express is n/a; a
 run that fails or times out is reported as an error and the harness moves on.
@@ -18,6 +23,7 @@ from bench.engines import ENGINES, Engine, EngineUnavailable, Measurement, Shape
 from bench.shapes import Shape
 
 OK, NA, ERROR = "ok", "n/a", "error"
+ORDERS = ("interleaved", "sequential")
 
 
 @dataclass
@@ -62,70 +68,77 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _median_of(samples: list[Measurement]) -> Measurement:
-    first = samples[0]
-    seconds = [m.seconds for m in samples]
-    return Measurement(first.engine, first.shape, first.tasks, statistics.median(seconds), note=first.note,
-                       approximate=first.approximate, samples=seconds)
+@dataclass
+class _Cell:
+    """The samples of one (engine, shape) so far, or why it has none."""
+
+    engine: str
+    shape: str
+    is_ours: bool
+    samples: list[Measurement] = field(default_factory=list)
+    final: Outcome | None = None
+
+    def outcome(self) -> Outcome:
+        if self.final is not None:
+            return self.final
+        if not self.samples:
+            return Outcome(self.engine, self.shape, self.is_ours, ERROR, reason="not run")
+        first, seconds = self.samples[0], [m.seconds for m in self.samples]
+        median = Measurement(first.engine, first.shape, first.tasks, statistics.median(seconds),
+                             note=first.note, approximate=first.approximate, samples=seconds)
+        return Outcome(self.engine, self.shape, self.is_ours, OK, measurement=median)
 
 
-def run_engine(engine: Engine, shapes: list[Shape], redis_url: str, workers: int, repeat: int,
-               pause: float, report: Report) -> None:
-    """Start ``engine``, run each shape ``repeat`` times (median kept), stop it; append outcomes."""
-    name, ours = engine.name, engine.is_ours
-
-    def all_shapes(status: str, reason: str) -> None:
-        report.outcomes.extend(Outcome(name, s.name, ours, status, reason=reason) for s in shapes)
-
-    _log(f"starting {name} ({workers} workers)")
+def _start(engine: Engine, redis_url: str, workers: int) -> tuple[str, str]:
+    """Start ``engine``; ("ok", "") or the status and reason every shape gets when it cannot run."""
+    _log(f"starting {engine.name} ({workers} workers)")
     try:
         engine.start(redis_url, workers)
+        return OK, ""
     except EngineUnavailable as exc:
-        _log(f"{name}: n/a: {exc}")
+        _log(f"{engine.name}: n/a: {exc}")
+        status, reason = NA, str(exc)
+    except Exception as exc:
+        _log(f"{engine.name}: failed to start: {exc!r}\n{traceback.format_exc()}")
+        status, reason = ERROR, f"start failed: {exc!r}"
+    _stop(engine)
+    return status, reason
+
+
+def _stop(engine: Engine) -> None:
+    try:
         engine.stop()
-        all_shapes(NA, str(exc))
+    except Exception as exc:
+        _log(f"{engine.name}: stop failed: {exc!r}")
+
+
+def _run_once(engine: Engine, shape: Shape, cell: _Cell, pause: float, label: str) -> None:
+    """One timed run into ``cell``; a failure makes the cell final (no further repeats)."""
+    time.sleep(pause)
+    name, ours = engine.name, engine.is_ours
+    try:
+        m = engine.run(shape)
+    except (ShapeUnsupported, EngineUnavailable) as exc:
+        _log(f"{name} {shape.name}: n/a: {exc}")
+        cell.final = Outcome(name, shape.name, ours, NA, reason=str(exc))
         return
     except Exception as exc:
-        _log(f"{name}: failed to start: {exc!r}\n{traceback.format_exc()}")
-        engine.stop()
-        all_shapes(ERROR, f"start failed: {exc!r}")
+        _log(f"{name} {shape.name}: error: {exc!r}\n{traceback.format_exc()}")
+        cell.final = Outcome(name, shape.name, ours, ERROR, reason=repr(exc))
         return
-    try:
-        for shape in shapes:
-            report.outcomes.append(_run_shape(engine, shape, repeat, pause))
-    finally:
-        _log(f"stopping {name}")
-        engine.stop()
-
-
-def _run_shape(engine: Engine, shape: Shape, repeat: int, pause: float) -> Outcome:
-    name, ours = engine.name, engine.is_ours
-    samples: list[Measurement] = []
-    for i in range(repeat):
-        time.sleep(pause)
-        try:
-            m = engine.run(shape)
-        except ShapeUnsupported as exc:
-            _log(f"{name} {shape.name}: n/a: {exc}")
-            return Outcome(name, shape.name, ours, NA, reason=str(exc))
-        except EngineUnavailable as exc:
-            return Outcome(name, shape.name, ours, NA, reason=str(exc))
-        except Exception as exc:
-            _log(f"{name} {shape.name}: error: {exc!r}\n{traceback.format_exc()}")
-            return Outcome(name, shape.name, ours, ERROR, reason=repr(exc))
-        _log(f"{name} {shape.name} [{i + 1}/{repeat}]: {m.tasks} tasks in {m.seconds:.3f}s "
-             f"= {m.tasks_per_s:.1f} tasks/s")
-        samples.append(m)
-    return Outcome(name, shape.name, ours, OK, measurement=_median_of(samples))
+    _log(f"{name} {shape.name} [{label}]: {m.tasks} tasks in {m.seconds:.3f}s = {m.tasks_per_s:.1f} tasks/s")
+    cell.samples.append(m)
 
 
 def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, workers: int, repeat: int = 1,
-            pause: float = 0.5, timeout: float = 300.0, floor: bool = True,
+            pause: float = 0.5, timeout: float = 300.0, floor: bool = True, order: str = "interleaved",
             options: dict[str, Any] | None = None) -> Report:
-    """Measure the Redis floor, then each engine in turn over all ``shapes``.
+    """Measure the Redis floor, then every engine over every ``shape``, ``repeat`` times (median kept).
 
     ``options`` are engine attributes (e.g. ``dag_mode``): each engine that has one gets it set.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r} not in {ORDERS}")
     report = Report(shapes=shapes)
     if floor:
         try:
@@ -134,16 +147,68 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
         except Exception as exc:
             report.floor_error = repr(exc)
             _log(f"redis floor failed: {exc!r}")
+
+    cells: dict[tuple[str, str], _Cell] = {}
+    engines: list[Engine] = []
     for name in engine_names:
+        for s in shapes:
+            cells[name, s.name] = _Cell(name, s.name, name == "nerv")
         try:
             engine = ENGINES[name]()
         except ImportError as exc:
-            reason = f"cannot import the engine ({exc})"
-            report.outcomes.extend(Outcome(name, s.name, name == "nerv", NA, reason=reason) for s in shapes)
+            for s in shapes:
+                cells[name, s.name].final = Outcome(name, s.name, name == "nerv", NA,
+                                                    reason=f"cannot import the engine ({exc})")
             continue
         engine.timeout = timeout
         for key, value in (options or {}).items():
             if hasattr(engine, key):
                 setattr(engine, key, value)
-        run_engine(engine, shapes, redis_url, workers, repeat, pause, report)
+        for s in shapes:
+            cells[name, s.name].is_ours = engine.is_ours
+        engines.append(engine)
+
+    def fail_all(engine: Engine, status: str, reason: str) -> None:
+        for s in shapes:
+            cells[engine.name, s.name].final = Outcome(engine.name, s.name, engine.is_ours, status,
+                                                       reason=reason)
+
+    def attempt(engine: Engine, shape: Shape, i: int) -> None:
+        cell = cells[engine.name, shape.name]
+        if cell.final is None:
+            _run_once(engine, shape, cell, pause, f"{i + 1}/{repeat}")
+
+    if order == "sequential":
+        for engine in engines:
+            status, reason = _start(engine, redis_url, workers)
+            if status != OK:
+                fail_all(engine, status, reason)
+                continue
+            try:
+                for shape in shapes:
+                    for i in range(repeat):
+                        attempt(engine, shape, i)
+            finally:
+                _log(f"stopping {engine.name}")
+                _stop(engine)
+    else:
+        running: list[Engine] = []
+        try:
+            for engine in engines:
+                status, reason = _start(engine, redis_url, workers)
+                if status == OK:
+                    running.append(engine)
+                else:
+                    fail_all(engine, status, reason)
+            for i in range(repeat):
+                rotated = running[i % len(running):] + running[:i % len(running)] if running else []
+                for shape in shapes:
+                    for engine in rotated:
+                        attempt(engine, shape, i)
+        finally:
+            for engine in running:
+                _log(f"stopping {engine.name}")
+                _stop(engine)
+
+    report.outcomes = [cells[name, s.name].outcome() for name in engine_names for s in shapes]
     return report

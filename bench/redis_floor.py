@@ -18,7 +18,7 @@ STOP = b"stop"
 
 def _echo(redis_url: str, ping: str, pong: str) -> None:
     """Child: answer every ping with a pong until told to stop."""
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(redis_url, socket_timeout=None)
     r.lpush(pong, b"ready")
     while True:
         item = r.brpop([ping], timeout=30)
@@ -31,7 +31,7 @@ def one_way_ms(redis_url: str, rounds: int = 2000, warmup: int = 100) -> float:
     """Mean time of ``rounds`` ping-pongs, halved: milliseconds for one hop one way."""
     tag = uuid.uuid4().hex
     ping, pong = f"nerv-bench:floor:{tag}:ping", f"nerv-bench:floor:{tag}:pong"
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(redis_url, socket_timeout=None)
     child = mp.get_context("spawn").Process(target=_echo, args=(redis_url, ping, pong), daemon=True)
     child.start()
     try:
