@@ -212,6 +212,24 @@ def _watch(client: Client, run_id: str, timeout: float | None) -> None:
     _finish(client, run)
 
 
+def _check_workers_know(client: Client, wf: Workflow, file: Path, module: str) -> None:
+    """Refuse a workflow whose task names no worker registered (once any worker has registered).
+
+    ``Client.submit`` also accepts names known to this process's registry, and importing the file
+    registered all of its tasks here; only the workers' registry tells whether anyone can run them.
+    """
+    known = client.registered_tasks()
+    if not known:
+        return
+    missing = sorted({t.fn for t in wf.tasks} - known.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise UnknownTaskError(
+            f"no worker has registered {shown}; {file.name} was imported as module {module!r}, so start "
+            f"workers with `nerv worker --app {module}` (from {file.resolve().parent} or with it on PYTHONPATH)"
+        )
+
+
 # -- commands for users ---------------------------------------------------------------------------------
 
 FileArg = typer.Argument(..., help="A Python file that defines a Workflow.", show_default=False)
@@ -242,12 +260,11 @@ def submit(
     wf, module = load_workflow(file, var)
     client = _client(redis_url)
     try:
+        _check_workers_know(client, wf, file, module)
         run_id = client.submit(wf)
-    except UnknownTaskError as exc:
+    except NervError:
         client.close()
-        raise UnknownTaskError(
-            f"{exc} ({file.name} was imported as module {module!r}: `nerv worker --app {module}` has it)"
-        ) from None
+        raise
     if not wait:
         print(run_id)
         client.close()

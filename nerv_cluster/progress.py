@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.progress import (
     BarColumn,
@@ -34,6 +35,8 @@ from nerv_cluster.workflow import Workflow
 
 #: How long one blocking read of the log waits before the loop checks its deadline.
 _BLOCK_MS = 500
+#: A run still PENDING after this long gets a hint that no scheduler has taken it.
+_PENDING_HINT_S = 3.0
 #: Without a terminal (CI logs, pipes), a plain progress line at most this often.
 _PLAIN_EVERY_S = 5.0
 
@@ -83,9 +86,11 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{h}h{m:02d}m"
 
 
-def fmt_time(ts: float | None) -> str:
-    """A Unix time as local ``YYYY-MM-DD HH:MM:SS``."""
-    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+def fmt_time(ts: float | None, *, compact: bool = False) -> str:
+    """A Unix time as local ``YYYY-MM-DD HH:MM:SS`` (``compact``: ``MM-DD HH:MM:SS``)."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts).strftime("%m-%d %H:%M:%S" if compact else "%Y-%m-%d %H:%M:%S")
 
 
 def short(value: Any, width: int = 60) -> str:
@@ -113,15 +118,22 @@ class _RunProgress(Progress):
             expand=True,
         )
 
+    def set_outcome(self, status: RunStatus) -> None:
+        """Show ✓ for a COMPLETED run, ✗ otherwise, where the spinner was."""
+        spinner = self.columns[0]
+        if isinstance(spinner, SpinnerColumn):
+            ok = status is RunStatus.COMPLETED
+            spinner.finished_text = Text("✓" if ok else "✗", style="green" if ok else "red")
+
     def get_renderables(self) -> Iterable[RenderableType]:
         yield Group(self.make_tasks_table(self.tasks), self.counts)
 
 
-def _describe(run: st.RunState) -> str:
+def _describe(run: st.RunState, waited: float = 0.0) -> str:
     style = STATUS_STYLE.get(run.status.value, "bold")
     extra = " (cancelling)" if run.cancel_requested and not run.status.terminal else ""
-    if run.status is RunStatus.PENDING:
-        extra = " (waiting for a scheduler)"
+    if run.status is RunStatus.PENDING and waited > _PENDING_HINT_S:
+        extra = " (no scheduler has taken it yet)"
     return f"{run.run_id} [{style}]{run.status.value}[/]{extra}"
 
 
@@ -138,7 +150,8 @@ def watch(
     Raises :class:`RunNotFoundError` for an unknown run and :class:`WaitTimeoutError` when the run is
     still going after ``timeout`` seconds. Without a terminal it prints a plain line now and then.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = None if timeout is None else began + timeout
     run: st.RunState | None = None
     last = "0-0"
     for entry_id, ev in client.log.read_run(run_id):
@@ -153,7 +166,10 @@ def watch(
     bar = progress.add_task(title or _describe(run), total=run.total)
 
     def show(r: st.RunState) -> None:
-        progress.update(bar, completed=r.finished_tasks, description=title or _describe(r))
+        if r.status.terminal:
+            progress.set_outcome(r.status)
+        waited = time.monotonic() - began
+        progress.update(bar, completed=r.finished_tasks, description=title or _describe(r, waited))
         progress.counts = counts_text(r.counts)
 
     with progress:
@@ -172,8 +188,7 @@ def watch(
             for entry_id, ev in entries:
                 run = st.apply_to_run(run, ev) or run
                 last = entry_id
-            if entries:
-                show(run)
+            show(run)
             if plain and time.monotonic() >= next_plain and not run.status.terminal:
                 next_plain = time.monotonic() + _PLAIN_EVERY_S
                 progress.console.print(
@@ -204,7 +219,8 @@ def status_renderable(
     parts: list[RenderableType] = [head]
 
     counts = result.counts
-    table = Table(title=f"{len(result.tasks)} tasks", title_justify="left", show_footer=False)
+    n = len(result.tasks)
+    table = Table(title=f"{n} task{'' if n == 1 else 's'}", title_justify="left")
     table.add_column("status")
     table.add_column("tasks", justify="right")
     for name in STATUS_ORDER:
@@ -322,23 +338,24 @@ def plan_renderable(
 
 
 def runs_renderable(rows: list[tuple[str, float, st.RunResult | None]]) -> RenderableType:
-    """Recent runs: id, name, status, done/total, submit time, duration."""
-    table = Table(title=f"{len(rows)} most recent runs", title_justify="left")
-    for col, justify in (("run", "left"), ("name", "left"), ("status", "left"), ("done", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    table.add_column("submitted")
-    table.add_column("duration", justify="right")
+    """Recent runs: id, status, done/total, submit time, duration."""
+    table = Table(title=f"{len(rows)} most recent runs", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("run", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("submitted", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
     for run_id, submitted, result in rows:
+        when = fmt_time(submitted, compact=True)
         if result is None:
-            table.add_row(run_id, "-", Text("EXPIRED", style="dim"), "-", fmt_time(submitted), "-")
+            table.add_row(run_id, Text("EXPIRED", style="dim"), "-", when, "-")
             continue
         done = sum(result.counts.get(s, 0) for s in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"))
         table.add_row(
             run_id,
-            result.name,
             styled_status(result.status.value),
             f"{done}/{len(result.tasks)}",
-            fmt_time(submitted),
+            when,
             fmt_seconds(result.duration),
         )
     return table
