@@ -226,7 +226,7 @@ def _check_workers_know(client: Client, wf: Workflow, file: Path, module: str) -
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise UnknownTaskError(
             f"no worker has registered {shown}; {file.name} was imported as module {module!r}, so start "
-            f"workers with `nerv worker --app {module}` (from {file.resolve().parent} or with it on PYTHONPATH)"
+            f"workers with `nerv worker --app {module}` (in {file.resolve().parent} or with it on PYTHONPATH)"
         )
 
 
