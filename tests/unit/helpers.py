@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from nerv_cluster.jobs import Job
-from nerv_cluster.model import Event, EventType, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
-from nerv_cluster.state import EMPTY, RunState, State, apply
+from nerv_cluster.model import Event, EventType, TaskDef, TaskPriority, TaskStatus, TriggerRule, WorkflowDef
+from nerv_cluster.state import EMPTY, RunState, State, apply, rule_outcome
 from scheduler.decisions import Decisions, decide
 
 RUN = "run-1"
@@ -93,18 +93,22 @@ def run_of(state: State, run_id: str = RUN) -> RunState:
 # a random DAG and a simulated cluster
 
 
-def random_dag(n: int, rng: random.Random, max_deps: int = 3, window: int = 50) -> WorkflowDef:
+def random_dag(
+    n: int, rng: random.Random, max_deps: int = 3, window: int = 50, triggers: bool = False
+) -> WorkflowDef:
     """``n`` tasks; task ``i`` takes the results of up to ``max_deps`` earlier tasks and its own index.
 
     Arguments are wire-form: a dependency appears as a reference marker, as ``Workflow.add`` writes it.
+    With ``triggers``, about a third of the tasks get a trigger rule other than ``all_success``.
     """
     tasks = []
+    rules = list(TriggerRule)
     for i in range(n):
         k = rng.randint(0, min(max_deps, i))
         deps = sorted(rng.sample(range(max(0, i - window), i), k)) if k else []
         ids = [f"t{d}" for d in deps]
         args = [{"__nerv_ref__": d} for d in ids] + [i]
-        prio = TaskPriority(rng.randint(0, 3))
+        trigger = rng.choice(rules) if triggers and rng.random() < 0.35 else TriggerRule.ALL_SUCCESS
         tasks.append(
             TaskDef(
                 id=f"t{i}",
@@ -112,32 +116,40 @@ def random_dag(n: int, rng: random.Random, max_deps: int = 3, window: int = 50) 
                 name=f"t{i}",
                 dependencies=tuple(ids),
                 args=tuple(args),
-                priority=prio,
+                priority=TaskPriority(rng.randint(0, 3)),
+                trigger=trigger,
             )
         )
     return WorkflowDef(name="random", tasks=tuple(tasks))
 
 
-def mix(args: Iterable[int]) -> int:
+def mix(args: Iterable[Any]) -> int:
     """What the simulated task ``sim.mix`` computes from its (already resolved) arguments."""
     acc = 7
     for a in args:
-        acc = (acc * 31 + a) % 1_000_003
+        acc = (acc * 31 + (a or 0)) % 1_000_003
     return acc
 
 
 def expected_results(definition: WorkflowDef) -> dict[str, int]:
-    """Every task's result, computed straight from the definition (tasks are in topological order)."""
+    """Every task's result when all succeed, computed straight from the definition (topological order)."""
     out: dict[str, int] = {}
     for t in definition.tasks:
         out[t.id] = mix(out[a["__nerv_ref__"]] if isinstance(a, dict) else a for a in t.args)
     return out
 
 
+def _error(message: str) -> dict[str, Any]:
+    return {"type": "ValueError", "message": message, "types": ["ValueError", "Exception"]}
+
+
 class Sim:
     """The scheduler loop in pure code: decide -> fold the decisions -> workers run some jobs -> ...
 
-    ``fail_first`` lists tasks whose first attempt fails (and is retried after ``retry_delay``).
+    Workers misbehave on request: ``fail_first`` tasks fail their first attempt and are retried after
+    ``retry_delay``; ``fail_always`` tasks fail for good; ``lose_first`` tasks lose their worker during
+    the first attempt (TASK_PENDING, re-dispatched); ``takeover`` tasks are started by a second worker
+    after the first one (the same attempt taken over).
     """
 
     def __init__(
@@ -146,6 +158,9 @@ class Sim:
         rng: random.Random,
         *,
         fail_first: Iterable[str] = (),
+        fail_always: Iterable[str] = (),
+        lose_first: Iterable[str] = (),
+        takeover: Iterable[str] = (),
         retry_delay: float = 0.0,
         run_id: str = RUN,
     ) -> None:
@@ -156,16 +171,15 @@ class Sim:
         self.log: list[Event] = []
         self.inbox: list[Job] = []
         self.fail_first = set(fail_first)
+        self.fail_always = set(fail_always)
+        self.lose_first = set(lose_first)
+        self.takeover = set(takeover)
         self.retry_delay = retry_delay
         self.runs: list[tuple[str, int]] = []  # (task, attempt) in execution order
+        self.jobs: list[Job] = []  # every job sent, in order
         self.violations: list[str] = []
-        self.emit(
-            [
-                Event(
-                    EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, ts=self.now
-                )
-            ]
-        )
+        sub = Event(EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, ts=1e3)
+        self.emit([sub])
 
     @property
     def run(self) -> RunState:
@@ -176,59 +190,49 @@ class Sim:
             self.log.append(e)
             self.state = apply(self.state, e)
 
+    def event(self, kind: EventType, job: Job, **data: Any) -> None:
+        self.now += 0.001
+        self.emit([Event(kind, self.run_id, job.task_id, job.attempt, data, ts=self.now, source="worker")])
+
     def schedule(self) -> Decisions:
         out = Decisions()
         decide(self.run, self.now, "scheduler:1", out)
         self.emit(out.events)
-        self.inbox.extend(job for job, _queue in out.jobs)
+        sent = [job for job, _queue in out.jobs]
+        self.inbox.extend(sent)
+        self.jobs.extend(sent)
         return out
+
+    def _check_may_run(self, job: Job) -> None:
+        run = self.run
+        td = run.defs[job.task_id]
+        statuses = [run.tasks[d].status for d in td.dependencies]
+        ok = sum(s is TaskStatus.COMPLETED for s in statuses)
+        failed = sum(s is TaskStatus.FAILED for s in statuses)
+        skipped = sum(s in (TaskStatus.SKIPPED, TaskStatus.CANCELLED) for s in statuses)
+        if td.dependencies and rule_outcome(td.trigger, len(statuses), ok, failed, skipped) is not True:
+            self.violations.append(f"{job.task_id} ({td.trigger.value}) ran with upstream {statuses}")
 
     def work(self, k: int) -> None:
         """Run ``k`` random jobs of the inbox to their end."""
         self.rng.shuffle(self.inbox)
         batch, self.inbox = self.inbox[:k], self.inbox[k:]
         for job in batch:
-            self.now += 0.001
-            run = self.run
-            for dep in run.defs[job.task_id].dependencies:
-                if run.tasks[dep].status.value != "COMPLETED":
-                    self.violations.append(f"{job.task_id} ran before {dep} completed")
+            self._check_may_run(job)
             self.runs.append((job.task_id, job.attempt))
-            worker = f"w{self.rng.randint(1, 3)}"
-            self.emit(
-                [
-                    Event(
-                        EventType.TASK_STARTED,
-                        self.run_id,
-                        job.task_id,
-                        job.attempt,
-                        {"worker": worker},
-                        ts=self.now,
-                    )
-                ]
-            )
-            self.now += 0.001
-            if job.attempt == 1 and job.task_id in self.fail_first:
-                policy = run.defs[job.task_id].retry or RetryPolicy(max_retries=1, backoff=self.retry_delay)
-                data = {
-                    "error": {"type": "ValueError", "message": "flaky", "types": ["ValueError"]},
-                    "next_attempt": 2,
-                    "due_at": self.now + policy.delay(1),
-                }
-                self.emit([Event(EventType.TASK_RETRYING, self.run_id, job.task_id, 1, data, ts=self.now)])
+            self.event(EventType.TASK_STARTED, job, worker="w1")
+            first = job.attempt == 1
+            if first and job.task_id in self.takeover:
+                self.event(EventType.TASK_STARTED, job, worker="w9")
+            if first and job.task_id in self.lose_first:
+                self.event(EventType.TASK_PENDING, job, next_attempt=2, reason="worker lost")
+            elif first and job.task_id in self.fail_first:
+                due = self.now + self.retry_delay
+                self.event(EventType.TASK_RETRYING, job, error=_error("flaky"), next_attempt=2, due_at=due)
+            elif job.task_id in self.fail_always:
+                self.event(EventType.TASK_FAILED, job, error=_error(f"{job.task_id} broke"))
             else:
-                self.emit(
-                    [
-                        Event(
-                            EventType.TASK_COMPLETED,
-                            self.run_id,
-                            job.task_id,
-                            job.attempt,
-                            {"result": mix(job.args), "worker": worker},
-                            ts=self.now,
-                        )
-                    ]
-                )
+                self.event(EventType.TASK_COMPLETED, job, result=mix(job.args), worker="w1")
 
     def run_to_end(self, max_rounds: int = 100_000) -> None:
         for _ in range(max_rounds):
@@ -236,7 +240,7 @@ class Sim:
             if self.run.status.terminal:
                 return
             if self.inbox:
-                self.work(self.rng.randint(1, max(1, len(self.inbox))))
+                self.work(self.rng.randint(1, len(self.inbox)))
             elif out.delayed:
                 self.now = max(self.now, min(d[0] for d in out.delayed))
             elif not out.events:
