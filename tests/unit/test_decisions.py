@@ -294,6 +294,7 @@ def test_simulated_dag_with_failures_and_trigger_rules_ends_cleanly():
         sim.run_to_end()
         run = sim.run
         assert sim.violations == []
+        assert run.all_tasks_done and not run.ready and not run.doomed
         failed = {t for t, ts in run.tasks.items() if ts.status is TaskStatus.FAILED}
         assert failed <= sim.fail_always
         assert all(run.tasks[t].status in (TaskStatus.FAILED, TaskStatus.SKIPPED) for t in sim.fail_always)
