@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import redis
 from rich.console import Console
 from rich.table import Table
 
@@ -186,6 +187,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _probe(url: str) -> None:
+    """Fail fast, before starting anything, when a given Redis does not answer."""
+    probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, retry=None)
+    try:
+        probe.ping()
+    except redis.RedisError as exc:
+        raise NervError(f"Redis at {url} does not answer: {exc}") from None
+    finally:
+        probe.close()
+
+
 def _services_table(redis_desc: str, cluster: LocalCluster) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -207,6 +219,8 @@ def run_demo(
     """Run the demo; returns the exit code (0: the run COMPLETED with the right answer)."""
     from nerv_cluster.examples import wordcount
 
+    if redis_url is not None:
+        _probe(redis_url)
     workdir = Path(tempfile.mkdtemp(prefix="nerv-demo-"))
     embedded: EmbeddedRedis | None = None
     cluster: LocalCluster | None = None
