@@ -260,6 +260,8 @@ def submit(
     wf, module = load_workflow(file, var)
     client = _client(redis_url)
     try:
+        # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
+        wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
         run_id = client.submit(wf)
     except NervError:
