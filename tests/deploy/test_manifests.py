@@ -445,7 +445,7 @@ def test_compose_nerv_services() -> None:
     assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
     assert any(str(p).endswith(":5555") for p in flower["ports"])
     demo = svcs["demo"]
-    assert demo["profiles"] == ["demo"] and nerv_argv(compose_argv(demo)) in (["demo"], ["submit"])
+    assert demo["profiles"] == ["demo"] and nerv_argv(compose_argv(demo)) == ["demo"]
 
 
 # --- deploy/Dockerfile -------------------------------------------------------------------------------------
