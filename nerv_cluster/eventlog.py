@@ -177,12 +177,15 @@ class EventLog:
             raise
         return [bool(x) for x in got]
 
-    def close_run(self, run_id: str, retention_seconds: int) -> None:
-        """A run is over: drop it from the active set and let its keys expire after the retention time."""
+    def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
+        """Runs are over: drop them from the active set and let their keys expire after the retention time."""
+        if not run_ids:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.srem(self.keys.active, run_id)
-        for key in self.keys.run_keys(run_id):
-            pipe.expire(key, retention_seconds)
+        pipe.srem(self.keys.active, *run_ids)
+        for run_id in run_ids:
+            for key in self.keys.run_keys(run_id):
+                pipe.expire(key, retention_seconds)
         pipe.execute()
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -197,6 +200,19 @@ class EventLog:
             if len(chunk) < count:
                 return
             start = f"({chunk[-1][0]}"
+
+    def read_runs(self, run_ids: Sequence[str], per_trip: int = 200) -> Iterator[tuple[str, list[Event]]]:
+        """Every event of each run, reading many runs per round trip (the scheduler's refold)."""
+        for i in range(0, len(run_ids), per_trip):
+            chunk = run_ids[i : i + per_trip]
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id in chunk:
+                pipe.xrange(self.keys.log(run_id), count=10_000)
+            for run_id, entries in zip(chunk, pipe.execute(), strict=True):
+                events = [ev for _, ev in _decode(entries)]
+                if len(entries) == 10_000:  # a big run: read the rest of it
+                    events.extend(ev for _, ev in self.read_run(run_id, after=entries[-1][0]))
+                yield run_id, events
 
     def run_exists(self, run_id: str) -> bool:
         """True when the run's log exists."""

@@ -6,10 +6,21 @@ against it in Redis (``fenced_append.lua``), so a paused old leader cannot write
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
+
+import redis
 
 from nerv_cluster import constants
 from nerv_cluster.eventlog import EventLog
+
+
+log = logging.getLogger("nerv.scheduler")
+
+#: A leader whose loop made no progress for this long stops renewing, so a standby can take over.
+LOOP_STALL_S = 30.0
 
 
 class Lease:
@@ -67,3 +78,40 @@ class Lease:
         """The token of whoever holds the lease now, if anyone."""
         value = self._log.redis.get(self._log.keys.lease)
         return None if value is None else str(value)
+
+
+class LeaseKeeper:
+    """Renews a held lease from a thread, so a long step (a big refold, a burst) never loses it.
+
+    It renews only while ``progress()`` (seconds since the loop last moved) stays under ``LOOP_STALL_S``:
+    a wedged leader lets its lease lapse and a standby takes over.
+    """
+
+    def __init__(self, lease: Lease, progress: Callable[[], float]) -> None:
+        self.lease = lease
+        self.progress = progress
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nerv-lease", daemon=True)
+
+    def start(self) -> None:
+        """Start renewing."""
+        self._thread.start()
+
+    def _loop(self) -> None:
+        interval = self.lease.ttl_ms / 1000 / constants.LEASE_RENEW_FRACTION
+        while not self._stop.wait(interval / 2):
+            if self.lease.token is None or not self.lease.renew_due:
+                continue
+            if self.progress() > LOOP_STALL_S:
+                log.error("scheduler loop stalled for %.0fs; letting the lease lapse", self.progress())
+                continue
+            try:
+                if not self.lease.renew():
+                    log.warning("lease lost to another scheduler")
+            except redis.RedisError as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    def stop(self) -> None:
+        """Stop renewing."""
+        self._stop.set()
+        self._thread.join(timeout=2)

@@ -21,7 +21,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher
-from scheduler.lease import Lease
+from scheduler.lease import Lease, LeaseKeeper
 from scheduler.watchdog import Verdict, Watchdog
 
 log = logging.getLogger("nerv.scheduler")
@@ -58,6 +58,7 @@ class SchedulerService:
         self.leader_since: float | None = None
         self.watchdog = Watchdog(log, settings)
         self._next_sweep = 0.0
+        self._moved = time.monotonic()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
 
@@ -74,13 +75,14 @@ class SchedulerService:
         cursor = self.log.feed_tail()  # read first: later events are both in the logs and after it
         state = st.EMPTY
         n = 0
-        for run_id in self.log.active_runs():
+        for run_id, events in self.log.read_runs(sorted(self.log.active_runs())):
             run: st.RunState | None = None
-            for _, ev in self.log.read_run(run_id):
+            for ev in events:
                 run = st.apply_to_run(run, ev)
-                n += 1
+            n += len(events)
             if run is not None:
                 state = st.State(runs=state.runs.set(run_id, run))
+            self._moved = time.monotonic()
         self.state, self.cursor = state, cursor
         self._touched = set(state.runs.keys())
         self._delayed, self._delayed_keys = [], set()
@@ -114,6 +116,7 @@ class SchedulerService:
         block = self.settings.block_ms
         if self._delayed:
             block = max(1, min(block, int((self._delayed[0][0] - now) * 1000)))
+        self._moved = time.monotonic()
         entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
         state = self.state
         for entry_id, ev in entries:
@@ -188,8 +191,7 @@ class SchedulerService:
                 heapq.heappush(self._delayed, item)
         self._unsent.extend(out.jobs)
         self._send_unsent()
-        for rid in out.finished:
-            self._close(rid)
+        self._close(out.finished)
 
     def _send_unsent(self) -> None:
         if not self._unsent:
@@ -212,12 +214,18 @@ class SchedulerService:
         self.log.supersede(attempts, self.lease.token, "TASK_CANCELLED")
         self.dispatcher.revoke(job_ids)
 
-    def _close(self, run_id: str) -> None:
-        run = self.state.runs.get(run_id)
-        self.log.close_run(run_id, self.settings.retention_seconds)
-        self.state = st.evict(self.state, run_id)
-        if run is not None:
-            log.info("run %s %s (%d tasks)", run_id, run.status.value, run.total)
+    def _close(self, run_ids: list[str]) -> None:
+        """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
+        if not run_ids:
+            return
+        self.log.close_runs(run_ids, self.settings.retention_seconds)
+        state = self.state
+        for rid in run_ids:
+            run = state.runs.get(rid)
+            if run is not None:
+                log.info("run %s %s (%d tasks)", rid, run.status.value, run.total)
+            state = st.evict(state, rid)
+        self.state = state
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -226,6 +234,8 @@ class SchedulerService:
         stop = stop or threading.Event()
         standby_wait = self.lease.ttl_ms / 1000 / 5
         log.info("scheduler started; waiting for the lease")
+        keeper = LeaseKeeper(self.lease, lambda: time.monotonic() - self._moved)
+        keeper.start()
         try:
             while not stop.is_set():
                 try:
@@ -242,8 +252,6 @@ class SchedulerService:
                             continue
                         self.become_leader()
                     self.step()
-                    if self.lease.renew_due and not self.lease.renew():
-                        self.step_down("lease taken by another scheduler")
                 except LeaseLostError as exc:
                     self.step_down(str(exc))
                 except redis.RedisError as exc:
@@ -251,6 +259,7 @@ class SchedulerService:
                     self._stale = True
                     stop.wait(_BACKOFF_S)
         finally:
+            keeper.stop()
             try:
                 self.lease.release()
             except redis.RedisError:
