@@ -80,15 +80,16 @@ class EventBus:
         """Run middleware, record history, and dispatch; returns the event dispatched (None if dropped)."""
         with self._lock:
             chain = list(self._middleware)
-        current: Event | None = event
+        current = event
         for mw in chain:
             try:
-                current = mw(current)
+                changed = mw(current)
             except Exception:
                 log.exception("event bus middleware %r failed; event passed on unchanged", mw)
-            if current is None:
+                continue
+            if changed is None:
                 return None
-        assert current is not None
+            current = changed
         with self._lock:
             self._history.append(current)
         for name in (current.type.value, ALL):
@@ -107,7 +108,9 @@ class EventBus:
         kind = EventType.parse(event_type) if event_type is not None else None
         with self._lock:
             items = list(self._history)
-        return [e for e in items if (run_id is None or e.run_id == run_id) and (kind is None or e.type is kind)]
+        return [
+            e for e in items if (run_id is None or e.run_id == run_id) and (kind is None or e.type is kind)
+        ]
 
 
 class RedisBridge:

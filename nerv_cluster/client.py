@@ -69,7 +69,8 @@ class Client:
 
     def registered_tasks(self) -> dict[str, str]:
         """Task name -> queue for every task some worker has registered."""
-        return dict(self.redis.hgetall(self.keys.registry))
+        names: dict[str, str] = self.redis.hgetall(self.keys.registry)  # type: ignore[assignment]
+        return names
 
     def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
         """Validate and submit a workflow; returns the run id at once.
@@ -86,7 +87,10 @@ class Client:
         )
         run_id = run_id or new_run_id(workflow.name)
         event = Event(
-            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": workflow.definition().to_dict()}, source="client"
+            EventType.WORKFLOW_SUBMITTED,
+            run_id,
+            data={"workflow": workflow.definition().to_dict()},
+            source="client",
         )
         self.log.submit(event)
         return run_id
@@ -94,7 +98,9 @@ class Client:
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""
         self.log.require_run(run_id)
-        self.log.append([Event(EventType.WORKFLOW_CANCEL_REQUESTED, run_id, data={"reason": reason}, source="client")])
+        self.log.append(
+            [Event(EventType.WORKFLOW_CANCEL_REQUESTED, run_id, data={"reason": reason}, source="client")]
+        )
 
     # -- read -----------------------------------------------------------------------------------------
 
@@ -105,7 +111,9 @@ class Client:
             run = st.apply_to_run(run, ev)
             last = entry_id
         if run is None:
-            raise RunNotFoundError(f"no run {run_id!r} (never submitted, or expired after its retention time)")
+            raise RunNotFoundError(
+                f"no run {run_id!r} (never submitted, or expired after its retention time)"
+            )
         return run, last
 
     def status(self, run_id: str) -> st.RunResult:

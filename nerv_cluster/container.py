@@ -7,6 +7,8 @@ across a fork.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dependency_injector import containers, providers
 
 from nerv_cluster.bus import EventBus
@@ -35,17 +37,19 @@ class Container(containers.DeclarativeContainer):
     client = providers.Factory(Client, settings=settings, redis_client=redis, bus=bus)
 
     # The services live in their own packages on top of this library; string paths keep the layering.
-    lease = providers.Singleton("scheduler.lease.Lease", eventlog, ttl_ms=settings.provided.lease_ttl_ms)
-    dispatcher = providers.Singleton("scheduler.dispatch.Dispatcher", celery)
-    scheduler = providers.Singleton(
+    lease: providers.Singleton[Any] = providers.Singleton(
+        "scheduler.lease.Lease", eventlog, ttl_ms=settings.provided.lease_ttl_ms
+    )
+    dispatcher: providers.Singleton[Any] = providers.Singleton("scheduler.dispatch.Dispatcher", celery)
+    scheduler: providers.Singleton[Any] = providers.Singleton(
         "scheduler.service.SchedulerService",
         settings=settings,
         log=eventlog,
         lease=lease,
         dispatcher=dispatcher,
     )
-    worker_id = providers.Singleton("worker.runner.new_worker_id")
-    runner = providers.Singleton(
+    worker_id: providers.Singleton[Any] = providers.Singleton("worker.runner.new_worker_id")
+    runner: providers.Singleton[Any] = providers.Singleton(
         "worker.runner.TaskRunner",
         log=eventlog,
         registry=registry,
@@ -53,8 +57,10 @@ class Container(containers.DeclarativeContainer):
         max_result_bytes=settings.provided.max_result_bytes,
         max_redeliveries=settings.provided.max_redeliveries,
     )
-    heartbeat = providers.Singleton(
-        "worker.heartbeat.Heartbeat", redis, key=providers.Callable(lambda k, w: k.heartbeat(w), keys, worker_id)
+    heartbeat: providers.Singleton[Any] = providers.Singleton(
+        "worker.heartbeat.Heartbeat",
+        redis,
+        key=providers.Callable(lambda k, w: k.heartbeat(w), keys, worker_id),
     )
 
 

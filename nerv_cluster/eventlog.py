@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -56,7 +56,9 @@ class EventLog:
     """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
 
     def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
-        self.redis = client
+        # redis-py types replies as bytes | str; this client decodes, so replies are str: Any keeps that honest
+        # at the call sites without a cast on every line.
+        self.redis: Any = client
         self.keys = keys
         self.scripts = Scripts(client)
 
@@ -68,7 +70,13 @@ class EventLog:
         try:
             self.scripts.submit(
                 keys=[k.log(event.run_id), k.feed, k.active, k.runs],
-                args=[event.run_id, k.channel(event.run_id), event.to_json(), event.ts, constants.FEED_MAXLEN],
+                args=[
+                    event.run_id,
+                    k.channel(event.run_id),
+                    event.to_json(),
+                    event.ts,
+                    constants.FEED_MAXLEN,
+                ],
             )
         except redis.ResponseError as exc:
             if "RUN_EXISTS" not in str(exc):
@@ -94,7 +102,7 @@ class EventLog:
         pipe.execute()
 
     def append_fenced(self, events: Sequence[Event], token: str) -> None:
-        """Append the scheduler's events; raises :class:`LeaseLostError` if ``token`` no longer holds the lease."""
+        """Append the scheduler's events; :class:`LeaseLostError` if ``token`` no longer holds the lease."""
         if not events:
             return
         k = self.keys
@@ -221,7 +229,9 @@ class EventLog:
     def require_run(self, run_id: str) -> None:
         """Raise :class:`RunNotFoundError` unless the run exists."""
         if not self.run_exists(run_id):
-            raise RunNotFoundError(f"no run {run_id!r} (never submitted, or expired after its retention time)")
+            raise RunNotFoundError(
+                f"no run {run_id!r} (never submitted, or expired after its retention time)"
+            )
 
     def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> list[Entry]:
         """Events of a run after ``after``, waiting up to ``block_ms`` for the first one."""
@@ -248,5 +258,7 @@ class EventLog:
 
     def recent_runs(self, limit: int = 20) -> list[tuple[str, float]]:
         """The newest runs with their submit times, newest first."""
-        return [(rid, float(score)) for rid, score in self.redis.zrevrange(self.keys.runs, 0, limit - 1, withscores=True)]
-
+        return [
+            (rid, float(score))
+            for rid, score in self.redis.zrevrange(self.keys.runs, 0, limit - 1, withscores=True)
+        ]

@@ -79,7 +79,9 @@ class Settings:
                 else:
                     values[f.name] = raw
             except ValueError:
-                raise ConfigurationError(f"NERV_{f.name.upper()}={raw!r} is not a valid {type(default).__name__}")
+                raise ConfigurationError(
+                    f"NERV_{f.name.upper()}={raw!r} is not a valid {type(default).__name__}"
+                ) from None
         values.update(overrides)
         return cls(**values)
 
@@ -94,7 +96,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+            raise ConfigurationError(
+                f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}"
+            )
         for name in ("max_payload_bytes", "max_result_bytes", "lease_ttl_ms", "batch_size", "max_tasks"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")

@@ -329,7 +329,9 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
 }
 
 
-def new_run(run_id: str, definition: WorkflowDef, submitted_at: float, the_plan: Plan | None = None) -> RunState:
+def new_run(
+    run_id: str, definition: WorkflowDef, submitted_at: float, the_plan: Plan | None = None
+) -> RunState:
     """The state of a freshly submitted run: roots READY, everything else PENDING."""
     the_plan = the_plan or plan(definition.tasks)
     defs = {t.id: t for t in definition.tasks}

@@ -62,13 +62,30 @@ def decide(run: RunState, now: float, source: str, out: Decisions) -> None:
             if ts.dispatched or ts.status is TaskStatus.RUNNING:
                 out.revoke.append(job_id(rid, tid, ts.attempt))
             out.events.append(
-                Event(EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source)
+                Event(
+                    EventType.TASK_CANCELLED,
+                    rid,
+                    tid,
+                    ts.attempt,
+                    {"reason": run.reason},
+                    ts=now,
+                    source=source,
+                )
             )
-        out.events.append(Event(EventType.WORKFLOW_CANCELLED, rid, data={"reason": run.reason}, ts=now, source=source))
+        out.events.append(
+            Event(EventType.WORKFLOW_CANCELLED, rid, data={"reason": run.reason}, ts=now, source=source)
+        )
         return
     for tid in run.doomed:
         out.events.append(
-            Event(EventType.TASK_SKIPPED, rid, tid, data={"reason": _why_skipped(run, tid)}, ts=now, source=source)
+            Event(
+                EventType.TASK_SKIPPED,
+                rid,
+                tid,
+                data={"reason": _why_skipped(run, tid)},
+                ts=now,
+                source=source,
+            )
         )
     if run.ready:
         rank = run.plan.rank
@@ -79,7 +96,9 @@ def decide(run: RunState, now: float, source: str, out: Decisions) -> None:
                 continue
             queue = run.defs[tid].queue
             out.events.append(
-                Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source)
+                Event(
+                    EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
+                )
             )
             out.jobs.append((build_job(run, tid), queue))
     if run.all_tasks_done and not run.doomed:

@@ -16,7 +16,6 @@ import redis
 from nerv_cluster import constants
 from nerv_cluster.eventlog import EventLog
 
-
 log = logging.getLogger("nerv.scheduler")
 
 #: A leader whose loop made no progress for this long stops renewing, so a standby can take over.

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import redis
 
+from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.errors import LeaseLostError
-from nerv_cluster import constants
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
@@ -147,7 +147,14 @@ class SchedulerService:
         )
         events = [v.event for v, ok in zip(verdicts, won, strict=True) if ok]
         for ev in events:
-            log.warning("%s %s/%s attempt %s: %s", ev.type.value, ev.run_id, ev.task_id, ev.attempt, ev.data.get("reason") or ev.data.get("error", {}).get("message"))
+            log.warning(
+                "%s %s/%s attempt %s: %s",
+                ev.type.value,
+                ev.run_id,
+                ev.task_id,
+                ev.attempt,
+                ev.data.get("reason") or ev.data.get("error", {}).get("message"),
+            )
         if events:
             self.log.append_fenced(events, self.lease.token)
             self.state = st.fold(events, self.state)

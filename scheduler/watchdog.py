@@ -49,7 +49,14 @@ def overdue(run: RunState, settings: Settings, now: float, source: str) -> list[
         error = TaskError.from_exception(TaskTimeoutError(f"task {tid!r} ran past its {limit}s time limit"))
         kind, data = failure_outcome(run.defs[tid].retry, ts.attempt, error, now)
         data["worker"] = ts.worker
-        out.append(Verdict(run.run_id, tid, ts.attempt, Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source)))
+        out.append(
+            Verdict(
+                run.run_id,
+                tid,
+                ts.attempt,
+                Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source),
+            )
+        )
     return out
 
 
@@ -59,9 +66,19 @@ def lost(run: RunState, task_id: str, settings: Settings, now: float, source: st
     why = f"worker {ts.worker} was lost while running attempt {ts.attempt}"
     if ts.lost + 1 >= settings.max_redeliveries:
         error = TaskError.from_exception(
-            WorkerLostError(f"{why}; workers were lost {ts.lost + 1} times running this task (a poison task?)")
+            WorkerLostError(
+                f"{why}; workers were lost {ts.lost + 1} times running this task (a poison task?)"
+            )
         )
-        ev = Event(EventType.TASK_FAILED, run.run_id, task_id, ts.attempt, {"error": error.to_dict(), "reason": why}, ts=now, source=source)
+        ev = Event(
+            EventType.TASK_FAILED,
+            run.run_id,
+            task_id,
+            ts.attempt,
+            {"error": error.to_dict(), "reason": why},
+            ts=now,
+            source=source,
+        )
     else:
         ev = Event(
             EventType.TASK_PENDING,

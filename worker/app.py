@@ -107,18 +107,23 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
     registry = container.registry()
     for tf in registry:
         _celery_task(app, tf, runtime)
-    app.nerv_runtime = runtime  # type: ignore[attr-defined]
+    app.nerv_runtime = runtime
 
     def on_process_init(**_: Any) -> None:
         runtime.runner()
 
     def on_ready(sender: Any = None, **_: Any) -> None:
-        client = container.redis()
+        client: Any = container.redis()
         keys = container.keys()
         names = {tf.name: tf.queue for tf in registry}
         if names:
             client.hset(keys.registry, mapping=names)
-        log.info("worker %s ready with %d tasks: %s", getattr(sender, "hostname", "?"), len(names), ", ".join(sorted(names)))
+        log.info(
+            "worker %s ready with %d tasks: %s",
+            getattr(sender, "hostname", "?"),
+            len(names),
+            ", ".join(sorted(names)),
+        )
 
     def on_shutdown(**_: Any) -> None:
         runtime.stop()

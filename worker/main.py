@@ -15,7 +15,9 @@ from worker.app import create_worker_app
 IO_THREADS_PER_CORE = 8
 
 
-def worker_argv(settings: Settings, queues: Sequence[str], concurrency: int | None, loglevel: str) -> list[str]:
+def worker_argv(
+    settings: Settings, queues: Sequence[str], concurrency: int | None, loglevel: str
+) -> list[str]:
     """The Celery worker command line for these queues.
 
     A worker that serves ``cpu`` uses processes (one per core by default); an io-only worker uses
@@ -23,7 +25,9 @@ def worker_argv(settings: Settings, queues: Sequence[str], concurrency: int | No
     """
     bad = [q for q in queues if q not in constants.QUEUES]
     if bad or not queues:
-        raise ConfigurationError(f"unknown queue(s) {bad or queues}; expected some of {', '.join(constants.QUEUES)}")
+        raise ConfigurationError(
+            f"unknown queue(s) {bad or queues}; expected some of {', '.join(constants.QUEUES)}"
+        )
     cores = os.cpu_count() or 1
     if "cpu" in queues:
         pool, default = "prefork", settings.cpu_concurrency or cores

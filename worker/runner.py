@@ -120,7 +120,9 @@ class TaskRunner:
         try:
             size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
         except (TypeError, ValueError) as exc:
-            raise SerializationError(f"task {job.task_id!r} returned a value that is not JSON: {exc}") from None
+            raise SerializationError(
+                f"task {job.task_id!r} returned a value that is not JSON: {exc}"
+            ) from None
         if size > self.max_result_bytes:
             raise PayloadTooLargeError(
                 f"task {job.task_id!r} returned {size} bytes of JSON; the limit is {self.max_result_bytes}"

@@ -63,7 +63,9 @@ class Cluster:
 
     def worker(self, queues: str = "cpu", concurrency: int = 2, wait: bool = True) -> subprocess.Popen[bytes]:
         """Start a worker and (by default) wait until it is ready."""
-        proc = self._spawn(f"worker-{queues}", "worker", "--queues", queues, "--concurrency", str(concurrency))
+        proc = self._spawn(
+            f"worker-{queues}", "worker", "--queues", queues, "--concurrency", str(concurrency)
+        )
         if wait:
             self.wait_log(proc, "ready with", timeout=30)
         return proc

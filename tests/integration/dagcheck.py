@@ -9,7 +9,9 @@ from nerv_cluster import Client, EventType, Workflow
 from nerv_cluster.model import Event
 
 
-def random_dag(wf: Workflow, n: int, fn: object, fn_io: object, seed: int = 7, max_parents: int = 4) -> dict[str, list[str]]:
+def random_dag(
+    wf: Workflow, n: int, fn: object, fn_io: object, seed: int = 7, max_parents: int = 4
+) -> dict[str, list[str]]:
     """Add ``n`` tasks with up to ``max_parents`` random earlier parents; returns id -> parent ids."""
     rng = random.Random(seed)
     parents: dict[str, list[str]] = {}

@@ -129,7 +129,9 @@ def test_fan_in_member_failing_skips_join_promptly_or_runs_fallback(cluster: Clu
     ok = [wf2.add(tt.add, i, 1, id=f"m{i}") for i in range(5)]
     bad = wf2.add(tt.boom, "broke", id="m-bad")
     join2 = wf2.add(tt.total, *ok, bad, id="join")
-    wf2.add(tt.fallback, dependencies=[join2, bad], trigger="one_failed", id="plan-b")  # the one-line fallback
+    wf2.add(
+        tt.fallback, dependencies=[join2, bad], trigger="one_failed", id="plan-b"
+    )  # the one-line fallback
     res2 = cluster.client.wait(cluster.client.submit(wf2), timeout=30)
     assert res2.status is RunStatus.COMPLETED, res2.reason
     assert res2.tasks["join"].status is TaskStatus.SKIPPED
@@ -192,7 +194,11 @@ def test_cancel_mid_run_stops_running_tasks_within_two_seconds(cluster: Cluster)
     assert {t.status for t in res.tasks.values()} == {TaskStatus.CANCELLED}
     time.sleep(5)  # longer than the tasks would have run
     assert cluster.redis.hgetall(f"test:marks:{run_id}") == {}, "running tasks must be terminated"
-    assert [ev for ev in log_of(cluster.client, run_id) if ev.type is EventType.TASK_STARTED and ev.task_id == "second"] == []
+    assert [
+        ev
+        for ev in log_of(cluster.client, run_id)
+        if ev.type is EventType.TASK_STARTED and ev.task_id == "second"
+    ] == []
 
 
 def test_pickle_and_unknown_messages_are_refused_and_the_worker_keeps_serving(cluster: Cluster) -> None:
@@ -201,7 +207,9 @@ def test_pickle_and_unknown_messages_are_refused_and_the_worker_keeps_serving(cl
     run_id = "injected-run"
     job = {"r": run_id, "k": "x", "a": 1, "fn": "nerv_testtasks.counted"}
     evil.send_task("nerv_testtasks.counted", args=[job], queue="cpu", routing_key="cpu", serializer="pickle")
-    evil.send_task("evil.unknown_task", args=[{"not": "a job"}], queue="cpu", routing_key="cpu", serializer="json")
+    evil.send_task(
+        "evil.unknown_task", args=[{"not": "a job"}], queue="cpu", routing_key="cpu", serializer="json"
+    )
     time.sleep(2)
     assert cluster.execs(run_id) == {}, "a pickled message must never run"
     logs = "".join(Path(p.log_path).read_text(errors="replace") for p in cluster.procs)  # type: ignore[attr-defined]

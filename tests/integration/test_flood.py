@@ -41,7 +41,10 @@ def test_ten_thousand_runs_in_a_burst_all_complete_with_bounded_memory(own_clust
     elapsed = time.monotonic() - t0
     assert c.redis.scard(c.client.keys.active) == 0, "runs still active after the deadline"
     peak = _peak_rss_mb(sched.pid)
-    print(f"\n{RUNS} runs: submitted in {submitted:.1f}s, all done in {elapsed:.1f}s; scheduler peak RSS {peak:.0f} MB")
+    print(
+        f"\n{RUNS} runs: submitted in {submitted:.1f}s, all done in {elapsed:.1f}s; "
+        f"scheduler peak RSS {peak:.0f} MB"
+    )
     pipe = c.redis.pipeline(transaction=False)
     for rid in run_ids:
         pipe.xrevrange(c.client.keys.log(rid), count=1)
