@@ -46,9 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: sizes x 0.1 (times --n-scale)")
     p.add_argument("--workers", type=int, default=2, help="worker processes per engine (default 2)")
     p.add_argument("--repeat", type=int, default=1, help="runs per (engine, shape); the median is kept")
-    p.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
-                   help="interleaved (default): all engines up, each shape run on one engine after the "
-                        "other; sequential: one engine at a time, started and stopped around its shapes")
+    p.add_argument("--order", choices=("shape", "sequential", "interleaved"), default="shape",
+                   help="shape (default): per shape, each engine started, run, stopped in turn; "
+                        "sequential: each engine started once for all shapes; interleaved: all engines up "
+                        "at once (idle engines tax the running one)")
     p.add_argument("--seed", type=int, default=shape_mod.DEFAULT_SEED, help="seed of the random DAG")
     p.add_argument("--redis-url", default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"),
                    help="Redis to use (default: $NERV_REDIS_URL or redis://127.0.0.1:6379)")

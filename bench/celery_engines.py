@@ -164,11 +164,16 @@ class CeleryCanvasEngine(_CeleryEngine):
             sig.apply_async(queue=self.queue).get(timeout=self.timeout, interval=self.poll_interval)
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note)
 
+    def unsupported(self, shape: Shape) -> str | None:
+        if shape.kind == "dag" and self.dag_mode == "none":
+            return "canvas cannot express a general DAG"
+        return None
+
     def _run_dag(self, shape: Shape) -> Measurement:
         if self.dag_mode not in self.DAG_MODES:
             raise ValueError(f"dag_mode {self.dag_mode!r} not in {self.DAG_MODES}")
-        if self.dag_mode == "none":
-            raise ShapeUnsupported("canvas cannot express a general DAG")
+        if reason := self.unsupported(shape):
+            raise ShapeUnsupported(reason)
         layers = shape.layers()
         deadline = time.monotonic() + self.timeout
         with Stopwatch() as sw:
@@ -195,15 +200,18 @@ class CeleryRawEngine(_CeleryEngine):
         self._fanout(4 * workers)
         self._chain(2)
 
+    def unsupported(self, shape: Shape) -> str | None:
+        return "fire-and-forget Celery has no dependencies" if shape.kind == "dag" else None
+
     def run(self, shape: Shape) -> Measurement:
+        if reason := self.unsupported(shape):
+            raise ShapeUnsupported(reason)
         if shape.kind == "independent":
             seconds, note = self._fanout(shape.size), "send_task x N, Redis INCR"
         elif shape.kind == "chain":
             seconds, note = self._chain(shape.size), "each task sends the next"
-        elif shape.kind == "fanin":
-            seconds, note = self._fanout(shape.size - 1, then="bench.join"), "last INCR sends the join"
         else:
-            raise ShapeUnsupported("fire-and-forget Celery has no dependencies")
+            seconds, note = self._fanout(shape.size - 1, then="bench.join"), "last INCR sends the join"
         return Measurement(self.name, shape.name, shape.size, seconds, note=note)
 
     def _new_run(self) -> tuple[redis.Redis, str]:

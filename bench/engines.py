@@ -95,13 +95,20 @@ class Engine(ABC):
     def start(self, redis_url: str, workers: int) -> None:
         """Start the engine on ``redis_url`` with ``workers`` worker processes; return once it is ready."""
 
+    def unsupported(self, shape: Shape) -> str | None:
+        """Why this engine cannot run ``shape`` (reported n/a without starting it), or None."""
+        return None
+
     @abstractmethod
     def run(self, shape: Shape) -> Measurement:
         """Run ``shape`` once (all noops) and return the timed measurement."""
 
     @abstractmethod
     def stop(self) -> None:
-        """Stop every process the engine started; safe to call twice or after a failed ``start``."""
+        """Stop every process the engine started; safe to call twice or after a failed ``start``.
+
+        The harness may ``start`` the same engine object again after ``stop`` (once per shape).
+        """
 
 
 class NervEngine(Engine):

@@ -1,9 +1,14 @@
 """Runs every selected engine over every shape on the same Redis with the same worker count.
 
-Two orders: "interleaved" (default) starts every engine first, then for each repeat and each shape runs
-the engines one after the other (their order rotating between repeats), so a load change on a shared
-machine hits all engines alike; "sequential" runs one engine at a time, started and stopped around its
-shapes. Only one engine ever runs work at a time; the others sit idle.
+Only one engine is up while another is measured: an idle engine still burns CPU (an idle Dask
+LocalCluster takes ~15% of a core), which would tax whoever runs next to it. Orders:
+
+- "shape" (default): for each shape, each engine in turn is started, runs the shape ``repeat`` times and
+  is stopped; the engine order rotates from shape to shape. The engines of one shape are measured minutes
+  apart at most, which matters on a shared machine whose load drifts.
+- "sequential": one engine at a time, started once for all its shapes (fewer starts, more drift).
+- "interleaved": every engine up at once, each shape run on one engine after the other; least drift, but
+  idle engines tax the running one.
 
 An engine that cannot start is reported n/a for every shape; a shape an engine cannot express is n/a; a
 run that fails or times out is reported as an error and the harness moves on.
@@ -23,7 +28,7 @@ from bench.engines import ENGINES, Engine, EngineUnavailable, Measurement, Shape
 from bench.shapes import Shape
 
 OK, NA, ERROR = "ok", "n/a", "error"
-ORDERS = ("interleaved", "sequential")
+ORDERS = ("shape", "sequential", "interleaved")
 
 
 @dataclass
@@ -131,7 +136,7 @@ def _run_once(engine: Engine, shape: Shape, cell: _Cell, pause: float, label: st
 
 
 def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, workers: int, repeat: int = 1,
-            pause: float = 0.5, timeout: float = 300.0, floor: bool = True, order: str = "interleaved",
+            pause: float = 0.5, timeout: float = 300.0, floor: bool = True, order: str = "shape",
             options: dict[str, Any] | None = None) -> Report:
     """Measure the Redis floor, then every engine over every ``shape``, ``repeat`` times (median kept).
 
@@ -178,7 +183,34 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
         if cell.final is None:
             _run_once(engine, shape, cell, pause, f"{i + 1}/{repeat}")
 
-    if order == "sequential":
+    for engine in engines:  # n/a up front what an engine says it cannot run: no start needed for it
+        for s in shapes:
+            if reason := engine.unsupported(s):
+                _log(f"{engine.name} {s.name}: n/a: {reason}")
+                cells[engine.name, s.name].final = Outcome(engine.name, s.name, engine.is_ours, NA,
+                                                           reason=reason)
+    # An engine with nothing left to run is never started.
+    engines = [e for e in engines if any(cells[e.name, s.name].final is None for s in shapes)]
+
+    def rotate(items: list[Engine], k: int) -> list[Engine]:
+        return items[k % len(items):] + items[:k % len(items)] if items else []
+
+    if order == "shape":
+        for k, shape in enumerate(shapes):
+            for engine in rotate(engines, k):
+                if cells[engine.name, shape.name].final is not None:
+                    continue  # could not start earlier: already n/a or error everywhere
+                status, reason = _start(engine, redis_url, workers)
+                if status != OK:
+                    fail_all(engine, status, reason)
+                    continue
+                try:
+                    for i in range(repeat):
+                        attempt(engine, shape, i)
+                finally:
+                    _log(f"stopping {engine.name}")
+                    _stop(engine)
+    elif order == "sequential":
         for engine in engines:
             status, reason = _start(engine, redis_url, workers)
             if status != OK:
@@ -201,9 +233,8 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
                 else:
                     fail_all(engine, status, reason)
             for i in range(repeat):
-                rotated = running[i % len(running):] + running[:i % len(running)] if running else []
                 for shape in shapes:
-                    for engine in rotated:
+                    for engine in rotate(running, i):
                         attempt(engine, shape, i)
         finally:
             for engine in running:
