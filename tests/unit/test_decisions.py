@@ -94,12 +94,26 @@ def test_fresh_run_starts_and_dispatches_roots_in_rank_order():
     assert out.delayed == [] and out.revoke == [] and out.finished == []
 
 
+def test_ready_tasks_are_dispatched_in_plan_rank_order():
+    # Ten roots: priority first, then definition order, whatever order the ready set iterates in.
+    wf = Workflow("many-roots", registry=REG)
+    prios = [TaskPriority(i % 4) for i in range(10)]
+    for i, prio in enumerate(prios):
+        wf.add(add, i, id=f"r{i}", priority=prio)
+    run = run_of(fold([submitted(wf.definition())]))
+    out = decided(run)
+    dispatched = [e.task_id for e in out.events if e.type is E.TASK_DISPATCHED]
+    expected = [f"r{i}" for i in sorted(range(10), key=lambda i: (-prios[i], i))]
+    assert dispatched == expected == list(run.plan.order)
+    assert [job.task_id for job, _ in out.jobs] == expected
+
+
 def test_deciding_again_after_folding_does_nothing_new():
     run = run_of(fold([submitted(roots_workflow().definition())]))
     out = decided(run)
     run2 = run_of(fold(out.events, fold([submitted(roots_workflow().definition())])))
     assert run2.status is RunStatus.RUNNING
-    assert run2.ready == set()
+    assert set(run2.ready) == set()
     again = decided(run2)
     assert again.events == [] and again.jobs == []
     # Dispatched but not started: a new leader would resend exactly these.

@@ -66,7 +66,7 @@ def test_submit_makes_roots_ready():
     run = run_after(diamond())
     assert run.status is RunStatus.PENDING
     assert statuses(run) == {A: "READY", B: "PENDING", C: "PENDING", D: "PENDING"}
-    assert run.ready == {A}
+    assert set(run.ready) == {A}
     assert not run.doomed and not run.running
     assert run.count(S.READY) == 1 and run.count(S.PENDING) == 3
     assert run.total == 4 and run.finished_tasks == 0 and not run.all_tasks_done
@@ -76,7 +76,7 @@ def test_submit_makes_roots_ready():
 
 def test_several_roots_are_all_ready():
     run = run_after(wdef(td("x"), td("y"), td("z", "x", "y")))
-    assert run.ready == {"x", "y"}
+    assert set(run.ready) == {"x", "y"}
 
 
 def test_events_of_unknown_runs_change_nothing():
@@ -102,22 +102,22 @@ def test_dispatch_start_complete_transitions():
     state = apply(state, ev(E.TASK_DISPATCHED, A, 1, ts=100.0, queue="cpu"))
     ts = run_of(state).tasks[A]
     assert (ts.status, ts.dispatched, ts.dispatched_at) == (S.READY, True, 100.0)
-    assert run_of(state).ready == set()  # dispatched: no longer waiting for dispatch
+    assert set(run_of(state).ready) == set()  # dispatched: no longer waiting for dispatch
 
     state = apply(state, ev(E.TASK_STARTED, A, 1, ts=101.0, worker="w7"))
     run = run_of(state)
     ts = run.tasks[A]
     assert (ts.status, ts.worker, ts.started_at) == (S.RUNNING, "w7", 101.0)
-    assert run.running == {A}
+    assert set(run.running) == {A}
     assert run.count(S.RUNNING) == 1 and run.count(S.READY) == 0
 
     state = apply(state, ev(E.TASK_COMPLETED, A, 1, ts=103.0, result={"n": 1}, worker="w7"))
     run = run_of(state)
     ts = run.tasks[A]
     assert (ts.status, ts.result, ts.finished_at) == (S.COMPLETED, {"n": 1}, 103.0)
-    assert run.running == set()
+    assert set(run.running) == set()
     assert statuses(run) == {A: "COMPLETED", B: "READY", C: "READY", D: "PENDING"}
-    assert run.ready == {B, C}
+    assert set(run.ready) == {B, C}
     tr = task_result(run, A)
     assert (tr.attempts, tr.worker, tr.execution_time) == (1, "w7", 2.0)
 
@@ -134,7 +134,7 @@ def test_dependents_become_ready_only_when_all_deps_completed():
     assert run.tasks[D].ok == 1
     run = run_after(diamond(), completes(A, 1), completes(B, 2), completes(C, 3))
     assert run.tasks[D].status is S.READY
-    assert run.ready == {D}
+    assert set(run.ready) == {D}
 
 
 def test_results_projection():
@@ -265,7 +265,7 @@ def test_task_retrying():
     assert ts.due_at == 1234.5
     assert ts.error is not None and ts.error.message == "try again"
     assert ts.lost == 0
-    assert run.ready == {A} and run.running == set()
+    assert set(run.ready) == {A} and set(run.running) == set()
     assert task_result(run, A).attempts == 1  # the second attempt has not been dispatched yet
     # Dispatching attempt 2 clears the due time.
     run = run_after(
@@ -372,20 +372,20 @@ def test_a_failed_task_dooms_all_success_dependents():
     run = run_after(diamond(), fails(A, "boom"))
     assert run.tasks[A].status is S.FAILED
     assert run.tasks[A].error is not None and run.tasks[A].error.message == "boom"
-    assert run.doomed == {B, C}
+    assert set(run.doomed) == {B, C}
     assert run.tasks[B].status is S.PENDING and run.tasks[C].status is S.PENDING  # until TASK_SKIPPED
-    assert run.ready == set()
+    assert set(run.ready) == set()
     assert failed(run)[A].message == "boom"
 
 
 def test_task_skipped_propagates():
     run = run_after(diamond(), fails(A), ev(E.TASK_SKIPPED, B, reason="upstream a failed"))
     assert run.tasks[B].status is S.SKIPPED and run.tasks[B].reason == "upstream a failed"
-    assert run.doomed == {C, D}
+    assert set(run.doomed) == {C, D}
     assert run.tasks[D].skipped == 1
     run = run_after(diamond(), fails(A), ev(E.TASK_SKIPPED, B), ev(E.TASK_SKIPPED, C), ev(E.TASK_SKIPPED, D))
     assert statuses(run) == {A: "FAILED", B: "SKIPPED", C: "SKIPPED", D: "SKIPPED"}
-    assert run.doomed == set() and run.all_tasks_done
+    assert set(run.doomed) == set() and run.all_tasks_done
 
 
 def test_task_skipped_only_applies_to_pending_tasks():
@@ -400,14 +400,14 @@ def fallback_wf() -> WorkflowDef:
 def test_one_failed_fallback_runs_when_its_upstream_failed():
     run = run_after(fallback_wf(), fails(A))
     assert run.tasks["fallback"].status is S.READY
-    assert run.ready == {"fallback"}
-    assert run.doomed == {"ok_path"}
+    assert set(run.ready) == {"fallback"}
+    assert set(run.doomed) == {"ok_path"}
 
 
 def test_one_failed_fallback_is_doomed_when_upstream_succeeds():
     run = run_after(fallback_wf(), completes(A))
-    assert run.ready == {"ok_path"}
-    assert run.doomed == {"fallback"}
+    assert set(run.ready) == {"ok_path"}
+    assert set(run.doomed) == {"fallback"}
 
 
 def test_one_failed_fires_without_waiting_for_the_others():
@@ -440,7 +440,7 @@ def test_none_failed():
     )
     run = run_after(wf, fails("bad"), completes("good"), ev(E.TASK_SKIPPED, "skipped"))
     assert run.tasks["tolerant"].status is S.READY
-    assert run.doomed == {"strict"}
+    assert set(run.doomed) == {"strict"}
 
 
 # -- run outcome ------------------------------------------------------------------------------------
@@ -473,6 +473,20 @@ def test_failure_handled_by_a_fallback_that_completed():
     run = run_after(fallback_wf(), fails(A), completes("fallback"), ev(E.TASK_SKIPPED, "ok_path"))
     assert run.all_tasks_done
     assert run_outcome(run) == (RunStatus.COMPLETED, "")
+
+
+def test_failure_handled_by_an_all_done_task_that_completed():
+    wf = wdef(td("x"), td("cleanup", "x", trigger="all_done"))
+    run = run_after(wf, fails("x"), completes("cleanup"))
+    assert run.all_tasks_done
+    assert run_outcome(run) == (RunStatus.COMPLETED, "")
+
+
+def test_failure_not_handled_when_the_all_done_task_failed():
+    wf = wdef(td("x"), td("y"), td("after", "y"), td("z", "x", "y", trigger="all_done"))
+    run = run_after(wf, completes("y"), fails("x"), completes("after"), fails("z", "z broke"))
+    status, reason = run_outcome(run)
+    assert status is RunStatus.FAILED and reason.startswith("task 'x' failed")
 
 
 def test_failure_not_handled_when_the_fallback_failed_too():
@@ -517,7 +531,7 @@ def test_cancel_requested_stops_new_work():
     assert apply(state, ev(E.TASK_RETRYING, A, 1, next_attempt=2)) is state
     run = run_of(apply(state, ev(E.TASK_COMPLETED, A, 1, result=1)))
     assert run.tasks[A].status is S.COMPLETED
-    assert run.ready == set() and run.tasks[B].status is S.PENDING and run.tasks[B].ok == 1
+    assert set(run.ready) == set() and run.tasks[B].status is S.PENDING and run.tasks[B].ok == 1
 
 
 def test_task_cancelled_and_workflow_cancelled():
@@ -547,7 +561,7 @@ def test_a_dependency_listed_twice_on_the_wire_still_counts_once():
     sub = Event(E.WORKFLOW_SUBMITTED, RUN, data={"workflow": wire}, ts=1.0)
     run = run_of(fold([sub, *completes(A)]))
     assert run.tasks["b"].status is S.READY
-    assert run.ready == {"b"}
+    assert set(run.ready) == {"b"}
 
 
 # -- the projector, eviction ------------------------------------------------------------------------
