@@ -151,22 +151,22 @@ def test_empty_plan():
 
 
 def _random_tasks(n: int, seed: int) -> list[TaskDef]:
-    rng = random.Random(seed)
+    """``n`` tasks, each depending on up to 3 of the 1,000 tasks before it."""
+    rnd = random.Random(seed).random
+    prios = list(TaskPriority)
+    ids = [f"t{i}" for i in range(n)]
     tasks = []
     gc.disable()  # building 100k long-lived objects makes the collector rescan them again and again
     try:
-        _fill(tasks, n, rng)
+        for i in range(n):
+            lo = max(0, i - 1000)
+            k = min(i, int(rnd() * 4))
+            deps = tuple(dict.fromkeys(ids[lo + int(rnd() * (i - lo))] for _ in range(k)))
+            tid = ids[i]
+            tasks.append(TaskDef(id=tid, fn="f", name=tid, dependencies=deps, priority=prios[i % 4]))
     finally:
         gc.enable()
     return tasks
-
-
-def _fill(tasks: list[TaskDef], n: int, rng: random.Random) -> None:
-    for i in range(n):
-        k = rng.randint(0, min(3, i))
-        deps = tuple(f"t{d}" for d in rng.sample(range(max(0, i - 1000), i), k)) if k else ()
-        tid = f"t{i}"
-        tasks.append(TaskDef(id=tid, fn="f", name=tid, dependencies=deps, priority=TaskPriority(i % 4)))
 
 
 def test_100k_random_dag_plans_quickly_and_correctly():
