@@ -257,7 +257,7 @@ class TaskDef:
             fn=data["fn"],
             name=data.get("name") or data["id"],
             description=data.get("description", ""),
-            dependencies=tuple(data.get("deps", ())),
+            dependencies=tuple(dict.fromkeys(data.get("deps", ()))),
             args=tuple(data.get("args", ())),
             kwargs=dict(data.get("kwargs", {})),
             priority=TaskPriority.parse(data.get("priority", "MEDIUM")),

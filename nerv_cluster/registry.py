@@ -163,6 +163,6 @@ def task(
             context=_wants_context(f) if context is None else context,
             description=(inspect.getdoc(f) or "").split("\n", 1)[0],
         )
-        return (registry or default_registry).register(tf)
+        return (default_registry if registry is None else registry).register(tf)
 
     return wrap(fn) if fn is not None else wrap

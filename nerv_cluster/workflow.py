@@ -84,7 +84,7 @@ class Workflow:
             raise WorkflowError("a workflow needs a non-empty name")
         self.name = name
         self.description = description
-        self._registry = registry or default_registry
+        self._registry = default_registry if registry is None else registry
         self._tasks: list[TaskDef] = []
         self._ids: set[str] = set()
         self._counter = 0
