@@ -16,6 +16,9 @@ from nerv_cluster.settings import Settings
 def create_celery(settings: Settings, main: str = "nerv") -> Celery:
     """A configured Celery app (no tasks registered; workers add theirs)."""
     app = Celery(main, broker=settings.broker, set_as_current=False)
+    if settings.broker.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport plus a fix for surviving a Redis restart (see nerv_cluster.transport).
+        app.conf.broker_transport = "nerv_cluster.transport:Transport"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -56,8 +56,8 @@ class EventLog:
     """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
 
     def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
-        # redis-py types replies as bytes | str; this client decodes, so replies are str: Any keeps that honest
-        # at the call sites without a cast on every line.
+        # redis-py types replies as bytes | str; this client decodes, so they are str. Any says so here
+        # once instead of a cast at every call site.
         self.redis: Any = client
         self.keys = keys
         self.scripts = Scripts(client)

@@ -307,7 +307,12 @@ class TaskError:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
-        return {"type": self.type, "message": self.message, "traceback": self.traceback, "types": list(self.types)}
+        return {
+            "type": self.type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "types": list(self.types),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskError:

@@ -31,6 +31,8 @@ class Lease:
         self.token: str | None = None
         self._valid_until = 0.0
         self._renewed_at = 0.0
+        # The loop acquires and drops, the keeper thread renews: one at a time.
+        self._lock = threading.Lock()
 
     @property
     def held(self) -> bool:
@@ -42,10 +44,16 @@ class Lease:
         """True when it is time to renew (a third of the ttl passed)."""
         return time.monotonic() - self._renewed_at >= self.ttl_ms / 1000 / constants.LEASE_RENEW_FRACTION
 
-    def _call(self, token: str) -> bool:
-        sent = time.monotonic()
-        k = self._log.keys
-        got = self._log.scripts.lease(keys=[k.lease, k.epoch], args=[token, self.ttl_ms])
+    def _call(self, token: str, renew_only: bool) -> bool:
+        with self._lock:
+            if renew_only and token != self.token:
+                return False  # dropped or replaced meanwhile: never revive an old term
+            sent = time.monotonic()
+            k = self._log.keys
+            got = self._log.scripts.lease(keys=[k.lease, k.epoch], args=[token, self.ttl_ms, int(renew_only)])
+            return self._update(got, sent)
+
+    def _update(self, got: object, sent: float) -> bool:
         if got is None:
             self.token = None
             self._valid_until = 0.0
@@ -58,20 +66,26 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it; True when we hold it afterwards."""
-        return self._call(self.token or "")
+        return self._call(self.token or "", renew_only=False)
 
     def renew(self) -> bool:
         """Extend our lease; False (and not held) when it was lost."""
-        if self.token is None:
+        token = self.token
+        if token is None:
             return False
-        return self._call(self.token)
+        return self._call(token, renew_only=True)
+
+    def drop(self) -> None:
+        """Forget the lease without releasing it (it lapses on its own)."""
+        with self._lock:
+            self.token = None
+            self._valid_until = 0.0
 
     def release(self) -> None:
         """Give the lease up so a standby takes over at once."""
         if self.token is not None:
             self._log.scripts.release(keys=[self._log.keys.lease], args=[self.token])
-        self.token = None
-        self._valid_until = 0.0
+        self.drop()
 
     def holder(self) -> str | None:
         """The token of whoever holds the lease now, if anyone."""

@@ -86,7 +86,7 @@ class SchedulerService:
         self.state, self.cursor = state, cursor
         self._touched = set(state.runs.keys())
         self._delayed, self._delayed_keys = [], set()
-        self._unsent = [job for run in state.runs.values() for job in in_flight(run)]
+        self._unsent = self._in_flight()
         self.leader_since = time.time()
         self._stale = False
         log.info(
@@ -98,10 +98,25 @@ class SchedulerService:
             len(self._unsent),
         )
 
+    def _in_flight(self) -> list:
+        return [job for run in self.state.runs.values() for job in in_flight(run)]
+
+    def resend_in_flight(self, why: str) -> None:
+        """Send every dispatched-but-not-started job again.
+
+        Used when messages may be lost or hostage: a worker died holding prefetched jobs (kombu keeps
+        them until the visibility timeout), or Redis restarted under workers that had reserved some.
+        Copies are harmless: a worker claims an attempt once and drops copies at once.
+        """
+        jobs = self._in_flight()
+        if jobs:
+            log.warning("resending %d in-flight jobs: %s", len(jobs), why)
+            self._unsent.extend(jobs)
+
     def step_down(self, why: str) -> None:
         """Stop acting as leader; keep nothing, the next leader refolds."""
         log.warning("stepping down: %s", why)
-        self.lease.token = None
+        self.lease.drop()
         self.state = st.EMPTY
         self._touched.clear()
         self._unsent = []
@@ -128,7 +143,14 @@ class SchedulerService:
         self._release_due(now)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
-            self._end_attempts(self.watchdog.sweep(self.state, now, self.source))
+            verdicts = self.watchdog.sweep(self.state, now, self.source)
+            self._end_attempts(verdicts)
+            if self.watchdog.redis_restarted():
+                self.resend_in_flight("Redis restarted")
+            elif any(v.lost for v in verdicts):
+                self.resend_in_flight(
+                    "a worker was lost (its prefetched jobs are held until the visibility timeout)"
+                )
         self.act()
         self._since_trim += len(entries)
         if self._since_trim >= _TRIM_EVERY:

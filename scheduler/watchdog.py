@@ -28,6 +28,8 @@ class Verdict:
     task_id: str
     attempt: int
     event: Event
+    #: True when the worker was lost (as opposed to a timeout).
+    lost: bool = False
 
 
 def time_limit(settings: Settings, run: RunState, task_id: str) -> float:
@@ -89,7 +91,7 @@ def lost(run: RunState, task_id: str, settings: Settings, now: float, source: st
             ts=now,
             source=source,
         )
-    return Verdict(run.run_id, task_id, ts.attempt, ev)
+    return Verdict(run.run_id, task_id, ts.attempt, ev, lost=True)
 
 
 class Watchdog:
@@ -99,6 +101,14 @@ class Watchdog:
         self.log = log
         self.settings = settings
         self._missing_since: dict[str, float] = {}
+        self._redis_run_id: str | None = None
+
+    def redis_restarted(self) -> bool:
+        """True when the Redis server is a new process since the last call (its ``run_id`` changed)."""
+        current = str(self.log.redis.info("server").get("run_id", ""))
+        changed = self._redis_run_id is not None and current != self._redis_run_id
+        self._redis_run_id = current
+        return changed
 
     def sweep(self, state: State, now: float, source: str) -> list[Verdict]:
         """Every verdict due now across all runs."""

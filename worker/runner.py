@@ -17,7 +17,6 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from nerv_cluster import constants
 from nerv_cluster.errors import (
     NotRegisteredError,
     PayloadTooLargeError,
@@ -32,9 +31,6 @@ from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
 
 log = logging.getLogger("nerv.worker")
-
-#: How often a redelivered job polls while another live process holds its attempt.
-_BUSY_POLL_S = 0.25
 
 
 def new_worker_id() -> str:
@@ -60,28 +56,25 @@ class TaskRunner:
     def claim(self, job: Job) -> bool:
         """Record TASK_STARTED for this attempt unless it already ran or is running elsewhere.
 
-        A redelivered job whose attempt another process holds waits until that process's heartbeat
-        lapses (it died: take over) or the attempt gets an outcome (drop the duplicate). When processes
-        died holding it too often, the attempt fails instead of killing another one.
+        A copy of a job whose attempt another live process holds is dropped at once: if that process
+        dies, the scheduler's watchdog sees its heartbeat go and dispatches a new attempt. A copy that
+        finds the holder already dead takes over; when that happened too often, the attempt fails
+        instead of killing another process.
         """
-        deadline = time.monotonic() + constants.WORKER_HEARTBEAT_TTL_MS / 1000 + 1
         started = self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id})
-        while True:
-            verdict = self.log.start_attempt(started, self.worker_id, self.max_redeliveries)
-            if verdict == "ok":
-                return True
-            if verdict == "poison":
-                lost = WorkerLostError(
-                    f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
-                    "before it could finish (a poison task?); not running it again"
-                )
-                self._failed(job, TaskError.from_exception(lost), time.time())
-                return False
-            if verdict == "done" or time.monotonic() > deadline:
-                why = "already has an outcome" if verdict == "done" else "is held by a live worker"
-                log.info("job %s not run: the attempt %s", job.id, why)
-                return False
-            time.sleep(_BUSY_POLL_S)
+        verdict = self.log.start_attempt(started, self.worker_id, self.max_redeliveries)
+        if verdict == "ok":
+            return True
+        if verdict == "poison":
+            lost = WorkerLostError(
+                f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
+                "before it could finish (a poison task?); not running it again"
+            )
+            self._failed(job, TaskError.from_exception(lost), time.time())
+            return False
+        why = "already has an outcome" if verdict == "done" else "is held by a live worker"
+        log.info("job %s not run: the attempt %s", job.id, why)
+        return False
 
     def run(self, job: Job) -> EventType | None:
         """Run one job; returns the outcome recorded, or None when the job was a duplicate."""

@@ -1,0 +1,33 @@
+"""kombu's Redis transport, with one fix that keeps workers alive through a Redis restart.
+
+kombu 5.7.0: when the broker connection drops, Celery closes the channel, but the channel is still used
+afterwards (to requeue the messages the worker had reserved, or to ack a task that finishes after the
+reconnect). Its connection is gone by then, so kombu raises ``AttributeError`` building a new client,
+Celery takes that for an unrecoverable error, and the worker exits. We raise a connection error there
+instead, which kombu and Celery already handle: the ack or requeue is skipped and logged, and the
+message stays in kombu's unacked hash in Redis until the visibility timeout brings it back. Nothing
+runs twice for that: the scheduler resends dispatched-but-not-started jobs as soon as it reconnects,
+and a worker claims an attempt once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+
+
+class Channel(kombu_redis.Channel):
+    """Redis channel that reports use after its connection is gone as a connection error."""
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise redis.ConnectionError("this broker channel was closed with its lost connection")
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel`."""
+
+    Channel = Channel
