@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Celery canvas on the lattice / random DAG: one group per level with the client "
                         "waiting between levels (default), one canvas chain of those groups (cost grows "
                         "with depth squared), or n/a")
-    p.add_argument("--canvas-poll", type=float, default=0.01,
-                   help="Celery result.get(interval=...) in seconds (Celery's default is 0.5; default 0.01)")
+    p.add_argument("--canvas-poll", type=float, default=0.5,
+                   help="Celery result.get(interval=...) in seconds for a whole canvas (default 0.5, "
+                        "Celery's); each level's wait in --canvas-dag levels uses 0.01")
     p.add_argument("--no-floor", action="store_true", help="skip the Redis ping-pong floor")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each run (default 0.5)")
