@@ -53,6 +53,8 @@ REF_KEY: Final = "__nerv_ref__"
 
 #: Stream entry field that holds the JSON event.
 EVENT_FIELD: Final = "e"
+#: Circuit transitions kept in the circuits stream (only the latest per function matters).
+CIRCUITS_MAXLEN: Final = 10_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -63,7 +65,7 @@ class Keys:
     Per-run keys carry the hash tag ``{run_id}``; the feed, the lease and the registries are global.
     """
 
-    __slots__ = ("active", "epoch", "feed", "lease", "prefix", "registry", "runs", "workers")
+    __slots__ = ("active", "circuits", "epoch", "feed", "lease", "prefix", "registry", "runs", "workers")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
@@ -74,6 +76,7 @@ class Keys:
         self.epoch = f"{prefix}:scheduler:epoch"  # counter: each new lease holder's fencing token
         self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
+        self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

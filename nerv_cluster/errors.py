@@ -71,5 +71,9 @@ class NotRegisteredError(NervError):
     """A worker received a task whose name no module on it registered."""
 
 
+class CircuitOpenError(NervError):
+    """The task function's circuit breaker is open: the attempt failed fast without running."""
+
+
 class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""

@@ -113,7 +113,14 @@ class EventLog:
             if ev.run_id not in index:
                 keys.append(k.log(ev.run_id))
                 index[ev.run_id] = len(keys)
-            args.extend((index[ev.run_id], k.channel(ev.run_id), ev.to_json()))
+            payload = ev.to_json()
+            args.extend((index[ev.run_id], k.channel(ev.run_id), payload))
+            if ev.type.value.startswith("CIRCUIT_"):
+                # Also in the cluster-wide circuits stream, which a new leader refolds.
+                if k.circuits not in index:
+                    keys.append(k.circuits)
+                    index[k.circuits] = len(keys)
+                args.extend((index[k.circuits], "", payload))
         try:
             self.scripts.fenced_append(keys=keys, args=args)
         except redis.ResponseError as exc:
@@ -251,6 +258,14 @@ class EventLog:
     def trim_feed(self, upto: str) -> None:
         """Drop feed entries older than ``upto`` (which the leader has processed)."""
         self.redis.xtrim(self.keys.feed, minid=upto, approximate=False)
+
+    def circuit_events(self) -> list[Event]:
+        """Every logged circuit transition, oldest first."""
+        return [ev for _, ev in _decode(self.redis.xrange(self.keys.circuits))]
+
+    def trim_circuits(self) -> None:
+        """Keep the circuits stream short."""
+        self.redis.xtrim(self.keys.circuits, maxlen=constants.CIRCUITS_MAXLEN, approximate=True)
 
     def active_runs(self) -> set[str]:
         """Ids of runs that are not finished."""

@@ -118,6 +118,11 @@ class EventType(StrEnum):
     TASK_RETRYING = "TASK_RETRYING"
     TASK_SKIPPED = "TASK_SKIPPED"
     TASK_CANCELLED = "TASK_CANCELLED"
+    # A task function's circuit breaker changed state (logged in the run that tripped it, and in the
+    # cluster-wide circuits stream the scheduler refolds).
+    CIRCUIT_OPENED = "CIRCUIT_OPENED"
+    CIRCUIT_HALF_OPENED = "CIRCUIT_HALF_OPENED"
+    CIRCUIT_CLOSED = "CIRCUIT_CLOSED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -196,6 +201,32 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """Stop calling a failing function for a while.
+
+    After ``failures`` consecutive failed attempts of one task function (across all runs), new attempts
+    fail fast with ``CircuitOpenError`` for ``cooldown`` seconds; then one trial attempt runs (half
+    open): success closes the circuit, failure opens it again.
+    """
+
+    failures: int = 5
+    cooldown: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.failures < 1 or self.cooldown < 0:
+            raise WorkflowError(f"invalid circuit breaker {self!r}: failures >= 1 and cooldown >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"failures": self.failures, "cooldown": self.cooldown}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CircuitBreaker:
+        """Inverse of :meth:`to_dict`."""
+        return cls(failures=int(data["failures"]), cooldown=float(data["cooldown"]))
+
+
+@dataclass(frozen=True, slots=True)
 class TaskDef:
     """One task of a workflow, as it travels on the wire.
 
@@ -218,6 +249,7 @@ class TaskDef:
     tags: tuple[str, ...] = ()
     trigger: TriggerRule = TriggerRule.ALL_SUCCESS
     context: bool = False  # call fn(ctx, *args) with a TaskContext first
+    circuit: CircuitBreaker | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -246,6 +278,8 @@ class TaskDef:
             out["trigger"] = self.trigger.value
         if self.context:
             out["context"] = True
+        if self.circuit is not None:
+            out["circuit"] = self.circuit.to_dict()
         return out
 
     @classmethod
@@ -267,6 +301,7 @@ class TaskDef:
             tags=tuple(data.get("tags", ())),
             trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
             context=bool(data.get("context", False)),
+            circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
         )
 
 

@@ -15,7 +15,7 @@ from typing import Any, overload
 
 from nerv_cluster import constants
 from nerv_cluster.errors import RegistrationError, WorkflowError
-from nerv_cluster.model import RetryPolicy, TaskPriority
+from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskPriority
 
 _NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
 
@@ -40,6 +40,7 @@ class TaskFunction:
     name: str
     queue: str = constants.DEFAULT_QUEUE
     retry: RetryPolicy | None = None
+    circuit: CircuitBreaker | None = None
     timeout: float | None = None
     priority: TaskPriority = TaskPriority.MEDIUM
     context: bool = False
@@ -118,6 +119,7 @@ def task(
     name: str | None = None,
     queue: str = constants.DEFAULT_QUEUE,
     retry: RetryPolicy | None = None,
+    circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     priority: TaskPriority | str = TaskPriority.MEDIUM,
     context: bool | None = None,
@@ -132,6 +134,7 @@ def task(
     name: str | None = None,
     queue: str = constants.DEFAULT_QUEUE,
     retry: RetryPolicy | None = None,
+    circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     priority: TaskPriority | str = TaskPriority.MEDIUM,
     context: bool | None = None,
@@ -158,6 +161,7 @@ def task(
             name=name or f"{f.__module__}.{f.__qualname__}",
             queue=queue,
             retry=retry,
+            circuit=circuit,
             timeout=timeout,
             priority=prio,
             context=_wants_context(f) if context is None else context,

@@ -326,6 +326,10 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.TASK_PENDING: _again,
     EventType.TASK_SKIPPED: _skipped,
     EventType.TASK_CANCELLED: _cancelled,
+    # Circuit transitions concern a task function, not the run's state (see nerv_cluster.circuits).
+    EventType.CIRCUIT_OPENED: lambda run, ev: run,
+    EventType.CIRCUIT_HALF_OPENED: lambda run, ev: run,
+    EventType.CIRCUIT_CLOSED: lambda run, ev: run,
 }
 
 

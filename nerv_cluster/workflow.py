@@ -18,7 +18,7 @@ from nerv_cluster.errors import (
     UnknownTaskError,
     WorkflowError,
 )
-from nerv_cluster.model import RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
+from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
@@ -102,6 +102,7 @@ class Workflow:
         priority: TaskPriority | str | int | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        circuit: CircuitBreaker | None = None,
         queue: str | None = None,
         tags: Iterable[str] = (),
         trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
@@ -147,6 +148,7 @@ class Workflow:
             priority=TaskPriority.parse(priority if priority is not None else (tf.priority if tf else 1)),
             timeout=timeout if timeout is not None else (tf.timeout if tf else None),
             retry=retry if retry is not None else (tf.retry if tf else None),
+            circuit=circuit if circuit is not None else (tf.circuit if tf else None),
             queue=queue,
             tags=tuple(tags),
             trigger=TriggerRule.parse(trigger),

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nerv_cluster.circuits import Breakers, Circuit
+from nerv_cluster.errors import CircuitOpenError
+from nerv_cluster.failures import failure_outcome
 from nerv_cluster.jobs import Job, build_job, job_id
-from nerv_cluster.model import Event, EventType, RunStatus, TaskStatus
+from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
 from nerv_cluster.state import RunState, run_outcome
 
 
@@ -34,8 +37,21 @@ def _why_skipped(run: RunState, tid: str) -> str:
     return f"trigger rule {td.trigger.value} cannot be met"
 
 
-def decide(run: RunState, now: float, source: str, out: Decisions) -> None:
-    """Append to ``out`` what to do next for ``run``."""
+def _fail_fast(run: RunState, tid: str, circuit: Circuit, now: float, source: str) -> Event:
+    td, ts = run.defs[tid], run.tasks[tid]
+    error = TaskError.from_exception(
+        CircuitOpenError(
+            f"circuit of {td.fn!r} is {circuit.state.value} after {circuit.failures} consecutive failures; "
+            f"not calling it before {circuit.until:.3f} (epoch seconds)"
+        )
+    )
+    kind, data = failure_outcome(td.retry, ts.attempt, error, now)
+    data["reason"] = "circuit open"
+    return Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source)
+
+
+def decide(run: RunState, now: float, source: str, out: Decisions, breakers: Breakers | None = None) -> None:
+    """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
@@ -94,7 +110,17 @@ def decide(run: RunState, now: float, source: str, out: Decisions) -> None:
             if ts.due_at is not None and ts.due_at > now:
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
                 continue
-            queue = run.defs[tid].queue
+            td = run.defs[tid]
+            if td.circuit is not None and breakers is not None:
+                allowed, transition = breakers.admit(
+                    td.fn, td.circuit, job_id(rid, tid, ts.attempt), rid, now, source
+                )
+                if transition is not None:
+                    out.events.append(transition)
+                if not allowed:
+                    out.events.append(_fail_fast(run, tid, breakers.get(td.fn), now, source))
+                    continue
+            queue = td.queue
             out.events.append(
                 Event(
                     EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source

@@ -16,8 +16,10 @@ import redis
 
 from nerv_cluster import constants
 from nerv_cluster import state as st
+from nerv_cluster.circuits import Breakers
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher
@@ -28,6 +30,8 @@ log = logging.getLogger("nerv.scheduler")
 
 #: Feed entries processed between two trims of the feed.
 _TRIM_EVERY = 5_000
+#: Outcome events a circuit breaker counts.
+_OUTCOMES = frozenset({EventType.TASK_COMPLETED, EventType.TASK_FAILED, EventType.TASK_RETRYING})
 #: Pause after a Redis error before trying again.
 _BACKOFF_S = 0.5
 
@@ -57,6 +61,7 @@ class SchedulerService:
         self._since_trim = 0
         self.leader_since: float | None = None
         self.watchdog = Watchdog(log, settings)
+        self.breakers = Breakers()
         self._next_sweep = 0.0
         self._moved = time.monotonic()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
@@ -84,6 +89,9 @@ class SchedulerService:
                 state = st.State(runs=state.runs.set(run_id, run))
             self._moved = time.monotonic()
         self.state, self.cursor = state, cursor
+        self.breakers = Breakers()
+        for ev in self.log.circuit_events():
+            self.breakers.apply(ev)
         self._touched = set(state.runs.keys())
         self._delayed, self._delayed_keys = [], set()
         self._unsent = self._in_flight()
@@ -139,6 +147,7 @@ class SchedulerService:
             self._touched.add(ev.run_id)
             self.cursor = entry_id
         self.state = state
+        self._observe_circuits(entries)
         now = self.clock()
         self._release_due(now)
         if now >= self._next_sweep:
@@ -157,6 +166,26 @@ class SchedulerService:
             self.log.trim_feed(self.cursor)
             self._since_trim = 0
         return len(entries)
+
+    def _observe_circuits(self, entries: list) -> None:
+        """Count workers' outcomes for functions with a circuit breaker; record the transitions."""
+        transitions = []
+        for _, ev in entries:
+            if ev.type not in _OUTCOMES or not ev.source.startswith("worker:"):
+                continue
+            run = self.state.runs.get(ev.run_id)
+            td = run.defs.get(ev.task_id) if run is not None and ev.task_id is not None else None
+            if td is None or td.circuit is None:
+                continue
+            ok = ev.type is EventType.TASK_COMPLETED
+            transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, ev.ts, self.source)
+            if transition is not None:
+                log.warning("circuit of %s: %s", td.fn, transition.type.value)
+                transitions.append(transition)
+        if transitions:
+            assert self.lease.token is not None
+            self.log.append_fenced(transitions, self.lease.token)
+            self.log.trim_circuits()
 
     def _end_attempts(self, verdicts: list[Verdict]) -> None:
         """Supersede the attempts first (a worker finishing at the same moment wins or loses cleanly),
@@ -205,7 +234,7 @@ class SchedulerService:
         for rid in touched:
             run = self.state.runs.get(rid)
             if run is not None:
-                decide(run, now, self.source, out)
+                decide(run, now, self.source, out, self.breakers)
         if out.events:
             assert self.lease.token is not None
             self.log.append_fenced(out.events, self.lease.token)

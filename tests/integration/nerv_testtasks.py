@@ -134,3 +134,12 @@ def stubborn(ctx: TaskContext, seconds: float) -> float:
 def fallback(ctx: TaskContext) -> str:
     """Runs when its upstream failed: returns which upstream tasks it saw results of."""
     return "fallback ran after " + ",".join(sorted(ctx.results)) if ctx.results else "fallback ran"
+
+
+@task(queue="cpu")
+def maybe_fail(ctx: TaskContext, fail: bool) -> str:
+    """Fail (RuntimeError) when told to; counted."""
+    _count(ctx)
+    if fail:
+        raise RuntimeError(f"{ctx.task_id} failed on purpose")
+    return "ok"
