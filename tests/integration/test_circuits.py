@@ -1,4 +1,4 @@
-"""Circuit breaker: consecutive failures open it, attempts fail fast, a trial after the cool-down closes it."""
+"""Circuit breaker: consecutive failures open it, attempts fail fast, a trial after cool-down closes it."""
 
 from __future__ import annotations
 
