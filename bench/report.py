@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ def _ratio_text(report: Report, o: Outcome) -> str:
     return f"{approx}{ratio:.2f}x"
 
 
+def _spread(samples: list[float]) -> str:
+    """(slowest - fastest) / median of the repeats, in percent; empty for a single run."""
+    if len(samples) < 2:
+        return ""
+    return f"{100 * (max(samples) - min(samples)) / statistics.median(samples):.0f}%"
+
+
 def rows(report: Report) -> list[list[str]]:
-    """One row per (shape, engine): tasks, wall s, tasks/s, ms/hop (chain only), ours/peer, how."""
+    """One row per (shape, engine): tasks, wall s, spread, tasks/s, ms/hop (chain), ours/peer, how."""
     out: list[list[str]] = []
     kinds = {s.name: s.kind for s in report.shapes}
     for shape in report.shapes:
@@ -35,18 +43,18 @@ def rows(report: Report) -> list[list[str]]:
             m = o.measurement
             if o.status == OK and m is not None:
                 hop = _num(m.ms_per_task, ".2f") if kinds.get(o.shape) == "chain" else "-"
-                out.append([o.shape, o.engine, str(m.tasks), _num(m.seconds, ".3f"),
+                out.append([o.shape, o.engine, str(m.tasks), _num(m.seconds, ".3f"), _spread(m.samples),
                             _num(m.tasks_per_s, ".1f"), hop, _ratio_text(report, o), m.note])
             else:
                 label = "n/a" if o.status == NA else "ERROR"
                 reason = o.reason if len(o.reason) <= 70 else o.reason[:67] + "..."
-                out.append([o.shape, o.engine, "-", "-", "-", "-", "" if o.is_ours else "n/a",
+                out.append([o.shape, o.engine, "-", "-", "", "-", "-", "" if o.is_ours else "n/a",
                             f"{label} ({reason})"])
     return out
 
 
-HEADER = ["shape", "engine", "tasks", "wall s", "tasks/s", "ms/hop", "ours/peer", "how"]
-RIGHT = {2, 3, 4, 5, 6}
+HEADER = ["shape", "engine", "tasks", "wall s", "spread", "tasks/s", "ms/hop", "ours/peer", "how"]
+RIGHT = {2, 3, 4, 5, 6, 7}
 
 
 def table(report: Report) -> str:
@@ -74,7 +82,8 @@ def table(report: Report) -> str:
         lines.append(f"Redis floor: error ({report.floor_error})")
     lines.append("ours/peer = our tasks/s / the peer's tasks/s, same shape, same run (> 1: ours is faster); "
                  "~ = the peer ran an approximation of the shape (see 'how').")
-    lines.append("ms/hop = wall time / tasks, for the chain.")
+    lines.append("wall s = median of the repeats; spread = (slowest - fastest) / median; "
+                 "ms/hop = wall time / tasks, for the chain.")
     return "\n".join(lines)
 
 
