@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ app = typer.Typer(
 )
 console = Console()
 
+#: How long a stopping scheduler may take before it exits regardless (e.g. while Redis is down).
+SCHEDULER_STOP_GRACE_S = 5.0
+
 
 def _settings(redis_url: str | None) -> Settings:
     settings = Settings.from_env()
@@ -60,7 +64,14 @@ def scheduler(redis_url: str | None = RedisOpt) -> None:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Stopping is always safe (the log is the truth), so it must not wait on an unreachable Redis:
+        # a second signal, or the grace period running out, ends the process at once.
+        if stop.is_set():
+            os._exit(128 + signum)
         stop.set()
+        timer = threading.Timer(SCHEDULER_STOP_GRACE_S, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -104,7 +115,7 @@ def check(
 
     settings = _settings(redis_url)
     try:
-        client = connect(settings)
+        client = connect(settings, retries=0)  # a probe answers now, it does not ride out outages
         client.ping()
         raw = client.get(settings.keys().lease)
         holder = None if raw is None else str(raw)

@@ -13,11 +13,11 @@ from redis.retry import Retry
 from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
-from nerv_cluster.errors import RunNotFoundError, WaitTimeoutError
+from nerv_cluster.errors import RunNotFoundError, UnknownTaskError, WaitTimeoutError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
 from nerv_cluster.settings import Settings
-from nerv_cluster.workflow import Workflow
+from nerv_cluster.workflow import Workflow, validate_definition
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
@@ -79,18 +79,29 @@ class Client:
         dependency, a duplicate id, a non-JSON argument, an oversized payload, too many tasks, or (with
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
-        known = self.registered_tasks() if check_names else {}
-        workflow.validate(
-            max_payload_bytes=self.settings.max_payload_bytes,
-            max_tasks=self.settings.max_tasks,
-            known_names=known.keys() if known else None,
+        definition = workflow.definition()
+        # Structure first (cycles, payloads), then names: the first error is the most basic one.
+        validate_definition(
+            definition, max_payload_bytes=self.settings.max_payload_bytes, max_tasks=self.settings.max_tasks
         )
+        main_names = sorted({t.fn for t in definition.tasks if t.fn.startswith("__main__.")})
+        if main_names:
+            raise UnknownTaskError(
+                f"{', '.join(main_names)}: tasks defined in a script run as __main__ cannot be found by "
+                "workers; define them in an importable module (or give @task(name=...))"
+            )
+        # Only what workers registered counts: a name registered in this process alone runs nowhere.
+        known = self.registered_tasks() if check_names else {}
+        if known:
+            for t in definition.tasks:
+                if t.fn not in known:
+                    raise UnknownTaskError(
+                        f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
+                        "start a worker with the module that defines it (nerv worker --app MODULE)"
+                    )
         run_id = run_id or new_run_id(workflow.name)
         event = Event(
-            EventType.WORKFLOW_SUBMITTED,
-            run_id,
-            data={"workflow": workflow.definition().to_dict()},
-            source="client",
+            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
         )
         self.log.submit(event)
         return run_id

@@ -235,7 +235,8 @@ def _started(run: RunState, ev: Event) -> RunState:
         # Another process took the attempt over (its first worker died); idempotent for a replay.
         if worker == ts.worker or ev.ts <= (ts.started_at or 0):
             return run
-        return _put(run, tid, ts, replace(ts, worker=worker, started_at=ev.ts))
+        # The first process was lost: that counts towards the poison-task bound like a re-dispatch.
+        return _put(run, tid, ts, replace(ts, worker=worker, started_at=ev.ts, lost=ts.lost + 1))
     new = replace(ts, status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=worker)
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 

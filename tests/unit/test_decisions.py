@@ -294,7 +294,8 @@ def test_simulated_dag_with_retries_lost_workers_and_takeovers():
     for tid in ids:
         assert counts[tid] == (2 if tid in flaky | lost else 1), tid
         assert run.tasks[tid].attempt == (2 if tid in flaky | lost else 1)
-        assert run.tasks[tid].lost == (1 if tid in lost else 0)
+        # a re-dispatch after a lost worker and a takeover by another process both count as a loss
+        assert run.tasks[tid].lost == (tid in lost) + (tid in taken), tid
     assert results(run) == expected_results(definition)
     assert run_of(fold(sim.log)) == run
 
