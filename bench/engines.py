@@ -111,33 +111,10 @@ class Engine(ABC):
         """
 
 
-class NervEngine(Engine):
-    """Our engine. A stub until the engine exists: ``start`` raises ``EngineUnavailable``.
+def _nerv() -> Engine:
+    from bench.nerv_engine import NervEngine
 
-    To plug it in, implement: ``start`` launches the scheduler and ``workers`` worker processes on
-    ``redis_url`` (the bench's own Redis DB) with a registered noop task and waits until a tiny warm-up
-    workflow completes; ``run`` builds a ``Workflow`` with one noop per ``shape`` node (id
-    ``bench.shapes.node_id(i)``, dependencies ``shape.parents[i]``), submits it and waits for it inside a
-    ``Stopwatch``, and returns ``Measurement(self.name, shape.name, shape.size, sw.seconds)``; ``stop``
-    terminates the processes. Nothing else in ``bench`` needs to change.
-    """
-
-    name = "nerv"
-    description = "nerv-cluster (ours)"
-    is_ours = True
-
-    def start(self, redis_url: str, workers: int) -> None:
-        try:
-            import nerv_cluster  # noqa: F401
-        except ImportError as exc:
-            raise EngineUnavailable(f"engine not built: cannot import nerv_cluster ({exc})") from exc
-        raise EngineUnavailable("engine not built: NervEngine is not wired to nerv_cluster yet")
-
-    def run(self, shape: Shape) -> Measurement:
-        raise EngineUnavailable("engine not built")
-
-    def stop(self) -> None:
-        return None
+    return NervEngine()
 
 
 def _celery_canvas() -> Engine:
@@ -161,7 +138,7 @@ def _dask() -> Engine:
 #: Engine factories by CLI name, in report order (ours first). Imports are lazy so a missing peer
 #: library only disables that peer.
 ENGINES: dict[str, Callable[[], Engine]] = {
-    "nerv": NervEngine,
+    "nerv": _nerv,
     "celery-canvas": _celery_canvas,
     "celery-raw": _celery_raw,
     "dask": _dask,

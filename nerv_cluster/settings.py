@@ -47,6 +47,8 @@ class Settings:
     #: Celery task events, which Flower needs; they cost a publish per task state change.
     task_events: bool = True
     log_level: str = "INFO"
+    #: Port of the scheduler's Prometheus ``/metrics`` (0: not served).
+    metrics_port: int = 9808
 
     @property
     def broker(self) -> str:

@@ -60,7 +60,8 @@ class RunState:
 
     ``ready`` holds READY tasks not yet dispatched (some may wait for ``due_at``); ``doomed`` holds
     PENDING tasks whose trigger rule can no longer be met, to be SKIPPED; ``running`` holds RUNNING
-    tasks, which the scheduler watches for lost workers and timeouts.
+    tasks, which the scheduler watches for lost workers and timeouts; ``queued`` holds READY tasks already
+    dispatched (their job is in a queue or reserved by a worker).
     """
 
     run_id: str
@@ -72,6 +73,7 @@ class RunState:
     ready: PSet[str] = field(default_factory=pset)
     doomed: PSet[str] = field(default_factory=pset)
     running: PSet[str] = field(default_factory=pset)
+    queued: PSet[str] = field(default_factory=pset)
     counts: PMap[str, int] = field(default_factory=pmap)
     submitted_at: float = 0.0
     started_at: float | None = None
@@ -128,6 +130,10 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
             changes["running"] = run.running.add(tid)
         elif old.status is TaskStatus.RUNNING:
             changes["running"] = run.running.discard(tid)
+    was_queued = old.status is TaskStatus.READY and old.dispatched
+    is_queued = new.status is TaskStatus.READY and new.dispatched
+    if was_queued != is_queued:
+        changes["queued"] = run.queued.add(tid) if is_queued else run.queued.discard(tid)
     return replace(run, tasks=run.tasks.set(tid, new), counts=counts, **changes)
 
 

@@ -138,8 +138,4 @@ def in_flight(run: RunState) -> list[tuple[Job, str]]:
 
     Resending the same attempt is harmless: a worker claims an attempt once (``start.lua``).
     """
-    return [
-        (build_job(run, tid), run.defs[tid].queue)
-        for tid, ts in run.tasks.items()
-        if ts.status is TaskStatus.READY and ts.dispatched
-    ]
+    return [(build_job(run, tid), run.defs[tid].queue) for tid in run.queued]

@@ -24,6 +24,7 @@ from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher
 from scheduler.lease import Lease, LeaseKeeper
+from scheduler.metrics import SchedulerMetrics
 from scheduler.watchdog import Verdict, Watchdog
 
 log = logging.getLogger("nerv.scheduler")
@@ -62,6 +63,8 @@ class SchedulerService:
         self.leader_since: float | None = None
         self.watchdog = Watchdog(log, settings)
         self.breakers = Breakers()
+        self.metrics = SchedulerMetrics()
+        self._read_at = time.monotonic()
         self._next_sweep = 0.0
         self._moved = time.monotonic()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
@@ -147,11 +150,15 @@ class SchedulerService:
             self._touched.add(ev.run_id)
             self.cursor = entry_id
         self.state = state
+        self._read_at = time.monotonic()
+        if entries:
+            self.metrics.on_feed(state, (ev for _, ev in entries))
         self._observe_circuits(entries)
         now = self.clock()
         self._release_due(now)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
+            self.metrics.refresh(self.state, leader=True)
             verdicts = self.watchdog.sweep(self.state, now, self.source)
             self._end_attempts(verdicts)
             if self.watchdog.redis_restarted():
@@ -239,6 +246,7 @@ class SchedulerService:
             assert self.lease.token is not None
             self.log.append_fenced(out.events, self.lease.token)
             self.state = st.fold(out.events, self.state)
+            self.metrics.on_decided(out.events)
             self._touched.update(ev.run_id for ev in out.events)
         if out.revoke:
             self._cancel_jobs(out.revoke)
@@ -261,6 +269,7 @@ class SchedulerService:
             # Already recorded as DISPATCHED: keep them and send again; workers claim an attempt once.
             self._unsent = jobs + self._unsent
             raise
+        self.metrics.on_sent(jobs, self._read_at, time.monotonic())
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
         # Take the attempts' outcome slots first, so a worker that picks one up later skips it.
@@ -292,6 +301,7 @@ class SchedulerService:
         stop = stop or threading.Event()
         standby_wait = self.lease.ttl_ms / 1000 / 5
         log.info("scheduler started; waiting for the lease")
+        self.metrics.serve(self.settings.metrics_port)
         keeper = LeaseKeeper(self.lease, lambda: time.monotonic() - self._moved)
         keeper.start()
         try:
@@ -301,6 +311,7 @@ class SchedulerService:
                         if self.leader_since is not None:
                             self.step_down("lease expired before it was renewed")
                         if not self.lease.acquire():
+                            self.metrics.refresh(st.EMPTY, leader=False)
                             stop.wait(standby_wait)
                             continue
                         self.become_leader()

@@ -15,7 +15,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_unknown, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    task_unknown,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from nerv_cluster.container import Container, container_for
 from nerv_cluster.errors import ConfigurationError, NotRegisteredError
@@ -131,7 +137,15 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
     def on_unknown(sender: Any = None, message: Any = None, name: str = "", **_: Any) -> None:
         _on_unknown(runtime, message, name)
 
+    def on_logging(**_: Any) -> None:
+        # Celery logs two lines per task at INFO ("received", "succeeded"): at thousands of tasks a second
+        # that is most of a worker's I/O, and the event log has it all anyway. DEBUG brings them back.
+        if settings.log_level.upper() != "DEBUG":
+            for name in ("celery.worker.strategy", "celery.app.trace", "celery.worker.request"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
     # weak=False: these closures live only as long as the signal holds them.
+    after_setup_logger.connect(on_logging, weak=False)
     worker_process_init.connect(on_process_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)

@@ -31,6 +31,7 @@ class Cluster:
             "NERV_WORKER_MODULES": "nerv_testtasks",
             "NERV_LOG_LEVEL": "INFO",
             "NERV_LEASE_TTL_MS": "2000",
+            "NERV_METRICS_PORT": "0",
             "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **env,
         }

@@ -1,0 +1,135 @@
+"""Prometheus metrics of the scheduler, served over HTTP (``NERV_METRICS_PORT``, default 9808).
+
+Besides the usual counters it exports the DAG-aware signal no queue-length autoscaler has: how many
+tasks will become ready as soon as the tasks now running finish (``nerv_tasks_ready_soon``), per
+queue, so workers can be scaled ahead of demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from nerv_cluster import constants
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, TaskStatus
+from nerv_cluster.state import State
+
+log = logging.getLogger("nerv.scheduler")
+
+_OUTCOME_LABEL = {
+    EventType.TASK_COMPLETED: "completed",
+    EventType.TASK_FAILED: "failed",
+    EventType.TASK_RETRYING: "retrying",
+}
+_RUN_END = {
+    EventType.WORKFLOW_COMPLETED: "COMPLETED",
+    EventType.WORKFLOW_FAILED: "FAILED",
+    EventType.WORKFLOW_CANCELLED: "CANCELLED",
+}
+
+
+class SchedulerMetrics:
+    """The scheduler's metrics, in a registry of their own (several services may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.leader = Gauge("nerv_scheduler_leader", "1 while this replica holds the lease", registry=r)
+        self.runs_active = Gauge(
+            "nerv_runs_active", "Runs not finished, as this leader sees them", registry=r
+        )
+        self.runs_finished = Counter("nerv_runs_finished", "Runs finished, by status", ["status"], registry=r)
+        self.events = Counter("nerv_events_folded", "Feed events folded into the state", registry=r)
+        self.dispatched = Counter("nerv_tasks_dispatched", "Jobs sent to workers", ["queue"], registry=r)
+        self.outcomes = Counter(
+            "nerv_task_outcomes", "Attempt outcomes recorded by workers", ["queue", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "nerv_dispatch_latency_seconds",
+            "From the scheduler reading the event that made a task ready to the task's job being sent",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.ready = Gauge("nerv_tasks_ready", "Ready tasks not dispatched yet", ["queue"], registry=r)
+        self.running = Gauge("nerv_tasks_running", "Tasks a worker is running", ["queue"], registry=r)
+        self.ready_soon = Gauge(
+            "nerv_tasks_ready_soon",
+            "Pending tasks whose every unfinished dependency is running or queued now: the next wave",
+            ["queue"],
+            registry=r,
+        )
+        for q in constants.QUEUES:
+            for g in (self.dispatched, self.ready, self.running, self.ready_soon):
+                g.labels(queue=q)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> bool:
+        """Serve ``/metrics`` on ``port`` (0: don't); False when the port is taken (logged, not fatal)."""
+        if not port:
+            return False
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics not served: port %d: %s", port, exc)
+            return False
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+        return True
+
+    def on_feed(self, state: State, events: Iterable[Event]) -> None:
+        """Count folded feed events and the outcomes among them."""
+        n = 0
+        for ev in events:
+            n += 1
+            label = _OUTCOME_LABEL.get(ev.type)
+            if label is None or ev.task_id is None:
+                continue
+            run = state.runs.get(ev.run_id)
+            td = run.defs.get(ev.task_id) if run is not None else None
+            if td is not None:
+                self.outcomes.labels(queue=td.queue, outcome=label).inc()
+        self.events.inc(n)
+
+    def on_decided(self, events: Iterable[Event]) -> None:
+        """Count finished runs among the scheduler's own events."""
+        for ev in events:
+            status = _RUN_END.get(ev.type)
+            if status is not None:
+                self.runs_finished.labels(status=status).inc()
+
+    def on_sent(self, jobs: Iterable[tuple[Job, str]], since: float, now: float) -> None:
+        """Count sent jobs and their dispatch latency."""
+        per_queue = Tally(queue for _, queue in jobs)
+        for queue, n in per_queue.items():
+            self.dispatched.labels(queue=queue).inc(n)
+            for _ in range(n):
+                self.latency.observe(max(0.0, now - since))
+
+    def refresh(self, state: State, leader: bool) -> None:
+        """Recompute the gauges from the state (called from the watchdog's sweep, not per event)."""
+        self.leader.set(1 if leader else 0)
+        self.runs_active.set(len(state.runs))
+        ready: Tally[str] = Tally()
+        running: Tally[str] = Tally()
+        soon: Tally[str] = Tally()
+        for run in state.runs.values():
+            for tid in run.ready:
+                ready[run.defs[tid].queue] += 1
+            active = run.running | run.queued
+            for tid in run.running:
+                running[run.defs[tid].queue] += 1
+            seen: set[str] = set()
+            for tid in active:
+                for child in run.plan.dependents[tid]:
+                    if child in seen or run.tasks[child].status is not TaskStatus.PENDING:
+                        continue
+                    seen.add(child)
+                    deps = run.defs[child].dependencies
+                    if all(run.tasks[d].status is TaskStatus.COMPLETED or d in active for d in deps):
+                        soon[run.defs[child].queue] += 1
+        for q in constants.QUEUES:
+            self.ready.labels(queue=q).set(ready[q])
+            self.running.labels(queue=q).set(running[q])
+            self.ready_soon.labels(queue=q).set(soon[q])
