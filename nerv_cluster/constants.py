@@ -53,6 +53,13 @@ REF_KEY: Final = "__nerv_ref__"
 
 #: Stream entry field that holds the JSON event.
 EVENT_FIELD: Final = "e"
+#: Worker nodes announce their queues and concurrency this often; older announcements are ignored.
+CAPACITY_INTERVAL_S: Final = 5.0
+CAPACITY_STALE_S: Final = 20.0
+#: Most jobs the scheduler packs into one Celery message, and how many messages per worker slot it
+#: aims for at least (so packing never starves a slot).
+MAX_BATCH: Final = 32
+BATCHES_PER_SLOT: Final = 4
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
@@ -65,7 +72,18 @@ class Keys:
     Per-run keys carry the hash tag ``{run_id}``; the feed, the lease and the registries are global.
     """
 
-    __slots__ = ("active", "circuits", "epoch", "feed", "lease", "prefix", "registry", "runs", "workers")
+    __slots__ = (
+        "active",
+        "capacity",
+        "circuits",
+        "epoch",
+        "feed",
+        "lease",
+        "prefix",
+        "registry",
+        "runs",
+        "workers",
+    )
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
@@ -77,6 +95,7 @@ class Keys:
         self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
         self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function
+        self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

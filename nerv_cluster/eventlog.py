@@ -7,6 +7,8 @@ run's pub/sub channel, which is only a hint for live listeners.
 
 from __future__ import annotations
 
+import json
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from functools import cache
@@ -128,44 +130,39 @@ class EventLog:
                 raise LeaseLostError(str(exc)) from exc
             raise
 
-    def start_attempt(self, event: Event, worker_id: str, max_takeovers: int) -> str:
-        """Claim the attempt named by a TASK_STARTED event: ``'ok'``, ``'done'``, ``'busy'`` or ``'poison'``.
-
-        ``'poison'`` means ``max_takeovers`` processes holding this attempt died without an outcome.
+    def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
+        """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
+        ``'ok'`` (run it), ``'done'``, ``'busy'`` or ``'poison'`` (``max_takeovers`` holders died).
         """
-        k, run = self.keys, event.run_id
-        assert event.task_id is not None and event.attempt is not None
-        return str(
-            self.scripts.start(
-                keys=[k.log(run), k.feed, k.outcomes(run), k.claims(run)],
-                args=[
-                    attempt_field(event.task_id, event.attempt),
-                    worker_id,
-                    k.heartbeat_prefix,
-                    k.channel(run),
-                    event.to_json(),
-                    constants.FEED_MAXLEN,
-                    max_takeovers,
-                ],
-            )
-        )
+        k = self.keys
+        keys: list[str] = [k.feed]
+        args: list[Any] = [worker_id, k.heartbeat_prefix, constants.FEED_MAXLEN, max_takeovers]
+        for ev in events:
+            assert ev.task_id is not None and ev.attempt is not None
+            keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), k.channel(ev.run_id), ev.to_json()]
+        return [str(v) for v in self.scripts.start(keys=keys, args=args)]
+
+    def start_attempt(self, event: Event, worker_id: str, max_takeovers: int) -> str:
+        """:meth:`start_attempts` for one attempt."""
+        return self.start_attempts([event], worker_id, max_takeovers)[0]
+
+    def finish_attempts(self, events: Sequence[Event]) -> list[bool]:
+        """Record attempts' outcome events in one round trip; False where that attempt already had one."""
+        if not events:
+            return []
+        k = self.keys
+        keys: list[str] = [k.feed]
+        args: list[Any] = [constants.FEED_MAXLEN]
+        for ev in events:
+            assert ev.task_id is not None and ev.attempt is not None
+            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
+        return [bool(v) for v in self.scripts.finish(keys=keys, args=args)]
 
     def finish_attempt(self, event: Event) -> bool:
-        """Record an attempt's outcome event; False when that attempt already had one (nothing written)."""
-        k, run = self.keys, event.run_id
-        assert event.task_id is not None and event.attempt is not None
-        return bool(
-            self.scripts.finish(
-                keys=[k.log(run), k.feed, k.outcomes(run)],
-                args=[
-                    attempt_field(event.task_id, event.attempt),
-                    event.type.value,
-                    k.channel(run),
-                    event.to_json(),
-                    constants.FEED_MAXLEN,
-                ],
-            )
-        )
+        """:meth:`finish_attempts` for one attempt."""
+        return self.finish_attempts([event])[0]
 
     def supersede(self, attempts: Sequence[tuple[str, str, int]], token: str, why: str) -> list[bool]:
         """Take the outcome slot of each (run, task, attempt); True where we got it (no outcome yet).
@@ -266,6 +263,27 @@ class EventLog:
     def trim_circuits(self) -> None:
         """Keep the circuits stream short."""
         self.redis.xtrim(self.keys.circuits, maxlen=constants.CIRCUITS_MAXLEN, approximate=True)
+
+    def announce_capacity(self, node: str, queues: Sequence[str], concurrency: int) -> None:
+        """A worker node says which queues it serves with how many slots."""
+        info = {"queues": list(queues), "concurrency": concurrency, "at": time.time()}
+        self.redis.hset(self.keys.capacity, node, json.dumps(info))
+
+    def withdraw_capacity(self, node: str) -> None:
+        """A worker node stops serving."""
+        self.redis.hdel(self.keys.capacity, node)
+
+    def capacity(self) -> dict[str, int]:
+        """Worker slots per queue, over nodes that announced themselves recently."""
+        out: dict[str, int] = {}
+        fresh = time.time() - constants.CAPACITY_STALE_S
+        for raw in self.redis.hvals(self.keys.capacity):
+            info = json.loads(raw)
+            if info["at"] < fresh:
+                continue
+            for q in info["queues"]:
+                out[q] = out.get(q, 0) + int(info["concurrency"])
+        return out
 
     def active_runs(self) -> set[str]:
         """Ids of runs that are not finished."""

@@ -22,7 +22,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
-from scheduler.dispatch import Dispatcher
+from scheduler.dispatch import Dispatcher, pack
 from scheduler.lease import Lease, LeaseKeeper
 from scheduler.metrics import SchedulerMetrics
 from scheduler.watchdog import Verdict, Watchdog
@@ -64,6 +64,8 @@ class SchedulerService:
         self.watchdog = Watchdog(log, settings)
         self.breakers = Breakers()
         self.metrics = SchedulerMetrics()
+        #: Worker slots per queue, refreshed every sweep (it decides how jobs are packed).
+        self.capacity: dict[str, int] = {}
         self._read_at = time.monotonic()
         self._next_sweep = 0.0
         self._moved = time.monotonic()
@@ -159,6 +161,7 @@ class SchedulerService:
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
             self.metrics.refresh(self.state, leader=True)
+            self.capacity = self.log.capacity()
             verdicts = self.watchdog.sweep(self.state, now, self.source)
             self._end_attempts(verdicts)
             if self.watchdog.redis_restarted():
@@ -264,7 +267,7 @@ class SchedulerService:
             return
         jobs, self._unsent = self._unsent, []
         try:
-            self.dispatcher.send(jobs)
+            self.dispatcher.send(pack(jobs, self.capacity))
         except Exception:
             # Already recorded as DISPATCHED: keep them and send again; workers claim an attempt once.
             self._unsent = jobs + self._unsent

@@ -23,8 +23,10 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from nerv_cluster import constants
 from nerv_cluster.container import Container, container_for
 from nerv_cluster.errors import ConfigurationError, NotRegisteredError
+from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import TaskFunction
@@ -60,6 +62,40 @@ class WorkerRuntime:
             self.container.heartbeat().stop()
 
 
+class CapacityBeacon:
+    """Tells the scheduler, every few seconds, which queues this worker node serves with how many slots
+    (it packs jobs into fewer messages only when there are enough slots to go round)."""
+
+    def __init__(self, log_: EventLog) -> None:
+        self._log = log_
+        self._stop = threading.Event()
+        self._node = ""
+
+    def start(self, node: str, queues: list[str], concurrency: int) -> None:
+        """Announce now and keep announcing from a daemon thread."""
+        self._node = node
+
+        def loop() -> None:
+            while True:
+                try:
+                    self._log.announce_capacity(node, queues, concurrency)
+                except Exception as exc:  # Redis away: the announcement just goes stale meanwhile
+                    log.warning("capacity announcement failed: %s", exc)
+                if self._stop.wait(constants.CAPACITY_INTERVAL_S):
+                    return
+
+        threading.Thread(target=loop, name="nerv-capacity", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop announcing and withdraw, so the scheduler stops counting these slots at once."""
+        self._stop.set()
+        if self._node:
+            try:
+                self._log.withdraw_capacity(self._node)
+            except Exception:
+                log.debug("could not withdraw capacity of %s", self._node)
+
+
 def import_modules(modules: Iterable[str]) -> None:
     """Import the modules that define tasks (their ``@task`` decorators register them)."""
     for name in modules:
@@ -70,8 +106,9 @@ def import_modules(modules: Iterable[str]) -> None:
 
 
 def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime) -> None:
-    def run(job: dict[str, Any]) -> None:
-        runtime.runner().run(Job.from_dict(job))
+    def run(*jobs: dict[str, Any]) -> None:
+        # One job, or a batch the scheduler packed (same function, same run).
+        runtime.runner().run_batch([Job.from_dict(job) for job in jobs])
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"
@@ -79,10 +116,10 @@ def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime) -> None:
 
 
 def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
-    """A job for a function this worker does not have: fail the task clearly instead of dropping it."""
+    """Jobs for a function this worker does not have: fail the tasks clearly instead of dropping them."""
     try:
         body = message.decode() if hasattr(message, "decode") else json.loads(message.body)
-        job = Job.from_dict(body[0][0])
+        jobs = [Job.from_dict(job) for job in body[0]]
     except Exception:
         log.error("refused a message for unknown task %r that is not a nerv job", name)
         return
@@ -92,16 +129,13 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
             f"no worker on queue has task {name!r} registered (worker {runner.worker_id}); "
             "start workers with the module that defines it"
         )
-    )
-    event = Event(
-        EventType.TASK_FAILED,
-        job.run_id,
-        job.task_id,
-        job.attempt,
-        {"error": error.to_dict(), "worker": runner.worker_id},
-        source=f"worker:{runner.worker_id}",
-    )
-    runner.log.finish_attempt(event)
+    ).to_dict()
+    source = f"worker:{runner.worker_id}"
+    failed = [
+        Event(EventType.TASK_FAILED, job.run_id, job.task_id, job.attempt, {"error": error}, source=source)
+        for job in jobs
+    ]
+    runner.log.finish_attempts(failed)
 
 
 def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) -> Celery:
@@ -130,8 +164,16 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
             len(names),
             ", ".join(sorted(names)),
         )
+        # worker_ready's sender is the Consumer; the pool size is on its WorkController.
+        controller = getattr(sender, "controller", None)
+        if controller is not None:
+            queues = list(app.amqp.queues.consume_from)
+            beacon.start(str(controller.hostname), queues, int(controller.concurrency))
+
+    beacon = CapacityBeacon(container.eventlog())
 
     def on_shutdown(**_: Any) -> None:
+        beacon.stop()
         runtime.stop()
 
     def on_unknown(sender: Any = None, message: Any = None, name: str = "", **_: Any) -> None:

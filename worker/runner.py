@@ -13,6 +13,7 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -31,6 +32,9 @@ from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
 
 log = logging.getLogger("nerv.worker")
+
+#: Longest a batch holds finished outcomes before recording them (downstream tasks wait for them).
+BATCH_FLUSH_S = 0.02
 
 
 def new_worker_id() -> str:
@@ -53,33 +57,59 @@ class TaskRunner:
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
 
-    def claim(self, job: Job) -> bool:
-        """Record TASK_STARTED for this attempt unless it already ran or is running elsewhere.
+    def claim(self, jobs: Sequence[Job]) -> list[Job]:
+        """Record TASK_STARTED for the attempts that did not run yet and are not running elsewhere; return
+        the jobs to run (one round trip for a whole batch).
 
         A copy of a job whose attempt another live process holds is dropped at once: if that process
         dies, the scheduler's watchdog sees its heartbeat go and dispatches a new attempt. A copy that
         finds the holder already dead takes over; when that happened too often, the attempt fails
         instead of killing another process.
         """
-        started = self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id})
-        verdict = self.log.start_attempt(started, self.worker_id, self.max_redeliveries)
-        if verdict == "ok":
-            return True
-        if verdict == "poison":
-            lost = WorkerLostError(
-                f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
-                "before it could finish (a poison task?); not running it again"
-            )
-            self._failed(job, TaskError.from_exception(lost), time.time())
-            return False
-        why = "already has an outcome" if verdict == "done" else "is held by a live worker"
-        log.info("job %s not run: the attempt %s", job.id, why)
-        return False
+        started = [self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id}) for job in jobs]
+        verdicts = self.log.start_attempts(started, self.worker_id, self.max_redeliveries)
+        runnable, poisoned = [], []
+        for job, verdict in zip(jobs, verdicts, strict=True):
+            if verdict == "ok":
+                runnable.append(job)
+            elif verdict == "poison":
+                lost = WorkerLostError(
+                    f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
+                    "before it could finish (a poison task?); not running it again"
+                )
+                poisoned.append(self._failure(job, TaskError.from_exception(lost), time.time()))
+            else:
+                why = "already has an outcome" if verdict == "done" else "is held by a live worker"
+                log.info("job %s not run: the attempt %s", job.id, why)
+        self.log.finish_attempts(poisoned)
+        return runnable
 
     def run(self, job: Job) -> EventType | None:
         """Run one job; returns the outcome recorded, or None when the job was a duplicate."""
-        if not self.claim(job):
-            return None
+        outcomes = self.run_batch([job])
+        return outcomes[0] if outcomes else None
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[EventType]:
+        """Run jobs one after the other (a batch the scheduler packed into one message).
+
+        Outcomes are recorded together, but never held back longer than ``BATCH_FLUSH_S``: downstream
+        tasks wait for them.
+        """
+        pending: list[Event] = []
+        flushed = time.monotonic()
+        kinds = []
+        for job in self.claim(jobs):
+            outcome = self.execute(job)
+            kinds.append(outcome.type)
+            pending.append(outcome)
+            if time.monotonic() - flushed >= BATCH_FLUSH_S:
+                self.log.finish_attempts(pending)
+                pending, flushed = [], time.monotonic()
+        self.log.finish_attempts(pending)
+        return kinds
+
+    def execute(self, job: Job) -> Event:
+        """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded."""
         started = time.time()
         tf = self.registry.get(job.fn)
         try:
@@ -100,14 +130,12 @@ class TaskRunner:
             self._check_result(job, value)
         except SoftTimeLimitExceeded:
             exc = TaskTimeoutError(f"task {job.task_id!r} ran past its {job.timeout}s time limit")
-            return self._failed(job, TaskError.from_exception(exc, traceback.format_exc()), started)
+            return self._failure(job, TaskError.from_exception(exc, traceback.format_exc()), started)
         except Exception as exc:
-            return self._failed(job, TaskError.from_exception(exc, traceback.format_exc()), started)
-        outcome = self._event(
+            return self._failure(job, TaskError.from_exception(exc, traceback.format_exc()), started)
+        return self._event(
             EventType.TASK_COMPLETED, job, {"result": value, "worker": self.worker_id, "started_at": started}
         )
-        self.log.finish_attempt(outcome)
-        return EventType.TASK_COMPLETED
 
     def _check_result(self, job: Job, value: Any) -> None:
         try:
@@ -121,9 +149,8 @@ class TaskRunner:
                 f"task {job.task_id!r} returned {size} bytes of JSON; the limit is {self.max_result_bytes}"
             )
 
-    def _failed(self, job: Job, error: TaskError, started: float) -> EventType:
+    def _failure(self, job: Job, error: TaskError, started: float) -> Event:
         kind, data = failure_outcome(job.retry, job.attempt, error, time.time())
         data.update(worker=self.worker_id, started_at=started)
-        self.log.finish_attempt(self._event(kind, job, data))
         log.info("job %s %s: %s", job.id, kind.value, error)
-        return kind
+        return self._event(kind, job, data)

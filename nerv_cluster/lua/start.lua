@@ -1,25 +1,34 @@
--- A worker claims an attempt before running it, and records TASK_STARTED.
--- Returns 'done' when the attempt already has an outcome (a redelivery, or superseded: do not run it),
--- 'busy' when another live worker process holds the claim, 'poison' when processes holding it died
+-- A worker claims attempts before running them, and records TASK_STARTED for each it may run.
+-- Per attempt the verdict is 'done' when it already has an outcome (a redelivery, or superseded: do not
+-- run it), 'busy' when another live worker process holds it, 'poison' when processes holding it died
 -- too often (the caller records the failure), 'ok' when this worker may run it.
--- KEYS: 1 run log, 2 feed, 3 outcomes hash, 4 claims hash
--- ARGV: 1 field (task:attempt), 2 worker id, 3 heartbeat key prefix, 4 channel, 5 event JSON,
---       6 feed maxlen, 7 max takeovers
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  return 'done'
-end
-local holder = redis.call('HGET', KEYS[4], ARGV[1])
-if holder and holder ~= ARGV[2] then
-  if redis.call('EXISTS', ARGV[3] .. holder) == 1 then
-    return 'busy'
+-- KEYS: 1 feed, then per attempt: run log, outcomes hash, claims hash
+-- ARGV: 1 worker id, 2 heartbeat key prefix, 3 feed maxlen, 4 max takeovers,
+--       then per attempt: field (task:attempt), channel, TASK_STARTED event JSON
+local verdicts = {}
+for i = 0, (#ARGV - 4) / 3 - 1 do
+  local log, outcomes, claims = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local field, channel, event = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+  local verdict = 'ok'
+  if redis.call('HEXISTS', outcomes, field) == 1 then
+    verdict = 'done'
+  else
+    local holder = redis.call('HGET', claims, field)
+    if holder and holder ~= ARGV[1] then
+      if redis.call('EXISTS', ARGV[2] .. holder) == 1 then
+        verdict = 'busy'
+      elseif redis.call('HINCRBY', claims, field .. '#lost', 1) >= tonumber(ARGV[4]) then
+        -- The holders died without an outcome too often.
+        verdict = 'poison'
+      end
+    end
   end
-  -- The holder died without an outcome: take over, counting how often that happened.
-  if redis.call('HINCRBY', KEYS[4], ARGV[1] .. '#lost', 1) >= tonumber(ARGV[7]) then
-    return 'poison'
+  if verdict == 'ok' then
+    redis.call('HSET', claims, field, ARGV[1])
+    redis.call('XADD', log, '*', 'e', event)
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', event)
+    redis.call('PUBLISH', channel, event)
   end
+  verdicts[#verdicts + 1] = verdict
 end
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[1], '*', 'e', ARGV[5])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 'ok'
+return verdicts

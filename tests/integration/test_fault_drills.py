@@ -27,6 +27,14 @@ def _wait_event(c: Cluster, run_id: str, kind: EventType, timeout: float = 30, c
     raise AssertionError(f"no {kind.value} in run {run_id} after {timeout}s")
 
 
+def _wait_running(c: Cluster, run_id: str, task_id: str, timeout: float = 30) -> None:
+    """Wait until the task's function itself is running (past the claim that records TASK_STARTED)."""
+    deadline = time.monotonic() + timeout
+    while c.execs(run_id).get(task_id, 0) < 1:
+        assert time.monotonic() < deadline, f"{task_id} never started running"
+        time.sleep(0.02)
+
+
 def _owner(c: Cluster, worker_id: str):
     """The worker Popen whose process group contains the pid in a nerv worker id (host:pid:rand)."""
     import os
@@ -47,6 +55,7 @@ def test_sigkill_whole_worker_mid_task_reruns_elsewhere_recorded_once(own_cluste
     wf.add(tt.add, victim, 1, id="after")
     run_id = c.client.submit(wf)
     started = _wait_event(c, run_id, EventType.TASK_STARTED)[0]
+    _wait_running(c, run_id, "victim")
     t0 = time.monotonic()
     c.kill(_owner(c, started.data["worker"]), signal.SIGKILL)  # the host dies: parent and pool child
     res = c.client.wait(run_id, timeout=60)
@@ -70,6 +79,7 @@ def test_sigkill_pool_child_redelivers_to_another_process(own_cluster: Cluster) 
     wf.add(tt.slow, 3.0, id="victim")
     run_id = c.client.submit(wf)
     started = _wait_event(c, run_id, EventType.TASK_STARTED)[0]
+    _wait_running(c, run_id, "victim")
     os.kill(int(started.data["worker"].split(":")[1]), signal.SIGKILL)
     res = c.client.wait(run_id, timeout=60)
     assert res.status is RunStatus.COMPLETED, res.reason
