@@ -1,0 +1,42 @@
+"""Packing jobs into Celery messages (pure)."""
+
+from __future__ import annotations
+
+from nerv_cluster import constants
+from nerv_cluster.jobs import Job
+from scheduler.dispatch import pack
+
+
+def _job(run: str, i: int, fn: str = "m.f", timeout: float | None = None) -> Job:
+    return Job(run_id=run, task_id=f"t{i}", attempt=1, fn=fn, args=[], kwargs={}, timeout=timeout)
+
+
+def test_without_known_capacity_every_job_travels_alone():
+    jobs = [(_job("r", i), "cpu") for i in range(10)]
+    assert [len(m) for m, _ in pack(jobs, {})] == [1] * 10
+
+
+def test_a_big_fan_out_is_packed_but_every_slot_keeps_several_messages():
+    jobs = [(_job("r", i), "cpu") for i in range(2000)]
+    messages = pack(jobs, {"cpu": 2})
+    sizes = [len(m) for m, _ in messages]
+    assert max(sizes) == constants.MAX_BATCH
+    assert sum(sizes) == 2000 and len(messages) >= 2 * constants.BATCHES_PER_SLOT
+    assert [j.task_id for m, _ in messages for j in m] == [f"t{i}" for i in range(2000)], "order kept"
+
+
+def test_few_jobs_for_many_slots_are_not_packed():
+    jobs = [(_job("r", i), "cpu") for i in range(40)]
+    assert {len(m) for m, _ in pack(jobs, {"cpu": 16})} == {1}
+
+
+def test_batches_never_mix_runs_functions_or_queues_and_time_limited_jobs_go_alone():
+    jobs = [(_job("a", i), "cpu") for i in range(50)]
+    jobs += [(_job("b", i), "cpu") for i in range(50)]
+    jobs += [(_job("a", 100 + i, fn="m.g"), "cpu") for i in range(50)]
+    jobs += [(_job("a", 200 + i), "io") for i in range(50)]
+    jobs += [(_job("a", 300 + i, timeout=5.0), "cpu") for i in range(5)]
+    for message, queue in pack(jobs, {"cpu": 1, "io": 1}):
+        assert len({(j.run_id, j.fn) for j in message}) == 1
+        assert all(j.timeout is None for j in message) or len(message) == 1
+        assert queue == ("io" if message[0].task_id in {f"t{200 + i}" for i in range(50)} else "cpu")
