@@ -56,6 +56,9 @@ class NervEngine(Engine):
         env = {
             "NERV_WORKER_MODULES": "bench.nerv_tasks",
             "NERV_LOG_LEVEL": "INFO",
+            # The peers' workers run without Celery task events (no -E); ours too, for a like-for-like run.
+            "NERV_TASK_EVENTS": "false",
+            "NERV_METRICS_PORT": "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         }
         self.cluster = LocalCluster(redis_url, Path(self._logdir.name), env)

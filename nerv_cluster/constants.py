@@ -60,6 +60,8 @@ CAPACITY_STALE_S: Final = 20.0
 #: aims for at least (so packing never starves a slot).
 MAX_BATCH: Final = 32
 BATCHES_PER_SLOT: Final = 4
+#: Longest the scheduler holds ready jobs back to pack them, and only while the queues have a backlog.
+PACK_HOLD_S: Final = 0.02
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).

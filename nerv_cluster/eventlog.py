@@ -285,6 +285,13 @@ class EventLog:
                 out[q] = out.get(q, 0) + int(info["concurrency"])
         return out
 
+    def queue_lengths(self, queues: Sequence[str]) -> list[int]:
+        """Messages waiting in these Celery queues (not yet taken by any worker)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        return [int(n) for n in pipe.execute()]
+
     def active_runs(self) -> set[str]:
         """Ids of runs that are not finished."""
         return set(self.redis.smembers(self.keys.active))

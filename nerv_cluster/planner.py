@@ -80,25 +80,27 @@ def plan(tasks: Sequence[TaskDef]) -> Plan:
     check_graph(tasks)
     ids = [t.id for t in tasks]
     position = {tid: i for i, tid in enumerate(ids)}
-    deps = {t.id: tuple(dict.fromkeys(t.dependencies)) for t in tasks}
+    # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
+    deps = {t.id: t.dependencies for t in tasks}
     dependents: dict[str, list[str]] = {tid: [] for tid in ids}
     for tid, ds in deps.items():
         for d in ds:
             dependents[d].append(tid)
 
     remaining = {tid: len(ds) for tid, ds in deps.items()}
-    level_of: dict[str, int] = {}
-    topo: list[str] = [tid for tid in ids if remaining[tid] == 0]
-    for tid in topo:
-        level_of[tid] = 0
+    level_of = dict.fromkeys(ids, 0)
+    topo: list[str] = [tid for tid in ids if not remaining[tid]]
     i = 0
     while i < len(topo):
         tid = topo[i]
         i += 1
+        below = level_of[tid] + 1
         for child in dependents[tid]:
-            level_of[child] = max(level_of.get(child, 0), level_of[tid] + 1)
-            remaining[child] -= 1
-            if remaining[child] == 0:
+            if level_of[child] < below:
+                level_of[child] = below
+            left = remaining[child] - 1
+            remaining[child] = left
+            if not left:
                 topo.append(child)
     if len(topo) != len(ids):
         stuck = {tid for tid in ids if remaining[tid] > 0}
@@ -107,14 +109,16 @@ def plan(tasks: Sequence[TaskDef]) -> Plan:
     # Longest chain from each task to a sink, counted in tasks: what is still ahead of it.
     ahead: dict[str, int] = {}
     for tid in reversed(topo):
-        ahead[tid] = 1 + max((ahead[c] for c in dependents[tid]), default=0)
+        most = 0
+        for c in dependents[tid]:
+            if ahead[c] > most:
+                most = ahead[c]
+        ahead[tid] = most + 1
 
-    by_id = {t.id: t for t in tasks}
-
-    def key(tid: str) -> tuple[int, int, int, int]:
-        return (level_of[tid], -int(by_id[tid].priority), -ahead[tid], position[tid])
-
-    order = tuple(sorted(ids, key=key))
+    keyed = sorted(
+        (level_of[t.id], -int(t.priority), -ahead[t.id], position[t.id], t.id) for t in tasks
+    )
+    order = tuple(k[-1] for k in keyed)
     depth = max(level_of.values(), default=-1) + 1
     levels: list[list[str]] = [[] for _ in range(depth)]
     for tid in order:

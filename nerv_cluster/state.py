@@ -9,13 +9,14 @@ scheduler turns into decisions; decisions come back as events.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from pyrsistent import PMap, PSet, pmap, pset
 
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
+    TERMINAL_TASK_STATUSES,
     Event,
     EventType,
     RunStatus,
@@ -29,10 +30,23 @@ from nerv_cluster.model import (
 from nerv_cluster.planner import Plan, plan
 
 _ACTIVE = (TaskStatus.READY, TaskStatus.RUNNING)
+# Immutable empties shared as defaults. The states are NamedTuples: ``_replace`` is several times
+# faster than ``dataclasses.replace``, and the fold does little else.
+_NO_TASKS: PSet[str] = pset()
+_STATUSES = tuple(TaskStatus)
+_AT = {status: i for i, status in enumerate(_STATUSES)}
+_NO_COUNTS: tuple[int, ...] = (0,) * len(_STATUSES)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskState:
+def _moved(tally: tuple[int, ...], old: TaskStatus, new: TaskStatus) -> tuple[int, ...]:
+    """The tally after one task moved from ``old`` to ``new``."""
+    counts = list(tally)
+    counts[_AT[old]] -= 1
+    counts[_AT[new]] += 1
+    return tuple(counts)
+
+
+class TaskState(NamedTuple):
     """One task's state. ``attempt`` is the current attempt (1-based); ``ok``/``failed``/``skipped`` count
     how its dependencies ended, which decides its trigger rule."""
 
@@ -54,8 +68,7 @@ class TaskState:
     lost: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RunState:
+class RunState(NamedTuple):
     """One run: its definition and plan, every task's state, and the pending decisions.
 
     ``ready`` holds READY tasks not yet dispatched (some may wait for ``due_at``); ``doomed`` holds
@@ -70,11 +83,12 @@ class RunState:
     defs: Mapping[str, TaskDef]
     tasks: PMap[str, TaskState]
     status: RunStatus = RunStatus.PENDING
-    ready: PSet[str] = field(default_factory=pset)
-    doomed: PSet[str] = field(default_factory=pset)
-    running: PSet[str] = field(default_factory=pset)
-    queued: PSet[str] = field(default_factory=pset)
-    counts: PMap[str, int] = field(default_factory=pmap)
+    ready: PSet[str] = _NO_TASKS
+    doomed: PSet[str] = _NO_TASKS
+    running: PSet[str] = _NO_TASKS
+    queued: PSet[str] = _NO_TASKS
+    #: Tasks per status, indexed like ``_STATUSES`` (a tuple: cheaper to update than a map).
+    tally: tuple[int, ...] = _NO_COUNTS
     submitted_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -94,8 +108,8 @@ class RunState:
     @property
     def finished_tasks(self) -> int:
         """Number of tasks in a terminal status."""
-        c = self.counts
-        return sum(c.get(s, 0) for s in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"))
+        t = self.tally
+        return sum(t[_AT[s]] for s in TERMINAL_TASK_STATUSES)
 
     @property
     def all_tasks_done(self) -> bool:
@@ -104,7 +118,12 @@ class RunState:
 
     def count(self, status: TaskStatus) -> int:
         """How many tasks have ``status``."""
-        return self.counts.get(status.value, 0)
+        return self.tally[_AT[status]]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Status name -> number of tasks in it (statuses with none left out)."""
+        return {s.value: n for s, n in zip(_STATUSES, self.tally, strict=True) if n}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +141,9 @@ EMPTY = State()
 
 def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any) -> RunState:
     """Store ``new`` for ``tid``, keeping the per-status counts right, plus any RunState changes."""
-    counts = run.counts
+    tally = run.tally
     if old.status != new.status:
-        counts = counts.set(old.status.value, counts.get(old.status.value, 0) - 1)
-        counts = counts.set(new.status.value, counts.get(new.status.value, 0) + 1)
+        tally = _moved(tally, old.status, new.status)
         if new.status is TaskStatus.RUNNING:
             changes["running"] = run.running.add(tid)
         elif old.status is TaskStatus.RUNNING:
@@ -134,7 +152,7 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
         changes["queued"] = run.queued.add(tid) if is_queued else run.queued.discard(tid)
-    return replace(run, tasks=run.tasks.set(tid, new), counts=counts, **changes)
+    return run._replace(tasks=run.tasks.set(tid, new), tally=tally, **changes)
 
 
 def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) -> bool | None:
@@ -152,32 +170,31 @@ def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) 
 
 def _settle(run: RunState, tid: str, outcome: TaskStatus) -> RunState:
     """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed."""
-    ready, doomed, tasks, counts = run.ready, run.doomed, run.tasks, run.counts
+    ready, doomed, tasks, tally = run.ready, run.doomed, run.tasks, run.tally
     for child in run.plan.dependents[tid]:
         cs = tasks[child]
         if outcome is TaskStatus.COMPLETED:
-            cs = replace(cs, ok=cs.ok + 1)
+            cs = cs._replace(ok=cs.ok + 1)
         elif outcome is TaskStatus.FAILED:
-            cs = replace(cs, failed=cs.failed + 1)
+            cs = cs._replace(failed=cs.failed + 1)
         else:
-            cs = replace(cs, skipped=cs.skipped + 1)
+            cs = cs._replace(skipped=cs.skipped + 1)
         if cs.status is TaskStatus.PENDING and child not in doomed:
             td = run.defs[child]
             verdict = rule_outcome(td.trigger, len(td.dependencies), cs.ok, cs.failed, cs.skipped)
             if verdict is True and not run.cancel_requested:
-                counts = counts.set("PENDING", counts.get("PENDING", 0) - 1)
-                counts = counts.set("READY", counts.get("READY", 0) + 1)
-                cs = replace(cs, status=TaskStatus.READY)
+                tally = _moved(tally, TaskStatus.PENDING, TaskStatus.READY)
+                cs = cs._replace(status=TaskStatus.READY)
                 ready = ready.add(child)
             elif verdict is False:
                 doomed = doomed.add(child)
         tasks = tasks.set(child, cs)
-    return replace(run, tasks=tasks, ready=ready, doomed=doomed, counts=counts)
+    return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tally)
 
 
 def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatus, **fields: Any) -> RunState:
     """End task ``tid`` with a terminal ``status`` and settle its dependents."""
-    new = replace(ts, status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
+    new = ts._replace(status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
     run = _put(run, tid, ts, new, ready=run.ready.discard(tid), doomed=run.doomed.discard(tid))
     return _settle(run, tid, status)
 
@@ -193,14 +210,14 @@ def _submitted(run: RunState | None, ev: Event) -> RunState | None:
 def _wf_started(run: RunState, ev: Event) -> RunState:
     if run.status is not RunStatus.PENDING:
         return run
-    return replace(run, status=RunStatus.RUNNING, started_at=ev.ts)
+    return run._replace(status=RunStatus.RUNNING, started_at=ev.ts)
 
 
 def _wf_end(status: RunStatus) -> Callable[[RunState, Event], RunState]:
     def handler(run: RunState, ev: Event) -> RunState:
         if run.status.terminal:
             return run
-        return replace(run, status=status, finished_at=ev.ts, reason=str(ev.data.get("reason", "")))
+        return run._replace(status=status, finished_at=ev.ts, reason=str(ev.data.get("reason", "")))
 
     return handler
 
@@ -208,7 +225,7 @@ def _wf_end(status: RunStatus) -> Callable[[RunState, Event], RunState]:
 def _cancel_requested(run: RunState, ev: Event) -> RunState:
     if run.cancel_requested or run.status.terminal:
         return run
-    return replace(run, cancel_requested=True, reason=str(ev.data.get("reason", "cancelled")))
+    return run._replace(cancel_requested=True, reason=str(ev.data.get("reason", "cancelled")))
 
 
 def _current(run: RunState, ev: Event) -> tuple[str, TaskState] | None:
@@ -227,7 +244,7 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched:
         return run
     tid, ts = cur
-    new = replace(ts, dispatched=True, dispatched_at=ev.ts, due_at=None)
+    new = ts._replace(dispatched=True, dispatched_at=ev.ts, due_at=None)
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
 
@@ -242,8 +259,8 @@ def _started(run: RunState, ev: Event) -> RunState:
         if worker == ts.worker or ev.ts <= (ts.started_at or 0):
             return run
         # The first process was lost: that counts towards the poison-task bound like a re-dispatch.
-        return _put(run, tid, ts, replace(ts, worker=worker, started_at=ev.ts, lost=ts.lost + 1))
-    new = replace(ts, status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=worker)
+        return _put(run, tid, ts, ts._replace(worker=worker, started_at=ev.ts, lost=ts.lost + 1))
+    new = ts._replace(status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=worker)
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
 
@@ -290,8 +307,7 @@ def _again(run: RunState, ev: Event) -> RunState:
         return run
     tid, ts = cur
     err = ev.data.get("error")
-    new = replace(
-        ts,
+    new = ts._replace(
         status=TaskStatus.READY,
         lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
@@ -357,7 +373,10 @@ def new_run(
         defs=defs,
         tasks=pmap(tasks, pre_size=len(tasks) * 2),
         ready=pset(roots),
-        counts=pmap({"PENDING": len(defs) - len(roots), "READY": len(roots)}),
+        tally=tuple(
+            len(defs) - len(roots) if s is TaskStatus.PENDING else len(roots) if s is TaskStatus.READY else 0
+            for s in _STATUSES
+        ),
         submitted_at=submitted_at,
     )
 

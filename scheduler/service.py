@@ -66,11 +66,19 @@ class SchedulerService:
         self.metrics = SchedulerMetrics()
         #: Worker slots per queue, refreshed every sweep (it decides how jobs are packed).
         self.capacity: dict[str, int] = {}
+        self._held_since: float | None = None
         self._read_at = time.monotonic()
         self._next_sweep = 0.0
         self._moved = time.monotonic()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
+
+    def _token(self) -> str:
+        """Our fencing token; the keeper thread may have dropped it a moment ago."""
+        token = self.lease.token
+        if token is None:
+            raise LeaseLostError("the lease was lost while acting")
+        return token
 
     @property
     def source(self) -> str:
@@ -144,6 +152,8 @@ class SchedulerService:
         block = self.settings.block_ms
         if self._delayed:
             block = max(1, min(block, int((self._delayed[0][0] - now) * 1000)))
+        if self._unsent:  # jobs held back for packing: come back for them soon
+            block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
         self._moved = time.monotonic()
         entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
         state = self.state
@@ -193,8 +203,7 @@ class SchedulerService:
                 log.warning("circuit of %s: %s", td.fn, transition.type.value)
                 transitions.append(transition)
         if transitions:
-            assert self.lease.token is not None
-            self.log.append_fenced(transitions, self.lease.token)
+            self.log.append_fenced(transitions, self._token())
             self.log.trim_circuits()
 
     def _end_attempts(self, verdicts: list[Verdict]) -> None:
@@ -202,10 +211,8 @@ class SchedulerService:
         then record the verdicts we won."""
         if not verdicts:
             return
-        assert self.lease.token is not None
-        won = self.log.supersede(
-            [(v.run_id, v.task_id, v.attempt) for v in verdicts], self.lease.token, "SUPERSEDED"
-        )
+        token = self._token()
+        won = self.log.supersede([(v.run_id, v.task_id, v.attempt) for v in verdicts], token, "SUPERSEDED")
         events = [v.event for v, ok in zip(verdicts, won, strict=True) if ok]
         for ev in events:
             log.warning(
@@ -217,7 +224,7 @@ class SchedulerService:
                 ev.data.get("reason") or ev.data.get("error", {}).get("message"),
             )
         if events:
-            self.log.append_fenced(events, self.lease.token)
+            self.log.append_fenced(events, token)
             self.state = st.fold(events, self.state)
             self._touched.update(ev.run_id for ev in events)
 
@@ -246,8 +253,7 @@ class SchedulerService:
             if run is not None:
                 decide(run, now, self.source, out, self.breakers)
         if out.events:
-            assert self.lease.token is not None
-            self.log.append_fenced(out.events, self.lease.token)
+            self.log.append_fenced(out.events, self._token())
             self.state = st.fold(out.events, self.state)
             self.metrics.on_decided(out.events)
             self._touched.update(ev.run_id for ev in out.events)
@@ -262,9 +268,24 @@ class SchedulerService:
         self._send_unsent()
         self._close(out.finished)
 
+    def _hold(self) -> bool:
+        """Hold ready jobs back a moment to pack them, but only while every worker slot is busy anyway
+        (messages are waiting in the queues): then the wait costs no latency and saves messages."""
+        if not self.capacity:
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            queues = sorted({queue for _, queue in self._unsent})
+            waiting = self.log.queue_lengths(queues)
+            if not any(waiting):
+                return False
+            self._held_since = now
+        return now - self._held_since < constants.PACK_HOLD_S
+
     def _send_unsent(self) -> None:
-        if not self._unsent:
+        if not self._unsent or self._hold():
             return
+        self._held_since = None
         jobs, self._unsent = self._unsent, []
         try:
             self.dispatcher.send(pack(jobs, self.capacity))
@@ -276,12 +297,12 @@ class SchedulerService:
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
         # Take the attempts' outcome slots first, so a worker that picks one up later skips it.
-        assert self.lease.token is not None
+        token = self._token()
         attempts = []
         for jid in job_ids:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
-        self.log.supersede(attempts, self.lease.token, "TASK_CANCELLED")
+        self.log.supersede(attempts, token, "TASK_CANCELLED")
         self.dispatcher.revoke(job_ids)
 
     def _close(self, run_ids: list[str]) -> None:
@@ -328,6 +349,11 @@ class SchedulerService:
                     self.step_down(str(exc))
                 except redis.RedisError as exc:
                     log.warning("redis error: %s; will refold and retry", exc)
+                    self._stale = True
+                    stop.wait(_BACKOFF_S)
+                except Exception:
+                    # A bug must not take the scheduler down: log it, drop what we hold, refold.
+                    log.exception("unexpected error in the scheduler loop; refolding")
                     self._stale = True
                     stop.wait(_BACKOFF_S)
         finally:

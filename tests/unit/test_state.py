@@ -656,5 +656,5 @@ if given is not None:
 def test_replace_keeps_runstate_comparable():
     # The property tests compare whole RunStates; make sure equality sees a changed task.
     run = run_after(diamond())
-    changed = replace(run, tasks=run.tasks.set(A, replace(run.tasks[A], result=1)))
+    changed = run._replace(tasks=run.tasks.set(A, run.tasks[A]._replace(result=1)))
     assert changed != run
