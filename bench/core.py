@@ -55,8 +55,12 @@ def drive(definition: WorkflowDef) -> tuple[int, int, list[Event], float]:
         decisions += len(out.jobs)
         outcomes = []
         for job, _ in out.jobs:
-            outcomes.append(Event(EventType.TASK_STARTED, "run", job.task_id, job.attempt, {"worker": "w"}, ts=now))
-            outcomes.append(Event(EventType.TASK_COMPLETED, "run", job.task_id, job.attempt, {"result": None}, ts=now))
+            outcomes.append(
+                Event(EventType.TASK_STARTED, "run", job.task_id, job.attempt, {"worker": "w"}, ts=now)
+            )
+            outcomes.append(
+                Event(EventType.TASK_COMPLETED, "run", job.task_id, job.attempt, {"result": None}, ts=now)
+            )
         state = st.fold(outcomes, state)
         log.extend(outcomes)
         folded += len(outcomes)
@@ -76,10 +80,17 @@ def main() -> None:
     out: dict[str, Any] = {}
 
     folded, decisions, _, secs = drive(random_dag(args.tasks, seed=2))
-    out["fold_decide"] = {"events": folded, "dispatches": decisions, "seconds": secs,
-                          "events_per_s": folded / secs, "dispatches_per_s": decisions / secs}
-    print(f"fold+decide: {folded} events and {decisions} dispatches in {secs:.2f}s = "
-          f"{folded / secs:,.0f} events/s, {decisions / secs:,.0f} dispatches/s (one core)")
+    out["fold_decide"] = {
+        "events": folded,
+        "dispatches": decisions,
+        "seconds": secs,
+        "events_per_s": folded / secs,
+        "dispatches_per_s": decisions / secs,
+    }
+    print(
+        f"fold+decide: {folded} events and {decisions} dispatches in {secs:.2f}s = "
+        f"{folded / secs:,.0f} events/s, {decisions / secs:,.0f} dispatches/s (one core)"
+    )
 
     big = random_dag(args.plan_tasks, seed=3)
     t0 = time.perf_counter()
@@ -90,7 +101,9 @@ def main() -> None:
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
     out["plan"] = {"tasks": args.plan_tasks, "seconds": secs, "peak_mb": peak, "levels": len(p.levels)}
-    print(f"plan: {args.plan_tasks:,} tasks ({len(p.levels)} levels) in {secs:.2f}s, peak {peak:.0f} MB traced")
+    print(
+        f"plan: {args.plan_tasks:,} tasks ({len(p.levels)} levels) in {secs:.2f}s, peak {peak:.0f} MB traced"
+    )
 
     per_task = 4  # DISPATCHED, STARTED, COMPLETED per task, plus the run's own events
     n = max(1, args.refold_events // per_task)

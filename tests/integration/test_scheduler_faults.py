@@ -74,3 +74,35 @@ def test_two_schedulers_at_once_dispatch_each_task_once(own_cluster: Cluster) ->
     assert sorted(dispatched) == sorted(parents), "each task is dispatched exactly once"
     assert len({ev.source for ev in events if ev.source.startswith("scheduler:")}) == 1
     assert c.execs(run_id) == dict.fromkeys(parents, 1)
+
+
+def test_standby_takes_over_when_the_leader_is_killed(own_cluster: Cluster) -> None:
+    c = own_cluster
+    first, second = c.scheduler(), c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    wf, parents = _layered(levels=6, width=4, seconds=0.15)
+    run_id = c.client.submit(wf)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sum(1 for ev in log_of(c.client, run_id) if ev.type is EventType.TASK_COMPLETED) >= 6:
+            break
+        time.sleep(0.05)
+    token = c.redis.get(c.client.keys.lease)
+    leader = next(p for p in (first, second) if f"leader (token {token})" in c.tail(p, 200))
+    standby = second if leader is first else first
+    killed_at = time.time()
+    c.kill(leader, signal.SIGKILL)
+    res = c.client.wait(run_id, timeout=60)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert standby.poll() is None, "the standby keeps running"
+    sources = [ev.source for ev in log_of(c.client, run_id) if ev.source.startswith("scheduler:")]
+    assert sources[0] == f"scheduler:{token}" and sources[-1] != f"scheduler:{token}", (
+        "the standby finished it"
+    )
+    took_over = min(
+        ev.ts for ev in log_of(c.client, run_id) if ev.source.startswith("scheduler:") and ev.ts > killed_at
+    )
+    lease_s = int(c.env["NERV_LEASE_TTL_MS"]) / 1000
+    assert took_over - killed_at < lease_s + 2.0, "the standby takes over within the lease time"
+    assert c.execs(run_id) == dict.fromkeys(parents, 1)
