@@ -99,7 +99,8 @@ class EmbeddedRedis:
     removed by :meth:`close` (and on leaving the ``with`` block). ``appendonly=True`` turns the AOF on
     (fsync every second), so :meth:`restart` and :meth:`kill` + :meth:`start` keep the data.
     RDB snapshots are always off. ``extra_args`` go to ``redis-server`` as they are.
-    ``die_with_parent=True`` makes the server get SIGTERM if this process dies (Linux; see
+    ``password`` sets ``requirepass`` (and goes into :attr:`url`). ``die_with_parent=True`` makes the
+    server get SIGTERM if this process dies (Linux; see
     :func:`parent_death_signal`).
     """
 
@@ -112,6 +113,7 @@ class EmbeddedRedis:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         die_with_parent: bool = False,
+        password: str | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self._fixed_port = port is not None
@@ -122,6 +124,8 @@ class EmbeddedRedis:
         self.extra_args = tuple(extra_args)
         self.binary = binary or redis_server_binary()
         self.die_with_parent = die_with_parent
+        #: ``requirepass``: the server asks clients for it, and :attr:`url` carries it.
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- facts ----------------------------------------------------------------------------------------
@@ -131,7 +135,8 @@ class EmbeddedRedis:
         """``redis://127.0.0.1:<port>/0``."""
         if not self.port:
             raise ConfigurationError("the embedded Redis has no port yet: start it first")
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -161,6 +166,7 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
             "--maxmemory-policy", "noeviction",
+            *(["--requirepass", self.password] if self.password else []),
             *self.extra_args,
         ]  # fmt: skip
 
@@ -194,7 +200,13 @@ class EmbeddedRedis:
             preexec_fn=parent_death_signal() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
-        probe = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
+        probe = redis.Redis(
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=0.5,
+            socket_timeout=1,
+        )
         try:
             while True:
                 if self.proc.poll() is not None:
