@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from pyrsistent import PMap, PSet, pmap, pset
+from pyrsistent import PMap, pmap
 
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
@@ -32,7 +32,10 @@ from nerv_cluster.planner import Plan, plan
 _ACTIVE = (TaskStatus.READY, TaskStatus.RUNNING)
 # Immutable empties shared as defaults. The states are NamedTuples: ``_replace`` is several times
 # faster than ``dataclasses.replace``, and the fold does little else.
-_NO_TASKS: PSet[str] = pset()
+#: A set of task ids, kept as a pmap to True: pyrsistent's pset pays for an evolver on every add and
+#: discard, several times the pmap underneath, and the fold changes these sets on nearly every event.
+IdSet = PMap[str, bool]
+_NO_TASKS: IdSet = pmap()
 _STATUSES = tuple(TaskStatus)
 _AT = {status: i for i, status in enumerate(_STATUSES)}
 _NO_COUNTS: tuple[int, ...] = (0,) * len(_STATUSES)
@@ -83,10 +86,10 @@ class RunState(NamedTuple):
     defs: Mapping[str, TaskDef]
     tasks: PMap[str, TaskState]
     status: RunStatus = RunStatus.PENDING
-    ready: PSet[str] = _NO_TASKS
-    doomed: PSet[str] = _NO_TASKS
-    running: PSet[str] = _NO_TASKS
-    queued: PSet[str] = _NO_TASKS
+    ready: IdSet = _NO_TASKS
+    doomed: IdSet = _NO_TASKS
+    running: IdSet = _NO_TASKS
+    queued: IdSet = _NO_TASKS
     #: Tasks per status, indexed like ``_STATUSES`` (a tuple: cheaper to update than a map).
     tally: tuple[int, ...] = _NO_COUNTS
     submitted_at: float = 0.0
@@ -145,13 +148,13 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
     if old.status != new.status:
         tally = _moved(tally, old.status, new.status)
         if new.status is TaskStatus.RUNNING:
-            changes["running"] = run.running.add(tid)
+            changes["running"] = run.running.set(tid, True)
         elif old.status is TaskStatus.RUNNING:
             changes["running"] = run.running.discard(tid)
     was_queued = old.status is TaskStatus.READY and old.dispatched
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
-        changes["queued"] = run.queued.add(tid) if is_queued else run.queued.discard(tid)
+        changes["queued"] = run.queued.set(tid, True) if is_queued else run.queued.discard(tid)
     return run._replace(tasks=run.tasks.set(tid, new), tally=tally, **changes)
 
 
@@ -185,9 +188,9 @@ def _settle(run: RunState, tid: str, outcome: TaskStatus) -> RunState:
             if verdict is True and not run.cancel_requested:
                 tally = _moved(tally, TaskStatus.PENDING, TaskStatus.READY)
                 cs = cs._replace(status=TaskStatus.READY)
-                ready = ready.add(child)
+                ready = ready.set(child, True)
             elif verdict is False:
-                doomed = doomed.add(child)
+                doomed = doomed.set(child, True)
         tasks = tasks.set(child, cs)
     return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tally)
 
@@ -316,7 +319,7 @@ def _again(run: RunState, ev: Event) -> RunState:
         error=TaskError.from_dict(err) if err else ts.error,
         reason=str(ev.data.get("reason", "")),
     )
-    return _put(run, tid, ts, new, ready=run.ready.add(tid))
+    return _put(run, tid, ts, new, ready=run.ready.set(tid, True))
 
 
 def _skipped(run: RunState, ev: Event) -> RunState:
@@ -372,7 +375,7 @@ def new_run(
         plan=the_plan,
         defs=defs,
         tasks=pmap(tasks, pre_size=len(tasks) * 2),
-        ready=pset(roots),
+        ready=pmap(dict.fromkeys(roots, True)),
         tally=tuple(
             len(defs) - len(roots) if s is TaskStatus.PENDING else len(roots) if s is TaskStatus.READY else 0
             for s in _STATUSES

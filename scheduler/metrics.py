@@ -117,7 +117,7 @@ class SchedulerMetrics:
         for run in state.runs.values():
             for tid in run.ready:
                 ready[run.defs[tid].queue] += 1
-            active = run.running | run.queued
+            active = {*run.running, *run.queued}
             for tid in run.running:
                 running[run.defs[tid].queue] += 1
             seen: set[str] = set()
