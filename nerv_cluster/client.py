@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,27 +132,39 @@ class Client:
         """The run as of now: its status and every task's status, result, error and timings."""
         return st.run_result(self._fold(run_id)[0])
 
-    def wait(self, run_id: str, timeout: float | None = None) -> st.RunResult:
-        """Block until the run ends and return its :class:`RunResult` (whatever the outcome).
+    def follow(
+        self, run_id: str, timeout: float | None = None, *, block_ms: int = _FOLLOW_BLOCK_MS
+    ) -> Iterator[st.RunState]:
+        """The run's state, folded from its log: first as logged now, then again after each batch of new
+        events (or every ``block_ms`` when none come), the last one terminal.
 
-        Reads the run's log, then follows it, so no event can be missed. Raises
-        :class:`WaitTimeoutError` if the run is still going after ``timeout`` seconds.
+        Reads the log, then follows it, so no event can be missed. Raises :class:`WaitTimeoutError` if
+        the run is still going after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         run, last = self._fold(run_id)
+        yield run
         while not run.status.terminal:
-            block = _FOLLOW_BLOCK_MS
+            block = block_ms
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeoutError(
-                        f"run {run_id} still {run.status.value} after {timeout}s "
+                        f"run {run_id} still {run.status.value} after {timeout:g}s "
                         f"({run.finished_tasks}/{run.total} tasks done)"
                     )
                 block = max(1, min(block, int(left * 1000)))
             for entry_id, ev in self.log.follow_run(run_id, last, block):
                 run = st.apply_to_run(run, ev) or run
                 last = entry_id
+            yield run
+
+    def wait(self, run_id: str, timeout: float | None = None) -> st.RunResult:
+        """Block until the run ends and return its :class:`RunResult` (whatever the outcome).
+
+        Raises :class:`WaitTimeoutError` if the run is still going after ``timeout`` seconds.
+        """
+        run = deque(self.follow(run_id, timeout), maxlen=1)[0]  # the last state: the terminal one
         return st.run_result(run)
 
     def events(self, run_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[Event]:

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from nerv_cluster import state as st
 from nerv_cluster.client import Client
-from nerv_cluster.errors import RunNotFoundError, WaitTimeoutError
+from nerv_cluster.errors import RunNotFoundError
 from nerv_cluster.model import RunStatus, TaskStatus
 from nerv_cluster.planner import Plan
 from nerv_cluster.workflow import Workflow
@@ -151,14 +151,8 @@ def watch(
     still going after ``timeout`` seconds. Without a terminal it prints a plain line now and then.
     """
     began = time.monotonic()
-    deadline = None if timeout is None else began + timeout
-    run: st.RunState | None = None
-    last = "0-0"
-    for entry_id, ev in client.log.read_run(run_id):
-        run = st.apply_to_run(run, ev)
-        last = entry_id
-    if run is None:
-        raise RunNotFoundError(f"no run {run_id!r} (never submitted, or expired after its retention time)")
+    states = client.follow(run_id, timeout, block_ms=_BLOCK_MS)
+    run = next(states)
 
     plain = not console.is_terminal
     next_plain = time.monotonic() + _PLAIN_EVERY_S
@@ -174,27 +168,13 @@ def watch(
 
     with progress:
         show(run)
-        while not run.status.terminal:
-            block = _BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeoutError(
-                        f"run {run_id} still {run.status.value} after {timeout:g}s "
-                        f"({run.finished_tasks}/{run.total} tasks done)"
-                    )
-                block = max(1, min(block, int(left * 1000)))
-            entries = client.log.follow_run(run_id, last, block)
-            for entry_id, ev in entries:
-                run = st.apply_to_run(run, ev) or run
-                last = entry_id
+        for run in states:
             show(run)
             if plain and time.monotonic() >= next_plain and not run.status.terminal:
                 next_plain = time.monotonic() + _PLAIN_EVERY_S
                 progress.console.print(
                     Text.assemble(f"{run.finished_tasks}/{run.total} done  ", counts_text(run.counts))
                 )
-        show(run)
     return run
 
 

@@ -179,3 +179,14 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def why_hosts_unavailable() -> str | None:
+    """Why test hosts cannot be made here (creating one and removing it again), or None when they can."""
+    probe = Hosts(1)
+    try:
+        probe.create()
+    except HostsUnavailable as exc:
+        return str(exc)
+    probe.close()
+    return None
