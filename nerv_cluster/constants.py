@@ -62,6 +62,14 @@ MAX_BATCH: Final = 32
 BATCHES_PER_SLOT: Final = 4
 #: Longest the scheduler holds ready jobs back to pack them, and only while the queues have a backlog.
 PACK_HOLD_S: Final = 0.02
+#: Direct hand-off, for latency along chains. A worker process that has just finished a job whose
+#: success makes a dependent on the same queue ready waits this long on its own hand-off list, and the
+#: scheduler passes it that dependent there: the hop skips Celery's delivery (several ms a message:
+#: the consumer, the prefetch bookkeeping, the pool's pipe), which is most of a chain's time per hop.
+HANDOFF_WAIT_S: Final = 0.02
+#: A worker's hand-off list and waiting flag expire this long after their last write, so a worker
+#: that died leaves nothing behind (a live one deletes its flag when it stops waiting).
+HANDOFF_TTL_MS: Final = 10_000
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
@@ -119,6 +127,14 @@ class Keys:
     def channel_pattern(self) -> str:
         """Pattern matching every run's channel."""
         return f"{self.prefix}:*:bus"
+
+    def handoff(self, worker_id: str) -> str:
+        """A worker process's hand-off list: the scheduler pushes a job there for it to run next."""
+        return f"{self.prefix}:handoff:{worker_id}"
+
+    def handoff_waiting(self, worker_id: str) -> str:
+        """Set while a worker process waits for a hand-off; the scheduler consumes it to hand one job."""
+        return f"{self.prefix}:handoff:{worker_id}:waiting"
 
     def heartbeat(self, worker_id: str) -> str:
         """A worker process's liveness key; it expires when the process stops renewing it."""

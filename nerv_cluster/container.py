@@ -16,6 +16,7 @@ from nerv_cluster.celery_app import create_celery
 from nerv_cluster.client import Client, connect
 from nerv_cluster.constants import Keys
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.handoff import Handoffs
 from nerv_cluster.planner import plan
 from nerv_cluster.registry import default_registry
 from nerv_cluster.settings import Settings
@@ -29,6 +30,7 @@ class Container(containers.DeclarativeContainer):
     keys = providers.Singleton(Keys, prefix=settings.provided.prefix)
     redis = providers.Singleton(connect, settings)
     eventlog = providers.Singleton(EventLog, redis, keys)
+    handoffs = providers.Singleton(Handoffs, redis, keys)
     bus = providers.Singleton(EventBus)
     celery = providers.Singleton(create_celery, settings)
     registry = providers.Object(default_registry)
@@ -47,6 +49,7 @@ class Container(containers.DeclarativeContainer):
         log=eventlog,
         lease=lease,
         dispatcher=dispatcher,
+        handoffs=handoffs,
     )
     worker_id: providers.Singleton[Any] = providers.Singleton("worker.runner.new_worker_id")
     runner: providers.Singleton[Any] = providers.Singleton(
@@ -56,6 +59,7 @@ class Container(containers.DeclarativeContainer):
         worker_id=worker_id,
         max_result_bytes=settings.provided.max_result_bytes,
         max_redeliveries=settings.provided.max_redeliveries,
+        handoffs=handoffs,
     )
     heartbeat: providers.Singleton[Any] = providers.Singleton(
         "worker.heartbeat.Heartbeat",

@@ -43,6 +43,8 @@ class Scripts:
         self.lease = client.register_script(lua_source("lease"))
         self.release = client.register_script(lua_source("release"))
         self.supersede = client.register_script(lua_source("supersede"))
+        self.handoff = client.register_script(lua_source("handoff"))
+        self.resign = client.register_script(lua_source("resign"))
 
 
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
@@ -103,10 +105,17 @@ class EventLog:
             )
         pipe.execute()
 
-    def append_fenced(self, events: Sequence[Event], token: str) -> None:
-        """Append the scheduler's events; :class:`LeaseLostError` if ``token`` no longer holds the lease."""
-        if not events:
-            return
+    def append_fenced(
+        self, events: Sequence[Event], token: str, handoffs: Sequence[tuple[Event, str]] = ()
+    ) -> list[bool]:
+        """Append the scheduler's events; :class:`LeaseLostError` if ``token`` no longer holds the lease.
+
+        ``handoffs``: (TASK_STARTED event naming the worker, job JSON) pairs, written in the same round
+        trip after the events: each job goes to its worker's hand-off list and its attempt is claimed
+        for that worker, if the worker still waits. Returns, per hand-off, whether it was handed.
+        """
+        if not events and not handoffs:
+            return []
         k = self.keys
         keys = [k.lease]
         index: dict[str, int] = {}
@@ -123,12 +132,34 @@ class EventLog:
                     keys.append(k.circuits)
                     index[k.circuits] = len(keys)
                 args.extend((index[k.circuits], "", payload))
-        try:
-            self.scripts.fenced_append(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            if "LEASE_LOST" in str(exc):
-                raise LeaseLostError(str(exc)) from exc
-            raise
+        if not handoffs:
+            try:
+                self.scripts.fenced_append(keys=keys, args=args)
+            except redis.ResponseError as exc:
+                if "LEASE_LOST" in str(exc):
+                    raise LeaseLostError(str(exc)) from exc
+                raise
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        if events:
+            self.scripts.fenced_append(keys=keys, args=args, client=pipe)
+        hkeys: list[str] = [k.lease]
+        hargs: list[Any] = [token, constants.HANDOFF_TTL_MS]
+        for started, job in handoffs:
+            assert started.task_id is not None and started.attempt is not None
+            worker = str(started.data["worker"])
+            rid = started.run_id
+            hkeys += [k.handoff_waiting(worker), k.handoff(worker), k.log(rid), k.claims(rid)]
+            hargs += [attempt_field(started.task_id, started.attempt), worker, k.channel(rid)]
+            hargs += [started.to_json(), job]
+        self.scripts.handoff(keys=hkeys, args=hargs, client=pipe)
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                if "LEASE_LOST" in str(reply):
+                    raise LeaseLostError(str(reply))
+                raise reply
+        return [bool(x) for x in replies[-1]]
 
     def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
@@ -147,13 +178,20 @@ class EventLog:
         """:meth:`start_attempts` for one attempt."""
         return self.start_attempts([event], worker_id, max_takeovers)[0]
 
-    def finish_attempts(self, events: Sequence[Event]) -> list[bool]:
-        """Record attempts' outcome events in one round trip; False where that attempt already had one."""
+    def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
+        """Record attempts' outcome events in one round trip; False where that attempt already had one.
+
+        ``waiting``: the worker id that will wait for a hand-off once the last outcome is recorded.
+        """
         if not events:
             return []
         k = self.keys
         keys: list[str] = [k.feed]
-        args: list[Any] = [constants.FEED_MAXLEN]
+        args: list[Any] = [
+            constants.FEED_MAXLEN,
+            k.handoff_waiting(waiting) if waiting else "",
+            constants.HANDOFF_TTL_MS,
+        ]
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]

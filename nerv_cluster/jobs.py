@@ -29,6 +29,10 @@ class Job:
     context: dict[str, Any] | None = None
     retry: RetryPolicy | None = None
     timeout: float | None = None
+    #: The scheduler expects this job's success to make a dependent on the same queue ready: after
+    #: running it (alone in its message) the worker waits briefly for that dependent to be handed to it
+    #: directly (see ``constants.HANDOFF_WAIT_S``).
+    handoff: bool = False
 
     @property
     def id(self) -> str:
@@ -50,6 +54,8 @@ class Job:
             out["retry"] = self.retry.to_dict()
         if self.timeout is not None:
             out["t"] = self.timeout
+        if self.handoff:
+            out["h"] = 1
         return out
 
     @classmethod
@@ -67,10 +73,11 @@ class Job:
             context=data.get("ctx"),
             retry=RetryPolicy.from_dict(retry) if retry else None,
             timeout=data.get("t"),
+            handoff=bool(data.get("h")),
         )
 
 
-def build_job(run: RunState, task_id: str) -> Job:
+def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:
     """The job for the current attempt of ``task_id``, its references replaced by upstream results."""
     td = run.defs[task_id]
     ts = run.tasks[task_id]
@@ -87,4 +94,5 @@ def build_job(run: RunState, task_id: str) -> Job:
         context=upstream if td.context else None,
         retry=td.retry,
         timeout=td.timeout,
+        handoff=handoff,
     )

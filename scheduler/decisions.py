@@ -12,7 +12,7 @@ from nerv_cluster.errors import CircuitOpenError
 from nerv_cluster.failures import failure_outcome
 from nerv_cluster.jobs import Job, build_job, job_id
 from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
-from nerv_cluster.state import RunState, run_outcome
+from nerv_cluster.state import RunState, rule_outcome, run_outcome
 
 
 @dataclass(slots=True)
@@ -48,6 +48,26 @@ def _fail_fast(run: RunState, tid: str, circuit: Circuit, now: float, source: st
     kind, data = failure_outcome(td.retry, ts.attempt, error, now)
     data["reason"] = "circuit open"
     return Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source)
+
+
+def readies_successor(run: RunState, tid: str) -> bool:
+    """True when the success of ``tid`` alone would make a dependent on its queue ready: the worker that
+    runs it should wait for that dependent to be handed to it (a chain's next hop).
+
+    Only for jobs without a time limit on either side: a handed-off job runs inside the message of the
+    job before it, and Celery enforces time limits per message.
+    """
+    td = run.defs[tid]
+    if td.timeout:
+        return False
+    tasks, defs = run.tasks, run.defs
+    for child in run.plan.dependents[tid]:
+        cs, cd = tasks[child], defs[child]
+        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING:
+            continue
+        if rule_outcome(cd.trigger, len(cd.dependencies), cs.ok + 1, cs.failed, cs.skipped) is True:
+            return True
+    return False
 
 
 def decide(run: RunState, now: float, source: str, out: Decisions, breakers: Breakers | None = None) -> None:
@@ -126,7 +146,7 @@ def decide(run: RunState, now: float, source: str, out: Decisions, breakers: Bre
                     EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
                 )
             )
-            out.jobs.append((build_job(run, tid), queue))
+            out.jobs.append((build_job(run, tid, readies_successor(run, tid)), queue))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED

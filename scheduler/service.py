@@ -7,6 +7,7 @@ run logs picks up exactly where a dead one stopped.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import threading
 import time
@@ -19,7 +20,9 @@ from nerv_cluster import state as st
 from nerv_cluster.circuits import Breakers
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
-from nerv_cluster.model import EventType
+from nerv_cluster.handoff import Handoffs
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher, pack
@@ -47,11 +50,13 @@ class SchedulerService:
         lease: Lease,
         dispatcher: Dispatcher,
         clock: Callable[[], float] = time.time,
+        handoffs: Handoffs | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
         self.lease = lease
         self.dispatcher = dispatcher
+        self.handoffs = handoffs
         self.clock = clock
         self.state = st.EMPTY
         self.cursor = "0-0"
@@ -59,6 +64,8 @@ class SchedulerService:
         self._delayed: list[tuple[float, str, str, int]] = []
         self._delayed_keys: set[tuple[str, str, int]] = set()
         self._unsent: list = []
+        #: Worker processes waiting for a hand-off, from this step's outcomes: run -> task -> worker id.
+        self._waiters: dict[str, dict[str, str]] = {}
         self._since_trim = 0
         self.leader_since: float | None = None
         self.watchdog = Watchdog(log, settings)
@@ -107,6 +114,7 @@ class SchedulerService:
             self.breakers.apply(ev)
         self._touched = set(state.runs.keys())
         self._delayed, self._delayed_keys = [], set()
+        self._waiters = {}
         self._unsent = self._in_flight()
         self.leader_since = time.time()
         self._stale = False
@@ -141,6 +149,7 @@ class SchedulerService:
         self.state = st.EMPTY
         self._touched.clear()
         self._unsent = []
+        self._waiters = {}
         self.leader_since = None
 
     # -- one iteration --------------------------------------------------------------------------------
@@ -161,6 +170,10 @@ class SchedulerService:
             state = st.apply(state, ev)
             self._touched.add(ev.run_id)
             self.cursor = entry_id
+            if ev.type is EventType.TASK_COMPLETED and ev.task_id is not None:
+                waiter = ev.data.get("handoff")
+                if waiter:
+                    self._waiters.setdefault(ev.run_id, {})[ev.task_id] = str(waiter)
         self.state = state
         self._read_at = time.monotonic()
         if entries:
@@ -252,11 +265,22 @@ class SchedulerService:
             run = self.state.runs.get(rid)
             if run is not None:
                 decide(run, now, self.source, out, self.breakers)
-        if out.events:
-            self.log.append_fenced(out.events, self._token())
-            self.state = st.fold(out.events, self.state)
-            self.metrics.on_decided(out.events)
-            self._touched.update(ev.run_id for ev in out.events)
+        jobs, handoffs = self._match_waiters(out.jobs) if self._waiters else (out.jobs, [])
+        if out.events or handoffs:
+            handed = self.log.append_fenced(
+                out.events,
+                self._token(),
+                [(started, json.dumps(job.to_dict())) for started, job, _ in handoffs],
+            )
+            events = out.events
+            for (started, job, queue), ok in zip(handoffs, handed, strict=True):
+                if ok:
+                    events = [*events, started]
+                else:  # the worker stopped waiting: the normal way, then
+                    jobs.append((job, queue))
+            self.state = st.fold(events, self.state)
+            self.metrics.on_decided(events)
+            self._touched.update(ev.run_id for ev in events)
         if out.revoke:
             self._cancel_jobs(out.revoke)
         for item in out.delayed:
@@ -264,9 +288,45 @@ class SchedulerService:
             if key not in self._delayed_keys:
                 self._delayed_keys.add(key)
                 heapq.heappush(self._delayed, item)
-        self._unsent.extend(out.jobs)
+        self._unsent.extend(jobs)
         self._send_unsent()
         self._close(out.finished)
+
+    def _match_waiters(
+        self, jobs: list[tuple[Job, str]]
+    ) -> tuple[list[tuple[Job, str]], list[tuple[Event, Job, str]]]:
+        """Pick, for each worker process waiting after one of a job's dependencies on the job's queue,
+        that job to hand to it (see :mod:`nerv_cluster.handoff`). Returns the jobs left for Celery and
+        the hand-offs, each with the TASK_STARTED event that claims the attempt for its worker."""
+        waiters, self._waiters = self._waiters, {}
+        if self.handoffs is None:
+            return jobs, []
+        rest: list[tuple[Job, str]] = []
+        handoffs: list[tuple[Event, Job, str]] = []
+        now = self.clock()
+        for job, queue in jobs:
+            waiting = waiters.get(job.run_id)
+            worker = None
+            if waiting and not job.timeout:
+                defs = self.state.runs[job.run_id].defs
+                for dep in defs[job.task_id].dependencies:
+                    if dep in waiting and defs[dep].queue == queue:
+                        worker = waiting.pop(dep)
+                        break
+            if worker is None:
+                rest.append((job, queue))
+                continue
+            started = Event(
+                EventType.TASK_STARTED,
+                job.run_id,
+                job.task_id,
+                job.attempt,
+                {"worker": worker, "handoff": True},
+                ts=now,
+                source=self.source,
+            )
+            handoffs.append((started, job, queue))
+        return rest, handoffs
 
     def _hold(self) -> bool:
         """Hold ready jobs back a moment to pack them, but only while every worker slot is busy anyway

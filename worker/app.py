@@ -6,6 +6,7 @@ from the environment) is what ``celery --app worker.app:app ...`` and Flower loa
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -105,14 +106,97 @@ def import_modules(modules: Iterable[str]) -> None:
             raise ConfigurationError(f"cannot import task module {name!r}: {exc}") from exc
 
 
-def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime) -> None:
-    def run(*jobs: dict[str, Any]) -> None:
+class HandoffEvents:
+    """Celery task events for the jobs a process ran by hand-off, which had no Celery message of their
+    own, so Flower (and anything else that follows task events) shows them like every other task.
+
+    The three events of a job go out in one publish (Celery's "task.multi" batch), after its outcome is
+    recorded, while the scheduler is busy with the next hop anyway.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._dispatcher: Any = None
+        self._pid = -1
+
+    def _for(self, hostname: str) -> Any:
+        if self._dispatcher is None or self._pid != os.getpid() or self._dispatcher.hostname != hostname:
+            self._dispatcher = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=hostname, buffer_group=["task"], buffer_limit=1000
+            )
+            self._pid = os.getpid()
+        return self._dispatcher
+
+    def ran(self, hostname: str, queue: str, job: Job, outcome: Event) -> None:
+        """Send task-sent (there was no message: the hand-off stands for it), task-received,
+        task-started and task-succeeded (or task-failed / task-retried)."""
+        try:
+            d = self._for(hostname)
+            started = float(outcome.data.get("started_at", outcome.ts))
+            d.send(
+                "task-sent",
+                uuid=job.id,
+                name=job.fn,
+                args=repr(job.args),
+                kwargs=repr(job.kwargs),
+                retries=job.attempt - 1,
+                eta=None,
+                expires=None,
+                queue=queue,
+                exchange="",
+                routing_key=queue,
+                root_id=job.id,
+                parent_id=None,
+                timestamp=started,
+            )
+            d.send(
+                "task-received",
+                uuid=job.id,
+                name=job.fn,
+                args=repr(job.args),
+                kwargs=repr(job.kwargs),
+                root_id=job.id,
+                parent_id=None,
+                retries=job.attempt - 1,
+                eta=None,
+                expires=None,
+                timestamp=started,
+            )
+            d.send("task-started", uuid=job.id, timestamp=started)
+            if outcome.type is EventType.TASK_COMPLETED:
+                d.send(
+                    "task-succeeded",
+                    uuid=job.id,
+                    result=repr(outcome.data.get("result")),
+                    runtime=outcome.ts - started,
+                )
+            else:
+                error = outcome.data.get("error") or {}
+                kind = "task-retried" if outcome.type is EventType.TASK_RETRYING else "task-failed"
+                d.send(
+                    kind,
+                    uuid=job.id,
+                    exception=f"{error.get('type', 'Error')}({error.get('message', '')!r})",
+                    traceback=error.get("traceback", ""),
+                )
+            d.flush()
+        except Exception as exc:  # monitoring must never fail a task
+            log.warning("could not send task events for handed job %s: %s", job.id, exc)
+
+
+def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: HandoffEvents | None) -> None:
+    def run(self: Any, *jobs: dict[str, Any]) -> None:
         # One job, or a batch the scheduler packed (same function, same run).
-        runtime.runner().run_batch([Job.from_dict(job) for job in jobs])
+        on_handed = None
+        if events is not None:
+            # A handed job runs on the queue of the message it follows (the scheduler matches queues).
+            queue = str((self.request.delivery_info or {}).get("routing_key") or "")
+            on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
+        runtime.runner().serve([Job.from_dict(job) for job in jobs], on_handed)
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"
-    app.task(name=tf.name, typing=False, ignore_result=True)(run)
+    app.task(name=tf.name, typing=False, ignore_result=True, bind=True)(run)
 
 
 def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
@@ -145,8 +229,9 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
     app: Celery = container.celery()
     runtime = WorkerRuntime(container)
     registry = container.registry()
+    events = HandoffEvents(app) if settings.task_events else None
     for tf in registry:
-        _celery_task(app, tf, runtime)
+        _celery_task(app, tf, runtime, events)
     app.nerv_runtime = runtime
 
     def on_process_init(**_: Any) -> None:

@@ -13,11 +13,12 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from nerv_cluster import constants
 from nerv_cluster.errors import (
     NotRegisteredError,
     PayloadTooLargeError,
@@ -27,6 +28,7 @@ from nerv_cluster.errors import (
 )
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.failures import failure_outcome
+from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
@@ -46,9 +48,16 @@ class TaskRunner:
     """Runs jobs in one worker process."""
 
     def __init__(
-        self, log: EventLog, registry: Registry, worker_id: str, max_result_bytes: int, max_redeliveries: int
+        self,
+        log: EventLog,
+        registry: Registry,
+        worker_id: str,
+        max_result_bytes: int,
+        max_redeliveries: int,
+        handoffs: Handoffs | None = None,
     ) -> None:
         self.log = log
+        self.handoffs = handoffs
         self.registry = registry
         self.worker_id = worker_id
         self.max_result_bytes = max_result_bytes
@@ -84,6 +93,30 @@ class TaskRunner:
         self.log.finish_attempts(poisoned)
         return runnable
 
+    def serve(self, jobs: Sequence[Job], on_handed: Callable[[Job, Event], None] | None = None) -> int:
+        """Run the jobs of one message, then the jobs handed to this process directly, one after the
+        other, while each one's success readies the next (a chain). Returns the number of jobs run.
+
+        Waiting happens only after a message of one job the scheduler marked (``Job.handoff``) whose
+        success was recorded: then a dependent on this queue is ready and coming. ``on_handed`` is
+        called with each handed job and its outcome, once the outcome is recorded.
+        """
+        batch, claimed, ran = list(jobs), False, 0
+        while batch:
+            waits = self.handoffs is not None and len(batch) == 1 and batch[0].handoff
+            outcomes, waiting = self._run(batch, claimed, waits)
+            ran += len(outcomes)
+            if claimed and on_handed is not None:
+                for job, outcome in zip(batch, outcomes, strict=True):
+                    on_handed(job, outcome)
+            if not waiting:
+                return ran
+            assert self.handoffs is not None
+            handed = self.handoffs.take(self.worker_id, constants.HANDOFF_WAIT_S)
+            # A handed job is claimed for this process already (handoff.lua).
+            batch, claimed = ([handed], True) if handed is not None else ([], False)
+        return ran
+
     def run(self, job: Job) -> EventType | None:
         """Run one job; returns the outcome recorded, or None when the job was a duplicate."""
         outcomes = self.run_batch([job])
@@ -95,21 +128,30 @@ class TaskRunner:
         Outcomes are recorded together, but never held back longer than ``BATCH_FLUSH_S``: downstream
         tasks wait for them.
         """
+        return [ev.type for ev in self._run(jobs, claimed=False, wait=False)[0]]
+
+    def _run(self, jobs: Sequence[Job], claimed: bool, wait: bool) -> tuple[list[Event], bool]:
+        """Claim (unless ``claimed``) and run ``jobs``; with ``wait``, a COMPLETED last outcome says this
+        process waits for a hand-off. Returns the outcomes and whether the process now waits."""
         pending: list[Event] = []
         flushed = time.monotonic()
-        kinds = []
-        for job in self.claim(jobs):
-            outcome = self.execute(job)
-            kinds.append(outcome.type)
+        outcomes = []
+        for job in jobs if claimed else self.claim(jobs):
+            outcome = self.execute(job, wait)
+            outcomes.append(outcome)
             pending.append(outcome)
             if time.monotonic() - flushed >= BATCH_FLUSH_S:
                 self.log.finish_attempts(pending)
                 pending, flushed = [], time.monotonic()
-        self.log.finish_attempts(pending)
-        return kinds
+        waits = wait and bool(pending) and pending[-1].type is EventType.TASK_COMPLETED
+        recorded = self.log.finish_attempts(pending, self.worker_id if waits else "")
+        return outcomes, waits and bool(recorded) and recorded[-1]
 
-    def execute(self, job: Job) -> Event:
-        """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded."""
+    def execute(self, job: Job, waiting: bool = False) -> Event:
+        """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded.
+
+        ``waiting`` marks a COMPLETED outcome with this worker id as the place to hand the next job to.
+        """
         started = time.time()
         tf = self.registry.get(job.fn)
         try:
@@ -133,9 +175,10 @@ class TaskRunner:
             return self._failure(job, TaskError.from_exception(exc, traceback.format_exc()), started)
         except Exception as exc:
             return self._failure(job, TaskError.from_exception(exc, traceback.format_exc()), started)
-        return self._event(
-            EventType.TASK_COMPLETED, job, {"result": value, "worker": self.worker_id, "started_at": started}
-        )
+        data = {"result": value, "worker": self.worker_id, "started_at": started}
+        if waiting:
+            data["handoff"] = self.worker_id
+        return self._event(EventType.TASK_COMPLETED, job, data)
 
     def _check_result(self, job: Job, value: Any) -> None:
         try:

@@ -143,3 +143,12 @@ def maybe_fail(ctx: TaskContext, fail: bool) -> str:
     if fail:
         raise RuntimeError(f"{ctx.task_id} failed on purpose")
     return "ok"
+
+
+@task(queue="cpu")
+def suicide_once(ctx: TaskContext, value: int) -> int:
+    """Kill the process running it on the first attempt; return ``value`` on a later one."""
+    _count(ctx)
+    if ctx.attempt == 1:
+        os.kill(os.getpid(), 9)
+    return value

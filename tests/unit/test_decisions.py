@@ -10,7 +10,7 @@ from nerv_cluster.model import EventType, RetryPolicy, RunStatus, TaskPriority, 
 from nerv_cluster.registry import Registry, task
 from nerv_cluster.state import RunState, fold, results
 from nerv_cluster.workflow import Workflow
-from scheduler.decisions import Decisions, decide, in_flight
+from scheduler.decisions import Decisions, decide, in_flight, readies_successor
 from tests.unit.helpers import (
     RUN,
     Sim,
@@ -22,6 +22,8 @@ from tests.unit.helpers import (
     random_dag,
     run_of,
     submitted,
+    td,
+    wdef,
 )
 
 E = EventType
@@ -87,9 +89,11 @@ def test_fresh_run_starts_and_dispatches_roots_in_rank_order():
         ("low", "cpu"),
     ]
     crit_job = out.jobs[0][0]
+    # ``ctx`` depends on ``crit`` alone, on the same queue: its worker waits for it to be handed over.
     assert crit_job == Job(
-        run_id=RUN, task_id="crit", attempt=1, fn="d.add", args=[2], kwargs={}, workflow="roots"
+        run_id=RUN, task_id="crit", attempt=1, fn="d.add", args=[2], kwargs={}, workflow="roots", handoff=True
     )
+    assert [job.handoff for job, _ in out.jobs] == [True, False, False]
     assert crit_job.id == job_id(RUN, "crit", 1) == f"{RUN}:crit:1"
     assert out.delayed == [] and out.revoke == [] and out.finished == []
 
@@ -317,3 +321,36 @@ def test_simulated_dag_with_failures_and_trigger_rules_ends_cleanly():
         if run.status is RunStatus.FAILED:
             assert "failed" in run.reason
         assert run_of(fold(sim.log)) == run
+
+
+def test_handoff_marks_jobs_whose_success_alone_readies_a_dependent_on_their_queue():
+    definition = wdef(
+        td("a"),
+        td("b", "a"),  # a chain hop: a's success alone readies b
+        td("c", "b", "x"),  # a join: b alone does not ready it until x is done
+        td("x"),
+        td("io", "x", queue="io"),  # another queue: its worker would wait on the wrong queue
+        td("t"),
+        td("after_t", "t", timeout=5.0),  # time limits are per Celery message: never handed over
+        td("u", timeout=5.0),
+        td("after_u", "u"),
+        td("f"),
+        td("on_fail", "f", trigger="one_failed"),  # f's success dooms it instead
+    )
+    run = run_of(fold([submitted(definition)]))
+    marks = {tid: readies_successor(run, tid) for tid in ("a", "b", "x", "t", "u", "f", "c")}
+    assert marks == {"a": True, "b": False, "x": False, "t": False, "u": False, "f": False, "c": False}
+    # Once x is done, b's success alone readies c.
+    run = run_of(fold([submitted(definition), *completes("x", 1)]))
+    assert readies_successor(run, "b") is True
+    out = decided(run_of(fold([submitted(definition), *completes("x", 1), *completes("a", 1)])))
+    assert {job.task_id: job.handoff for job, _ in out.jobs} == {
+        "b": True,
+        "io": False,
+        "t": False,
+        "u": False,
+        "f": False,
+    }
+    # The mark travels on the wire.
+    job = next(job for job, _ in out.jobs if job.task_id == "b")
+    assert job.to_dict()["h"] == 1 and Job.from_dict(job.to_dict()) == job

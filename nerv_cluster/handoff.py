@@ -1,0 +1,51 @@
+"""Direct hand-off of a chain's next job to the worker process that just finished the one before it.
+
+A Celery message takes several milliseconds from ``send_task`` to the start of the task on this
+machine's workers (the consumer, prefetch bookkeeping, the pool's pipe), which is most of the time of
+a hop along a chain. When the scheduler dispatches a job whose success alone makes a dependent on the
+same queue ready, it marks the job (``Job.handoff``). The worker process that runs it records the
+outcome saying it waits (``finish.lua`` sets its waiting flag), then blocks for up to
+``HANDOFF_WAIT_S`` on its own Redis list. The scheduler, folding that outcome, records the dependent as
+dispatched (fenced, as always) and, in the same round trip, consumes the worker's waiting flag, claims
+the attempt for that worker and pushes the job onto its list (``handoff.lua``).
+
+Nothing is lost and nothing runs twice. A worker that stops waiting deletes its flag atomically
+against the scheduler (``resign.lua``): either the flag was still there, and the scheduler then sends
+the job through Celery, or the job is already on the list, claimed for this worker, and the worker runs
+it. A worker that dies holding a handed job is a lost worker like any other: its heartbeat goes and
+the scheduler's watchdog dispatches a new attempt.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from nerv_cluster import constants
+from nerv_cluster.eventlog import lua_source
+from nerv_cluster.jobs import Job
+
+
+class Handoffs:
+    """A worker process's side of the hand-off: wait for a job, or stop waiting."""
+
+    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+        self.redis: Any = client
+        self.keys = keys
+        self._resign = client.register_script(lua_source("resign"))
+
+    def take(self, worker_id: str, timeout: float) -> Job | None:
+        """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
+
+        A returned job is already claimed for this worker (its TASK_STARTED is recorded): run it
+        without claiming. None: nothing was handed, and nothing will be until the next wait.
+        """
+        lst = self.keys.handoff(worker_id)
+        got = self.redis.blpop([lst], timeout=timeout)
+        raw = got[1] if got is not None else self._resign(keys=[self.keys.handoff_waiting(worker_id), lst])
+        if not raw:
+            return None
+        # A job was handed: the flag was consumed with it, so there is nothing else to resign.
+        return Job.from_dict(json.loads(raw))
