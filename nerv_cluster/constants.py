@@ -70,6 +70,11 @@ HANDOFF_WAIT_S: Final = 0.02
 #: A worker's hand-off list and waiting flag expire this long after their last write, so a worker
 #: that died leaves nothing behind (a live one deletes its flag when it stops waiting).
 HANDOFF_TTL_MS: Final = 10_000
+#: The scheduler checkpoints a run once its log has grown past its last checkpoint by this many
+#: events and by as many events as the run has tasks (so encoding costs O(1) per event), and looks for
+#: such runs this often.
+DEFAULT_CHECKPOINT_EVENTS: Final = 20_000
+CHECKPOINT_INTERVAL_S: Final = 5.0
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
@@ -145,6 +150,10 @@ class Keys:
         """What :meth:`heartbeat` puts before the worker id."""
         return f"{self.prefix}:worker:"
 
-    def run_keys(self, run_id: str) -> tuple[str, str, str]:
+    def checkpoint(self, run_id: str) -> str:
+        """The run's latest checkpoint: its folded state and the log position it covers (a cache)."""
+        return f"{self.prefix}:{{{run_id}}}:checkpoint"
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str, str]:
         """The keys a run owns, for expiry when it is over."""
-        return self.log(run_id), self.outcomes(run_id), self.claims(run_id)
+        return self.log(run_id), self.outcomes(run_id), self.claims(run_id), self.checkpoint(run_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -251,18 +251,41 @@ class EventLog:
                 return
             start = f"({chunk[-1][0]}"
 
-    def read_runs(self, run_ids: Sequence[str], per_trip: int = 200) -> Iterator[tuple[str, list[Event]]]:
-        """Every event of each run, reading many runs per round trip (the scheduler's refold)."""
+    def read_runs(
+        self, run_ids: Sequence[str], after: Mapping[str, str] | None = None, per_trip: int = 200
+    ) -> Iterator[tuple[str, list[Entry]]]:
+        """The entries of each run after ``after[run_id]`` (exclusive; default: all of them), reading
+        many runs per round trip (the scheduler's refold)."""
+        after = after or {}
         for i in range(0, len(run_ids), per_trip):
             chunk = run_ids[i : i + per_trip]
             pipe = self.redis.pipeline(transaction=False)
             for run_id in chunk:
-                pipe.xrange(self.keys.log(run_id), count=10_000)
-            for run_id, entries in zip(chunk, pipe.execute(), strict=True):
-                events = [ev for _, ev in _decode(entries)]
-                if len(entries) == 10_000:  # a big run: read the rest of it
-                    events.extend(ev for _, ev in self.read_run(run_id, after=entries[-1][0]))
-                yield run_id, events
+                since = after.get(run_id)
+                pipe.xrange(self.keys.log(run_id), min=f"({since}" if since else "-", count=10_000)
+            for run_id, raw in zip(chunk, pipe.execute(), strict=True):
+                entries = _decode(raw)
+                if len(raw) == 10_000:  # a big run: read the rest of it
+                    entries.extend(self.read_run(run_id, after=raw[-1][0]))
+                yield run_id, entries
+
+    def log_lengths(self, run_ids: Sequence[str]) -> list[int]:
+        """Number of entries in each run's log."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.xlen(self.keys.log(run_id))
+        return [int(n) for n in pipe.execute()]
+
+    def write_checkpoint(self, run_id: str, checkpoint: Mapping[str, Any]) -> None:
+        """Store a run's checkpoint (see :mod:`nerv_cluster.checkpoint`), replacing the previous one."""
+        self.redis.set(self.keys.checkpoint(run_id), json.dumps(checkpoint, separators=(",", ":")))
+
+    def read_checkpoints(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored checkpoints of these runs (runs without one are left out)."""
+        if not run_ids:
+            return {}
+        raws = self.redis.mget([self.keys.checkpoint(r) for r in run_ids])
+        return {rid: json.loads(raw) for rid, raw in zip(run_ids, raws, strict=True) if raw}
 
     def run_exists(self, run_id: str) -> bool:
         """True when the run's log exists."""

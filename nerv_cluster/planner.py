@@ -6,6 +6,7 @@ Pure functions over task definitions; the client uses them to validate, the sche
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 from nerv_cluster.errors import CycleError, DuplicateTaskError, UnknownDependencyError
@@ -77,66 +78,85 @@ def plan(tasks: Sequence[TaskDef]) -> Plan:
 
     Raises :class:`CycleError` naming the tasks of a cycle, and the errors of :func:`check_graph`.
     """
-    check_graph(tasks)
+    # Tasks are worked on by position (list indexing, int keys) and turned back into ids only for the
+    # result: this runs for every submit and every refold, on up to hundreds of thousands of tasks.
     ids = [t.id for t in tasks]
-    position = {tid: i for i, tid in enumerate(ids)}
-    # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
-    deps = {t.id: t.dependencies for t in tasks}
-    dependents: dict[str, list[str]] = {tid: [] for tid in ids}
-    for tid, ds in deps.items():
-        for d in ds:
-            dependents[d].append(tid)
+    n = len(ids)
+    position = dict(zip(ids, range(n), strict=True))
+    parents: list[list[int]] | None = None
+    if len(position) == n:  # else an id is defined twice
+        # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
+        with suppress(KeyError):  # an unknown dependency
+            parents = [list(map(position.__getitem__, t.dependencies)) for t in tasks]
+    if parents is None:
+        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
+        raise AssertionError("check_graph accepted duplicate ids or unknown dependencies")
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i, ps in enumerate(parents):
+        for p in ps:
+            children[p].append(i)
 
-    remaining = {tid: len(ds) for tid, ds in deps.items()}
-    level_of = dict.fromkeys(ids, 0)
-    topo: list[str] = [tid for tid in ids if not remaining[tid]]
-    i = 0
-    while i < len(topo):
-        tid = topo[i]
-        i += 1
-        below = level_of[tid] + 1
-        for child in dependents[tid]:
-            if level_of[child] < below:
-                level_of[child] = below
-            left = remaining[child] - 1
-            remaining[child] = left
+    remaining = [len(ps) for ps in parents]
+    level = [0] * n
+    topo = [i for i in range(n) if not remaining[i]]
+    for i in topo:  # topo grows while we walk it (Kahn's queue)
+        below = level[i] + 1
+        for c in children[i]:
+            if level[c] < below:
+                level[c] = below
+            left = remaining[c] - 1
+            remaining[c] = left
             if not left:
-                topo.append(child)
-    if len(topo) != len(ids):
-        stuck = {tid for tid in ids if remaining[tid] > 0}
-        raise CycleError(_find_cycle(stuck, deps))
+                topo.append(c)
+    if len(topo) != n:
+        check_graph(tasks)  # a task depending on itself is reported as such, as when it ran up front
+        stuck = {ids[i] for i in range(n) if remaining[i] > 0}
+        raise CycleError(_find_cycle(stuck, {t.id: t.dependencies for t in tasks}))
 
     # Longest chain from each task to a sink, counted in tasks: what is still ahead of it.
-    ahead: dict[str, int] = {}
-    for tid in reversed(topo):
+    ahead = [0] * n
+    for i in reversed(topo):
         most = 0
-        for c in dependents[tid]:
+        for c in children[i]:
             if ahead[c] > most:
                 most = ahead[c]
-        ahead[tid] = most + 1
+        ahead[i] = most + 1
 
-    keyed = sorted(
-        (level_of[t.id], -int(t.priority), -ahead[t.id], position[t.id], t.id) for t in tasks
+    # Dispatch order: by (level, -priority, -ahead, position). Position is unique, so one int per task
+    # in mixed radix (each digit within its range) sorts exactly as those tuples, several times faster.
+    prios = [int(t.priority) for t in tasks]
+    top_prio, top_ahead = max(prios, default=0), max(ahead, default=0)
+    prio_span = top_prio - min(prios, default=0) + 1
+    keys = sorted(
+        ((lv * prio_span + top_prio - pr) * top_ahead + top_ahead - ah) * n + i
+        for i, (lv, pr, ah) in enumerate(zip(level, prios, ahead, strict=True))
     )
-    order = tuple(k[-1] for k in keyed)
-    depth = max(level_of.values(), default=-1) + 1
-    levels: list[list[str]] = [[] for _ in range(depth)]
-    for tid in order:
-        levels[level_of[tid]].append(tid)
+    ordered = [k % n for k in keys]
+    order = tuple(map(ids.__getitem__, ordered))
+    # Levels are runs of ``order``, which is sorted by level first.
+    per_level = [0] * (max(level, default=-1) + 1)
+    for lv in level:
+        per_level[lv] += 1
+    levels = []
+    start = 0
+    for size in per_level:
+        levels.append(order[start : start + size])
+        start += size
 
-    # Critical path: start at the task with the most ahead of it, follow the child with the most ahead.
+    # Critical path: start at the task with the most ahead of it, follow the child with the most ahead
+    # (ties: the first defined).
     critical: list[str] = []
     if ids:
-        node: str | None = max(ids, key=lambda t: (ahead[t], -position[t]))
+        node: int | None = ahead.index(top_ahead)
         while node is not None:
-            critical.append(node)
-            node = max(dependents[node], key=lambda t: (ahead[t], -position[t]), default=None)
+            critical.append(ids[node])
+            node = max(children[node], key=lambda c: (ahead[c], -c), default=None)
 
     return Plan(
-        levels=tuple(tuple(level) for level in levels),
+        levels=tuple(levels),
         order=order,
-        rank={tid: r for r, tid in enumerate(order)},
-        level_of=level_of,
-        dependents={tid: tuple(cs) for tid, cs in dependents.items()},
+        rank=dict(zip(order, range(n), strict=True)),
+        level_of=dict(zip(ids, level, strict=True)),
+        dependents=dict(zip(ids, [tuple(map(ids.__getitem__, cs)) for cs in children], strict=True)),
         critical_path=tuple(critical),
     )

@@ -47,6 +47,9 @@ class Settings:
     #: Celery task events, which Flower needs; they cost a publish per task state change.
     task_events: bool = True
     log_level: str = "INFO"
+    #: Log entries a run gains before the scheduler checkpoints it (0: never); a new leader decodes the
+    #: checkpoint and replays only what came after it.
+    checkpoint_events: int = constants.DEFAULT_CHECKPOINT_EVENTS
     #: Port of the scheduler's Prometheus ``/metrics`` (0: not served).
     metrics_port: int = 9808
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from pyrsistent import pmap
 
 from nerv_cluster import constants
 from nerv_cluster import state as st
@@ -24,6 +25,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
+from scheduler import checkpointer
 from scheduler.decisions import Decisions, decide, in_flight
 from scheduler.dispatch import Dispatcher, pack
 from scheduler.lease import Lease, LeaseKeeper
@@ -64,8 +66,12 @@ class SchedulerService:
         self._delayed: list[tuple[float, str, str, int]] = []
         self._delayed_keys: set[tuple[str, str, int]] = set()
         self._unsent: list = []
-        #: Worker processes waiting for a hand-off, from this step's outcomes: run -> task -> worker id.
-        self._waiters: dict[str, dict[str, str]] = {}
+        #: Worker processes waiting for a hand-off, from this step's outcomes:
+        #: run -> task -> (worker id, id of the Celery message it serves).
+        self._waiters: dict[str, dict[str, tuple[str, str]]] = {}
+        self.checkpointer = checkpointer.Checkpointer(
+            log, settings.checkpoint_events, lambda: self.state.runs
+        )
         self._since_trim = 0
         self.leader_since: float | None = None
         self.watchdog = Watchdog(log, settings)
@@ -95,20 +101,28 @@ class SchedulerService:
     # -- leadership -------------------------------------------------------------------------------------
 
     def become_leader(self) -> None:
-        """Rebuild the state from the run logs of every active run, then resend in-flight jobs."""
+        """Rebuild the state of every active run from its checkpoint and the log entries after it (the
+        whole log when it has none), then resend in-flight jobs."""
         started = time.monotonic()
         cursor = self.log.feed_tail()  # read first: later events are both in the logs and after it
-        state = st.EMPTY
+        run_ids = sorted(self.log.active_runs())
+        bases = checkpointer.load(self.log, run_ids)
+        positions: dict[str, checkpointer.Position] = {}
+        runs: dict[str, st.RunState] = {}
         n = 0
-        for run_id, events in self.log.read_runs(sorted(self.log.active_runs())):
-            run: st.RunState | None = None
-            for ev in events:
-                run = st.apply_to_run(run, ev)
-            n += len(events)
+        after = {rid: base[0] for rid, base in bases.items()}
+        for run_id, entries in self.log.read_runs(run_ids, after=after):
+            upto, count, base = bases.get(run_id, ("", 0, None))
+            run = st.fold_run(base, [ev for _, ev in entries])
+            n += len(entries)
             if run is not None:
-                state = st.State(runs=state.runs.set(run_id, run))
+                runs[run_id] = run
+                # The state at the end of the log read: where the next checkpoint of this run starts.
+                positions[run_id] = (entries[-1][0] if entries else upto, count + len(entries), run)
             self._moved = time.monotonic()
+        state = st.State(runs=pmap(runs))
         self.state, self.cursor = state, cursor
+        self.checkpointer.reset(positions)
         self.breakers = Breakers()
         for ev in self.log.circuit_events():
             self.breakers.apply(ev)
@@ -119,10 +133,12 @@ class SchedulerService:
         self.leader_since = time.time()
         self._stale = False
         log.info(
-            "leader (token %s): refolded %d events of %d active runs in %.3fs; %d jobs to resend",
+            "leader (token %s): refolded %d events of %d active runs (%d from a checkpoint) in %.3fs; "
+            "%d jobs to resend",
             self.lease.token,
             n,
             len(state.runs),
+            len(bases),
             time.monotonic() - started,
             len(self._unsent),
         )
@@ -150,6 +166,7 @@ class SchedulerService:
         self._touched.clear()
         self._unsent = []
         self._waiters = {}
+        self.checkpointer.reset({})
         self.leader_since = None
 
     # -- one iteration --------------------------------------------------------------------------------
@@ -173,7 +190,8 @@ class SchedulerService:
             if ev.type is EventType.TASK_COMPLETED and ev.task_id is not None:
                 waiter = ev.data.get("handoff")
                 if waiter:
-                    self._waiters.setdefault(ev.run_id, {})[ev.task_id] = str(waiter)
+                    where = (str(waiter), str(ev.data.get("via", "")))
+                    self._waiters.setdefault(ev.run_id, {})[ev.task_id] = where
         self.state = state
         self._read_at = time.monotonic()
         if entries:
@@ -306,7 +324,7 @@ class SchedulerService:
         now = self.clock()
         for job, queue in jobs:
             waiting = waiters.get(job.run_id)
-            worker = None
+            worker: tuple[str, str] | None = None
             if waiting and not job.timeout:
                 defs = self.state.runs[job.run_id].defs
                 for dep in defs[job.task_id].dependencies:
@@ -321,7 +339,7 @@ class SchedulerService:
                 job.run_id,
                 job.task_id,
                 job.attempt,
-                {"worker": worker, "handoff": True},
+                {"worker": worker[0], "handoff": True, **({"via": worker[1]} if worker[1] else {})},
                 ts=now,
                 source=self.source,
             )
@@ -363,7 +381,14 @@ class SchedulerService:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
         self.log.supersede(attempts, token, "TASK_CANCELLED")
-        self.dispatcher.revoke(job_ids)
+        # A job running inside another job's message (packed, or handed over) stops with that message.
+        carriers = []
+        for rid, tid, _ in attempts:
+            run = self.state.runs.get(rid)
+            via = run.tasks[tid].via if run is not None and tid in run.tasks else None
+            if via:
+                carriers.append(via)
+        self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
 
     def _close(self, run_ids: list[str]) -> None:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
@@ -376,6 +401,7 @@ class SchedulerService:
             if run is not None:
                 log.info("run %s %s (%d tasks)", rid, run.status.value, run.total)
             state = st.evict(state, rid)
+            self.checkpointer.forget(rid)
         self.state = state
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -388,6 +414,7 @@ class SchedulerService:
         self.metrics.serve(self.settings.metrics_port)
         keeper = LeaseKeeper(self.lease, lambda: time.monotonic() - self._moved)
         keeper.start()
+        self.checkpointer.start()
         try:
             while not stop.is_set():
                 try:
@@ -418,6 +445,7 @@ class SchedulerService:
                     stop.wait(_BACKOFF_S)
         finally:
             keeper.stop()
+            self.checkpointer.stop()
             try:
                 self.lease.release()
             except redis.RedisError:

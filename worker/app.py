@@ -192,7 +192,7 @@ def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: 
             # A handed job runs on the queue of the message it follows (the scheduler matches queues).
             queue = str((self.request.delivery_info or {}).get("routing_key") or "")
             on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
-        runtime.runner().serve([Job.from_dict(job) for job in jobs], on_handed)
+        runtime.runner().serve([Job.from_dict(job) for job in jobs], on_handed, str(self.request.id or ""))
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"

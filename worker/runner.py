@@ -66,7 +66,7 @@ class TaskRunner:
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
 
-    def claim(self, jobs: Sequence[Job]) -> list[Job]:
+    def claim(self, jobs: Sequence[Job], via: str = "") -> list[Job]:
         """Record TASK_STARTED for the attempts that did not run yet and are not running elsewhere; return
         the jobs to run (one round trip for a whole batch).
 
@@ -75,7 +75,7 @@ class TaskRunner:
         finds the holder already dead takes over; when that happened too often, the attempt fails
         instead of killing another process.
         """
-        started = [self._event(EventType.TASK_STARTED, job, {"worker": self.worker_id}) for job in jobs]
+        started = [self._event(EventType.TASK_STARTED, job, self._where(job, via)) for job in jobs]
         verdicts = self.log.start_attempts(started, self.worker_id, self.max_redeliveries)
         runnable, poisoned = [], []
         for job, verdict in zip(jobs, verdicts, strict=True):
@@ -93,18 +93,21 @@ class TaskRunner:
         self.log.finish_attempts(poisoned)
         return runnable
 
-    def serve(self, jobs: Sequence[Job], on_handed: Callable[[Job, Event], None] | None = None) -> int:
+    def serve(
+        self, jobs: Sequence[Job], on_handed: Callable[[Job, Event], None] | None = None, via: str = ""
+    ) -> int:
         """Run the jobs of one message, then the jobs handed to this process directly, one after the
         other, while each one's success readies the next (a chain). Returns the number of jobs run.
 
         Waiting happens only after a message of one job the scheduler marked (``Job.handoff``) whose
         success was recorded: then a dependent on this queue is ready and coming. ``on_handed`` is
-        called with each handed job and its outcome, once the outcome is recorded.
+        called with each handed job and its outcome, once the outcome is recorded. ``via``: the id of
+        the Celery message being served, which the attempts record (cancelling a run revokes it).
         """
         batch, claimed, ran = list(jobs), False, 0
         while batch:
             waits = self.handoffs is not None and len(batch) == 1 and batch[0].handoff
-            outcomes, waiting = self._run(batch, claimed, waits)
+            outcomes, waiting = self._run(batch, claimed, waits, via)
             ran += len(outcomes)
             if claimed and on_handed is not None:
                 for job, outcome in zip(batch, outcomes, strict=True):
@@ -130,14 +133,21 @@ class TaskRunner:
         """
         return [ev.type for ev in self._run(jobs, claimed=False, wait=False)[0]]
 
-    def _run(self, jobs: Sequence[Job], claimed: bool, wait: bool) -> tuple[list[Event], bool]:
+    def _where(self, job: Job, via: str) -> dict[str, Any]:
+        """Who runs an attempt, and in which Celery message when that is not the job's own (a packed
+        batch's later jobs, handed jobs): cancelling the run must revoke that message."""
+        if via and via != job.id:
+            return {"worker": self.worker_id, "via": via}
+        return {"worker": self.worker_id}
+
+    def _run(self, jobs: Sequence[Job], claimed: bool, wait: bool, via: str = "") -> tuple[list[Event], bool]:
         """Claim (unless ``claimed``) and run ``jobs``; with ``wait``, a COMPLETED last outcome says this
         process waits for a hand-off. Returns the outcomes and whether the process now waits."""
         pending: list[Event] = []
         flushed = time.monotonic()
         outcomes = []
-        for job in jobs if claimed else self.claim(jobs):
-            outcome = self.execute(job, wait)
+        for job in jobs if claimed else self.claim(jobs, via):
+            outcome = self.execute(job, wait, via)
             outcomes.append(outcome)
             pending.append(outcome)
             if time.monotonic() - flushed >= BATCH_FLUSH_S:
@@ -147,7 +157,7 @@ class TaskRunner:
         recorded = self.log.finish_attempts(pending, self.worker_id if waits else "")
         return outcomes, waits and bool(recorded) and recorded[-1]
 
-    def execute(self, job: Job, waiting: bool = False) -> Event:
+    def execute(self, job: Job, waiting: bool = False, via: str = "") -> Event:
         """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded.
 
         ``waiting`` marks a COMPLETED outcome with this worker id as the place to hand the next job to.
@@ -178,6 +188,8 @@ class TaskRunner:
         data = {"result": value, "worker": self.worker_id, "started_at": started}
         if waiting:
             data["handoff"] = self.worker_id
+            if via:  # the message a job handed to this process runs in
+                data["via"] = via
         return self._event(EventType.TASK_COMPLETED, job, data)
 
     def _check_result(self, job: Job, value: Any) -> None:

@@ -131,3 +131,27 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     again = Event(EventType.TASK_COMPLETED, "run1", "a", 1, {"result": 2, "worker": "w5"})
     assert log.finish_attempts([again], waiting="w5") == [False]
     assert not r.exists(keys.handoff_waiting("w5"))
+
+
+def test_cancel_terminates_a_handed_job_through_the_message_it_runs_in(cluster: Cluster) -> None:
+    wf = Workflow("handoff-cancel")
+    a = wf.add(tt.add, 1, 2, id="a")
+    wf.add(tt.slow_marked, 4.0, dependencies=[a], id="long")  # handed over: runs in a's message
+    run_id = cluster.client.submit(wf)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        events = log_of(cluster.client, run_id)
+        if any(ev.type is EventType.TASK_STARTED and ev.task_id == "long" for ev in events):
+            break
+        time.sleep(0.05)
+    assert "long" in _handed(events), "long was not handed over (the test would prove nothing)"
+    (started,) = [ev for ev in events if ev.type is EventType.TASK_STARTED and ev.task_id == "long"]
+    assert started.data["via"] == f"{run_id}:a:1"
+    time.sleep(0.3)  # let it get into its sleep
+    t0 = time.monotonic()
+    cluster.client.cancel(run_id)
+    res = cluster.client.wait(run_id, timeout=10)
+    assert time.monotonic() - t0 <= 2.0
+    assert res.status is RunStatus.CANCELLED
+    time.sleep(4.5)  # longer than the task would have run
+    assert cluster.redis.hgetall(f"test:marks:{run_id}") == {}, "the handed job must be terminated"

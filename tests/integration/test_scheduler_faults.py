@@ -106,3 +106,35 @@ def test_standby_takes_over_when_the_leader_is_killed(own_cluster: Cluster) -> N
     lease_s = int(c.env["NERV_LEASE_TTL_MS"]) / 1000
     assert took_over - killed_at < lease_s + 2.0, "the standby takes over within the lease time"
     assert c.execs(run_id) == dict.fromkeys(parents, 1)
+
+
+def test_restarted_scheduler_resumes_from_the_checkpoint_and_survives_a_bad_one(own_cluster: Cluster) -> None:
+    c = own_cluster
+    c.env["NERV_CHECKPOINT_EVENTS"] = "50"  # checkpoint once the log has gained as many entries as tasks
+    sched = c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    wf, parents = _layered(levels=40, width=20, seconds=0.01)  # 800 tasks, about 10 s of work
+    run_id = c.client.submit(wf)
+    key = c.client.keys.checkpoint(run_id)
+    deadline = time.monotonic() + 30
+    while not c.redis.exists(key) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.redis.exists(key), f"no checkpoint was written; scheduler log:\n{c.tail(sched)}"
+    c.kill(sched, signal.SIGKILL)
+    assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
+
+    # A new leader starts from the checkpoint and replays only the log after it.
+    sched = c.scheduler()
+    c.wait_log(sched, "(1 from a checkpoint)")
+    time.sleep(1.0)
+    c.kill(sched, signal.SIGKILL)
+
+    # A checkpoint that cannot be read is ignored: the whole log is replayed.
+    c.redis.set(key, '{"upto": "0-0", "count": 0, "state": {"format": -1}}')
+    sched = c.scheduler()
+    c.wait_log(sched, "ignoring the checkpoint of run")
+    res = c.client.wait(run_id, timeout=90)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert c.execs(run_id) == dict.fromkeys(parents, 1), "a task ran twice or never"
+    assert_ran_once_in_order(log_of(c.client, run_id), parents)
