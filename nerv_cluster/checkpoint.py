@@ -27,6 +27,8 @@ _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
 _ERROR_AT = _TASK_FIELDS.index("error")
 _DEFAULT_TASK = TaskState()
+#: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
+_STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
 _ID_SETS = ("ready", "doomed", "running", "queued")
 #: RunState fields stored as they are (JSON scalars).
@@ -44,7 +46,7 @@ def _decode_task(row: list[Any]) -> TaskState:
     if len(row) != len(_TASK_FIELDS):
         raise ValueError(f"task row has {len(row)} fields, expected {len(_TASK_FIELDS)}")
     row = list(row)
-    row[_STATUS_AT] = TaskStatus(row[_STATUS_AT])
+    row[_STATUS_AT] = _STATUS_OF[row[_STATUS_AT]]
     row[_ERROR_AT] = TaskError.from_dict(row[_ERROR_AT]) if row[_ERROR_AT] is not None else None
     return TaskState(*row)
 
