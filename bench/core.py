@@ -6,7 +6,8 @@
   scheduler does (decide -> fold its own events -> fold the workers' outcomes -> decide ...);
 - planning: time and peak memory to plan a 100,000-task random DAG (up to 4 parents each);
 - refold: time to rebuild the state from 1,000,000 events of one run (what a new leader does at worst),
-  with ``state.fold``, which takes the bulk path (``state.fold_run``) for a run created by the events.
+  with ``state.fold``, which takes the bulk path (``state.fold_run``) for a run created by the events;
+- restart: the same, from a checkpoint of the first 90% plus the last 10% of the log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import tracemalloc
 from typing import Any
 
+from nerv_cluster import checkpoint
 from nerv_cluster import state as st
 from nerv_cluster.model import Event, EventType, TaskDef, WorkflowDef
 from nerv_cluster.planner import plan
@@ -71,6 +73,22 @@ def drive(definition: WorkflowDef) -> tuple[int, int, list[Event], float]:
     return folded, decisions, log, time.perf_counter() - t0
 
 
+def replay_log(definition: WorkflowDef) -> list[Event]:
+    """A complete, valid log of a run: each task dispatched, started and completed in definition order
+    (every dependency comes earlier in ``random_dag``). Built directly, without ``decide``, so a long log
+    is quick to make; the fold does the same work per event as for a log the scheduler wrote."""
+    ts = 0.0
+    log = [Event(EventType.WORKFLOW_SUBMITTED, "run", data={"workflow": definition.to_dict()}, ts=ts)]
+    log.append(Event(EventType.WORKFLOW_STARTED, "run", ts=ts))
+    for t in definition.tasks:
+        ts += 0.001
+        log.append(Event(EventType.TASK_DISPATCHED, "run", t.id, 1, {"queue": t.queue}, ts=ts))
+        log.append(Event(EventType.TASK_STARTED, "run", t.id, 1, {"worker": "w"}, ts=ts))
+        log.append(Event(EventType.TASK_COMPLETED, "run", t.id, 1, {"result": None}, ts=ts))
+    log.append(Event(EventType.WORKFLOW_COMPLETED, "run", ts=ts))
+    return log
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20_000, help="tasks in the fold+decide run")
@@ -108,14 +126,28 @@ def main() -> None:
 
     per_task = 3  # DISPATCHED, STARTED, COMPLETED per task (plus a few of the run's own events)
     n = max(1, args.refold_events // per_task)
-    _, _, log, _ = drive(random_dag(n, seed=4))
-    log = log[: args.refold_events]
+    log = replay_log(random_dag(n, seed=4))[: args.refold_events]
     t0 = time.perf_counter()
     state = st.fold(log)
     secs = time.perf_counter() - t0
     assert state.runs["run"].total == n
     out["refold"] = {"events": len(log), "seconds": secs, "events_per_s": len(log) / secs}
     print(f"refold: {len(log):,} events of a {n:,}-task run in {secs:.2f}s = {len(log) / secs:,.0f} events/s")
+
+    # A new leader with a checkpoint: decode it and fold only the log after it (here, the last 10%).
+    cut = len(log) * 9 // 10
+    at_cut = st.fold_run(None, log[:cut])
+    assert at_cut is not None
+    stored = json.dumps(checkpoint.encode(at_cut), separators=(",", ":"))
+    t0 = time.perf_counter()
+    resumed = st.fold_run(checkpoint.decode(json.loads(stored)), log[cut:])
+    secs = time.perf_counter() - t0
+    assert resumed == state.runs["run"]
+    out["restart"] = {"checkpoint_mb": len(stored) / 1e6, "tail_events": len(log) - cut, "seconds": secs}
+    print(
+        f"restart from a checkpoint ({len(stored) / 1e6:.0f} MB of JSON) + the last {len(log) - cut:,} "
+        f"events: {secs:.2f}s"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -6,7 +6,6 @@ Pure functions over task definitions; the client uses them to validate, the sche
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 
 from nerv_cluster.errors import CycleError, DuplicateTaskError, UnknownDependencyError
@@ -83,20 +82,19 @@ def plan(tasks: Sequence[TaskDef]) -> Plan:
     ids = [t.id for t in tasks]
     n = len(ids)
     position = dict(zip(ids, range(n), strict=True))
-    parents: list[list[int]] | None = None
-    if len(position) == n:  # else an id is defined twice
-        # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
-        with suppress(KeyError):  # an unknown dependency
-            parents = [list(map(position.__getitem__, t.dependencies)) for t in tasks]
-    if parents is None:
-        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
-        raise AssertionError("check_graph accepted duplicate ids or unknown dependencies")
+    # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
+    remaining = [len(t.dependencies) for t in tasks]
     children: list[list[int]] = [[] for _ in range(n)]
-    for i, ps in enumerate(parents):
-        for p in ps:
-            children[p].append(i)
+    try:
+        if len(position) != n:
+            raise KeyError("an id is defined twice")
+        for i, t in enumerate(tasks):
+            for d in t.dependencies:
+                children[position[d]].append(i)
+    except KeyError:  # a duplicate id or an unknown dependency
+        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
+        raise AssertionError("check_graph accepted duplicate ids or unknown dependencies") from None
 
-    remaining = [len(ps) for ps in parents]
     level = [0] * n
     topo = [i for i in range(n) if not remaining[i]]
     for i in topo:  # topo grows while we walk it (Kahn's queue)

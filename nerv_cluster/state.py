@@ -76,7 +76,8 @@ class _Draft(dict[_K, _V]):
 def _draft(m: Mapping[_K, _V]) -> PMap[_K, _V]:
     """A fresh draft copy of ``m``, typed as the PMap it stands in for (the lie is confined to
     :func:`fold_run`, which freezes it before anything returns)."""
-    return cast("PMap[_K, _V]", _Draft(m))
+    # From items(): dict(a_pmap) would look every key up again through PMap.__getitem__, 2-3x slower.
+    return cast("PMap[_K, _V]", _Draft(m.items()))
 
 
 def _moved(tally: tuple[int, ...], old: TaskStatus, new: TaskStatus) -> tuple[int, ...]:
@@ -188,8 +189,10 @@ EMPTY = State()
 
 
 def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any) -> RunState:
-    """Store ``new`` for ``tid``, keeping the per-status counts right, plus any RunState changes."""
-    tally = run.tally
+    """Store ``new`` for ``tid``, keeping the per-status counts right, plus any RunState changes (a
+    ``tasks`` or ``tally`` among them is built on instead of the run's)."""
+    tally = changes.pop("tally", run.tally)
+    tasks = changes.pop("tasks", run.tasks)
     if old.status != new.status:
         tally = _moved(tally, old.status, new.status)
         if new.status is TaskStatus.RUNNING:
@@ -200,7 +203,7 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
         changes["queued"] = run.queued.set(tid, True) if is_queued else run.queued.discard(tid)
-    return run._replace(tasks=run.tasks.set(tid, new), tally=tally, **changes)
+    return run._replace(tasks=tasks.set(tid, new), tally=tally, **changes)
 
 
 def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) -> bool | None:
@@ -216,8 +219,13 @@ def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) 
     return False if failed else (True if done == n else None)
 
 
-def _settle(run: RunState, tid: str, outcome: TaskStatus) -> RunState:
-    """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed."""
+def _settle(
+    run: RunState, tid: str, outcome: TaskStatus
+) -> tuple[PMap[str, TaskState], IdSet, IdSet, tuple[int, ...]]:
+    """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed.
+
+    Returns the run's new ``tasks``, ``ready``, ``doomed`` and ``tally``, for the caller to store.
+    """
     ready, doomed, tasks, tally = run.ready, run.doomed, run.tasks, run.tally
     defs, may_start = run.defs, not run.cancel_requested
     for child in run.plan.dependents[tid]:
@@ -238,15 +246,20 @@ def _settle(run: RunState, tid: str, outcome: TaskStatus) -> RunState:
                 ready = ready.set(child, True)
             elif verdict is False:
                 doomed = doomed.set(child, True)
+        # One new TaskState per dependent: replacing is most of the cost of a fold.
         tasks = tasks.set(child, cs._replace(status=status, ok=ok, failed=failed, skipped=skipped))
-    return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tally)
+    return tasks, ready, doomed, tally
 
 
 def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatus, **fields: Any) -> RunState:
     """End task ``tid`` with a terminal ``status`` and settle its dependents."""
     new = ts._replace(status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
-    run = _put(run, tid, ts, new, ready=run.ready.discard(tid), doomed=run.doomed.discard(tid))
-    return _settle(run, tid, status)
+    # Dependents first, then the task itself, so that one new RunState holds both: a task is never its
+    # own dependent (the planner refuses that), so the order changes nothing.
+    tasks, ready, doomed, tally = _settle(run, tid, status)
+    return _put(
+        run, tid, ts, new, tasks=tasks, tally=tally, ready=ready.discard(tid), doomed=doomed.discard(tid)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
