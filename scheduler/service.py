@@ -6,6 +6,7 @@ run logs picks up exactly where a dead one stopped.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 import logging
@@ -82,6 +83,8 @@ class SchedulerService:
         self._held_since: float | None = None
         self._read_at = time.monotonic()
         self._next_sweep = 0.0
+        #: Events replayed and checkpoints used by the last refold (for the log line).
+        self._refolded = (0, 0)
         self._moved = time.monotonic()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
@@ -104,6 +107,39 @@ class SchedulerService:
         """Rebuild the state of every active run from its checkpoint and the log entries after it (the
         whole log when it has none), then resend in-flight jobs."""
         started = time.monotonic()
+        # The refold allocates the whole state at once: cyclic GC passes over it would be a fifth of the
+        # time (measured on a 1M-event log), and they find nothing (the state holds no cycles).
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._refold()
+        finally:
+            if paused:
+                gc.enable()
+        # The state is long-lived: later full collections need not walk it again.
+        gc.freeze()
+        self.breakers = Breakers()
+        for ev in self.log.circuit_events():
+            self.breakers.apply(ev)
+        self._touched = set(self.state.runs.keys())
+        self._delayed, self._delayed_keys = [], set()
+        self._waiters = {}
+        self._unsent = self._in_flight()
+        self.leader_since = time.time()
+        self._stale = False
+        log.info(
+            "leader (token %s): refolded %d events of %d active runs (%d from a checkpoint) in %.3fs; "
+            "%d jobs to resend",
+            self.lease.token,
+            self._refolded[0],
+            len(self.state.runs),
+            self._refolded[1],
+            time.monotonic() - started,
+            len(self._unsent),
+        )
+
+    def _refold(self) -> None:
+        """Rebuild ``state`` from the active runs' checkpoints and logs; set the feed cursor."""
         cursor = self.log.feed_tail()  # read first: later events are both in the logs and after it
         run_ids = sorted(self.log.active_runs())
         bases = checkpointer.load(self.log, run_ids)
@@ -123,25 +159,7 @@ class SchedulerService:
         state = st.State(runs=pmap(runs))
         self.state, self.cursor = state, cursor
         self.checkpointer.reset(positions)
-        self.breakers = Breakers()
-        for ev in self.log.circuit_events():
-            self.breakers.apply(ev)
-        self._touched = set(state.runs.keys())
-        self._delayed, self._delayed_keys = [], set()
-        self._waiters = {}
-        self._unsent = self._in_flight()
-        self.leader_since = time.time()
-        self._stale = False
-        log.info(
-            "leader (token %s): refolded %d events of %d active runs (%d from a checkpoint) in %.3fs; "
-            "%d jobs to resend",
-            self.lease.token,
-            n,
-            len(state.runs),
-            len(bases),
-            time.monotonic() - started,
-            len(self._unsent),
-        )
+        self._refolded = (n, len(bases))
 
     def _in_flight(self) -> list:
         return [job for run in self.state.runs.values() for job in in_flight(run)]

@@ -91,6 +91,8 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["due_at"] = now + 1
     if rng.random() < 0.3:
         data["result"] = rng.randint(0, 9)
+    if rng.random() < 0.2:
+        data["via"] = "job-" + rng.choice(ids or ["x"])
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 
@@ -260,9 +262,9 @@ def test_draft_behaves_like_a_pmap():
 def test_bulk_threshold():
     run = fold([submitted(random_dag(40, random.Random(1)))]).runs[RUN]
     assert _bulk_pays(None, 1)  # a run these events create: always
-    assert not _bulk_pays(run, 3)
-    assert not _bulk_pays(run, 9)
-    assert _bulk_pays(run, 10)  # a quarter of its tasks
+    assert not _bulk_pays(run, 1)
+    assert not _bulk_pays(run, 4)
+    assert _bulk_pays(run, 5)  # an eighth of its tasks
     assert _bulk_pays(run, 400)
 
 
@@ -270,7 +272,7 @@ def test_small_batch_into_a_big_run_goes_one_by_one(monkeypatch):
     sim = Sim(random_dag(200, random.Random(2)), random.Random(3))
     sim.schedule()
     sim.work(2)
-    state, log = EMPTY, sim.log
+    log = sim.log
     calls: list[int] = []
     real = state_module.fold_run
 
@@ -290,7 +292,7 @@ def test_small_batch_into_a_big_run_goes_one_by_one(monkeypatch):
     untouched = [n for n in MAP_FIELDS if getattr(old, n) == getattr(new, n)]
     assert untouched and all(getattr(old, n) is getattr(new, n) for n in untouched)
     # Plenty of events for the run's size: bulk.
-    big = [ev(E.WORKFLOW_STARTED, ts=5.0)] * 50  # a quarter of 200
+    big = [ev(E.WORKFLOW_STARTED, ts=5.0)] * 25  # an eighth of 200
     bulk = fold(big, state)
-    assert calls == [cut, 50]
+    assert calls == [cut, 25]
     assert_same_state(bulk, one_by_one(big, state))
