@@ -60,7 +60,8 @@ CAPACITY_STALE_S: Final = 20.0
 #: aims for at least (so packing never starves a slot).
 MAX_BATCH: Final = 32
 BATCHES_PER_SLOT: Final = 4
-#: Longest the scheduler holds ready jobs back to pack them, and only while the queues have a backlog.
+#: Longest the scheduler holds ready jobs back to pack them, and only behind a deep backlog (a full round
+#: of messages per worker slot waiting, see ``SchedulerService._hold``).
 PACK_HOLD_S: Final = 0.02
 #: Direct hand-off, for latency along chains. A worker process that has just finished a job whose
 #: success makes a dependent on the same queue ready waits this long on its own hand-off list, and the

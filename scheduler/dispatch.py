@@ -40,6 +40,15 @@ def pack(jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int]) -> list[t
     return out
 
 
+def deep_backlog(waiting: Mapping[str, int], capacity: Mapping[str, int]) -> bool:
+    """True when every queue in ``waiting`` (queue -> messages not yet taken by a worker) holds at least
+    ``BATCHES_PER_SLOT`` messages per worker slot: a new job there could not start soon anyway, so
+    holding it back a moment to pack it with others costs no latency."""
+    return bool(waiting) and all(
+        n >= max(1, capacity.get(q, 0)) * constants.BATCHES_PER_SLOT for q, n in waiting.items()
+    )
+
+
 class Dispatcher:
     """Sends jobs with one producer, batched into pipelined LPUSHes (kombu's ``Producer.batch``)."""
 

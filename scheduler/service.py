@@ -28,7 +28,7 @@ from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer
 from scheduler.decisions import Decisions, decide, in_flight
-from scheduler.dispatch import Dispatcher, pack
+from scheduler.dispatch import Dispatcher, deep_backlog, pack
 from scheduler.lease import Lease, LeaseKeeper
 from scheduler.metrics import SchedulerMetrics
 from scheduler.watchdog import Verdict, Watchdog
@@ -365,15 +365,18 @@ class SchedulerService:
         return rest, handoffs
 
     def _hold(self) -> bool:
-        """Hold ready jobs back a moment to pack them, but only while every worker slot is busy anyway
-        (messages are waiting in the queues): then the wait costs no latency and saves messages."""
+        """Hold ready jobs back a moment to pack them, but only behind a deep backlog: when every queue
+        they go to has a full round of messages waiting (``BATCHES_PER_SLOT`` per worker slot) beyond
+        what the workers have prefetched. Then the jobs could not start sooner anyway, and the wait
+        saves messages. Holding behind any backlog at all delayed every level of a deep DAG: a random
+        5,000-task DAG ran at 285 tasks/s with p50 hops of 99 ms, against 731 tasks/s without holding."""
         if not self.capacity:
             return False
         now = time.monotonic()
         if self._held_since is None:
             queues = sorted({queue for _, queue in self._unsent})
             waiting = self.log.queue_lengths(queues)
-            if not any(waiting):
+            if not deep_backlog(dict(zip(queues, waiting, strict=True)), self.capacity):
                 return False
             self._held_since = now
         return now - self._held_since < constants.PACK_HOLD_S

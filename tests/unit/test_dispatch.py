@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nerv_cluster import constants
 from nerv_cluster.jobs import Job
-from scheduler.dispatch import pack
+from scheduler.dispatch import deep_backlog, pack
 
 
 def _job(run: str, i: int, fn: str = "m.f", timeout: float | None = None) -> Job:
@@ -40,3 +40,18 @@ def test_batches_never_mix_runs_functions_or_queues_and_time_limited_jobs_go_alo
         assert len({(j.run_id, j.fn) for j in message}) == 1
         assert all(j.timeout is None for j in message) or len(message) == 1
         assert queue == ("io" if message[0].task_id in {f"t{200 + i}" for i in range(50)} else "cpu")
+
+
+def test_jobs_are_held_for_packing_only_behind_a_deep_backlog():
+    per_slot = constants.BATCHES_PER_SLOT
+    capacity = {"cpu": 2, "io": 8}
+    assert not deep_backlog({}, capacity)
+    assert not deep_backlog({"cpu": 0}, capacity)
+    # A few messages waiting drain in moments: holding would delay the next level of a deep DAG.
+    assert not deep_backlog({"cpu": 2 * per_slot - 1}, capacity)
+    assert deep_backlog({"cpu": 2 * per_slot}, capacity)
+    # Every queue the jobs go to must be backed up.
+    assert not deep_backlog({"cpu": 2 * per_slot, "io": 8 * per_slot - 1}, capacity)
+    assert deep_backlog({"cpu": 2 * per_slot, "io": 8 * per_slot}, capacity)
+    # A queue no worker announced counts as one slot.
+    assert deep_backlog({"gpu": per_slot}, capacity)
