@@ -7,7 +7,7 @@ same queue ready, it marks the job (``Job.handoff``). The worker process that ru
 outcome saying it waits (``finish.lua`` sets its waiting flag), then blocks for up to
 ``HANDOFF_WAIT_S`` on its own Redis list. The scheduler, folding that outcome, records the dependent as
 dispatched (fenced, as always) and, in the same round trip, consumes the worker's waiting flag, claims
-the attempt for that worker and pushes the job onto its list (``handoff.lua``).
+the attempt for that worker and pushes the job onto its list (``fenced_append.lua``).
 
 Nothing is lost and nothing runs twice. A worker that stops waiting deletes its flag atomically
 against the scheduler (``resign.lua``): either the flag was still there, and the scheduler then sends

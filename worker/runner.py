@@ -116,7 +116,7 @@ class TaskRunner:
                 return ran
             assert self.handoffs is not None
             handed = self.handoffs.take(self.worker_id, constants.HANDOFF_WAIT_S)
-            # A handed job is claimed for this process already (handoff.lua).
+            # A handed job is claimed for this process already (fenced_append.lua).
             batch, claimed = ([handed], True) if handed is not None else ([], False)
         return ran
 

@@ -1,17 +1,45 @@
 -- The scheduler's writes: only while it holds the lease (the fencing token must match).
 -- Decisions go to the run logs only: the scheduler made them, so it needs no feed copy.
--- KEYS: 1 lease, 2.. run logs
--- ARGV: 1 token, then triples (index into KEYS, channel or '' for none, event JSON)
+-- Then the hand-offs (see nerv_cluster/handoff.py), in the same atomic step as the TASK_DISPATCHED
+-- events they follow: a worker is handed at most one job per wait, as its waiting flag (set by
+-- finish.lua with the outcome that says it waits) is consumed here; a worker that stopped waiting
+-- deleted it (resign.lua), and then the job is not handed (0) and the scheduler sends it through Celery.
+-- A handed attempt is claimed for its worker here, which runs it without claiming it again.
+-- KEYS: 1 lease, then run logs, then 4 per hand-off: waiting flag, hand-off list, run log, claims hash
+-- ARGV: 1 token, 2 number of events n, then n triples (index into KEYS, channel or '' for none,
+--       event JSON); then, with hand-offs: the lists' ttl ms, then 5 per hand-off: field (task:attempt),
+--       worker id, channel, TASK_STARTED event JSON, job JSON
+-- Returns 1/0 per hand-off: 1 when handed.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LEASE_LOST the scheduler lease is held by another token')
 end
-local n = 0
-for i = 2, #ARGV, 3 do
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 3 * n, 3 do
   local key = KEYS[tonumber(ARGV[i])]
   redis.call('XADD', key, '*', 'e', ARGV[i + 2])
   if ARGV[i + 1] ~= '' then
     redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
   end
-  n = n + 1
 end
-return n
+local out = {}
+local base = 3 + 3 * n
+if #ARGV < base then
+  return out
+end
+local handoffs = (#ARGV - base) / 5
+local first = #KEYS - 4 * handoffs
+for h = 0, handoffs - 1 do
+  local k, a = first + 1 + 4 * h, base + 1 + 5 * h
+  local waiting, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  if redis.call('DEL', waiting) == 1 then
+    redis.call('HSET', claims, ARGV[a], ARGV[a + 1])
+    redis.call('XADD', log, '*', 'e', ARGV[a + 3])
+    redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3])
+    redis.call('RPUSH', list, ARGV[a + 4])
+    redis.call('PEXPIRE', list, ARGV[base])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out

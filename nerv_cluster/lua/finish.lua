@@ -3,7 +3,7 @@
 -- ARGV: 1 feed maxlen, 2 waiting flag key or '', 3 its ttl ms,
 --       then per attempt: field (task:attempt), outcome (event type), channel, event JSON
 -- Returns one 1/0 per attempt: 1 when recorded.
--- With a waiting flag, the worker waits for a hand-off (handoff.lua) after the last attempt: the flag is
+-- With a waiting flag, the worker waits for a hand-off (fenced_append.lua) after the last attempt: the flag is
 -- set only if that outcome was recorded, since only a recorded outcome can lead the scheduler to it.
 local out = {}
 for i = 0, (#ARGV - 3) / 4 - 1 do
