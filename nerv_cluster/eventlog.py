@@ -50,6 +50,16 @@ def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
     return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
 
 
+def _fenced(script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+    """Run a script that checks the lease token; :class:`LeaseLostError` when it no longer holds."""
+    try:
+        return list(script(keys=keys, args=args))
+    except redis.ResponseError as exc:
+        if "LEASE_LOST" in str(exc):
+            raise LeaseLostError(str(exc)) from exc
+        raise
+
+
 def attempt_field(task_id: str, attempt: int) -> str:
     """The hash field naming one attempt of one task."""
     return f"{task_id}:{attempt}"
@@ -141,15 +151,9 @@ class EventLog:
                 keys += [k.handoff_waiting(worker), k.handoff(worker), k.log(rid), k.claims(rid)]
                 args += [attempt_field(started.task_id, started.attempt), worker, k.channel(rid)]
                 args += [started.to_json(), job]
-        try:
-            # One script, not a pipeline of two: a pipeline of scripts costs redis-py an extra round
-            # trip (SCRIPT EXISTS) every time, and this is on every hop of a chain.
-            handed = self.scripts.fenced_append(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            if "LEASE_LOST" in str(exc):
-                raise LeaseLostError(str(exc)) from exc
-            raise
-        return [bool(x) for x in handed]
+        # One script, not a pipeline of two: a pipeline of scripts costs redis-py an extra round trip
+        # (SCRIPT EXISTS) every time, and this is on every hop of a chain.
+        return [bool(x) for x in _fenced(self.scripts.fenced_append, keys, args)]
 
     def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
@@ -209,13 +213,7 @@ class EventLog:
                 keys.append(k.outcomes(run_id))
                 index[run_id] = len(keys)
             args.extend((index[run_id], attempt_field(task_id, attempt)))
-        try:
-            got = self.scripts.supersede(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            if "LEASE_LOST" in str(exc):
-                raise LeaseLostError(str(exc)) from exc
-            raise
-        return [bool(x) for x in got]
+        return [bool(x) for x in _fenced(self.scripts.supersede, keys, args)]
 
     def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
         """Runs are over: drop them from the active set and let their keys expire after the retention time."""

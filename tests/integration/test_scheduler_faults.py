@@ -114,7 +114,7 @@ def test_restarted_scheduler_resumes_from_the_checkpoint_and_survives_a_bad_one(
     sched = c.scheduler()
     c.wait_leader()
     c.worker("cpu", 2)
-    wf, parents = _layered(levels=40, width=20, seconds=0.01)  # 800 tasks, about 10 s of work
+    wf, parents = _layered(levels=40, width=20, seconds=0.04)  # 800 tasks, about 16 s on 2 processes
     run_id = c.client.submit(wf)
     key = c.client.keys.checkpoint(run_id)
     deadline = time.monotonic() + 30
@@ -127,8 +127,9 @@ def test_restarted_scheduler_resumes_from_the_checkpoint_and_survives_a_bad_one(
     # A new leader starts from the checkpoint and replays only the log after it.
     sched = c.scheduler()
     c.wait_log(sched, "(1 from a checkpoint)")
-    time.sleep(1.0)
+    time.sleep(0.5)
     c.kill(sched, signal.SIGKILL)
+    assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
 
     # A checkpoint that cannot be read is ignored: the whole log is replayed.
     c.redis.set(key, '{"upto": "0-0", "count": 0, "state": {"format": -1}}')
