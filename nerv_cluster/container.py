@@ -23,6 +23,10 @@ from nerv_cluster.settings import Settings
 from nerv_cluster.state import StateProjector
 
 
+def _handoffs(settings: Settings, client: Any, keys: Keys) -> Handoffs | None:
+    return Handoffs(client, keys) if settings.handoff else None
+
+
 class Container(containers.DeclarativeContainer):
     """Every service of nerv-cluster, built on first use."""
 
@@ -30,7 +34,8 @@ class Container(containers.DeclarativeContainer):
     keys = providers.Singleton(Keys, prefix=settings.provided.prefix)
     redis = providers.Singleton(connect, settings)
     eventlog = providers.Singleton(EventLog, redis, keys)
-    handoffs = providers.Singleton(Handoffs, redis, keys)
+    #: None when ``settings.handoff`` is off: then every job travels as a Celery message.
+    handoffs: providers.Provider[Any] = providers.Singleton(_handoffs, settings, redis, keys)
     bus = providers.Singleton(EventBus)
     celery = providers.Singleton(create_celery, settings)
     registry = providers.Object(default_registry)

@@ -47,6 +47,9 @@ class Settings:
     #: Celery task events, which Flower needs; they cost a publish per task state change.
     task_events: bool = True
     log_level: str = "INFO"
+    #: Hand a chain's next job straight to the worker waiting for it instead of through the Celery
+    #: queue (``nerv_cluster.handoff``); off, every job is a Celery message of its own.
+    handoff: bool = True
     #: Log entries a run gains before the scheduler checkpoints it (0: never); a new leader decodes the
     #: checkpoint and replays only what came after it.
     checkpoint_events: int = constants.DEFAULT_CHECKPOINT_EVENTS

@@ -70,8 +70,16 @@ def readies_successor(run: RunState, tid: str) -> bool:
     return False
 
 
-def decide(run: RunState, now: float, source: str, out: Decisions, breakers: Breakers | None = None) -> None:
-    """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply)."""
+def decide(
+    run: RunState,
+    now: float,
+    source: str,
+    out: Decisions,
+    breakers: Breakers | None = None,
+    handoff: bool = True,
+) -> None:
+    """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply;
+    ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
@@ -146,7 +154,7 @@ def decide(run: RunState, now: float, source: str, out: Decisions, breakers: Bre
                     EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
                 )
             )
-            out.jobs.append((build_job(run, tid, readies_successor(run, tid)), queue))
+            out.jobs.append((build_job(run, tid, handoff and readies_successor(run, tid)), queue))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED

@@ -300,7 +300,7 @@ class SchedulerService:
         for rid in touched:
             run = self.state.runs.get(rid)
             if run is not None:
-                decide(run, now, self.source, out, self.breakers)
+                decide(run, now, self.source, out, self.breakers, handoff=self.handoffs is not None)
         jobs, handoffs = self._match_waiters(out.jobs) if self._waiters else (out.jobs, [])
         if out.events or handoffs:
             handed = self.log.append_fenced(

@@ -155,3 +155,22 @@ def test_cancel_terminates_a_handed_job_through_the_message_it_runs_in(cluster: 
     assert res.status is RunStatus.CANCELLED
     time.sleep(4.5)  # longer than the task would have run
     assert cluster.redis.hgetall(f"test:marks:{run_id}") == {}, "the handed job must be terminated"
+
+
+def test_with_handoff_off_every_job_travels_through_celery(own_cluster: Cluster) -> None:
+    c = own_cluster
+    c.env["NERV_HANDOFF"] = "false"
+    c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    wf = Workflow("handoff-off")
+    prev = wf.add(tt.counted, id="c0")
+    for i in range(1, 10):
+        prev = wf.add(tt.counted, prev, id=f"c{i}")
+    res = c.client.wait(c.client.submit(wf), timeout=60)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    events = log_of(c.client, res.run_id)
+    assert _handed(events) == []
+    started = [ev for ev in events if ev.type is EventType.TASK_STARTED]
+    assert len(started) == 10 and all(ev.source.startswith("worker:") for ev in started)
+    assert c.redis.keys(f"{c.client.keys.prefix}:handoff:*") == []

@@ -354,3 +354,11 @@ def test_handoff_marks_jobs_whose_success_alone_readies_a_dependent_on_their_que
     # The mark travels on the wire.
     job = next(job for job, _ in out.jobs if job.task_id == "b")
     assert job.to_dict()["h"] == 1 and Job.from_dict(job.to_dict()) == job
+
+
+def test_no_job_is_marked_for_handoff_when_it_is_off():
+    definition = wdef(td("a"), td("b", "a"))
+    run = run_of(fold([submitted(definition)]))
+    out = Decisions()
+    decide(run, 100.0, SOURCE, out, handoff=False)
+    assert [(job.task_id, job.handoff) for job, _ in out.jobs] == [("a", False)]
