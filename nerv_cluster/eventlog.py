@@ -43,7 +43,6 @@ class Scripts:
         self.lease = client.register_script(lua_source("lease"))
         self.release = client.register_script(lua_source("release"))
         self.supersede = client.register_script(lua_source("supersede"))
-        self.resign = client.register_script(lua_source("resign"))
 
 
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:

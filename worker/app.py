@@ -133,35 +133,20 @@ class HandoffEvents:
         try:
             d = self._for(hostname)
             started = float(outcome.data.get("started_at", outcome.ts))
-            d.send(
-                "task-sent",
-                uuid=job.id,
-                name=job.fn,
-                args=repr(job.args),
-                kwargs=repr(job.kwargs),
-                retries=job.attempt - 1,
-                eta=None,
-                expires=None,
-                queue=queue,
-                exchange="",
-                routing_key=queue,
-                root_id=job.id,
-                parent_id=None,
-                timestamp=started,
-            )
-            d.send(
-                "task-received",
-                uuid=job.id,
-                name=job.fn,
-                args=repr(job.args),
-                kwargs=repr(job.kwargs),
-                root_id=job.id,
-                parent_id=None,
-                retries=job.attempt - 1,
-                eta=None,
-                expires=None,
-                timestamp=started,
-            )
+            task = {
+                "uuid": job.id,
+                "name": job.fn,
+                "args": repr(job.args),
+                "kwargs": repr(job.kwargs),
+                "root_id": job.id,
+                "parent_id": None,
+                "retries": job.attempt - 1,
+                "eta": None,
+                "expires": None,
+                "timestamp": started,
+            }
+            d.send("task-sent", queue=queue, exchange="", routing_key=queue, **task)
+            d.send("task-received", **task)
             d.send("task-started", uuid=job.id, timestamp=started)
             if outcome.type is EventType.TASK_COMPLETED:
                 d.send(
