@@ -308,12 +308,17 @@ class SchedulerService:
                 self._token(),
                 [(started, json.dumps(job.to_dict())) for started, job, _ in handoffs],
             )
-            events = out.events
+            taken: list[tuple[Job, str]] = []
+            claims: list[Event] = []
             for (started, job, queue), ok in zip(handoffs, handed, strict=True):
                 if ok:
-                    events = [*events, started]
+                    taken.append((job, queue))
+                    claims.append(started)
                 else:  # the worker stopped waiting: the normal way, then
                     jobs.append((job, queue))
+            events = out.events + claims if claims else out.events
+            if taken:  # sent, as far as the metrics go: counted like the jobs that go through Celery
+                self.metrics.on_sent(taken, self._read_at, time.monotonic())
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
