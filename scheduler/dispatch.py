@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from celery import Celery
 
 from nerv_cluster import constants
+from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
 
 #: Extra seconds a task gets past its soft limit before the hard limit kills it.
@@ -86,3 +88,66 @@ class Dispatcher:
         ids = list(job_ids)
         if ids:
             self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
+
+
+class Outbox:
+    """Jobs recorded as DISPATCHED and not yet handed to the broker, sent packed (see :func:`pack`).
+
+    Invariant: a job leaves the outbox only once the broker took it: a failed send keeps every job of
+    it for the next try (workers claim an attempt once, so a copy sent twice runs once). Jobs are held
+    back, at most ``PACK_HOLD_S``, only behind a deep backlog (:func:`deep_backlog`): holding behind any
+    backlog at all delayed every level of a deep DAG (a random 5,000-task DAG ran at 285 tasks/s with
+    p50 hops of 99 ms, against 731 tasks/s without holding).
+    """
+
+    def __init__(
+        self,
+        eventlog: EventLog,
+        dispatcher: Dispatcher,
+        on_sent: Callable[[Sequence[tuple[Job, str]]], None],
+    ) -> None:
+        self.log = eventlog
+        self.dispatcher = dispatcher
+        self.on_sent = on_sent
+        #: Worker slots per queue, refreshed by the loop's sweep (it decides how jobs are packed).
+        self.capacity: dict[str, int] = {}
+        self._jobs: list[tuple[Job, str]] = []
+        self._held_since: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
+
+    def add(self, jobs: Iterable[tuple[Job, str]]) -> None:
+        """Queue jobs to send."""
+        self._jobs.extend(jobs)
+
+    def clear(self) -> None:
+        """Drop every job (stepping down: the next leader resends what is in flight)."""
+        self._jobs = []
+        self._held_since = None
+
+    def _hold(self) -> bool:
+        if not self.capacity:
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            queues = sorted({queue for _, queue in self._jobs})
+            waiting = self.log.queue_lengths(queues)
+            if not deep_backlog(dict(zip(queues, waiting, strict=True)), self.capacity):
+                return False
+            self._held_since = now
+        return now - self._held_since < constants.PACK_HOLD_S
+
+    def flush(self) -> None:
+        """Send what waits, unless it is held back to be packed."""
+        if not self._jobs or self._hold():
+            return
+        self._held_since = None
+        jobs, self._jobs = self._jobs, []
+        try:
+            self.dispatcher.send(pack(jobs, self.capacity))
+        except Exception:
+            # Already recorded as DISPATCHED: keep them and send again.
+            self._jobs = jobs + self._jobs
+            raise
+        self.on_sent(jobs)

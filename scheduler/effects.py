@@ -1,0 +1,100 @@
+"""Writing the scheduler's decisions: fenced events, outcome slots, revokes, closing runs.
+
+Every write here goes through the lease token (``nerv_cluster/lua/*`` check it inside Redis), so a
+scheduler that lost the lease writes nothing: :class:`~nerv_cluster.errors.LeaseLostError` instead.
+
+Invariant: an attempt the scheduler ends itself (its worker was lost, it ran past its time limit, its
+run was cancelled) has its outcome slot taken *before* the event that ends it is written; a worker that
+finishes the same attempt at the same moment either got the slot first (its outcome stands, the verdict
+is dropped) or records nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from nerv_cluster.errors import LeaseLostError
+from nerv_cluster.eventlog import EventLog
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event
+from nerv_cluster.state import State
+from scheduler.dispatch import Dispatcher
+from scheduler.lease import Lease
+from scheduler.watchdog import Verdict
+
+log = logging.getLogger("nerv.scheduler")
+
+
+class Effects:
+    """The scheduler's writes to Redis and its revokes to the workers."""
+
+    def __init__(
+        self, eventlog: EventLog, lease: Lease, dispatcher: Dispatcher, retention_seconds: int
+    ) -> None:
+        self.log = eventlog
+        self.lease = lease
+        self.dispatcher = dispatcher
+        self.retention_seconds = retention_seconds
+
+    def token(self) -> str:
+        """Our fencing token; the keeper thread may have dropped it a moment ago."""
+        token = self.lease.token
+        if token is None:
+            raise LeaseLostError("the lease was lost while acting")
+        return token
+
+    def write(self, events: Sequence[Event], handoffs: Sequence[tuple[Event, Job]] = ()) -> list[bool]:
+        """Append decisions (fenced) and, in the same atomic step, hand jobs to waiting workers: per
+        hand-off, whether it was handed (see ``EventLog.append_fenced``)."""
+        return self.log.append_fenced(
+            events, self.token(), [(started, json.dumps(job.to_dict())) for started, job in handoffs]
+        )
+
+    def record_circuits(self, transitions: Sequence[Event]) -> None:
+        """Write circuit transitions (to their runs and the circuits stream) and keep that stream short."""
+        if transitions:
+            self.log.append_fenced(transitions, self.token())
+            self.log.trim_circuits()
+
+    def end_attempts(self, verdicts: Sequence[Verdict]) -> list[Event]:
+        """Supersede the attempts first, then record the verdicts we won; returns those events."""
+        if not verdicts:
+            return []
+        token = self.token()
+        won = self.log.supersede([(v.run_id, v.task_id, v.attempt) for v in verdicts], token, "SUPERSEDED")
+        events = [v.event for v, ok in zip(verdicts, won, strict=True) if ok]
+        for ev in events:
+            log.warning(
+                "%s %s/%s attempt %s: %s",
+                ev.type.value,
+                ev.run_id,
+                ev.task_id,
+                ev.attempt,
+                ev.data.get("reason") or ev.data.get("error", {}).get("message"),
+            )
+        if events:
+            self.log.append_fenced(events, token)
+        return events
+
+    def cancel_jobs(self, job_ids: Sequence[str], state: State) -> None:
+        """Take the attempts' outcome slots (a worker that picks one up later skips it), then revoke the
+        Celery messages they run in: their own, and the one carrying them when packed or handed over."""
+        token = self.token()
+        attempts = []
+        for jid in job_ids:
+            rid, tid, attempt = jid.rsplit(":", 2)
+            attempts.append((rid, tid, int(attempt)))
+        self.log.supersede(attempts, token, "TASK_CANCELLED")
+        carriers = []
+        for rid, tid, _ in attempts:
+            run = state.runs.get(rid)
+            via = run.tasks[tid].via if run is not None and tid in run.tasks else None
+            if via:
+                carriers.append(via)
+        self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
+
+    def close(self, run_ids: Sequence[str]) -> None:
+        """Finished runs: drop them from the active set and let their keys expire after the retention."""
+        self.log.close_runs(run_ids, self.retention_seconds)

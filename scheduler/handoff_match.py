@@ -1,0 +1,77 @@
+"""Matching finished jobs' waiting worker processes with the dependents those jobs made ready.
+
+A worker that records a job's success with a ``handoff`` mark waits a moment for the next job of its
+chain (see :mod:`nerv_cluster.handoff`). This room remembers those waiters from the feed and, when the
+scheduler decides the next jobs, picks for each job at most one waiter: one that finished a dependency
+of the job on the job's own queue.
+
+Invariant: a waiter is offered at most one job, and only in the step right after its outcome was read:
+every waiter not matched then is forgotten (the worker waits only ``HANDOFF_WAIT_S`` and then resigns, so
+an old waiter is worth nothing). Offering is not handing: the fenced write hands a job only while the
+worker's waiting flag still exists, so a waiter that already left costs a Celery message, never a job.
+"""
+
+from __future__ import annotations
+
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType
+from nerv_cluster.state import State
+
+#: A job and its queue.
+Queued = tuple[Job, str]
+#: A hand-off: the TASK_STARTED event that claims the attempt for the worker, the job, its queue.
+Handoff = tuple[Event, Job, str]
+
+
+class HandoffMatcher:
+    """The waiters seen in this step's outcomes: run -> task -> (worker id, Celery message it serves)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._waiters: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def observe(self, ev: Event) -> None:
+        """Note the waiter of a TASK_COMPLETED read from the feed, if it waits."""
+        if ev.type is EventType.TASK_COMPLETED and ev.task_id is not None:
+            waiter = ev.data.get("handoff")
+            if waiter:
+                where = (str(waiter), str(ev.data.get("via", "")))
+                self._waiters.setdefault(ev.run_id, {})[ev.task_id] = where
+
+    def clear(self) -> None:
+        """Forget every waiter."""
+        self._waiters = {}
+
+    def match(
+        self, jobs: list[Queued], state: State, source: str, now: float
+    ) -> tuple[list[Queued], list[Handoff]]:
+        """Split ``jobs`` into those left for Celery and the hand-offs, each with the TASK_STARTED event
+        that claims the attempt for its worker. Forgets every waiter, matched or not."""
+        waiters, self._waiters = self._waiters, {}
+        if not self.enabled or not waiters:
+            return jobs, []
+        rest: list[Queued] = []
+        handoffs: list[Handoff] = []
+        for job, queue in jobs:
+            waiting = waiters.get(job.run_id)
+            worker: tuple[str, str] | None = None
+            if waiting and not job.timeout:
+                defs = state.runs[job.run_id].defs
+                for dep in defs[job.task_id].dependencies:
+                    if dep in waiting and defs[dep].queue == queue:
+                        worker = waiting.pop(dep)
+                        break
+            if worker is None:
+                rest.append((job, queue))
+                continue
+            started = Event(
+                EventType.TASK_STARTED,
+                job.run_id,
+                job.task_id,
+                job.attempt,
+                {"worker": worker[0], "handoff": True, **({"via": worker[1]} if worker[1] else {})},
+                ts=now,
+                source=source,
+            )
+            handoffs.append((started, job, queue))
+        return rest, handoffs
