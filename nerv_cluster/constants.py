@@ -61,7 +61,7 @@ CAPACITY_STALE_S: Final = 20.0
 MAX_BATCH: Final = 32
 BATCHES_PER_SLOT: Final = 4
 #: Longest the scheduler holds ready jobs back to pack them, and only behind a deep backlog (a full round
-#: of messages per worker slot waiting, see ``SchedulerService._hold``).
+#: of messages per worker slot waiting, see ``scheduler.dispatch.Outbox``).
 PACK_HOLD_S: Final = 0.02
 #: Direct hand-off, for latency along chains. A worker process that has just finished a job whose
 #: success makes a dependent on the same queue ready waits this long on its own hand-off list, and the
