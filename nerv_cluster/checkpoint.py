@@ -3,7 +3,7 @@
 A new scheduler leader rebuilds every active run from its log. For a long run that is a replay of
 hundreds of thousands of events; with a checkpoint it decodes the state at the checkpoint and folds only
 the events after it. A checkpoint is a cache of the fold, never a second truth: it is written from
-``fold(log[:upto])`` (see ``SchedulerService._checkpoint``), so ``decode(encode(run))`` must equal
+``fold(log[:upto])`` (see ``scheduler.checkpointer.Checkpointer``), so ``decode(encode(run))`` must equal
 ``run`` exactly, which the unit tests check field by field. A checkpoint that cannot be decoded (an
 older format, a bug) is ignored and the whole log is replayed.
 
