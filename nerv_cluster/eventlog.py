@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from functools import cache
-from importlib import resources
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -20,39 +18,20 @@ import redis
 from nerv_cluster import constants
 from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError
 from nerv_cluster.model import Event
+from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
 
 #: A stream entry id and the event stored under it.
 Entry = tuple[str, Event]
-
-
-@cache
-def lua_source(name: str) -> str:
-    """The text of ``nerv_cluster/lua/<name>.lua``."""
-    return resources.files("nerv_cluster").joinpath("lua").joinpath(f"{name}.lua").read_text()
-
-
-class Scripts:
-    """The Lua scripts, registered on one Redis client (EVALSHA, reloaded on NOSCRIPT by redis-py)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.submit = client.register_script(lua_source("submit"))
-        self.append = client.register_script(lua_source("append"))
-        self.fenced_append = client.register_script(lua_source("fenced_append"))
-        self.start = client.register_script(lua_source("start"))
-        self.finish = client.register_script(lua_source("finish"))
-        self.lease = client.register_script(lua_source("lease"))
-        self.release = client.register_script(lua_source("release"))
-        self.supersede = client.register_script(lua_source("supersede"))
 
 
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
     return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
 
 
-def _fenced(script: Any, keys: list[str], args: list[Any]) -> list[Any]:
-    """Run a script that checks the lease token; :class:`LeaseLostError` when it no longer holds."""
+def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
+    """Run a script call that checks the lease token; :class:`LeaseLostError` when it no longer holds."""
     try:
-        return list(script(keys=keys, args=args))
+        return call()
     except redis.ResponseError as exc:
         if "LEASE_LOST" in str(exc):
             raise LeaseLostError(str(exc)) from exc
@@ -81,14 +60,15 @@ class EventLog:
         k = self.keys
         try:
             self.scripts.submit(
-                keys=[k.log(event.run_id), k.feed, k.active, k.runs],
-                args=[
-                    event.run_id,
-                    k.channel(event.run_id),
-                    event.to_json(),
-                    event.ts,
-                    constants.FEED_MAXLEN,
-                ],
+                run_log=k.log(event.run_id),
+                feed=k.feed,
+                active=k.active,
+                runs=k.runs,
+                run_id=event.run_id,
+                channel=k.channel(event.run_id),
+                event=event.to_json(),
+                submitted_at=event.ts,
+                feed_maxlen=constants.FEED_MAXLEN,
             )
         except redis.ResponseError as exc:
             if "RUN_EXISTS" not in str(exc):
@@ -107,8 +87,11 @@ class EventLog:
         pipe = self.redis.pipeline(transaction=False)
         for run_id, payloads in by_run.items():
             self.scripts.append(
-                keys=[k.log(run_id), k.feed],
-                args=[k.channel(run_id), constants.FEED_MAXLEN, *payloads],
+                run_log=k.log(run_id),
+                feed=k.feed,
+                channel=k.channel(run_id),
+                feed_maxlen=constants.FEED_MAXLEN,
+                events=payloads,
                 client=pipe,
             )
         pipe.execute()
@@ -125,47 +108,64 @@ class EventLog:
         if not events and not handoffs:
             return []
         k = self.keys
-        keys = [k.lease]
+        # The tail: the run logs (and the circuits stream) written to, then the hand-offs' keys. Events
+        # name their stream by its index into KEYS, after the script's one fixed key (the lease).
+        tail_keys: list[str] = []
         index: dict[str, int] = {}
-        args: list[Any] = [token]
+        args: list[Any] = []
+
+        def at(key: str) -> int:
+            if key not in index:
+                tail_keys.append(key)
+                index[key] = len(tail_keys) + len(FencedAppend.keys)
+            return index[key]
+
         for ev in events:
-            if ev.run_id not in index:
-                keys.append(k.log(ev.run_id))
-                index[ev.run_id] = len(keys)
             payload = ev.to_json()
-            args.extend((index[ev.run_id], k.channel(ev.run_id), payload))
+            args.extend((at(k.log(ev.run_id)), k.channel(ev.run_id), payload))
             if ev.type.value.startswith("CIRCUIT_"):
                 # Also in the cluster-wide circuits stream, which a new leader refolds.
-                if k.circuits not in index:
-                    keys.append(k.circuits)
-                    index[k.circuits] = len(keys)
-                args.extend((index[k.circuits], "", payload))
-        args.insert(1, (len(args) - 1) // 3)  # the number of (key, channel, event) triples
+                args.extend((at(k.circuits), "", payload))
+        n_events = len(args) // 3
         if handoffs:
             args.append(constants.HANDOFF_TTL_MS)
             for started, job in handoffs:
                 assert started.task_id is not None and started.attempt is not None
                 worker = str(started.data["worker"])
                 rid = started.run_id
-                keys += [k.handoff_waiting(worker), k.handoff(worker), k.log(rid), k.claims(rid)]
+                tail_keys += [k.handoff_waiting(worker), k.handoff(worker), k.log(rid), k.claims(rid)]
                 args += [attempt_field(started.task_id, started.attempt), worker, k.channel(rid)]
                 args += [started.to_json(), job]
         # One script, not a pipeline of two: a pipeline of scripts costs redis-py an extra round trip
         # (SCRIPT EXISTS) every time, and this is on every hop of a chain.
-        return [bool(x) for x in _fenced(self.scripts.fenced_append, keys, args)]
+        handed = _fenced(
+            lambda: self.scripts.fenced_append(
+                lease=k.lease, token=token, n_events=n_events, tail_keys=tail_keys, tail_args=args
+            )
+        )
+        return [bool(x) for x in handed]
 
     def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
         ``'ok'`` (run it), ``'done'``, ``'busy'`` or ``'poison'`` (``max_takeovers`` holders died).
         """
         k = self.keys
-        keys: list[str] = [k.feed]
-        args: list[Any] = [worker_id, k.heartbeat_prefix, constants.FEED_MAXLEN, max_takeovers]
+        keys: list[str] = []
+        args: list[Any] = []
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]
             args += [attempt_field(ev.task_id, ev.attempt), k.channel(ev.run_id), ev.to_json()]
-        return [str(v) for v in self.scripts.start(keys=keys, args=args)]
+        verdicts = self.scripts.start(
+            feed=k.feed,
+            worker=worker_id,
+            heartbeat_prefix=k.heartbeat_prefix,
+            feed_maxlen=constants.FEED_MAXLEN,
+            max_takeovers=max_takeovers,
+            tail_keys=keys,
+            tail_args=args,
+        )
+        return [str(v) for v in verdicts]
 
     def start_attempt(self, event: Event, worker_id: str, max_takeovers: int) -> str:
         """:meth:`start_attempts` for one attempt."""
@@ -179,17 +179,21 @@ class EventLog:
         if not events:
             return []
         k = self.keys
-        keys: list[str] = [k.feed]
-        args: list[Any] = [
-            constants.FEED_MAXLEN,
-            k.handoff_waiting(waiting) if waiting else "",
-            constants.HANDOFF_TTL_MS,
-        ]
+        keys: list[str] = []
+        args: list[Any] = []
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
             args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
-        return [bool(v) for v in self.scripts.finish(keys=keys, args=args)]
+        recorded = self.scripts.finish(
+            feed=k.feed,
+            feed_maxlen=constants.FEED_MAXLEN,
+            waiting=k.handoff_waiting(waiting) if waiting else "",
+            waiting_ttl_ms=constants.HANDOFF_TTL_MS,
+            tail_keys=keys,
+            tail_args=args,
+        )
+        return [bool(v) for v in recorded]
 
     def finish_attempt(self, event: Event) -> bool:
         """:meth:`finish_attempts` for one attempt."""
@@ -204,15 +208,20 @@ class EventLog:
         if not attempts:
             return []
         k = self.keys
-        keys = [k.lease]
+        keys: list[str] = []
         index: dict[str, int] = {}
-        args: list[Any] = [token, why]
+        args: list[Any] = []
         for run_id, task_id, attempt in attempts:
             if run_id not in index:
                 keys.append(k.outcomes(run_id))
-                index[run_id] = len(keys)
+                index[run_id] = len(keys) + len(Supersede.keys)  # its index into KEYS, after the lease
             args.extend((index[run_id], attempt_field(task_id, attempt)))
-        return [bool(x) for x in _fenced(self.scripts.supersede, keys, args)]
+        won = _fenced(
+            lambda: self.scripts.supersede(
+                lease=k.lease, token=token, value=why, tail_keys=keys, tail_args=args
+            )
+        )
+        return [bool(x) for x in won]
 
     def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
         """Runs are over: drop them from the active set and let their keys expire after the retention time."""

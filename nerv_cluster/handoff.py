@@ -24,8 +24,8 @@ from typing import Any
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.eventlog import lua_source
 from nerv_cluster.jobs import Job
+from nerv_cluster.scripts import Resign
 
 
 class Handoffs:
@@ -34,7 +34,7 @@ class Handoffs:
     def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
         self.redis: Any = client
         self.keys = keys
-        self._resign = client.register_script(lua_source("resign"))
+        self._resign = Resign(client)
 
     def take(self, worker_id: str, timeout: float) -> Job | None:
         """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
@@ -44,7 +44,11 @@ class Handoffs:
         """
         lst = self.keys.handoff(worker_id)
         got = self.redis.blpop([lst], timeout=timeout)
-        raw = got[1] if got is not None else self._resign(keys=[self.keys.handoff_waiting(worker_id), lst])
+        raw = (
+            got[1]
+            if got is not None
+            else self._resign(waiting=self.keys.handoff_waiting(worker_id), handoff_list=lst)
+        )
         if not raw:
             return None
         # A job was handed: the flag was consumed with it, so there is nothing else to resign.

@@ -50,7 +50,9 @@ class Lease:
                 return False  # dropped or replaced meanwhile: never revive an old term
             sent = time.monotonic()
             k = self._log.keys
-            got = self._log.scripts.lease(keys=[k.lease, k.epoch], args=[token, self.ttl_ms, int(renew_only)])
+            got = self._log.scripts.lease(
+                lease=k.lease, epoch=k.epoch, token=token, ttl_ms=self.ttl_ms, renew_only=renew_only
+            )
             return self._update(got, sent)
 
     def _update(self, got: object, sent: float) -> bool:
@@ -84,7 +86,7 @@ class Lease:
     def release(self) -> None:
         """Give the lease up so a standby takes over at once."""
         if self.token is not None:
-            self._log.scripts.release(keys=[self._log.keys.lease], args=[self.token])
+            self._log.scripts.release(lease=self._log.keys.lease, token=self.token)
         self.drop()
 
     def holder(self) -> str | None:

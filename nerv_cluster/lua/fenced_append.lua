@@ -5,16 +5,16 @@
 -- finish.lua with the outcome that says it waits) is consumed here; a worker that stopped waiting
 -- deleted it (resign.lua), and then the job is not handed (0) and the scheduler sends it through Celery.
 -- A handed attempt is claimed for its worker here, which runs it without claiming it again.
--- KEYS: 1 lease, then run logs, then 4 per hand-off: waiting flag, hand-off list, run log, claims hash
--- ARGV: 1 token, 2 number of events n, then n triples (index into KEYS, channel or '' for none,
---       event JSON); then, with hand-offs: the lists' ttl ms, then 5 per hand-off: field (task:attempt),
---       worker id, channel, TASK_STARTED event JSON, job JSON
+-- Fixed keys and arguments: see nerv_cluster/scripts.py (FencedAppend). The tail: keys run logs, then 4
+-- per hand-off: waiting flag, hand-off list, run log, claims hash; arguments n_events triples (index into
+-- KEYS, channel or '' for none, event JSON), then, with hand-offs: the lists' ttl ms, then 5 per
+-- hand-off: field (task:attempt), worker id, channel, TASK_STARTED event JSON, job JSON.
 -- Returns 1/0 per hand-off: 1 when handed.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+if redis.call('GET', lease) ~= token then
   return redis.error_reply('LEASE_LOST the scheduler lease is held by another token')
 end
-local n = tonumber(ARGV[2])
-for i = 3, 2 + 3 * n, 3 do
+local n = tonumber(n_events)
+for i = NARGV + 1, NARGV + 3 * n, 3 do
   local key = KEYS[tonumber(ARGV[i])]
   redis.call('XADD', key, '*', 'e', ARGV[i + 2])
   if ARGV[i + 1] ~= '' then
@@ -22,7 +22,7 @@ for i = 3, 2 + 3 * n, 3 do
   end
 end
 local out = {}
-local base = 3 + 3 * n
+local base = NARGV + 1 + 3 * n
 if #ARGV < base then
   return out
 end
@@ -30,8 +30,8 @@ local handoffs = (#ARGV - base) / 5
 local first = #KEYS - 4 * handoffs
 for h = 0, handoffs - 1 do
   local k, a = first + 1 + 4 * h, base + 1 + 5 * h
-  local waiting, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  if redis.call('DEL', waiting) == 1 then
+  local flag, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  if redis.call('DEL', flag) == 1 then
     redis.call('HSET', claims, ARGV[a], ARGV[a + 1])
     redis.call('XADD', log, '*', 'e', ARGV[a + 3])
     redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3])

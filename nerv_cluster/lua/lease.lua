@@ -1,15 +1,14 @@
--- Acquire or renew the scheduler lease.
--- KEYS: 1 lease, 2 epoch counter
--- ARGV: 1 current token ('' when not holding), 2 ttl ms, 3 '1' to renew only (never acquire anew)
+-- Acquire or renew the scheduler lease. Keys and arguments: see nerv_cluster/scripts.py (Lease):
+-- token is the one we hold ('' when none), renew_only '1' to renew only (never acquire anew).
 -- Returns the token held after the call, or false when we do not hold it.
-local cur = redis.call('GET', KEYS[1])
-if cur and cur == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local cur = redis.call('GET', lease)
+if cur and cur == token then
+  redis.call('PEXPIRE', lease, ttl_ms)
   return cur
 end
-if cur or ARGV[3] == '1' then
+if cur or renew_only == '1' then
   return false
 end
-local token = tostring(redis.call('INCR', KEYS[2]))
-redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-return token
+local new = tostring(redis.call('INCR', epoch))
+redis.call('SET', lease, new, 'PX', ttl_ms)
+return new

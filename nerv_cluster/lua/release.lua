@@ -1,5 +1,5 @@
--- Give the lease up, only if we hold it. KEYS: 1 lease. ARGV: 1 token.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- Give the lease up, only if we hold it. Keys and arguments: see nerv_cluster/scripts.py (Release).
+if redis.call('GET', lease) == token then
+  return redis.call('DEL', lease)
 end
 return 0

@@ -16,9 +16,9 @@ import pytest
 from nerv_cluster import EventType, RunStatus, Workflow, constants
 from nerv_cluster.container import container_for
 from nerv_cluster.errors import LeaseLostError
-from nerv_cluster.eventlog import lua_source
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event
+from nerv_cluster.scripts import Resign
 from nerv_cluster.settings import Settings
 from scheduler.lease import Lease
 from tests.integration.cluster import Cluster
@@ -86,7 +86,7 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     assert lease.acquire()
     token = lease.token
     assert token is not None
-    resign = r.register_script(lua_source("resign"))
+    resign = Resign(r)
 
     def finished(worker: str, tid: str) -> None:
         done = Event(EventType.TASK_COMPLETED, "run1", tid, 1, {"result": 1, "worker": worker})
@@ -117,7 +117,8 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     # 3. The scheduler hands the job just as the worker's wait times out: resigning returns the job.
     finished("w3", "e")
     assert offer("w3", "f") == [True]
-    raw = resign(keys=[keys.handoff_waiting("w3"), keys.handoff("w3")])
+    raw = resign(waiting=keys.handoff_waiting("w3"), handoff_list=keys.handoff("w3"))
+    assert raw is not None
     assert Job.from_dict(json.loads(raw)).task_id == "f"
     assert not r.exists(keys.handoff_waiting("w3"), keys.handoff("w3"))
 

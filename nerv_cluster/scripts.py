@@ -1,0 +1,250 @@
+"""One typed Python wrapper per Lua script in ``nerv_cluster/lua/``, naming its keys and arguments.
+
+A script's fixed keys and arguments are declared once, here (``keys`` and ``args``); the wrapper's call
+takes them by those names, and the script is registered with a prelude that binds each to a Lua local
+of the same name (``local lease = KEYS[1]``). So the ``.lua`` body uses names, never the fixed
+positions: a name the body uses that the wrapper does not declare is a Lua error on the first call
+(Redis refuses undeclared globals), and ``tests/unit/test_scripts.py`` checks that every declared name
+is used, that no fixed position is read by number, and that each call's parameters are the declared
+names in order. Only the variable-length tail (per-event, per-attempt groups) is read by index, after
+``NKEYS`` keys and ``NARGV`` arguments, which the prelude also defines.
+
+All scripts run with EVALSHA (redis-py's ``Script`` reloads a script Redis forgot, after a restart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar
+
+import redis
+
+
+@cache
+def lua_source(name: str) -> str:
+    """The text of ``nerv_cluster/lua/<name>.lua`` as stored (without the prelude)."""
+    return resources.files("nerv_cluster").joinpath("lua").joinpath(f"{name}.lua").read_text()
+
+
+def prelude(keys: Sequence[str], args: Sequence[str]) -> str:
+    """The Lua lines that bind the fixed keys and arguments to locals of their names (one line, so
+    line numbers in Redis's error messages stay those of the file plus one)."""
+    parts = [f"local {k} = KEYS[{i}]" for i, k in enumerate(keys, 1)]
+    parts += [f"local {a} = ARGV[{i}]" for i, a in enumerate(args, 1)]
+    parts.append(f"local NKEYS, NARGV = {len(keys)}, {len(args)}")
+    return "; ".join(parts) + "\n"
+
+
+class LuaScript:
+    """A Lua script registered on one Redis client. Subclasses name the script file and its fixed keys
+    and arguments, and define a typed ``__call__`` whose keyword parameters are those names in order."""
+
+    name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ()
+    args: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.source = prelude(self.keys, self.args) + lua_source(self.name)
+        self._script = client.register_script(self.source)
+
+    def _run(
+        self,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        more_keys: Sequence[Any] = (),
+        more_args: Sequence[Any] = (),
+        client: Any = None,
+    ) -> Any:
+        """Run with the fixed ``keys`` and ``args`` (in declared order), then the variable tail."""
+        if len(keys) != len(self.keys) or len(args) != len(self.args):
+            got = f"got {len(keys)} and {len(args)}"
+            raise TypeError(f"{self.name}.lua takes keys {self.keys} and args {self.args}, {got}")
+        return self._script(keys=[*keys, *more_keys], args=[*args, *more_args], client=client)
+
+
+class Submit(LuaScript):
+    """Accept a new run atomically: register it, write its first event to its log and the feed,
+    announce it. Raises ``RUN_EXISTS`` (a ResponseError) when the run's log already exists."""
+
+    name = "submit"
+    keys = ("run_log", "feed", "active", "runs")
+    args = ("run_id", "channel", "event", "submitted_at", "feed_maxlen")
+
+    def __call__(
+        self,
+        *,
+        run_log: str,
+        feed: str,
+        active: str,
+        runs: str,
+        run_id: str,
+        channel: str,
+        event: str,
+        submitted_at: float,
+        feed_maxlen: int,
+    ) -> None:
+        self._run([run_log, feed, active, runs], [run_id, channel, event, submitted_at, feed_maxlen])
+
+
+class Append(LuaScript):
+    """Append events of one run to its log and to the feed, and announce them; returns how many."""
+
+    name = "append"
+    keys = ("run_log", "feed")
+    args = ("channel", "feed_maxlen")
+
+    def __call__(
+        self,
+        *,
+        run_log: str,
+        feed: str,
+        channel: str,
+        feed_maxlen: int,
+        events: Sequence[str],
+        client: Any = None,
+    ) -> Any:
+        return self._run([run_log, feed], [channel, feed_maxlen], more_args=events, client=client)
+
+
+class FencedAppend(LuaScript):
+    """The scheduler's writes, only while ``token`` holds the lease: events to run logs, then the
+    hand-offs (see ``EventLog.append_fenced``). ``LEASE_LOST`` (a ResponseError) otherwise; else one
+    1/0 per hand-off."""
+
+    name = "fenced_append"
+    keys = ("lease",)
+    args = ("token", "n_events")
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        token: str,
+        n_events: int,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([lease], [token, n_events], tail_keys, tail_args))
+
+
+class Start(LuaScript):
+    """Claim attempts before running them, recording TASK_STARTED for each this worker may run; one
+    verdict per attempt: ``ok``, ``done``, ``busy`` or ``poison``."""
+
+    name = "start"
+    keys = ("feed",)
+    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers")
+
+    def __call__(
+        self,
+        *,
+        feed: str,
+        worker: str,
+        heartbeat_prefix: str,
+        feed_maxlen: int,
+        max_takeovers: int,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(
+            self._run([feed], [worker, heartbeat_prefix, feed_maxlen, max_takeovers], tail_keys, tail_args)
+        )
+
+
+class Finish(LuaScript):
+    """Record attempts' outcomes, each once; one 1/0 per attempt. With ``waiting`` (a flag key), set
+    that flag when the last outcome was recorded (the worker then waits for a hand-off)."""
+
+    name = "finish"
+    keys = ("feed",)
+    args = ("feed_maxlen", "waiting", "waiting_ttl_ms")
+
+    def __call__(
+        self,
+        *,
+        feed: str,
+        feed_maxlen: int,
+        waiting: str,
+        waiting_ttl_ms: int,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([feed], [feed_maxlen, waiting, waiting_ttl_ms], tail_keys, tail_args))
+
+
+class Lease(LuaScript):
+    """Acquire or renew the scheduler lease; the token held afterwards, or None when not held."""
+
+    name = "lease"
+    keys = ("lease", "epoch")
+    args = ("token", "ttl_ms", "renew_only")
+
+    def __call__(self, *, lease: str, epoch: str, token: str, ttl_ms: int, renew_only: bool) -> Any:
+        return self._run([lease, epoch], [token, ttl_ms, int(renew_only)])
+
+
+class Release(LuaScript):
+    """Give the lease up, only if ``token`` holds it."""
+
+    name = "release"
+    keys = ("lease",)
+    args = ("token",)
+
+    def __call__(self, *, lease: str, token: str) -> None:
+        self._run([lease], [token])
+
+
+class Supersede(LuaScript):
+    """Take the outcome slots of attempts the scheduler gives up on, fenced by the lease; one 1/0 per
+    (key index, field) pair of the tail."""
+
+    name = "supersede"
+    keys = ("lease",)
+    args = ("token", "value")
+
+    def __call__(
+        self, *, lease: str, token: str, value: str, tail_keys: Sequence[str], tail_args: Sequence[Any]
+    ) -> list[Any]:
+        return list(self._run([lease], [token, value], tail_keys, tail_args))
+
+
+class Resign(LuaScript):
+    """A worker process stops waiting for a hand-off: None when nothing was handed, else the handed job
+    (claimed for it already)."""
+
+    name = "resign"
+    keys = ("waiting", "handoff_list")
+
+    def __call__(self, *, waiting: str, handoff_list: str) -> str | None:
+        got = self._run([waiting, handoff_list], [])
+        return None if got is None else str(got)
+
+
+#: Every wrapper, one per ``.lua`` file.
+ALL: tuple[type[LuaScript], ...] = (
+    Submit,
+    Append,
+    FencedAppend,
+    Start,
+    Finish,
+    Lease,
+    Release,
+    Supersede,
+    Resign,
+)
+
+
+class Scripts:
+    """Every script, registered on one Redis client (the event log's)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.submit = Submit(client)
+        self.append = Append(client)
+        self.fenced_append = FencedAppend(client)
+        self.start = Start(client)
+        self.finish = Finish(client)
+        self.lease = Lease(client)
+        self.release = Release(client)
+        self.supersede = Supersede(client)
