@@ -121,6 +121,9 @@ class Service:
     program: str
     #: True when a wrapper command (``faketime``, ``ip netns exec``, ...) runs in front of the program.
     wrapped: bool = False
+    #: Set once the main process is reaped and its group seen empty: its pid may then be reused, so
+    #: the group is never signalled again (a second ``stop`` must not hit somebody else's processes).
+    gone: bool = False
 
     @property
     def pid(self) -> int:
@@ -150,13 +153,15 @@ class Service:
         self.proc.send_signal(sig)
 
     def killpg(self, sig: int) -> None:
-        """Signal the whole process group (a Celery worker and its pool children)."""
+        """Signal the whole process group (a Celery worker and its pool children), unless gone."""
+        if self.gone:
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
     def members(self) -> set[int]:
         """The live processes of its group (the main process, pool children, a wrapper's children)."""
-        return group_members(self.pid)
+        return set() if self.gone else group_members(self.pid)
 
     def terminate(self, *, group: bool = False) -> None:
         """SIGTERM: to the service's own process (a Celery worker then shuts down warm, letting running
@@ -367,8 +372,12 @@ class LocalCluster:
             time.sleep(_REAP_POLL_S)
 
     def leftovers(self) -> dict[Service, set[int]]:
-        """Service -> the live processes of its group, for every service that has any."""
+        """Service -> the live processes of its group, for every service that has any (a service whose
+        main process is reaped and whose group is empty is marked ``gone``)."""
         found = {s: s.members() for s in self.services}
+        for s, pids in found.items():
+            if not pids and s.poll() is not None:
+                s.gone = True
         return {s: pids for s, pids in found.items() if pids}
 
     def __iter__(self) -> Iterator[Service]:

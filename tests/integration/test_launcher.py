@@ -165,3 +165,16 @@ def test_a_worker_under_faketime_shuts_down_warm(own_cluster: Cluster) -> None:
     c.stop(timeout=30, warm=True)
     assert "Warm shutdown" in worker.log_text(), worker.log_tail()
     assert group_members(worker.pid) == set()
+
+
+def test_a_second_stop_never_signals_a_group_again(
+    launcher: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = launcher.spawn("svc")
+    svc.wait_log("ready", timeout=20)
+    launcher.stop(timeout=20)
+    assert svc.gone, "stopped, reaped and its group empty"
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
+    launcher.stop(timeout=1)  # its pid may belong to somebody else by now
+    assert sent == []
