@@ -47,7 +47,7 @@ class NervEngine(Engine):
     def start(self, redis_url: str, workers: int) -> None:
         try:
             from nerv_cluster import Client, Settings
-            from nerv_cluster.demo import LocalCluster
+            from nerv_cluster.launcher import LocalCluster
         except ImportError as exc:
             raise EngineUnavailable(f"cannot import nerv_cluster ({exc})") from exc
         import bench.nerv_tasks  # noqa: F401 - registers bench.noop in this process too

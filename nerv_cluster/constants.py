@@ -48,6 +48,14 @@ REDIS_RETRIES: Final = 40
 #: Events kept in a client EventBus history.
 DEFAULT_HISTORY_LIMIT: Final = 1_000
 
+#: The launcher (``nerv_cluster.launcher``): what a worker logs once it has registered its tasks
+#: (``worker/app.py`` ``on_ready``), how long services get to come up, how long they get to stop after
+#: SIGTERM before SIGKILL, and how long the kernel gets to take a SIGKILLed process group away.
+WORKER_READY_LINE: Final = "ready with"
+LAUNCH_START_TIMEOUT_S: Final = 90.0
+LAUNCH_STOP_TIMEOUT_S: Final = 10.0
+LAUNCH_REAP_TIMEOUT_S: Final = 10.0
+
 #: The marker that stands for an upstream task's result inside args/kwargs on the wire.
 REF_KEY: Final = "__nerv_ref__"
 

@@ -7,21 +7,15 @@ checks the answer against a local computation, and shuts everything down: SIGTER
 SIGKILL for stragglers, Redis last, the temporary directory removed. Ctrl-C (or SIGTERM) at any
 point still shuts everything down.
 
-:class:`LocalCluster` (the services as subprocesses) is reusable on its own.
+The services are started and stopped by :class:`nerv_cluster.launcher.LocalCluster` (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -31,156 +25,18 @@ from rich.table import Table
 
 from nerv_cluster import progress
 from nerv_cluster.client import Client
-from nerv_cluster.embedded import EmbeddedRedis, EmbeddedRedisError, parent_death_signal, tail
-from nerv_cluster.errors import NervError, WaitTimeoutError
+from nerv_cluster.constants import WORKER_READY_LINE
+from nerv_cluster.embedded import EmbeddedRedis, EmbeddedRedisError
+from nerv_cluster.errors import NervError, ServiceFailed, WaitTimeoutError
+from nerv_cluster.launcher import LocalCluster, Service
 from nerv_cluster.model import RunStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import run_result
 
 #: The module the demo's workers import.
 DEMO_MODULE = "nerv_cluster.examples.wordcount"
-#: What a worker logs once it has registered its tasks (worker/app.py ``on_ready``).
-READY_LINE = "ready with"
-#: How long the services get to come up.
-START_TIMEOUT_S = 90.0
-#: How long services get to stop after SIGTERM before SIGKILL.
-STOP_TIMEOUT_S = 10.0
-
-
-class ServiceFailed(NervError):
-    """A service of the local cluster exited or did not become ready; ``service`` says which."""
-
-    def __init__(self, message: str, service: Service) -> None:
-        super().__init__(message)
-        self.service = service
-
-
-@dataclass
-class Service:
-    """One service subprocess (leader of its own process group) and its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def alive(self) -> bool:
-        """True while the main process runs."""
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of its log."""
-        return tail(self.log_path, lines)
-
-    def killpg(self, sig: int) -> None:
-        """Signal the whole process group (a Celery worker and its pool children)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
-
-
-class LocalCluster:
-    """A scheduler and workers as subprocesses of this process, all on one Redis.
-
-    Each service runs ``python -m nerv_cluster ...`` in its own session (so a Ctrl-C in the terminal
-    reaches only us, and we stop the services in order), with the environment plus ``env``, its output
-    in ``<logdir>/<name>.log``.
-    """
-
-    def __init__(self, redis_url: str, logdir: Path, env: Mapping[str, str] | None = None) -> None:
-        self.redis_url = redis_url
-        self.logdir = logdir
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **os.environ,
-            "NERV_REDIS_URL": redis_url,
-            "NERV_LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        self.services: list[Service] = []
-
-    def spawn(self, name: str, *args: str) -> Service:
-        """Start ``nerv <args>`` as service ``name``."""
-        log_path = self.logdir / f"{name}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "nerv_cluster", *args],
-                env=self.env,
-                cwd=self.logdir,  # not the caller's directory: nothing there can shadow our imports
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=parent_death_signal(signal.SIGKILL),  # if we are killed outright
-            )
-        service = Service(name, proc, log_path)
-        self.services.append(service)
-        return service
-
-    def scheduler(self) -> Service:
-        """Start a scheduler."""
-        return self.spawn("scheduler", "scheduler")
-
-    def worker(self, queues: str, concurrency: int) -> Service:
-        """Start a worker for ``queues`` (``cpu``, ``io`` or ``cpu,io``)."""
-        name = f"worker-{queues.replace(',', '-')}"
-        return self.spawn(name, "worker", "--queues", queues, "--concurrency", str(concurrency))
-
-    def workers(self) -> list[Service]:
-        """The worker services."""
-        return [s for s in self.services if s.name.startswith("worker")]
-
-    def check_alive(self) -> None:
-        """Raise :class:`ServiceFailed` if a service has exited."""
-        for s in self.services:
-            if not s.alive:
-                raise ServiceFailed(f"{s.name} exited with code {s.proc.returncode}", s)
-
-    def wait_ready(self, client: Client, task_names: set[str], timeout: float = START_TIMEOUT_S) -> float:
-        """Wait until every worker has registered its tasks and a scheduler holds the lease.
-
-        Returns the seconds waited. Raises :class:`ServiceFailed` when a service exits or time runs out.
-        """
-        started = time.monotonic()
-        deadline = started + timeout
-        pending = {s.name for s in self.workers()}
-        while True:
-            self.check_alive()
-            for s in self.workers():
-                if s.name in pending and READY_LINE in s.log_path.read_text(errors="replace"):
-                    pending.discard(s.name)
-            registered = task_names <= client.registered_tasks().keys()
-            leader = client.redis.get(client.keys.lease) is not None
-            if not pending and registered and leader:
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                laggard = next((s for s in self.services if s.name in pending), None)
-                if laggard is None:
-                    laggard = self.services[0]
-                what = (
-                    f"{laggard.name} not ready" if laggard.name in pending else "no scheduler took the lease"
-                )
-                raise ServiceFailed(f"{what} after {timeout:.0f}s", laggard)
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S, *, force: bool = False) -> None:
-        """Stop every service: SIGTERM to each main process (warm shutdown), wait, then SIGKILL the
-        process groups of those still running; with ``force``, SIGKILL at once. Idempotent."""
-        if not force:
-            for s in self.services:
-                if s.alive:
-                    s.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for s in self.services:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for s in self.services:
-            # Also reaps pool children a main process may have left (none, after a clean exit).
-            s.killpg(signal.SIGKILL)
-            s.proc.wait()
-
-    def __iter__(self) -> Iterator[Service]:
-        return iter(self.services)
+#: What a worker logs once it has registered its tasks (kept here for callers that import it from us).
+READY_LINE = WORKER_READY_LINE
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

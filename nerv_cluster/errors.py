@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nerv_cluster.launcher import Service
+
 
 class NervError(Exception):
     """Base of every error raised by nerv-cluster."""
@@ -77,3 +82,12 @@ class CircuitOpenError(NervError):
 
 class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""
+
+
+class ServiceFailed(NervError):
+    """A service the launcher started exited, did not become ready, or left processes behind after
+    SIGKILL; ``service`` says which."""
+
+    def __init__(self, message: str, service: Service) -> None:
+        super().__init__(message)
+        self.service = service

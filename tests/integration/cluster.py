@@ -1,87 +1,70 @@
-"""Real processes for integration tests: a scheduler and workers against a test Redis database."""
+"""Real processes for integration tests: a scheduler and workers against a test Redis database.
+
+A thin test layer over the library's launcher (:class:`nerv_cluster.launcher.LocalCluster`): the test
+environment (the ``nerv_testtasks`` module on ``PYTHONPATH``, a short lease, no metrics port), a Redis
+connection and a client, ``flush`` and ``execs``, and failures raised as ``AssertionError`` with the
+log's tail.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
 
 from nerv_cluster import Client, Settings
+from nerv_cluster.constants import WORKER_READY_LINE
+from nerv_cluster.errors import ServiceFailed
+from nerv_cluster.launcher import LocalCluster, Service
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-_LAUNCH = "from nerv_cluster.cli import main; main()"
 
 
-class Cluster:
+class Cluster(LocalCluster):
     """A scheduler and workers as subprocesses, all on one Redis database (broker and state)."""
 
     def __init__(self, redis_url: str, logdir: Path, **env: str) -> None:
-        self.redis_url = redis_url
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.env = {
-            **os.environ,
-            "NERV_REDIS_URL": redis_url,
+        test_env = {
             "NERV_WORKER_MODULES": "nerv_testtasks",
-            "NERV_LOG_LEVEL": "INFO",
             "NERV_LEASE_TTL_MS": "2000",
             "NERV_METRICS_PORT": "0",
             "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **env,
         }
+        super().__init__(redis_url, logdir, test_env, cwd=ROOT)
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.client = Client(settings=Settings.from_env(self.env))
-        self._n = 0
+
+    @property
+    def procs(self) -> list[Service]:
+        """Every service started so far, in order (the scheduler first, where a test starts it first)."""
+        return self.services
 
     def flush(self) -> None:
         """Empty the database (before any process starts)."""
         self.redis.flushdb()
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        self._n += 1
-        log = open(self.logdir / f"{self._n:02d}-{name}.log", "wb")  # noqa: SIM115 - lives with the process
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,  # its own process group: killing it kills its pool children too
-        )
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
-
-    def scheduler(self) -> subprocess.Popen[bytes]:
-        """Start a scheduler replica."""
-        return self._spawn("scheduler", "scheduler")
-
-    def worker(self, queues: str = "cpu", concurrency: int = 2, wait: bool = True) -> subprocess.Popen[bytes]:
-        """Start a worker and (by default) wait until it is ready."""
-        proc = self._spawn(
-            f"worker-{queues}", "worker", "--queues", queues, "--concurrency", str(concurrency)
-        )
+    def worker(  # type: ignore[override]  # the tests' defaults, and a wait for readiness
+        self, queues: str = "cpu", concurrency: int = 2, wait: bool = True, wrapper: Sequence[str] = ()
+    ) -> Service:
+        """Start a worker (behind ``wrapper``, a command prefix such as ``faketime -f -45s``, if given)
+        and (by default) wait until it is ready."""
+        proc = super().worker(queues, concurrency, wrapper=wrapper)
         if wait:
-            self.wait_log(proc, "ready with", timeout=30)
+            self.wait_log(proc, WORKER_READY_LINE, timeout=30)
         return proc
 
-    def wait_log(self, proc: subprocess.Popen[bytes], text: str, timeout: float = 30) -> None:
-        """Wait until ``text`` appears in the process's log."""
-        deadline = time.monotonic() + timeout
-        path = Path(proc.log_path)  # type: ignore[attr-defined]
-        while time.monotonic() < deadline:
-            if text in path.read_text(errors="replace"):
-                return
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{path.name}: {text!r} not seen; log tail:\n{self.tail(proc)}")
+    def wait_log(self, proc: Service, text: str, timeout: float = 30) -> None:
+        """Wait until ``text`` appears in the service's log."""
+        try:
+            proc.wait_log(text, timeout)
+        except ServiceFailed as exc:
+            raise AssertionError(f"{exc}; log tail:\n{self.tail(proc)}") from None
 
     def wait_leader(self, timeout: float = 15) -> None:
         """Wait until some scheduler holds the lease."""
@@ -93,18 +76,14 @@ class Cluster:
         raise AssertionError("no scheduler took the lease")
 
     @staticmethod
-    def tail(proc: subprocess.Popen[bytes], lines: int = 40) -> str:
-        """The last lines of a process's log."""
-        text = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
-        return "\n".join(text.splitlines()[-lines:])
+    def tail(proc: Service, lines: int = 40) -> str:
+        """The last lines of a service's log."""
+        return proc.log_tail(lines)
 
     @staticmethod
-    def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        """Signal a process's whole group (a Celery worker and its pool children)."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+    def kill(proc: Service, sig: int = signal.SIGKILL) -> None:
+        """Signal a service's whole group (a Celery worker and its pool children)."""
+        proc.killpg(sig)
         if sig == signal.SIGKILL:
             proc.wait(timeout=10)
 
@@ -112,17 +91,11 @@ class Cluster:
         """Task id -> number of times a counted task ran."""
         return {k: int(v) for k, v in self.redis.hgetall(f"test:execs:{run_id}").items()}
 
-    def stop(self) -> None:
-        """Stop everything: SIGTERM, then SIGKILL what is left."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                self.kill(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            left = max(0.1, deadline - time.monotonic())
-            try:
-                proc.wait(timeout=left)
-            except subprocess.TimeoutExpired:
-                self.kill(proc, signal.SIGKILL)
-        self.client.close()
-        self.redis.close()
+    def stop(self, timeout: float = 10, *, force: bool = False, warm: bool = False) -> None:
+        """Stop everything and leave nothing behind: SIGTERM to every group (not warm by default: a test
+        that is over need not let its tasks finish), then SIGKILL; close the connections."""
+        try:
+            super().stop(timeout, force=force, warm=warm)
+        finally:
+            self.client.close()
+            self.redis.close()

@@ -19,7 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tests.integration.cluster import ROOT, Cluster
+from nerv_cluster.launcher import Service
+from tests.integration.cluster import Cluster
 
 #: The private range the test hosts live in (one /24 per test process, /30 per host).
 NET_PREFIX = "10.213"
@@ -129,20 +130,15 @@ class Hosts:
 
     # -- use ------------------------------------------------------------------------------------------
 
-    def worker(self, c: Cluster, host: Host, redis_url: str, concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def worker(self, c: Cluster, host: Host, redis_url: str, concurrency: int = 2) -> Service:
         """Start a cpu worker on ``host`` (its own process group, registered with ``c`` for stopping)."""
-        c._n += 1
-        log = open(c.logdir / f"{c._n:02d}-worker-{host.hostname}.log", "wb")  # noqa: SIM115
-        env = {**c.env, "NERV_REDIS_URL": redis_url, "NERV_TEST_HOSTNAME": host.hostname}
-        argv = ["ip", "netns", "exec", host.netns, sys.executable, "-c", _LAUNCH]
-        argv += ["worker", "--queues", "cpu", "--concurrency", str(concurrency)]
-        proc = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        return c.spawn(
+            f"worker-{host.hostname}",
+            *("worker", "--queues", "cpu", "--concurrency", str(concurrency)),
+            wrapper=("ip", "netns", "exec", host.netns),
+            command=(sys.executable, "-c", _LAUNCH),
+            env={"NERV_REDIS_URL": redis_url, "NERV_TEST_HOSTNAME": host.hostname},
         )
-        log.close()
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        c.procs.append(proc)
-        return proc
 
     def pids(self, host: Host) -> set[int]:
         """The processes running in the host's namespace."""

@@ -22,6 +22,7 @@ import pytest
 
 from nerv_cluster import EventType, RunStatus, Workflow
 from nerv_cluster.embedded import EmbeddedRedis
+from nerv_cluster.launcher import Service
 from nerv_cluster.model import Event
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
@@ -46,7 +47,7 @@ class ManyHosts:
     c: Cluster
     hosts: Hosts
     server: EmbeddedRedis
-    workers: dict[str, object]  # hostname -> worker Popen
+    workers: dict[str, Service]  # hostname -> worker service
     by_pid: dict[int, Host]
 
     def host_of(self, worker_id: str) -> Host:
@@ -80,7 +81,7 @@ def many_hosts(hosts: Hosts, tmp_path: Path) -> Iterator[ManyHosts]:
         }
         c.wait_leader()
         for proc in workers.values():
-            c.wait_log(proc, "ready with", timeout=40)  # type: ignore[arg-type]
+            c.wait_log(proc, "ready with", timeout=40)
         by_pid = {pid: h for h in hosts.hosts for pid in hosts.pids(h)}
         yield ManyHosts(c, hosts, server, workers, by_pid)
     finally:
@@ -185,10 +186,10 @@ def test_workers_on_three_hosts_share_a_run_and_a_cut_host_loses_nothing(many_ho
         f"{len(victim_done)}"
     )
     assert all(after[h.hostname] > 0 for h in m.hosts.hosts if h is not victim), after
-    scheduler_log = Path(c.procs[0].log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+    scheduler_log = c.procs[0].log_text()
     assert "a worker was lost" in scheduler_log, "the jobs the cut host had prefetched must be re-sent"
 
-    c.kill(m.workers[victim.hostname])  # type: ignore[arg-type]  # the unreachable host: no warm shutdown
+    c.kill(m.workers[victim.hostname])  # the unreachable host: no warm shutdown
 
 
 def _worker_ids(c: Cluster) -> set[str]:
