@@ -7,9 +7,11 @@ run's pub/sub channel, which is only a hint for live listeners.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -18,8 +20,11 @@ from typing import Any
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError
+from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError, UnknownEventTypeError
+from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
+
+log = logging.getLogger("nerv.eventlog")
 
 #: A stream entry id and the event stored under it.
 Entry = tuple[str, Event]
@@ -45,8 +50,37 @@ class Scripts:
         self.supersede = client.register_script(lua_source("supersede"))
 
 
+#: Digests of entries already warned about (bounded): a bad entry is read again by every refold and
+#: sits in both its run's log and the feed, but is worth one warning.
+_WARNED: OrderedDict[str, None] = OrderedDict()
+_WARNED_MAX = 10_000
+
+
+def _skip(eid: str, fields: Any, exc: Exception) -> None:
+    """Warn, once per entry, that a log entry was skipped."""
+    raw = fields.get(constants.EVENT_FIELD) if isinstance(fields, dict) else None
+    digest = hashlib.blake2b(repr(raw if raw is not None else fields).encode(), digest_size=16).hexdigest()
+    if digest in _WARNED:
+        return
+    _WARNED[digest] = None
+    if len(_WARNED) > _WARNED_MAX:
+        _WARNED.popitem(last=False)
+    if isinstance(exc, UnknownEventTypeError):
+        log.warning("skipping log entry %s: %s (written by a newer version?)", eid, describe(exc))
+    else:
+        log.warning("skipping malformed log entry %s: %s", eid, describe(exc))
+
+
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
-    return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
+    """The events of stream entries; an entry that is no valid event is skipped (with a warning), so
+    one bad entry never stops a reader."""
+    out: list[Entry] = []
+    for eid, fields in entries:
+        try:
+            out.append((eid, Event.parse(fields[constants.EVENT_FIELD])))
+        except Exception as exc:  # a missing field, bad JSON, a wrong type: this entry only
+            _skip(eid, fields, exc)
+    return out
 
 
 def _fenced(script: Any, keys: list[str], args: list[Any]) -> list[Any]:

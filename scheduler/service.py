@@ -27,9 +27,9 @@ from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer
-from scheduler.decisions import Decisions, decide, in_flight
-from scheduler.dispatch import Dispatcher, deep_backlog, pack
-from scheduler.lease import Lease, LeaseKeeper
+from scheduler.decisions import Decisions, Limits, decide_isolated, in_flight
+from scheduler.dispatch import Dispatcher, deep_backlog, pack, unsendable_events
+from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
 from scheduler.watchdog import Verdict, Watchdog
 
@@ -85,7 +85,8 @@ class SchedulerService:
         self._next_sweep = 0.0
         #: Events replayed and checkpoints used by the last refold (for the log line).
         self._refolded = (0, 0)
-        self._moved = time.monotonic()
+        #: Completed steps, for the lease keeper (a loop that only fails is no progress).
+        self.progress = LoopProgress()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
 
@@ -111,9 +112,11 @@ class SchedulerService:
         # time (measured on a 1M-event log), and they find nothing (the state holds no cycles).
         paused = gc.isenabled()
         gc.disable()
+        self.progress.refold_started()
         try:
             self._refold()
         finally:
+            self.progress.refold_done()
             if paused:
                 gc.enable()
         # The state is long-lived: later full collections need not walk it again.
@@ -155,7 +158,7 @@ class SchedulerService:
                 runs[run_id] = run
                 # The state at the end of the log read: where the next checkpoint of this run starts.
                 positions[run_id] = (entries[-1][0] if entries else upto, count + len(entries), run)
-            self._moved = time.monotonic()
+            self.progress.refold_tick()
         state = st.State(runs=pmap(runs))
         self.state, self.cursor = state, cursor
         self.checkpointer.reset(positions)
@@ -198,7 +201,6 @@ class SchedulerService:
             block = max(1, min(block, int((self._delayed[0][0] - now) * 1000)))
         if self._unsent:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
-        self._moved = time.monotonic()
         entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
         state = self.state
         for entry_id, ev in entries:
@@ -234,6 +236,7 @@ class SchedulerService:
         if self._since_trim >= _TRIM_EVERY:
             self.log.trim_feed(self.cursor)
             self._since_trim = 0
+        self.progress.step_done()
         return len(entries)
 
     def _observe_circuits(self, entries: list) -> None:
@@ -297,10 +300,11 @@ class SchedulerService:
         """Decide for ``touched`` runs; write the events (fenced), fold them back, then send the jobs."""
         out = Decisions()
         now = self.clock()
+        limits = Limits.of(self.settings)
         for rid in touched:
             run = self.state.runs.get(rid)
             if run is not None:
-                decide(run, now, self.source, out, self.breakers, handoff=self.handoffs is not None)
+                decide_isolated(run, now, self.source, out, self.breakers, self.handoffs is not None, limits)
         jobs, handoffs = self._match_waiters(out.jobs) if self._waiters else (out.jobs, [])
         if out.events or handoffs:
             handed = self.log.append_fenced(
@@ -392,11 +396,16 @@ class SchedulerService:
         self._held_since = None
         jobs, self._unsent = self._unsent, []
         try:
-            self.dispatcher.send(pack(jobs, self.capacity))
+            unsendable = self.dispatcher.send(pack(jobs, self.capacity))
         except Exception:
             # Already recorded as DISPATCHED: keep them and send again; workers claim an attempt once.
             self._unsent = jobs + self._unsent
             raise
+        if unsendable:  # refused by the broker, not lost: their tasks fail (the other jobs went out)
+            failed = unsendable_events(unsendable, self.clock(), self.source)
+            self.log.append_fenced(failed, self._token())
+            self.state = st.fold(failed, self.state)
+            self._touched.update(ev.run_id for ev in failed)
         self.metrics.on_sent(jobs, self._read_at, time.monotonic())
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
@@ -438,7 +447,7 @@ class SchedulerService:
         standby_wait = self.lease.ttl_ms / 1000 / 5
         log.info("scheduler started; waiting for the lease")
         self.metrics.serve(self.settings.metrics_port)
-        keeper = LeaseKeeper(self.lease, lambda: time.monotonic() - self._moved)
+        keeper = LeaseKeeper(self.lease, self.progress.stalled_for, self.settings.loop_stall_s)
         keeper.start()
         self.checkpointer.start()
         try:
@@ -451,6 +460,7 @@ class SchedulerService:
                             self.metrics.refresh(st.EMPTY, leader=False)
                             stop.wait(standby_wait)
                             continue
+                        self.progress.acquired()
                         self.become_leader()
                     elif self._stale:
                         if not self.lease.renew():
