@@ -70,9 +70,8 @@ class Client:
     # -- submit ---------------------------------------------------------------------------------------
 
     def registered_tasks(self) -> dict[str, str]:
-        """Task name -> queue for every task some worker has registered."""
-        names: dict[str, str] = self.redis.hgetall(self.keys.registry)  # type: ignore[assignment]
-        return names
+        """Task name -> queue for every task some live worker has registered (refreshed lately)."""
+        return self.log.registered_tasks()
 
     def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
         """Validate and submit a workflow; returns the run id at once.

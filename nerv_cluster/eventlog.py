@@ -98,6 +98,51 @@ def attempt_field(task_id: str, attempt: int) -> str:
     return f"{task_id}:{attempt}"
 
 
+def _redis_time(client: Any) -> float:
+    """Redis's clock, in epoch seconds."""
+    secs, micros = client.time()
+    return float(secs) + float(micros) / 1e6
+
+
+def fresh_capacity(raws: Mapping[str, str], fresh_since: float) -> tuple[dict[str, int], list[str]]:
+    """Worker slots per queue over capacity entries (node -> JSON) announced at or after
+    ``fresh_since``, and the nodes whose entry is older or unreadable (to delete)."""
+    out: dict[str, int] = {}
+    stale: list[str] = []
+    for node, raw in raws.items():
+        try:
+            info = json.loads(raw)
+            at, queues, slots = float(info["at"]), list(info["queues"]), int(info["concurrency"])
+        except (ValueError, TypeError, KeyError):
+            stale.append(node)
+            continue
+        if at < fresh_since:
+            stale.append(node)
+            continue
+        for q in queues:
+            out[q] = out.get(q, 0) + slots
+    return out, stale
+
+
+def fresh_registry(
+    names: Mapping[str, str], seen: Mapping[str, str], fresh_since: float
+) -> tuple[dict[str, str], list[str]]:
+    """Name -> queue of registry entries refreshed at or after ``fresh_since``, and the names to
+    delete (older, never refreshed, or a refresh stamp without a name)."""
+    live: dict[str, str] = {}
+    stale: list[str] = []
+    for name in {*names, *seen}:
+        try:
+            at = float(seen[name])
+        except (KeyError, ValueError):
+            at = float("-inf")
+        if name in names and at >= fresh_since:
+            live[name] = names[name]
+        else:
+            stale.append(name)
+    return live, sorted(stale)
+
+
 class EventLog:
     """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
 
@@ -248,8 +293,10 @@ class EventLog:
             args.extend((index[run_id], attempt_field(task_id, attempt)))
         return [bool(x) for x in _fenced(self.scripts.supersede, keys, args)]
 
-    def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
-        """Runs are over: drop them from the active set and let their keys expire after the retention time."""
+    def close_runs(self, run_ids: Sequence[str], retention_seconds: int, now: float | None = None) -> None:
+        """Runs are over: drop them from the active set and let their keys expire after the retention
+        time; the all-runs index forgets runs submitted longer than the retention time ago (their keys
+        are gone or going), so it stays bounded too."""
         if not run_ids:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -257,6 +304,8 @@ class EventLog:
         for run_id in run_ids:
             for key in self.keys.run_keys(run_id):
                 pipe.expire(key, retention_seconds)
+        horizon = (time.time() if now is None else now) - retention_seconds
+        pipe.zremrangebyscore(self.keys.runs, "-inf", f"({horizon}")
         pipe.execute()
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -346,26 +395,60 @@ class EventLog:
         """Keep the circuits stream short."""
         self.redis.xtrim(self.keys.circuits, maxlen=constants.CIRCUITS_MAXLEN, approximate=True)
 
-    def announce_capacity(self, node: str, queues: Sequence[str], concurrency: int) -> None:
-        """A worker node says which queues it serves with how many slots."""
-        info = {"queues": list(queues), "concurrency": concurrency, "at": time.time()}
-        self.redis.hset(self.keys.capacity, node, json.dumps(info))
+    def announce_capacity(
+        self, node: str, queues: Sequence[str], concurrency: int, tasks: Mapping[str, str] | None = None
+    ) -> None:
+        """A worker node says which queues it serves with how many slots, and (``tasks``: name ->
+        queue) refreshes the task names it registered. Stamped with Redis's clock, which every
+        reader compares with (a worker's own clock may be off)."""
+        now = _redis_time(self.redis)
+        info = {"queues": list(queues), "concurrency": concurrency, "at": now}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.capacity, node, json.dumps(info))
+        if tasks:
+            pipe.hset(self.keys.registry, mapping=dict(tasks))
+            pipe.hset(self.keys.registry_seen, mapping=dict.fromkeys(tasks, repr(now)))
+        pipe.execute()
+
+    def register_tasks(self, tasks: Mapping[str, str]) -> None:
+        """Record task names (name -> queue) a worker registered, stamped with Redis's clock."""
+        now = _redis_time(self.redis)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.registry, mapping=dict(tasks))
+        pipe.hset(self.keys.registry_seen, mapping=dict.fromkeys(tasks, repr(now)))
+        pipe.execute()
 
     def withdraw_capacity(self, node: str) -> None:
         """A worker node stops serving."""
         self.redis.hdel(self.keys.capacity, node)
 
     def capacity(self) -> dict[str, int]:
-        """Worker slots per queue, over nodes that announced themselves recently."""
-        out: dict[str, int] = {}
-        fresh = time.time() - constants.CAPACITY_STALE_S
-        for raw in self.redis.hvals(self.keys.capacity):
-            info = json.loads(raw)
-            if info["at"] < fresh:
-                continue
-            for q in info["queues"]:
-                out[q] = out.get(q, 0) + int(info["concurrency"])
+        """Worker slots per queue, over nodes that announced themselves recently; the entries of
+        nodes silent for longer (dead without withdrawing) are deleted."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.capacity)
+        (secs, micros), raws = pipe.execute()
+        out, stale = fresh_capacity(raws, secs + micros / 1e6 - constants.CAPACITY_STALE_S)
+        if stale:
+            self.redis.hdel(self.keys.capacity, *stale)
         return out
+
+    def registered_tasks(self) -> dict[str, str]:
+        """Task name -> queue of every name a live worker refreshed recently; names no worker has
+        refreshed for ``REGISTRY_STALE_S`` are deleted."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.registry)
+        pipe.hgetall(self.keys.registry_seen)
+        (secs, micros), names, seen = pipe.execute()
+        live, stale = fresh_registry(names, seen, secs + micros / 1e6 - constants.REGISTRY_STALE_S)
+        if stale:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hdel(self.keys.registry, *stale)
+            pipe.hdel(self.keys.registry_seen, *stale)
+            pipe.execute()
+        return live
 
     def queue_lengths(self, queues: Sequence[str]) -> list[int]:
         """Messages waiting in these Celery queues (not yet taken by any worker)."""

@@ -38,9 +38,13 @@ def _check_task(t: TaskDef) -> None:
     if not isinstance(t.name, str):
         raise WorkflowError(f"{where}: name must be a string")
     if t.queue not in constants.QUEUES:
-        raise WorkflowError(f"{where}: unknown queue {t.queue!r:.80}; expected one of {', '.join(constants.QUEUES)}")
+        raise WorkflowError(
+            f"{where}: unknown queue {t.queue!r:.80}; expected one of {', '.join(constants.QUEUES)}"
+        )
     timeout = t.timeout
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
         raise WorkflowError(f"{where}: timeout must be a positive number of seconds, got {timeout!r:.80}")
     for dep in t.dependencies:
         if not isinstance(dep, str):

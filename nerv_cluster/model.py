@@ -330,6 +330,20 @@ class WorkflowDef:
         )
 
 
+def truncate(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters; else its start and end (the end of a
+    traceback names where it failed) around a marker saying how many characters were cut."""
+    if len(text) <= limit:
+        return text
+    marker = ""
+    keep = limit
+    for _ in range(3):  # the marker's length depends on the number it states: settle it
+        marker = f"\n... [{len(text) - keep} characters cut] ...\n"
+        keep = max(0, limit - len(marker))
+    head = keep // 3
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
 @dataclass(frozen=True, slots=True)
 class TaskError:
     """Why an attempt failed: the exception's class name, its message and the formatted traceback."""
@@ -361,9 +375,19 @@ class TaskError:
 
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str = "") -> TaskError:
-        """Describe a caught exception."""
+        """Describe a caught exception; a message or traceback over its bound is cut, with a marker
+        saying how much (``MAX_ERROR_MESSAGE_CHARS``, ``MAX_TRACEBACK_CHARS``)."""
         kinds = tuple(k.__name__ for k in type(exc).__mro__ if k not in (object, BaseException))
-        return cls(type=type(exc).__name__, message=str(exc), traceback=traceback, types=kinds)
+        try:
+            message = str(exc)
+        except Exception as inner:  # a __str__ that raises must not lose the failure itself
+            message = f"<str() of the exception raised {type(inner).__name__}>"
+        return cls(
+            type=type(exc).__name__,
+            message=truncate(message, constants.MAX_ERROR_MESSAGE_CHARS),
+            traceback=truncate(traceback, constants.MAX_TRACEBACK_CHARS),
+            types=kinds,
+        )
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"

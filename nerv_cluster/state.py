@@ -512,7 +512,9 @@ def _rejected_run(ev: Event, raw: Any, reason: str) -> RunState:
 def _broken(run: RunState, ev: Event, exc: Exception) -> RunState:
     """``run`` after its handler raised on ``ev``: rejected (the scheduler fails it), never raising."""
     where = f"{ev.type.value} of task {ev.task_id!r}" if ev.task_id is not None else ev.type.value
-    return run._replace(rejected=f"event {ev.id!r:.80} ({where}) could not be applied: {intake.describe(exc)}")
+    return run._replace(
+        rejected=f"event {ev.id!r:.80} ({where}) could not be applied: {intake.describe(exc)}"
+    )
 
 
 def apply_to_run(run: RunState | None, ev: Event) -> RunState | None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nerv_cluster import constants
-from nerv_cluster.ids import check_id, slug
 from nerv_cluster.errors import (
     DuplicateTaskError,
     PayloadTooLargeError,
@@ -19,6 +18,7 @@ from nerv_cluster.errors import (
     UnknownTaskError,
     WorkflowError,
 )
+from nerv_cluster.ids import check_id, slug
 from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry

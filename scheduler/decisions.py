@@ -267,7 +267,9 @@ def decide_isolated(
     try:
         decide(run, now, source, mine, breakers, handoff, limits)
     except Exception as exc:
-        mine = Decisions(events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)])
+        mine = Decisions(
+            events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]
+        )
     out.extend(mine)
 
 

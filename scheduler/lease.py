@@ -173,15 +173,25 @@ class LeaseKeeper:
         """Start renewing."""
         self._thread.start()
 
+    def _stalled(self) -> bool:
+        """True (and the lease held off) when the loop made no progress for longer than allowed."""
+        stalled = self.progress()
+        if stalled <= self.stall_s:
+            return False
+        log.error("scheduler loop made no progress for %.1fs; letting the lease lapse", stalled)
+        self.lease.hold_off(self.lease.ttl_ms / 1000 * constants.STALLED_HOLD_OFF_TTLS)
+        return True
+
+    def renew(self) -> bool:
+        """Renew now, for the loop itself (after an error); False, as if lost, when it is stalled."""
+        return not self._stalled() and self.lease.renew()
+
     def _loop(self) -> None:
         interval = self.lease.ttl_ms / 1000 / constants.LEASE_RENEW_FRACTION
         while not self._stop.wait(interval / 2):
             if self.lease.token is None or not self.lease.renew_due:
                 continue
-            stalled = self.progress()
-            if stalled > self.stall_s:
-                log.error("scheduler loop made no progress for %.1fs; letting the lease lapse", stalled)
-                self.lease.hold_off(self.lease.ttl_ms / 1000 * constants.STALLED_HOLD_OFF_TTLS)
+            if self._stalled():
                 continue
             try:
                 if not self.lease.renew():

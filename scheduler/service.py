@@ -429,7 +429,7 @@ class SchedulerService:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
         if not run_ids:
             return
-        self.log.close_runs(run_ids, self.settings.retention_seconds)
+        self.log.close_runs(run_ids, self.settings.retention_seconds, self.clock())
         state = self.state
         for rid in run_ids:
             run = state.runs.get(rid)
@@ -463,8 +463,8 @@ class SchedulerService:
                         self.progress.acquired()
                         self.become_leader()
                     elif self._stale:
-                        if not self.lease.renew():
-                            self.step_down("lease lost while Redis was unreachable")
+                        if not keeper.renew():
+                            self.step_down("lease lost, or let lapse, while the loop could not go on")
                             continue
                         self.become_leader()
                     self.step()

@@ -43,12 +43,12 @@ class Cluster:
         """Empty the database (before any process starts)."""
         self.redis.flushdb()
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self._n += 1
         log = open(self.logdir / f"{self._n:02d}-{name}.log", "wb")  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(
             [sys.executable, "-c", _LAUNCH, *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -58,9 +58,9 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def scheduler(self) -> subprocess.Popen[bytes]:
-        """Start a scheduler replica."""
-        return self._spawn("scheduler", "scheduler")
+    def scheduler(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start a scheduler replica (``env``: variables for it alone)."""
+        return self._spawn("scheduler", "scheduler", env=env)
 
     def worker(self, queues: str = "cpu", concurrency: int = 2, wait: bool = True) -> subprocess.Popen[bytes]:
         """Start a worker and (by default) wait until it is ready."""
