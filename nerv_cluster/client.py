@@ -161,9 +161,10 @@ class Client:
                         f"({run.finished_tasks}/{run.total} tasks done)"
                     )
                 block = max(1, min(block, int(left * 1000)))
-            for entry_id, ev in self.log.follow_run(run_id, last, block):
+            batch = self.log.follow_run(run_id, last, block)
+            for _, ev in batch:
                 run = st.apply_to_run(run, ev) or run
-                last = entry_id
+            last = batch.upto or last  # past skipped entries too
             yield run
 
     def wait(self, run_id: str, timeout: float | None = None) -> st.RunResult:
@@ -187,11 +188,12 @@ class Client:
             if ev.type in WORKFLOW_END_EVENTS:
                 return
         while follow:
-            for entry_id, ev in self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS):
-                last = entry_id
+            batch = self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS)
+            for _, ev in batch:
                 yield ev
                 if ev.type in WORKFLOW_END_EVENTS:
                     return
+            last = batch.upto or last  # past skipped entries too
 
     def runs(self, limit: int = 20) -> list[tuple[str, float]]:
         """The newest runs (id, submit time), newest first."""

@@ -71,10 +71,20 @@ def _skip(eid: str, fields: Any, exc: Exception) -> None:
         log.warning("skipping malformed log entry %s: %s", eid, describe(exc))
 
 
-def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
+class Batch(list[Entry]):
+    """Decoded entries of one stream read, and ``upto``: the id of the last entry read, skipped ones
+    included (empty when nothing was read). A reader goes on after ``upto``, not after the last
+    decoded entry, or bad entries at the end of a read would be read again and again."""
+
+    upto: str = ""
+
+
+def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
     """The events of stream entries; an entry that is no valid event is skipped (with a warning), so
     one bad entry never stops a reader."""
-    out: list[Entry] = []
+    out = Batch()
+    if entries:
+        out.upto = str(entries[-1][0])
     for eid, fields in entries:
         try:
             out.append((eid, Event.parse(fields[constants.EVENT_FIELD])))
@@ -368,15 +378,17 @@ class EventLog:
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"
             )
 
-    def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> list[Entry]:
-        """Events of a run after ``after``, waiting up to ``block_ms`` for the first one."""
+    def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> Batch:
+        """Events of a run after ``after``, waiting up to ``block_ms`` for the first one (go on after
+        the batch's ``upto``)."""
         reply = self.redis.xread({self.keys.log(run_id): after or "0-0"}, count=count, block=block_ms)
-        return _decode(reply[0][1]) if reply else []
+        return _decode(reply[0][1]) if reply else Batch()
 
-    def read_feed(self, after: str, count: int, block_ms: int | None) -> list[Entry]:
-        """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none."""
+    def read_feed(self, after: str, count: int, block_ms: int | None) -> Batch:
+        """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none
+        (go on after the batch's ``upto``)."""
         reply = self.redis.xread({self.keys.feed: after}, count=count, block=block_ms)
-        return _decode(reply[0][1]) if reply else []
+        return _decode(reply[0][1]) if reply else Batch()
 
     def feed_tail(self) -> str:
         """The id of the newest feed entry (``'0-0'`` when empty)."""

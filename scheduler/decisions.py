@@ -97,6 +97,22 @@ def _too_large(run: RunState, job: Job, size: int, limit: int, now: float, sourc
     )
 
 
+def _small(value: object) -> bool:
+    """True for a result whose JSON is hardly longer than the reference marker it replaces."""
+    kind = type(value)
+    return value is None or kind is bool or kind is float or (kind is int and -(1 << 63) <= value < 1 << 63)  # type: ignore[operator]
+
+
+def _may_be_too_large(run: RunState, deps: tuple[str, ...], limits: Limits) -> bool:
+    """Whether a job of ``run`` with these dependencies must be measured against the job bound: only
+    upstream results make a job bigger than its part of the submission, and small scalar results
+    (measuring costs a JSON encoding per job) cannot make it much bigger."""
+    tasks = run.tasks
+    if not all(_small(tasks[d].result) for d in deps):
+        return True
+    return run.submitted_bytes * 2 + 64 * len(deps) + 1024 > limits.max_job_bytes
+
+
 def job_size(job: Job) -> int:
     """Bytes of a job's JSON (what the job bound counts)."""
     return len(json.dumps(job.to_dict(), separators=(",", ":")))
@@ -234,8 +250,7 @@ def decide(
                     continue
             queue = td.queue
             job = build_job(run, tid, handoff and readies_successor(run, tid))
-            # Only a job with upstream results in it can outgrow the submission it came from.
-            if td.dependencies or run.submitted_bytes > limits.max_job_bytes:
+            if _may_be_too_large(run, td.dependencies, limits):
                 size = job_size(job)
                 if size > limits.max_job_bytes:
                     out.events.append(_too_large(run, job, size, limits.max_job_bytes, now, source))

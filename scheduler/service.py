@@ -212,6 +212,7 @@ class SchedulerService:
                 if waiter:
                     where = (str(waiter), str(ev.data.get("via", "")))
                     self._waiters.setdefault(ev.run_id, {})[ev.task_id] = where
+        self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
         self._read_at = time.monotonic()
         if entries:

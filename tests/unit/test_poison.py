@@ -75,6 +75,8 @@ def test_decoding_skips_bad_entries_and_warns_once_per_entry(caplog: pytest.LogC
         first = _decode(entries)
         again = _decode(entries)  # a refold reads them all again
     assert [eid for eid, _ in first] == ["2-0"] == [eid for eid, _ in again]
+    # A reader goes on after the last entry read, skipped or not (else it reads them forever).
+    assert first.upto == "4-0" and _decode([]).upto == ""
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 3, warnings
     assert any("newer version" in w and "TASK_TELEPORTED" in w for w in warnings)
