@@ -227,3 +227,28 @@ def test_a_job_over_the_job_bound_fails_its_task_with_the_sizes_instead_of_being
     out = Decisions()
     decide(run, 9.0, "s", out, limits=Limits(max_job_bytes=7_000))
     assert [j.task_id for j, _ in out.jobs] == ["join"]
+
+
+def test_small_scalar_results_still_meet_a_tiny_job_bound_and_big_ints_are_measured() -> None:
+    definition = wdef(td("a"), td("join", "a", args=({constants.REF_KEY: "a"},)))
+    for result in (7, 1 << 200):
+        state = st.fold([submitted(definition), *completes("a", result)])
+        out = Decisions()
+        decide(state.runs["run-1"], 9.0, "s", out, limits=Limits(max_job_bytes=60))
+        assert EventType.TASK_FAILED in [e.type for e in out.events] and not out.jobs, result
+    # Under a bound that small scalars cannot reach, a 3,600-digit int is still measured, and caught.
+    for result, sent in ((7, True), (1 << 12_000, False)):
+        state = st.fold([submitted(definition), *completes("a", result)])
+        out = Decisions()
+        decide(state.runs["run-1"], 9.0, "s", out, limits=Limits(max_job_bytes=3_000))
+        assert bool(out.jobs) is sent
+
+
+def test_checkpoints_keep_the_rejection_and_the_submission_size() -> None:
+    from nerv_cluster import checkpoint
+
+    sound = st.fold([submitted(diamond())]).runs["run-1"]
+    rejected = st.apply_to_run(None, _raw_submit("bad-1", {"name": "c", "tasks": [_task("a", "a")]}))
+    assert rejected is not None and sound.submitted_bytes > 0
+    for run in (sound, rejected):
+        assert checkpoint.decode(json.loads(json.dumps(checkpoint.encode(run)))) == run
