@@ -435,7 +435,7 @@ class SchedulerService:
         for rid in run_ids:
             run = state.runs.get(rid)
             if run is not None:
-                log.info("run %s %s (%d tasks)", rid, run.status.value, run.total)
+                log.info("run %r %s (%d tasks)", rid, run.status.value, run.total)
             state = st.evict(state, rid)
             self.checkpointer.forget(rid)
         self.state = state

@@ -109,6 +109,7 @@ def test_poison_in_the_log_fails_its_own_run_and_every_other_run_completes(own_c
     assert "written by a newer version" in log_text
     assert "skipping malformed log entry" in log_text
     assert "\ninjected log line" not in log_text, "an id must never inject a log line"
+    assert "\nnewline-run" not in log_text, "an id must never inject a log line"
 
 
 def test_the_client_refuses_bad_ids_and_writes_nothing(own_cluster: Cluster) -> None:
