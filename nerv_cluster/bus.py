@@ -37,10 +37,19 @@ class EventBus:
     drop it. A failing handler or middleware is logged and skipped; it never stops the others.
     """
 
-    def __init__(self, history_limit: int = constants.DEFAULT_HISTORY_LIMIT) -> None:
+    def __init__(
+        self,
+        history_limit: int = constants.DEFAULT_HISTORY_LIMIT,
+        history_bytes: int = constants.DEFAULT_HISTORY_BYTES,
+    ) -> None:
         self._signals = Namespace()
         self._middleware: list[Middleware] = []
-        self._history: deque[Event] = deque(maxlen=history_limit)
+        # Bounded by count and by bytes (of the events' JSON): a few events with big results must not
+        # hold a client's memory hostage. Invariant: _history_size is the sum of the sizes in _history.
+        self._history: deque[tuple[Event, int]] = deque()
+        self._history_limit = history_limit
+        self._history_bytes = history_bytes
+        self._history_size = 0
         self._lock = threading.RLock()
 
     def signal(self, event_type: EventType | str) -> Signal:
@@ -90,8 +99,7 @@ class EventBus:
             if changed is None:
                 return None
             current = changed
-        with self._lock:
-            self._history.append(current)
+        self._remember(current)
         for name in (current.type.value, ALL):
             sig = self._signals.get(name)
             if sig is None:
@@ -103,11 +111,30 @@ class EventBus:
                     log.exception("event handler %r failed on %s", receiver, current.type.value)
         return current
 
+    def _remember(self, event: Event) -> None:
+        """Add ``event`` to the history, dropping the oldest ones past the count or byte bound (an
+        event bigger than the byte bound on its own is not kept)."""
+        size = len(event.to_json())
+        with self._lock:
+            history = self._history
+            history.append((event, size))
+            self._history_size += size
+            while history and (
+                len(history) > self._history_limit or self._history_size > self._history_bytes
+            ):
+                self._history_size -= history.popleft()[1]
+
+    @property
+    def history_size(self) -> int:
+        """Bytes (of JSON) of the events in the history."""
+        return self._history_size
+
     def history(self, run_id: str | None = None, event_type: EventType | str | None = None) -> list[Event]:
-        """The most recent events dispatched (bounded), optionally of one run and/or one type."""
+        """The most recent events dispatched (bounded by count and by bytes), optionally of one run
+        and/or one type."""
         kind = EventType.parse(event_type) if event_type is not None else None
         with self._lock:
-            items = list(self._history)
+            items = [e for e, _ in self._history]
         return [
             e for e in items if (run_id is None or e.run_id == run_id) and (kind is None or e.type is kind)
         ]

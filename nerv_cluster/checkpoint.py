@@ -32,7 +32,15 @@ _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
 _ID_SETS = ("ready", "doomed", "running", "queued")
 #: RunState fields stored as they are (JSON scalars).
-_PLAIN = ("submitted_at", "started_at", "finished_at", "reason", "cancel_requested")
+_PLAIN = (
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "reason",
+    "cancel_requested",
+    "rejected",
+    "submitted_bytes",
+)
 
 
 def _encode_task(ts: TaskState) -> list[Any]:
@@ -96,6 +104,9 @@ def decode(data: dict[str, Any]) -> RunState:
         finished_at=data["finished_at"],
         reason=str(data["reason"]),
         cancel_requested=bool(data["cancel_requested"]),
+        # Absent from checkpoints written before these fields existed: their defaults then.
+        rejected=str(data.get("rejected", "")),
+        submitted_bytes=int(data.get("submitted_bytes", 0)),
     )
 
 

@@ -14,8 +14,9 @@ from redis.retry import Retry
 from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
-from nerv_cluster.errors import RunNotFoundError, UnknownTaskError, WaitTimeoutError
+from nerv_cluster.errors import PayloadTooLargeError, RunNotFoundError, UnknownTaskError, WaitTimeoutError
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
 from nerv_cluster.settings import Settings
 from nerv_cluster.workflow import Workflow, validate_definition
@@ -69,15 +70,15 @@ class Client:
     # -- submit ---------------------------------------------------------------------------------------
 
     def registered_tasks(self) -> dict[str, str]:
-        """Task name -> queue for every task some worker has registered."""
-        names: dict[str, str] = self.redis.hgetall(self.keys.registry)  # type: ignore[assignment]
-        return names
+        """Task name -> queue for every task some live worker has registered (refreshed lately)."""
+        return self.log.registered_tasks()
 
     def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
         """Validate and submit a workflow; returns the run id at once.
 
         Raises a :class:`~nerv_cluster.errors.WorkflowError` (and writes nothing) for a cycle, an unknown
-        dependency, a duplicate id, a non-JSON argument, an oversized payload, too many tasks, or (with
+        dependency, a duplicate id, an id outside the id alphabet (``run_id`` too), a non-JSON argument,
+        an oversized payload or submission, too many tasks, or (with
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
         definition = workflow.definition()
@@ -100,10 +101,16 @@ class Client:
                         f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                         "start a worker with the module that defines it (nerv worker --app MODULE)"
                     )
-        run_id = run_id or new_run_id(workflow.name)
+        run_id = check_id(run_id, "run id") if run_id is not None else new_run_id(workflow.name)
         event = Event(
             EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
         )
+        size = len(event.to_json())
+        if size > self.settings.max_submission_bytes:
+            raise PayloadTooLargeError(
+                f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "
+                f"{self.settings.max_submission_bytes} (NERV_MAX_SUBMISSION_BYTES)"
+            )
         self.log.submit(event)
         return run_id
 
@@ -154,9 +161,10 @@ class Client:
                         f"({run.finished_tasks}/{run.total} tasks done)"
                     )
                 block = max(1, min(block, int(left * 1000)))
-            for entry_id, ev in self.log.follow_run(run_id, last, block):
+            batch = self.log.follow_run(run_id, last, block)
+            for _, ev in batch:
                 run = st.apply_to_run(run, ev) or run
-                last = entry_id
+            last = batch.upto or last  # past skipped entries too
             yield run
 
     def wait(self, run_id: str, timeout: float | None = None) -> st.RunResult:
@@ -180,11 +188,12 @@ class Client:
             if ev.type in WORKFLOW_END_EVENTS:
                 return
         while follow:
-            for entry_id, ev in self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS):
-                last = entry_id
+            batch = self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS)
+            for _, ev in batch:
                 yield ev
                 if ev.type in WORKFLOW_END_EVENTS:
                     return
+            last = batch.upto or last  # past skipped entries too
 
     def runs(self, limit: int = 20) -> list[tuple[str, float]]:
         """The newest runs (id, submit time), newest first."""

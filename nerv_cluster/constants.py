@@ -22,6 +22,22 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
 #: Largest number of tasks in one workflow.
 DEFAULT_MAX_TASKS: Final = 200_000
+#: Largest WORKFLOW_SUBMITTED event (its JSON, the whole definition) accepted: the client refuses a
+#: bigger one, the scheduler fails a bigger one written into the log by other means.
+DEFAULT_MAX_SUBMISSION_BYTES: Final = 64 * 1024 * 1024
+#: Largest job (its JSON, with the upstream results copied into its arguments) the scheduler sends:
+#: a bigger one fails its task with PayloadTooLargeError instead of going to the broker.
+DEFAULT_MAX_JOB_BYTES: Final = 32 * 1024 * 1024
+#: Longest exception message and traceback a TaskError keeps (longer ones are cut, with a marker).
+MAX_ERROR_MESSAGE_CHARS: Final = 4_096
+MAX_TRACEBACK_CHARS: Final = 16_384
+
+#: Run ids and task ids: ASCII letters, digits, '_', '-' and '.', a letter or digit first, at most
+#: ``MAX_ID_LENGTH`` characters. They go into Redis keys (inside the ``{run}`` hash tag), job ids
+#: (``run:task:attempt``, split on ':') and log lines, so none of ':', '{', '}', whitespace or
+#: control characters may appear in them.
+MAX_ID_LENGTH: Final = 128
+ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 
 #: The scheduler lease: how long it lives and how often the holder renews it.
 DEFAULT_LEASE_TTL_MS: Final = 5_000
@@ -45,8 +61,14 @@ LOST_WORKER_GRACE_S: Final = 1.5
 TIMEOUT_GRACE_S: Final = 3.0
 #: Retries (exponential backoff capped at 1 s) of a Redis command on connection errors: ~30 s.
 REDIS_RETRIES: Final = 40
-#: Events kept in a client EventBus history.
+#: Events kept in a client EventBus history, and the most bytes (of their JSON) it keeps.
 DEFAULT_HISTORY_LIMIT: Final = 1_000
+DEFAULT_HISTORY_BYTES: Final = 8 * 1024 * 1024
+#: A scheduler leader whose loop completed no step for this long stops renewing its lease, so a
+#: standby takes over (``NERV_LOOP_STALL_S``), and then stays out of the race for the lease this many
+#: lease lifetimes, so the standby wins it.
+DEFAULT_LOOP_STALL_S: Final = 30.0
+STALLED_HOLD_OFF_TTLS: Final = 2
 
 #: The launcher (``nerv_cluster.launcher``): what a worker logs once it has registered its tasks
 #: (``worker/app.py`` ``on_ready``), how long services get to come up, how long they get to stop after
@@ -64,6 +86,9 @@ EVENT_FIELD: Final = "e"
 #: Worker nodes announce their queues and concurrency this often; older announcements are ignored.
 CAPACITY_INTERVAL_S: Final = 5.0
 CAPACITY_STALE_S: Final = 20.0
+#: A registered task name no live worker has refreshed for this long is dropped from the registry
+#: (workers refresh theirs with every capacity announcement).
+REGISTRY_STALE_S: Final = 60.0
 #: Most jobs the scheduler packs into one Celery message, and how many messages per worker slot it
 #: aims for at least (so packing never starves a slot).
 MAX_BATCH: Final = 32
@@ -105,6 +130,7 @@ class Keys:
         "lease",
         "prefix",
         "registry",
+        "registry_seen",
         "runs",
         "workers",
     )
@@ -117,6 +143,7 @@ class Keys:
         self.lease = f"{prefix}:scheduler:lease"  # holder's token; expires unless renewed
         self.epoch = f"{prefix}:scheduler:epoch"  # counter: each new lease holder's fencing token
         self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
+        self.registry_seen = f"{prefix}:registry:seen"  # task name -> Redis time of its last refresh
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
         self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function
         self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}

@@ -36,6 +36,10 @@ class DuplicateTaskError(WorkflowError):
     """Two tasks in one workflow share an id."""
 
 
+class InvalidIdError(WorkflowError):
+    """A run id or task id uses characters outside the id alphabet or is too long."""
+
+
 class UnknownTaskError(WorkflowError):
     """A task function name is registered nowhere (not locally, not by any worker)."""
 
@@ -46,6 +50,14 @@ class SerializationError(WorkflowError):
 
 class PayloadTooLargeError(WorkflowError):
     """An argument payload or a result is larger than the configured limit."""
+
+
+class MalformedEventError(NervError):
+    """A log entry is not a valid event (bad JSON, a missing or mistyped field); it is skipped."""
+
+
+class UnknownEventTypeError(MalformedEventError):
+    """A log entry has an event type this version does not know (a newer writer); it is skipped."""
 
 
 class RegistrationError(NervError):

@@ -7,25 +7,69 @@ run's pub/sub channel, which is only a hint for live listeners.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError
+from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError, UnknownEventTypeError
+from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
 from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
+
+log = logging.getLogger("nerv.eventlog")
 
 #: A stream entry id and the event stored under it.
 Entry = tuple[str, Event]
 
 
-def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
-    return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
+#: Digests of entries already warned about (bounded): a bad entry is read again by every refold and
+#: sits in both its run's log and the feed, but is worth one warning.
+_WARNED: OrderedDict[str, None] = OrderedDict()
+_WARNED_MAX = 10_000
+
+
+def _skip(eid: str, fields: Any, exc: Exception) -> None:
+    """Warn, once per entry, that a log entry was skipped."""
+    raw = fields.get(constants.EVENT_FIELD) if isinstance(fields, dict) else None
+    digest = hashlib.blake2b(repr(raw if raw is not None else fields).encode(), digest_size=16).hexdigest()
+    if digest in _WARNED:
+        return
+    _WARNED[digest] = None
+    if len(_WARNED) > _WARNED_MAX:
+        _WARNED.popitem(last=False)
+    if isinstance(exc, UnknownEventTypeError):
+        log.warning("skipping log entry %s: %s (written by a newer version?)", eid, describe(exc))
+    else:
+        log.warning("skipping malformed log entry %s: %s", eid, describe(exc))
+
+
+class Batch(list[Entry]):
+    """Decoded entries of one stream read, and ``upto``: the id of the last entry read, skipped ones
+    included (empty when nothing was read). A reader goes on after ``upto``, not after the last
+    decoded entry, or bad entries at the end of a read would be read again and again."""
+
+    upto: str = ""
+
+
+def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
+    """The events of stream entries; an entry that is no valid event is skipped (with a warning), so
+    one bad entry never stops a reader."""
+    out = Batch()
+    if entries:
+        out.upto = str(entries[-1][0])
+    for eid, fields in entries:
+        try:
+            out.append((eid, Event.parse(fields[constants.EVENT_FIELD])))
+        except Exception as exc:  # a missing field, bad JSON, a wrong type: this entry only
+            _skip(eid, fields, exc)
+    return out
 
 
 def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
@@ -41,6 +85,51 @@ def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
 def attempt_field(task_id: str, attempt: int) -> str:
     """The hash field naming one attempt of one task."""
     return f"{task_id}:{attempt}"
+
+
+def _redis_time(client: Any) -> float:
+    """Redis's clock, in epoch seconds."""
+    secs, micros = client.time()
+    return float(secs) + float(micros) / 1e6
+
+
+def fresh_capacity(raws: Mapping[str, str], fresh_since: float) -> tuple[dict[str, int], list[str]]:
+    """Worker slots per queue over capacity entries (node -> JSON) announced at or after
+    ``fresh_since``, and the nodes whose entry is older or unreadable (to delete)."""
+    out: dict[str, int] = {}
+    stale: list[str] = []
+    for node, raw in raws.items():
+        try:
+            info = json.loads(raw)
+            at, queues, slots = float(info["at"]), list(info["queues"]), int(info["concurrency"])
+        except (ValueError, TypeError, KeyError):
+            stale.append(node)
+            continue
+        if at < fresh_since:
+            stale.append(node)
+            continue
+        for q in queues:
+            out[q] = out.get(q, 0) + slots
+    return out, stale
+
+
+def fresh_registry(
+    names: Mapping[str, str], seen: Mapping[str, str], fresh_since: float
+) -> tuple[dict[str, str], list[str]]:
+    """Name -> queue of registry entries refreshed at or after ``fresh_since``, and the names to
+    delete (older, never refreshed, or a refresh stamp without a name)."""
+    live: dict[str, str] = {}
+    stale: list[str] = []
+    for name in {*names, *seen}:
+        try:
+            at = float(seen[name])
+        except (KeyError, ValueError):
+            at = float("-inf")
+        if name in names and at >= fresh_since:
+            live[name] = names[name]
+        else:
+            stale.append(name)
+    return live, sorted(stale)
 
 
 class EventLog:
@@ -223,8 +312,10 @@ class EventLog:
         )
         return [bool(x) for x in won]
 
-    def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
-        """Runs are over: drop them from the active set and let their keys expire after the retention time."""
+    def close_runs(self, run_ids: Sequence[str], retention_seconds: int, now: float | None = None) -> None:
+        """Runs are over: drop them from the active set and let their keys expire after the retention
+        time; the all-runs index forgets runs submitted longer than the retention time ago (their keys
+        are gone or going), so it stays bounded too."""
         if not run_ids:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -232,6 +323,8 @@ class EventLog:
         for run_id in run_ids:
             for key in self.keys.run_keys(run_id):
                 pipe.expire(key, retention_seconds)
+        horizon = (time.time() if now is None else now) - retention_seconds
+        pipe.zremrangebyscore(self.keys.runs, "-inf", f"({horizon}")
         pipe.execute()
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -294,15 +387,17 @@ class EventLog:
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"
             )
 
-    def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> list[Entry]:
-        """Events of a run after ``after``, waiting up to ``block_ms`` for the first one."""
+    def follow_run(self, run_id: str, after: str, block_ms: int, count: int = 10_000) -> Batch:
+        """Events of a run after ``after``, waiting up to ``block_ms`` for the first one (go on after
+        the batch's ``upto``)."""
         reply = self.redis.xread({self.keys.log(run_id): after or "0-0"}, count=count, block=block_ms)
-        return _decode(reply[0][1]) if reply else []
+        return _decode(reply[0][1]) if reply else Batch()
 
-    def read_feed(self, after: str, count: int, block_ms: int | None) -> list[Entry]:
-        """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none."""
+    def read_feed(self, after: str, count: int, block_ms: int | None) -> Batch:
+        """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none
+        (go on after the batch's ``upto``)."""
         reply = self.redis.xread({self.keys.feed: after}, count=count, block=block_ms)
-        return _decode(reply[0][1]) if reply else []
+        return _decode(reply[0][1]) if reply else Batch()
 
     def feed_tail(self) -> str:
         """The id of the newest feed entry (``'0-0'`` when empty)."""
@@ -321,26 +416,60 @@ class EventLog:
         """Keep the circuits stream short."""
         self.redis.xtrim(self.keys.circuits, maxlen=constants.CIRCUITS_MAXLEN, approximate=True)
 
-    def announce_capacity(self, node: str, queues: Sequence[str], concurrency: int) -> None:
-        """A worker node says which queues it serves with how many slots."""
-        info = {"queues": list(queues), "concurrency": concurrency, "at": time.time()}
-        self.redis.hset(self.keys.capacity, node, json.dumps(info))
+    def announce_capacity(
+        self, node: str, queues: Sequence[str], concurrency: int, tasks: Mapping[str, str] | None = None
+    ) -> None:
+        """A worker node says which queues it serves with how many slots, and (``tasks``: name ->
+        queue) refreshes the task names it registered. Stamped with Redis's clock, which every
+        reader compares with (a worker's own clock may be off)."""
+        now = _redis_time(self.redis)
+        info = {"queues": list(queues), "concurrency": concurrency, "at": now}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.capacity, node, json.dumps(info))
+        if tasks:
+            pipe.hset(self.keys.registry, mapping=dict(tasks))
+            pipe.hset(self.keys.registry_seen, mapping=dict.fromkeys(tasks, repr(now)))
+        pipe.execute()
+
+    def register_tasks(self, tasks: Mapping[str, str]) -> None:
+        """Record task names (name -> queue) a worker registered, stamped with Redis's clock."""
+        now = _redis_time(self.redis)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.registry, mapping=dict(tasks))
+        pipe.hset(self.keys.registry_seen, mapping=dict.fromkeys(tasks, repr(now)))
+        pipe.execute()
 
     def withdraw_capacity(self, node: str) -> None:
         """A worker node stops serving."""
         self.redis.hdel(self.keys.capacity, node)
 
     def capacity(self) -> dict[str, int]:
-        """Worker slots per queue, over nodes that announced themselves recently."""
-        out: dict[str, int] = {}
-        fresh = time.time() - constants.CAPACITY_STALE_S
-        for raw in self.redis.hvals(self.keys.capacity):
-            info = json.loads(raw)
-            if info["at"] < fresh:
-                continue
-            for q in info["queues"]:
-                out[q] = out.get(q, 0) + int(info["concurrency"])
+        """Worker slots per queue, over nodes that announced themselves recently; the entries of
+        nodes silent for longer (dead without withdrawing) are deleted."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.capacity)
+        (secs, micros), raws = pipe.execute()
+        out, stale = fresh_capacity(raws, secs + micros / 1e6 - constants.CAPACITY_STALE_S)
+        if stale:
+            self.redis.hdel(self.keys.capacity, *stale)
         return out
+
+    def registered_tasks(self) -> dict[str, str]:
+        """Task name -> queue of every name a live worker refreshed recently; names no worker has
+        refreshed for ``REGISTRY_STALE_S`` are deleted."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.registry)
+        pipe.hgetall(self.keys.registry_seen)
+        (secs, micros), names, seen = pipe.execute()
+        live, stale = fresh_registry(names, seen, secs + micros / 1e6 - constants.REGISTRY_STALE_S)
+        if stale:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hdel(self.keys.registry, *stale)
+            pipe.hdel(self.keys.registry_seen, *stale)
+            pipe.execute()
+        return live
 
     def queue_lengths(self, queues: Sequence[str]) -> list[int]:
         """Messages waiting in these Celery queues (not yet taken by any worker)."""

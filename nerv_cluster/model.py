@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from nerv_cluster import constants
-from nerv_cluster.errors import WorkflowError
+from nerv_cluster import constants, ids
+from nerv_cluster.errors import MalformedEventError, UnknownEventTypeError, WorkflowError
 
 
 class TaskStatus(StrEnum):
@@ -330,6 +330,20 @@ class WorkflowDef:
         )
 
 
+def truncate(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters; else its start and end (the end of a
+    traceback names where it failed) around a marker saying how many characters were cut."""
+    if len(text) <= limit:
+        return text
+    marker = ""
+    keep = limit
+    for _ in range(3):  # the marker's length depends on the number it states: settle it
+        marker = f"\n... [{len(text) - keep} characters cut] ...\n"
+        keep = max(0, limit - len(marker))
+    head = keep // 3
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
 @dataclass(frozen=True, slots=True)
 class TaskError:
     """Why an attempt failed: the exception's class name, its message and the formatted traceback."""
@@ -361,9 +375,19 @@ class TaskError:
 
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str = "") -> TaskError:
-        """Describe a caught exception."""
+        """Describe a caught exception; a message or traceback over its bound is cut, with a marker
+        saying how much (``MAX_ERROR_MESSAGE_CHARS``, ``MAX_TRACEBACK_CHARS``)."""
         kinds = tuple(k.__name__ for k in type(exc).__mro__ if k not in (object, BaseException))
-        return cls(type=type(exc).__name__, message=str(exc), traceback=traceback, types=kinds)
+        try:
+            message = str(exc)
+        except Exception as inner:  # a __str__ that raises must not lose the failure itself
+            message = f"<str() of the exception raised {type(inner).__name__}>"
+        return cls(
+            type=type(exc).__name__,
+            message=truncate(message, constants.MAX_ERROR_MESSAGE_CHARS),
+            traceback=truncate(traceback, constants.MAX_TRACEBACK_CHARS),
+            types=kinds,
+        )
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
@@ -446,8 +470,39 @@ class Event:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(raw))
 
+    @classmethod
+    def parse(cls, raw: str | bytes) -> Event:
+        """:meth:`from_json` for untrusted input: every field checked for its type, so what it returns
+        cannot make the fold raise; :class:`UnknownEventTypeError` for a type this version does not
+        know, :class:`MalformedEventError` for anything else wrong."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise MalformedEventError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise MalformedEventError("not a JSON object")
+        kind = _EVENT_TYPES.get(data.get("t"))  # type: ignore[arg-type]
+        if kind is None:
+            raise UnknownEventTypeError(f"unknown event type {data.get('t')!r:.80}")
+        run_id, task_id, attempt = data.get("r"), data.get("k"), data.get("a")
+        ts, eid, body, source = data.get("ts"), data.get("i"), data.get("d") or {}, data.get("s", "")
+        if not isinstance(run_id, str) or not run_id:
+            raise MalformedEventError("no run id")
+        if task_id is not None and not isinstance(task_id, str):
+            raise MalformedEventError("the task id is not a string")
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
+            raise MalformedEventError("the attempt is not an integer")
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or ts != ts:
+            raise MalformedEventError("no timestamp")
+        if not isinstance(eid, str) or not isinstance(body, dict) or not isinstance(source, str):
+            raise MalformedEventError("no event id, or a mistyped data or source field")
+        return cls(kind, run_id, task_id, attempt, body, ts, eid, source)
+
+
+_EVENT_TYPES: dict[str, EventType] = {t.value: t for t in EventType}
+
 
 def new_run_id(name: str) -> str:
     """A unique, readable run id: the workflow name's slug and 12 random hex digits."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower()).strip("-")[:40] or "run"
-    return f"{slug}-{uuid.uuid4().hex[:12]}"
+    # ids.slug keeps the id alphabet (ASCII only: str.isalnum would let 'é' through).
+    return f"{ids.slug(name.lower(), 40, 'run').rstrip('_.-') or 'run'}-{uuid.uuid4().hex[:12]}"

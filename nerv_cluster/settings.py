@@ -26,6 +26,10 @@ class Settings:
     max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES
     max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
     max_tasks: int = constants.DEFAULT_MAX_TASKS
+    #: Largest submission (the WORKFLOW_SUBMITTED event's JSON) and largest job message (with the
+    #: upstream results in its arguments), in bytes.
+    max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
+    max_job_bytes: int = constants.DEFAULT_MAX_JOB_BYTES
     lease_ttl_ms: int = constants.DEFAULT_LEASE_TTL_MS
     batch_size: int = constants.DEFAULT_BATCH_SIZE
     block_ms: int = constants.DEFAULT_BLOCK_MS
@@ -55,6 +59,8 @@ class Settings:
     checkpoint_events: int = constants.DEFAULT_CHECKPOINT_EVENTS
     #: Port of the scheduler's Prometheus ``/metrics`` (0: not served).
     metrics_port: int = 9808
+    #: Seconds a scheduler leader's loop may go without completing a step before it lets its lease lapse.
+    loop_stall_s: float = constants.DEFAULT_LOOP_STALL_S
 
     @property
     def broker(self) -> str:
@@ -107,6 +113,15 @@ class Settings:
             raise ConfigurationError(
                 f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}"
             )
-        for name in ("max_payload_bytes", "max_result_bytes", "lease_ttl_ms", "batch_size", "max_tasks"):
+        for name in (
+            "max_payload_bytes",
+            "max_result_bytes",
+            "max_submission_bytes",
+            "max_job_bytes",
+            "lease_ttl_ms",
+            "batch_size",
+            "max_tasks",
+            "loop_stall_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")

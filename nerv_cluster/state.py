@@ -19,9 +19,11 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 from pyrsistent import PMap, pmap
 
+from nerv_cluster import intake
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
+    WORKFLOW_END_EVENTS,
     Event,
     EventType,
     RunStatus,
@@ -44,6 +46,7 @@ _NO_TASKS: IdSet = pmap()
 _STATUSES = tuple(TaskStatus)
 _AT = {status: i for i, status in enumerate(_STATUSES)}
 _NO_COUNTS: tuple[int, ...] = (0,) * len(_STATUSES)
+_NO_PLAN = plan(())
 
 
 _K = TypeVar("_K")
@@ -139,6 +142,11 @@ class RunState(NamedTuple):
     finished_at: float | None = None
     reason: str = ""
     cancel_requested: bool = False
+    #: Why this run cannot go on (its submission is no valid workflow, or an event of it could not be
+    #: applied); the scheduler fails it with this reason. Empty for a sound run.
+    rejected: str = ""
+    #: Bytes of the submitted definition's JSON, for the scheduler's submission bound.
+    submitted_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -476,17 +484,59 @@ def new_run(
 
 
 def _created(ev: Event, drafts: bool = False) -> RunState:
-    """The run a WORKFLOW_SUBMITTED event creates."""
-    return new_run(ev.run_id, WorkflowDef.from_dict(ev.data["workflow"]), ev.ts, drafts=drafts)
+    """The run a WORKFLOW_SUBMITTED event creates: a sound one, or a rejected one (see
+    :mod:`nerv_cluster.intake`) that the scheduler fails, whatever was written into the log."""
+    raw = ev.data.get("workflow")
+    try:
+        definition, the_plan, size = intake.accept(ev.run_id, raw)
+    except Exception as exc:  # anything at all: one bad submission must never stop the fold
+        return _rejected_run(ev, raw, f"invalid submission: {intake.describe(exc)}")
+    run = new_run(ev.run_id, definition, ev.ts, the_plan, drafts=drafts)
+    return run._replace(submitted_bytes=size)
+
+
+def _rejected_run(ev: Event, raw: Any, reason: str) -> RunState:
+    """A run with no tasks that only waits to be failed with ``reason``."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return RunState(
+        run_id=ev.run_id,
+        definition=WorkflowDef(name=name if isinstance(name, str) else "?", tasks=()),
+        plan=_NO_PLAN,
+        defs={},
+        tasks=pmap(),
+        submitted_at=ev.ts,
+        rejected=reason,
+    )
+
+
+def _broken(run: RunState, ev: Event, exc: Exception) -> RunState:
+    """``run`` after its handler raised on ``ev``: rejected (the scheduler fails it), never raising."""
+    where = f"{ev.type.value} of task {ev.task_id!r}" if ev.task_id is not None else ev.type.value
+    return run._replace(
+        rejected=f"event {ev.id!r:.80} ({where}) could not be applied: {intake.describe(exc)}"
+    )
 
 
 def apply_to_run(run: RunState | None, ev: Event) -> RunState | None:
-    """Apply one event to one run's state (None before the run was submitted)."""
+    """Apply one event to one run's state (None before the run was submitted).
+
+    Never raises for a run's events: a handler that raises rejects that run (``RunState.rejected``),
+    so one bad event fails its own run instead of every run of the fold; a rejected run takes only
+    its end events from then on.
+    """
     if ev.type is EventType.WORKFLOW_SUBMITTED:
         return _created(ev) if run is None else run
     if run is None:
         return None
-    return _HANDLERS[ev.type](run, ev)
+    if run.rejected and ev.type not in WORKFLOW_END_EVENTS:
+        return run
+    handler = _HANDLERS.get(ev.type)
+    if handler is None:  # a type this fold has no transition for changes nothing
+        return run
+    try:
+        return handler(run, ev)
+    except Exception as exc:
+        return _broken(run, ev, exc)
 
 
 def _thaw(run: RunState) -> RunState:

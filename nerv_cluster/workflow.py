@@ -18,6 +18,7 @@ from nerv_cluster.errors import (
     UnknownTaskError,
     WorkflowError,
 )
+from nerv_cluster.ids import check_id, slug
 from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
@@ -120,8 +121,7 @@ class Workflow:
             raise WorkflowError("give task arguments positionally or as args=..., not both")
         tf, fn_name = self._lookup(fn)
         task_id = id or name or self._auto_id(fn_name)
-        if not isinstance(task_id, str) or not task_id:
-            raise WorkflowError(f"task id must be a non-empty string, got {task_id!r}")
+        check_id(task_id, "task id")
         if task_id in self._ids:
             raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
         where = f"task {task_id!r}"
@@ -171,7 +171,8 @@ class Workflow:
         raise WorkflowError(f"expected a @task function or a task name, got {fn!r}")
 
     def _auto_id(self, fn_name: str) -> str:
-        short = fn_name.rsplit(".", 1)[-1]
+        # Registered names may hold ':' or start with '_': make the short name a valid id start.
+        short = slug(fn_name.rsplit(".", 1)[-1], constants.MAX_ID_LENGTH - 12, "task")
         while True:
             self._counter += 1
             candidate = f"{short}-{self._counter}"
@@ -225,6 +226,9 @@ def validate_definition(
     """Validate a wire-form workflow (as ``Workflow.validate`` does) and return its plan."""
     if not wf.tasks:
         raise WorkflowError(f"workflow {wf.name!r} has no tasks")
+    for t in wf.tasks:
+        check_id(t.id, "task id")
+        check_queue(t.queue)
     if len(wf.tasks) > max_tasks:
         raise WorkflowError(f"workflow {wf.name!r} has {len(wf.tasks)} tasks; the limit is {max_tasks}")
     for t in wf.tasks:

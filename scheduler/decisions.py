@@ -5,14 +5,39 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 
+from nerv_cluster import constants
 from nerv_cluster.circuits import Breakers, Circuit
-from nerv_cluster.errors import CircuitOpenError
+from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome
+from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
 from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
+from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
+
+log = logging.getLogger("nerv.scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds the scheduler holds runs to (from :class:`Settings`): a run over the task or
+    submission bound fails before it starts; a job over the job bound fails its task unsent."""
+
+    max_tasks: int = constants.DEFAULT_MAX_TASKS
+    max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
+    max_job_bytes: int = constants.DEFAULT_MAX_JOB_BYTES
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The limits of these settings."""
+        return cls(settings.max_tasks, settings.max_submission_bytes, settings.max_job_bytes)
+
+
+_NO_LIMITS = Limits()
 
 
 @dataclass(slots=True)
@@ -25,6 +50,72 @@ class Decisions:
     #: (due time, run id, task id, attempt) of ready tasks that wait for a retry delay.
     delayed: list[tuple[float, str, str, int]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+
+    def extend(self, other: Decisions) -> None:
+        """Add ``other``'s decisions to these."""
+        self.events.extend(other.events)
+        self.jobs.extend(other.jobs)
+        self.revoke.extend(other.revoke)
+        self.delayed.extend(other.delayed)
+        self.finished.extend(other.finished)
+
+
+def _fail_run(run: RunState, reason: str, now: float, source: str) -> Event:
+    """The WORKFLOW_FAILED that ends a run which cannot go on (logged here, once per decision)."""
+    log.error("failing run %r: %s", run.run_id, reason)
+    return Event(EventType.WORKFLOW_FAILED, run.run_id, data={"reason": reason}, ts=now, source=source)
+
+
+def _over_bounds(run: RunState, limits: Limits) -> str:
+    """Why a run not yet started is over a bound of ``limits`` (empty when it is not)."""
+    if run.total > limits.max_tasks:
+        return f"the workflow has {run.total} tasks; the limit is {limits.max_tasks} (NERV_MAX_TASKS)"
+    if run.submitted_bytes > limits.max_submission_bytes:
+        return (
+            f"the submission is {run.submitted_bytes} bytes of JSON; the limit is "
+            f"{limits.max_submission_bytes} (NERV_MAX_SUBMISSION_BYTES)"
+        )
+    return ""
+
+
+def _too_large(run: RunState, job: Job, size: int, limit: int, now: float, source: str) -> Event:
+    """TASK_FAILED for a job whose message would be over the job bound (it is not sent)."""
+    error = TaskError.from_exception(
+        PayloadTooLargeError(
+            f"the job of task {job.task_id!r} is {size} bytes of JSON with its upstream results; the "
+            f"limit is {limit} (NERV_MAX_JOB_BYTES): pass references to large data, not the data"
+        )
+    )
+    return Event(
+        EventType.TASK_FAILED,
+        run.run_id,
+        job.task_id,
+        job.attempt,
+        {"error": error.to_dict(), "reason": "job too large"},
+        ts=now,
+        source=source,
+    )
+
+
+def _small(value: object) -> bool:
+    """True for a result whose JSON is hardly longer than the reference marker it replaces."""
+    kind = type(value)
+    return value is None or kind is bool or kind is float or (kind is int and -(1 << 63) <= value < 1 << 63)  # type: ignore[operator]
+
+
+def _may_be_too_large(run: RunState, deps: tuple[str, ...], limits: Limits) -> bool:
+    """Whether a job of ``run`` with these dependencies must be measured against the job bound: only
+    upstream results make a job bigger than its part of the submission, and small scalar results
+    (measuring costs a JSON encoding per job) cannot make it much bigger."""
+    tasks = run.tasks
+    if not all(_small(tasks[d].result) for d in deps):
+        return True
+    return run.submitted_bytes * 2 + 64 * len(deps) + 1024 > limits.max_job_bytes
+
+
+def job_size(job: Job) -> int:
+    """Bytes of a job's JSON (what the job bound counts)."""
+    return len(json.dumps(job.to_dict(), separators=(",", ":")))
 
 
 def _why_skipped(run: RunState, tid: str) -> str:
@@ -77,14 +168,23 @@ def decide(
     out: Decisions,
     breakers: Breakers | None = None,
     handoff: bool = True,
+    limits: Limits = _NO_LIMITS,
 ) -> None:
     """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply;
-    ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`)."""
+    ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`;
+    ``limits``: the bounds a run and its jobs are held to)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
         return
+    if run.rejected:
+        out.events.append(_fail_run(run, run.rejected, now, source))
+        return
     if run.status is RunStatus.PENDING:
+        over = _over_bounds(run, limits)
+        if over:
+            out.events.append(_fail_run(run, over, now, source))
+            return
         out.events.append(
             Event(
                 EventType.WORKFLOW_STARTED,
@@ -149,16 +249,43 @@ def decide(
                     out.events.append(_fail_fast(run, tid, breakers.get(td.fn), now, source))
                     continue
             queue = td.queue
+            job = build_job(run, tid, handoff and readies_successor(run, tid))
+            if _may_be_too_large(run, td.dependencies, limits):
+                size = job_size(job)
+                if size > limits.max_job_bytes:
+                    out.events.append(_too_large(run, job, size, limits.max_job_bytes, now, source))
+                    continue
             out.events.append(
                 Event(
                     EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
                 )
             )
-            out.jobs.append((build_job(run, tid, handoff and readies_successor(run, tid)), queue))
+            out.jobs.append((job, queue))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
         out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def decide_isolated(
+    run: RunState,
+    now: float,
+    source: str,
+    out: Decisions,
+    breakers: Breakers | None = None,
+    handoff: bool = True,
+    limits: Limits = _NO_LIMITS,
+) -> None:
+    """:func:`decide`, but a run it raises for is failed (WORKFLOW_FAILED with the error) and nothing
+    else is decided for it: one run the scheduler cannot decide for never stops the others."""
+    mine = Decisions()
+    try:
+        decide(run, now, source, mine, breakers, handoff, limits)
+    except Exception as exc:
+        mine = Decisions(
+            events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]
+        )
+    out.extend(mine)
 
 
 def in_flight(run: RunState) -> list[tuple[Job, str]]:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from nerv_cluster import constants
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, TaskError
+
+#: Errors that mean the broker could not be reached (the messages may not be at fault).
+_CONNECTION_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 #: Extra seconds a task gets past its soft limit before the hard limit kills it.
 HARD_LIMIT_GRACE = 2.0
@@ -42,6 +51,17 @@ def pack(jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int]) -> list[t
     return out
 
 
+def _is_connection_error(exc: BaseException, app: Celery) -> bool:
+    """True for an error of the connection to the broker (retry later), not of one message."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    try:
+        known = tuple(app.connection_for_write().connection_errors)
+    except Exception:
+        return False
+    return isinstance(exc, known)
+
+
 def deep_backlog(waiting: Mapping[str, int], capacity: Mapping[str, int]) -> bool:
     """True when every queue in ``waiting`` (queue -> messages not yet taken by a worker) holds at least
     ``BATCHES_PER_SLOT`` messages per worker slot: a new job there could not start soon anyway, so
@@ -51,37 +71,94 @@ def deep_backlog(waiting: Mapping[str, int], capacity: Mapping[str, int]) -> boo
     )
 
 
+#: A message the broker refused: its jobs, its queue and why (one line).
+Unsendable = tuple[list[Job], str, str]
+
+
+def unsendable_events(unsendable: Sequence[Unsendable], now: float, source: str) -> list[Event]:
+    """TASK_FAILED for every job of messages the broker refused (not a lost connection: the broker
+    answered no), so those tasks fail with the reason instead of blocking dispatch for everyone."""
+    events = []
+    for jobs, queue, why in unsendable:
+        error = TaskError(
+            type="DispatchError",
+            message=f"the broker refused the job's message on queue {queue!r}: {why}",
+            types=("DispatchError", "NervError", "Exception"),
+        )
+        for job in jobs:
+            events.append(
+                Event(
+                    EventType.TASK_FAILED,
+                    job.run_id,
+                    job.task_id,
+                    job.attempt,
+                    {"error": error.to_dict(), "reason": "job could not be sent"},
+                    ts=now,
+                    source=source,
+                )
+            )
+    return events
+
+
 class Dispatcher:
-    """Sends jobs with one producer, batched into pipelined LPUSHes (kombu's ``Producer.batch``)."""
+    """Sends jobs with one producer, batched into pipelined LPUSHes (kombu's ``Producer.batch``).
+
+    Invariant: a message the broker refuses (anything but a connection error) is reported back, never
+    raised, so it cannot hold the other messages up; a connection error raises (the caller keeps every
+    job and sends again).
+    """
 
     def __init__(self, app: Celery, batch_size: int = 1000) -> None:
         self.app = app
         self.batch_size = batch_size
 
-    def send(self, messages: Sequence[tuple[list[Job], str]]) -> None:
+    def send(self, messages: Sequence[tuple[list[Job], str]]) -> list[Unsendable]:
         """Send each (jobs, queue) as one Celery message named after the jobs' function (Flower shows
-        it), with the first job's id as the message id."""
+        it), with the first job's id as the message id. Returns the messages the broker refused."""
         if not messages:
-            return
+            return []
+        try:
+            return self._send(messages, batched=True)
+        except Exception as exc:
+            if _is_connection_error(exc, self.app):
+                raise
+            # The batch was refused as a whole when it was flushed: send one by one to find which
+            # messages the broker refuses (copies of those already sent are harmless: an attempt is
+            # claimed once).
+            return self._send(messages, batched=False)
+
+    def _send(self, messages: Sequence[tuple[list[Job], str]], batched: bool) -> list[Unsendable]:
         app = self.app
-        with app.producer_or_acquire() as producer, producer.batch(max_size=self.batch_size):
-            for jobs, queue in messages:
-                first = jobs[0]
-                limits = {}
-                if first.timeout:
-                    limits = {
-                        "soft_time_limit": first.timeout,
-                        "time_limit": first.timeout + HARD_LIMIT_GRACE,
-                    }
-                app.send_task(
-                    first.fn,
-                    args=[job.to_dict() for job in jobs],
-                    queue=queue,
-                    routing_key=queue,
-                    task_id=first.id,
-                    producer=producer,
-                    **limits,
-                )
+        refused: list[Unsendable] = []
+        with app.producer_or_acquire() as producer:
+            batch = producer.batch(max_size=self.batch_size) if batched else contextlib.nullcontext()
+            with batch:
+                for jobs, queue in messages:
+                    try:
+                        self._publish(producer, jobs, queue)
+                    except Exception as exc:
+                        if _is_connection_error(exc, app):
+                            raise
+                        refused.append((jobs, queue, describe(exc)))
+        return refused
+
+    def _publish(self, producer: Any, jobs: list[Job], queue: str) -> None:
+        first = jobs[0]
+        limits = {}
+        if first.timeout:
+            limits = {
+                "soft_time_limit": first.timeout,
+                "time_limit": first.timeout + HARD_LIMIT_GRACE,
+            }
+        self.app.send_task(
+            first.fn,
+            args=[job.to_dict() for job in jobs],
+            queue=queue,
+            routing_key=queue,
+            task_id=first.id,
+            producer=producer,
+            **limits,
+        )
 
     def revoke(self, job_ids: Iterable[str]) -> None:
         """Stop these jobs: workers drop them if not started and terminate them if running."""
@@ -138,16 +215,18 @@ class Outbox:
             self._held_since = now
         return now - self._held_since < constants.PACK_HOLD_S
 
-    def flush(self) -> None:
-        """Send what waits, unless it is held back to be packed."""
+    def flush(self) -> list[Unsendable]:
+        """Send what waits, unless it is held back to be packed; the messages the broker refused (their
+        tasks are to fail: see :func:`unsendable_events`)."""
         if not self._jobs or self._hold():
-            return
+            return []
         self._held_since = None
         jobs, self._jobs = self._jobs, []
         try:
-            self.dispatcher.send(pack(jobs, self.capacity))
+            refused = self.dispatcher.send(pack(jobs, self.capacity))
         except Exception:
             # Already recorded as DISPATCHED: keep them and send again.
             self._jobs = jobs + self._jobs
             raise
         self.on_sent(jobs)
+        return refused

@@ -95,6 +95,7 @@ class Effects:
                 carriers.append(via)
         self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
 
-    def close(self, run_ids: Sequence[str]) -> None:
-        """Finished runs: drop them from the active set and let their keys expire after the retention."""
-        self.log.close_runs(run_ids, self.retention_seconds)
+    def close(self, run_ids: Sequence[str], now: float) -> None:
+        """Finished runs: drop them from the active set and let their keys expire after the retention
+        (the all-runs index forgets runs submitted more than the retention before ``now``)."""
+        self.log.close_runs(run_ids, self.retention_seconds, now)

@@ -18,8 +18,59 @@ from nerv_cluster.eventlog import EventLog
 
 log = logging.getLogger("nerv.scheduler")
 
-#: A leader whose loop made no progress for this long stops renewing, so a standby can take over.
-LOOP_STALL_S = 30.0
+#: A leader whose loop made no progress for this long stops renewing, so a standby can take over
+#: (the default of ``Settings.loop_stall_s``).
+LOOP_STALL_S = constants.DEFAULT_LOOP_STALL_S
+
+
+class LoopProgress:
+    """How long the scheduler loop has gone without progress, for :class:`LeaseKeeper`.
+
+    Invariant: progress is a *completed* step (or taking the lease, which starts a term), never merely
+    an iteration of the loop, so a leader whose every step raises looks as stalled as a wedged one.
+    A refold is slow but moving; it counts as progress while it runs (each run folded), but only the
+    first refold after a completed step or a new term: a loop that refolds and fails, again and again,
+    earns nothing from its refolds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._done = clock()
+        self._refold_tick: float | None = None
+        self._may_refold = True
+
+    def acquired(self) -> None:
+        """A new term began: that is progress."""
+        self._done = self._clock()
+        self._may_refold = True
+
+    def step_done(self) -> None:
+        """A step completed."""
+        self._done = self._clock()
+        self._may_refold = True
+
+    def refold_started(self) -> None:
+        """A refold begins; it counts as progress only if a step completed (or a term began) since
+        the last one."""
+        if self._may_refold:
+            self._may_refold = False
+            self._refold_tick = self._clock()
+
+    def refold_tick(self) -> None:
+        """A refold moved on (one run folded)."""
+        if self._refold_tick is not None:
+            self._refold_tick = self._clock()
+
+    def refold_done(self) -> None:
+        """The refold ended; when it counted, the first step has a whole stall bound from now."""
+        if self._refold_tick is not None:
+            self._done = self._clock()
+            self._refold_tick = None
+
+    def stalled_for(self) -> float:
+        """Seconds without progress."""
+        last = self._refold_tick if self._refold_tick is not None else self._done
+        return self._clock() - last
 
 
 class Lease:
@@ -31,6 +82,8 @@ class Lease:
         self.token: str | None = None
         self._valid_until = 0.0
         self._renewed_at = 0.0
+        #: A stalled leader that let its lease lapse stays out of the race until then (monotonic).
+        self._hold_off_until = 0.0
         # The loop acquires and drops, the keeper thread renews: one at a time.
         self._lock = threading.Lock()
 
@@ -67,8 +120,16 @@ class Lease:
         return True
 
     def acquire(self) -> bool:
-        """Take the lease if nobody holds it; True when we hold it afterwards."""
+        """Take the lease if nobody holds it; True when we hold it afterwards (never during a
+        :meth:`hold_off`)."""
+        if time.monotonic() < self._hold_off_until:
+            return False
         return self._call(self.token or "", renew_only=False)
+
+    def hold_off(self, seconds: float) -> None:
+        """Do not take the lease again for ``seconds``: this replica let it lapse because it is stuck,
+        and a standby should win it."""
+        self._hold_off_until = time.monotonic() + seconds
 
     def renew(self) -> bool:
         """Extend our lease; False (and not held) when it was lost."""
@@ -98,13 +159,15 @@ class Lease:
 class LeaseKeeper:
     """Renews a held lease from a thread, so a long step (a big refold, a burst) never loses it.
 
-    It renews only while ``progress()`` (seconds since the loop last moved) stays under ``LOOP_STALL_S``:
-    a wedged leader lets its lease lapse and a standby takes over.
+    It renews only while ``progress()`` (seconds without progress, see :class:`LoopProgress`) stays
+    under ``stall_s``: a wedged or crash-looping leader lets its lease lapse, stays out of the race for
+    a while (:meth:`Lease.hold_off`), and a standby takes over.
     """
 
-    def __init__(self, lease: Lease, progress: Callable[[], float]) -> None:
+    def __init__(self, lease: Lease, progress: Callable[[], float], stall_s: float = LOOP_STALL_S) -> None:
         self.lease = lease
         self.progress = progress
+        self.stall_s = stall_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nerv-lease", daemon=True)
 
@@ -112,13 +175,25 @@ class LeaseKeeper:
         """Start renewing."""
         self._thread.start()
 
+    def _stalled(self) -> bool:
+        """True (and the lease held off) when the loop made no progress for longer than allowed."""
+        stalled = self.progress()
+        if stalled <= self.stall_s:
+            return False
+        log.error("scheduler loop made no progress for %.1fs; letting the lease lapse", stalled)
+        self.lease.hold_off(self.lease.ttl_ms / 1000 * constants.STALLED_HOLD_OFF_TTLS)
+        return True
+
+    def renew(self) -> bool:
+        """Renew now, for the loop itself (after an error); False, as if lost, when it is stalled."""
+        return not self._stalled() and self.lease.renew()
+
     def _loop(self) -> None:
         interval = self.lease.ttl_ms / 1000 / constants.LEASE_RENEW_FRACTION
         while not self._stop.wait(interval / 2):
             if self.lease.token is None or not self.lease.renew_due:
                 continue
-            if self.progress() > LOOP_STALL_S:
-                log.error("scheduler loop stalled for %.0fs; letting the lease lapse", self.progress())
+            if self._stalled():
                 continue
             try:
                 if not self.lease.renew():

@@ -32,11 +32,11 @@ from nerv_cluster.jobs import Job
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, takeover
 from scheduler.circuit_watch import CircuitWatch
-from scheduler.decisions import Decisions, decide
-from scheduler.dispatch import Dispatcher, Outbox
+from scheduler.decisions import Decisions, Limits, decide_isolated
+from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
 from scheduler.effects import Effects
 from scheduler.handoff_match import HandoffMatcher
-from scheduler.lease import Lease, LeaseKeeper
+from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
 from scheduler.timers import Timers
 from scheduler.watchdog import Watchdog
@@ -84,7 +84,8 @@ class SchedulerService:
         self._since_trim = 0
         self._read_at = time.monotonic()
         self._next_sweep = 0.0
-        self._moved = time.monotonic()
+        #: Completed steps, for the lease keeper (a loop that only fails is no progress).
+        self.progress = LoopProgress()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
 
@@ -97,16 +98,17 @@ class SchedulerService:
         """Count sent jobs (through Celery or handed over) in the dispatch metrics."""
         self.metrics.on_sent(jobs, self._read_at, time.monotonic())
 
-    def _progress(self) -> None:
-        self._moved = time.monotonic()
-
     # -- leadership -------------------------------------------------------------------------------------
 
     def become_leader(self) -> None:
         """Rebuild the state of every active run (see :mod:`scheduler.takeover`), then resend in-flight
         jobs."""
         started = time.monotonic()
-        found = takeover.refold(self.log, self._progress)
+        self.progress.refold_started()
+        try:
+            found = takeover.refold(self.log, self.progress.refold_tick)
+        finally:
+            self.progress.refold_done()
         self.state, self.cursor = found.state, found.cursor
         self.checkpointer.reset(found.positions)
         self.circuits.reload(self.log)
@@ -157,7 +159,7 @@ class SchedulerService:
 
     def step(self) -> int:
         """Read one batch from the feed (waiting briefly if idle), fold it, act. Returns events read."""
-        self.outbox.flush()
+        self._flush()
         now = self.clock()
         block = self.settings.block_ms
         due = self.timers.next_due()
@@ -165,7 +167,6 @@ class SchedulerService:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
-        self._progress()
         entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
         state = self.state
         for entry_id, ev in entries:
@@ -173,6 +174,7 @@ class SchedulerService:
             self._touched.add(ev.run_id)
             self.cursor = entry_id
             self.matcher.observe(ev)
+        self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
         self._read_at = time.monotonic()
         if entries:
@@ -188,6 +190,7 @@ class SchedulerService:
         if self._since_trim >= _TRIM_EVERY:
             self.log.trim_feed(self.cursor)
             self._since_trim = 0
+        self.progress.step_done()
         return len(entries)
 
     def _sweep(self, now: float) -> None:
@@ -221,10 +224,11 @@ class SchedulerService:
         out = Decisions()
         now = self.clock()
         breakers = self.circuits.breakers
+        limits = Limits.of(self.settings)
         for rid in touched:
             run = self.state.runs.get(rid)
             if run is not None:
-                decide(run, now, self.source, out, breakers, handoff=self.handoff)
+                decide_isolated(run, now, self.source, out, breakers, self.handoff, limits)
         jobs, handoffs = self.matcher.match(out.jobs, self.state, self.source, now)
         if out.events or handoffs:
             handed = self.effects.write(out.events, [(started, job) for started, job, _ in handoffs])
@@ -246,19 +250,29 @@ class SchedulerService:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)
         self.outbox.add(jobs)
-        self.outbox.flush()
+        self._flush()
         self._close(out.finished)
+
+    def _flush(self) -> None:
+        """Send the outbox; the tasks of messages the broker refused (not a lost connection: it
+        answered no) fail with the reason, and the other jobs went out."""
+        refused = self.outbox.flush()
+        if refused:
+            failed = unsendable_events(refused, self.clock(), self.source)
+            self.effects.write(failed)
+            self.state = st.fold(failed, self.state)
+            self._touched.update(ev.run_id for ev in failed)
 
     def _close(self, run_ids: list[str]) -> None:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
         if not run_ids:
             return
-        self.effects.close(run_ids)
+        self.effects.close(run_ids, self.clock())
         state = self.state
         for rid in run_ids:
             run = state.runs.get(rid)
             if run is not None:
-                log.info("run %s %s (%d tasks)", rid, run.status.value, run.total)
+                log.info("run %r %s (%d tasks)", rid, run.status.value, run.total)
             state = st.evict(state, rid)
             self.checkpointer.forget(rid)
         self.state = state
@@ -271,7 +285,7 @@ class SchedulerService:
         standby_wait = self.lease.ttl_ms / 1000 / 5
         log.info("scheduler started; waiting for the lease")
         self.metrics.serve(self.settings.metrics_port)
-        keeper = LeaseKeeper(self.lease, lambda: time.monotonic() - self._moved)
+        keeper = LeaseKeeper(self.lease, self.progress.stalled_for, self.settings.loop_stall_s)
         keeper.start()
         self.checkpointer.start()
         try:
@@ -284,10 +298,11 @@ class SchedulerService:
                             self.metrics.refresh(st.EMPTY, leader=False)
                             stop.wait(standby_wait)
                             continue
+                        self.progress.acquired()
                         self.become_leader()
                     elif self._stale:
-                        if not self.lease.renew():
-                            self.step_down("lease lost while Redis was unreachable")
+                        if not keeper.renew():
+                            self.step_down("lease lost, or let lapse, while the loop could not go on")
                             continue
                         self.become_leader()
                     self.step()

@@ -65,10 +65,12 @@ class WorkerRuntime:
 
 class CapacityBeacon:
     """Tells the scheduler, every few seconds, which queues this worker node serves with how many slots
-    (it packs jobs into fewer messages only when there are enough slots to go round)."""
+    (it packs jobs into fewer messages only when there are enough slots to go round), and refreshes
+    the task names it registered (names no live worker refreshes expire from the registry)."""
 
-    def __init__(self, log_: EventLog) -> None:
+    def __init__(self, log_: EventLog, tasks: dict[str, str] | None = None) -> None:
         self._log = log_
+        self._tasks = tasks or {}
         self._stop = threading.Event()
         self._node = ""
 
@@ -79,7 +81,7 @@ class CapacityBeacon:
         def loop() -> None:
             while True:
                 try:
-                    self._log.announce_capacity(node, queues, concurrency)
+                    self._log.announce_capacity(node, queues, concurrency, self._tasks)
                 except Exception as exc:  # Redis away: the announcement just goes stale meanwhile
                     log.warning("capacity announcement failed: %s", exc)
                 if self._stop.wait(constants.CAPACITY_INTERVAL_S):
@@ -223,11 +225,9 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
         runtime.runner()
 
     def on_ready(sender: Any = None, **_: Any) -> None:
-        client: Any = container.redis()
-        keys = container.keys()
         names = {tf.name: tf.queue for tf in registry}
-        if names:
-            client.hset(keys.registry, mapping=names)
+        if names:  # at once (the beacon refreshes them, with the capacity, from now on)
+            container.eventlog().register_tasks(names)
         log.info(
             "worker %s ready with %d tasks: %s",
             getattr(sender, "hostname", "?"),
@@ -240,7 +240,7 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
             queues = list(app.amqp.queues.consume_from)
             beacon.start(str(controller.hostname), queues, int(controller.concurrency))
 
-    beacon = CapacityBeacon(container.eventlog())
+    beacon = CapacityBeacon(container.eventlog(), {tf.name: tf.queue for tf in registry})
 
     def on_shutdown(**_: Any) -> None:
         beacon.stop()

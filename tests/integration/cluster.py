@@ -49,6 +49,10 @@ class Cluster(LocalCluster):
         """Empty the database (before any process starts)."""
         self.redis.flushdb()
 
+    def scheduler(self, *, wrapper: Sequence[str] = (), **env: str) -> Service:
+        """Start a scheduler replica (``env``: variables for it alone)."""
+        return self.spawn("scheduler", "scheduler", wrapper=wrapper, env=env)
+
     def worker(  # type: ignore[override]  # the tests' defaults, and a wait for readiness
         self, queues: str = "cpu", concurrency: int = 2, wait: bool = True, wrapper: Sequence[str] = ()
     ) -> Service:

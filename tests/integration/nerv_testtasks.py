@@ -152,3 +152,9 @@ def suicide_once(ctx: TaskContext, value: int) -> int:
     if ctx.attempt == 1:
         os.kill(os.getpid(), 9)
     return value
+
+
+@task(queue="cpu")
+def blob(size: int) -> str:
+    """A result of ``size`` characters (for the job-size bound)."""
+    return "b" * size
