@@ -26,6 +26,9 @@ DEFAULT_MAX_TASKS: Final = 200_000
 #: The scheduler lease: how long it lives and how often the holder renews it.
 DEFAULT_LEASE_TTL_MS: Final = 5_000
 LEASE_RENEW_FRACTION: Final = 3  # renew every ttl/3 so two missed renewals still keep it
+#: Random bytes in each fencing token (beside the epoch counter), so a counter Redis rolled back after
+#: losing writes never hands out a token twice.
+LEASE_NONCE_BYTES: Final = 8
 #: Events read from the feed per round trip.
 DEFAULT_BATCH_SIZE: Final = 2_000
 #: How long a scheduler read blocks waiting for new events.
@@ -107,7 +110,7 @@ class Keys:
         self.active = f"{prefix}:runs:active"  # ids of runs not finished yet
         self.runs = f"{prefix}:runs"  # every run id, scored by submit time
         self.lease = f"{prefix}:scheduler:lease"  # holder's token; expires unless renewed
-        self.epoch = f"{prefix}:scheduler:epoch"  # counter: each new lease holder's fencing token
+        self.epoch = f"{prefix}:scheduler:epoch"  # counter: the first part of each new holder's token
         self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
         self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function

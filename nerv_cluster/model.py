@@ -398,7 +398,7 @@ class Event:
     """One entry of the event log.
 
     ``id`` makes applying an event idempotent; ``source`` names the writer (``client``,
-    ``scheduler:<epoch>``, ``worker:<id>``); ``data`` holds what the type needs.
+    ``scheduler:<token>``, ``worker:<id>``); ``data`` holds what the type needs.
     """
 
     type: EventType
