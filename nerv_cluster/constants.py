@@ -48,6 +48,9 @@ LOST_WORKER_GRACE_S: Final = 1.5
 TIMEOUT_GRACE_S: Final = 3.0
 #: Retries (exponential backoff capped at 1 s) of a Redis command on connection errors: ~30 s.
 REDIS_RETRIES: Final = 40
+#: How long the reply of a fenced scheduler write is kept (``fenced_append.lua``): longer than the
+#: client's retries of a command (``REDIS_RETRIES``), which may resend a call whose reply was lost.
+FENCED_REPLY_TTL_MS: Final = 120_000
 #: Events kept in a client EventBus history.
 DEFAULT_HISTORY_LIMIT: Final = 1_000
 
@@ -140,6 +143,10 @@ class Keys:
     def handoff(self, worker_id: str) -> str:
         """A worker process's hand-off list: the scheduler pushes a job there for it to run next."""
         return f"{self.prefix}:handoff:{worker_id}"
+
+    def reply(self, request_id: str) -> str:
+        """The stored reply of one fenced scheduler write, so a resent call is not applied twice."""
+        return f"{self.prefix}:scheduler:reply:{request_id}"
 
     def handoff_waiting(self, worker_id: str) -> str:
         """Set while a worker process waits for a hand-off; the scheduler consumes it to hand one job."""

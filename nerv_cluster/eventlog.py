@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
@@ -43,6 +44,7 @@ class Scripts:
         self.lease = client.register_script(lua_source("lease"))
         self.release = client.register_script(lua_source("release"))
         self.supersede = client.register_script(lua_source("supersede"))
+        self.checkpoint = client.register_script(lua_source("checkpoint"))
 
 
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
@@ -121,13 +123,16 @@ class EventLog:
         ``handoffs``: (TASK_STARTED event naming the worker, job JSON) pairs, written in the same atomic
         step after the events: each job goes to its worker's hand-off list and its attempt is claimed
         for that worker, if the worker still waits. Returns, per hand-off, whether it was handed.
+        Applied once even when redis-py resends the call after losing its reply.
         """
         if not events and not handoffs:
             return []
         k = self.keys
-        keys = [k.lease]
+        # A key of this call's own: redis-py resends a call whose reply was lost, and the script must
+        # then answer from its first execution instead of writing again.
+        keys = [k.lease, k.reply(uuid.uuid4().hex)]
         index: dict[str, int] = {}
-        args: list[Any] = [token]
+        args: list[Any] = [token, constants.FENCED_REPLY_TTL_MS]
         for ev in events:
             if ev.run_id not in index:
                 keys.append(k.log(ev.run_id))
@@ -140,7 +145,7 @@ class EventLog:
                     keys.append(k.circuits)
                     index[k.circuits] = len(keys)
                 args.extend((index[k.circuits], "", payload))
-        args.insert(1, (len(args) - 1) // 3)  # the number of (key, channel, event) triples
+        args.insert(2, (len(args) - 2) // 3)  # the number of (key, channel, event) triples
         if handoffs:
             args.append(constants.HANDOFF_TTL_MS)
             for started, job in handoffs:
@@ -201,6 +206,12 @@ class EventLog:
         A worker that finishes such an attempt later finds the slot taken and records nothing; one that
         picks its job up later does not run it.
         """
+        return [holder == why for holder in self.slot_holders(attempts, token, why)]
+
+    def slot_holders(self, attempts: Sequence[tuple[str, str, int]], token: str, why: str) -> list[str]:
+        """Take the outcome slot of each (run, task, attempt) where it is free (fenced), and return what
+        holds each slot afterwards: ``why`` where the scheduler has it (now, or from an earlier call),
+        else the outcome type a worker recorded first."""
         if not attempts:
             return []
         k = self.keys
@@ -212,7 +223,7 @@ class EventLog:
                 keys.append(k.outcomes(run_id))
                 index[run_id] = len(keys)
             args.extend((index[run_id], attempt_field(task_id, attempt)))
-        return [bool(x) for x in _fenced(self.scripts.supersede, keys, args)]
+        return [str(x) for x in _fenced(self.scripts.supersede, keys, args)]
 
     def close_runs(self, run_ids: Sequence[str], retention_seconds: int) -> None:
         """Runs are over: drop them from the active set and let their keys expire after the retention time."""
@@ -263,9 +274,15 @@ class EventLog:
             pipe.xlen(self.keys.log(run_id))
         return [int(n) for n in pipe.execute()]
 
-    def write_checkpoint(self, run_id: str, checkpoint: Mapping[str, Any]) -> None:
-        """Store a run's checkpoint (see :mod:`nerv_cluster.checkpoint`), replacing the previous one."""
-        self.redis.set(self.keys.checkpoint(run_id), json.dumps(checkpoint, separators=(",", ":")))
+    def write_checkpoint(self, run_id: str, checkpoint: Mapping[str, Any]) -> bool:
+        """Store a run's checkpoint (see :mod:`nerv_cluster.checkpoint`), replacing the previous one.
+
+        Only while the run is open, checked atomically: False (nothing written) once :meth:`close_runs`
+        set its keys to expire, since a checkpoint written after that would never expire.
+        """
+        k = self.keys
+        payload = json.dumps(checkpoint, separators=(",", ":"))
+        return bool(self.scripts.checkpoint(keys=[k.log(run_id), k.checkpoint(run_id)], args=[payload]))
 
     def read_checkpoints(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The stored checkpoints of these runs (runs without one are left out)."""

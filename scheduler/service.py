@@ -27,7 +27,7 @@ from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer
-from scheduler.decisions import Decisions, decide, in_flight
+from scheduler.decisions import Decisions, decide, in_flight, settle_cancels
 from scheduler.dispatch import Dispatcher, deep_backlog, pack
 from scheduler.lease import Lease, LeaseKeeper
 from scheduler.metrics import SchedulerMetrics
@@ -301,6 +301,9 @@ class SchedulerService:
             run = self.state.runs.get(rid)
             if run is not None:
                 decide(run, now, self.source, out, self.breakers, handoff=self.handoffs is not None)
+        if out.cancels:  # the outcome slots first: an attempt a worker finished meanwhile keeps its outcome
+            holders = self.log.slot_holders(out.cancelled_attempts(), self._token(), EventType.TASK_CANCELLED)
+            settle_cancels(out, holders)
         jobs, handoffs = self._match_waiters(out.jobs) if self._waiters else (out.jobs, [])
         if out.events or handoffs:
             handed = self.log.append_fenced(
@@ -400,13 +403,12 @@ class SchedulerService:
         self.metrics.on_sent(jobs, self._read_at, time.monotonic())
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
-        # Take the attempts' outcome slots first, so a worker that picks one up later skips it.
-        token = self._token()
+        # The attempts' outcome slots were taken before the cancel was recorded (``settle_cancels``), so a
+        # worker that picks one up later skips it.
         attempts = []
         for jid in job_ids:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
-        self.log.supersede(attempts, token, "TASK_CANCELLED")
         # A job running inside another job's message (packed, or handed over) stops with that message.
         carriers = []
         for rid, tid, _ in attempts:
