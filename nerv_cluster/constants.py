@@ -46,6 +46,9 @@ WORKER_HEARTBEAT_TTL_MS: Final = 4_000
 WATCHDOG_INTERVAL_S: Final = 0.5
 LOST_WORKER_GRACE_S: Final = 1.5
 TIMEOUT_GRACE_S: Final = 3.0
+#: How often the scheduler reads Redis's clock (``TIME``), on which it measures every deadline; between
+#: readings it advances the last one with its monotonic clock.
+CLOCK_SAMPLE_S: Final = 5.0
 #: Retries (exponential backoff capped at 1 s) of a Redis command on connection errors: ~30 s.
 REDIS_RETRIES: Final = 40
 #: How long the reply of a fenced scheduler write is kept (``fenced_append.lua``): longer than the

@@ -47,8 +47,13 @@ class Scripts:
         self.checkpoint = client.register_script(lua_source("checkpoint"))
 
 
+def logged_at(entry_id: str) -> float:
+    """When Redis logged a stream entry, on its own clock: the milliseconds part of the entry id."""
+    return int(entry_id.partition("-")[0]) / 1000
+
+
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> list[Entry]:
-    return [(eid, Event.from_json(fields[constants.EVENT_FIELD])) for eid, fields in entries]
+    return [(eid, Event.from_json(fields[constants.EVENT_FIELD], logged_at(eid))) for eid, fields in entries]
 
 
 def _fenced(script: Any, keys: list[str], args: list[Any]) -> list[Any]:

@@ -399,6 +399,10 @@ class Event:
 
     ``id`` makes applying an event idempotent; ``source`` names the writer (``client``,
     ``scheduler:<token>``, ``worker:<id>``); ``data`` holds what the type needs.
+
+    ``ts`` is the writer's clock, for display: clocks of different hosts disagree. ``logged_at`` is
+    Redis's clock when the event entered the log (its stream entry id), filled in when it is read from
+    a stream (None for an event made in memory, and never serialized): deadlines are measured on it.
     """
 
     type: EventType
@@ -409,6 +413,7 @@ class Event:
     ts: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     source: str = ""
+    logged_at: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, with short keys: this is the hottest thing on the wire."""
@@ -428,8 +433,8 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, data: Mapping[str, Any], logged_at: float | None = None) -> Event:
+        """Inverse of :meth:`to_dict` (``logged_at``: when the log took it, if read from one)."""
         return cls(
             type=EventType(data["t"]),
             run_id=data["r"],
@@ -439,12 +444,13 @@ class Event:
             ts=data["ts"],
             id=data["i"],
             source=data.get("s", ""),
+            logged_at=logged_at,
         )
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Event:
+    def from_json(cls, raw: str | bytes, logged_at: float | None = None) -> Event:
         """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(raw))
+        return cls.from_dict(json.loads(raw), logged_at)
 
 
 def new_run_id(name: str) -> str:

@@ -247,7 +247,8 @@ class SchedulerService:
             if td is None or td.circuit is None:
                 continue
             ok = ev.type is EventType.TASK_COMPLETED
-            transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, ev.ts, self.source)
+            at = st.event_time(ev)  # on the scheduler's clock, like the cool-down's end it is compared with
+            transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, at, self.source)
             if transition is not None:
                 log.warning("circuit of %s: %s", td.fn, transition.type.value)
                 transitions.append(transition)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -43,11 +44,11 @@ class Cluster:
         """Empty the database (before any process starts)."""
         self.redis.flushdb()
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, wrapper: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         self._n += 1
         log = open(self.logdir / f"{self._n:02d}-{name}.log", "wb")  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, *args],
+            [*wrapper, sys.executable, "-c", _LAUNCH, *args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -62,10 +63,19 @@ class Cluster:
         """Start a scheduler replica."""
         return self._spawn("scheduler", "scheduler")
 
-    def worker(self, queues: str = "cpu", concurrency: int = 2, wait: bool = True) -> subprocess.Popen[bytes]:
-        """Start a worker and (by default) wait until it is ready."""
+    def worker(
+        self, queues: str = "cpu", concurrency: int = 2, wait: bool = True, wrapper: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker and (by default) wait until it is ready. ``wrapper``: a command line the
+        worker's command is appended to (e.g. ``faketime -f -45s``)."""
         proc = self._spawn(
-            f"worker-{queues}", "worker", "--queues", queues, "--concurrency", str(concurrency)
+            f"worker-{queues}",
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            wrapper=wrapper,
         )
         if wait:
             self.wait_log(proc, "ready with", timeout=30)
