@@ -42,6 +42,9 @@ ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 #: The scheduler lease: how long it lives and how often the holder renews it.
 DEFAULT_LEASE_TTL_MS: Final = 5_000
 LEASE_RENEW_FRACTION: Final = 3  # renew every ttl/3 so two missed renewals still keep it
+#: Random bytes in each fencing token (beside the epoch counter), so a counter Redis rolled back after
+#: losing writes never hands out a token twice.
+LEASE_NONCE_BYTES: Final = 8
 #: Events read from the feed per round trip.
 DEFAULT_BATCH_SIZE: Final = 2_000
 #: How long a scheduler read blocks waiting for new events.
@@ -59,8 +62,14 @@ WORKER_HEARTBEAT_TTL_MS: Final = 4_000
 WATCHDOG_INTERVAL_S: Final = 0.5
 LOST_WORKER_GRACE_S: Final = 1.5
 TIMEOUT_GRACE_S: Final = 3.0
+#: How often the scheduler reads Redis's clock (``TIME``), on which it measures every deadline; between
+#: readings it advances the last one with its monotonic clock.
+CLOCK_SAMPLE_S: Final = 5.0
 #: Retries (exponential backoff capped at 1 s) of a Redis command on connection errors: ~30 s.
 REDIS_RETRIES: Final = 40
+#: How long the reply of a fenced scheduler write is kept (``fenced_append.lua``): longer than the
+#: client's retries of a command (``REDIS_RETRIES``), which may resend a call whose reply was lost.
+FENCED_REPLY_TTL_MS: Final = 120_000
 #: Events kept in a client EventBus history, and the most bytes (of their JSON) it keeps.
 DEFAULT_HISTORY_LIMIT: Final = 1_000
 DEFAULT_HISTORY_BYTES: Final = 8 * 1024 * 1024
@@ -141,7 +150,7 @@ class Keys:
         self.active = f"{prefix}:runs:active"  # ids of runs not finished yet
         self.runs = f"{prefix}:runs"  # every run id, scored by submit time
         self.lease = f"{prefix}:scheduler:lease"  # holder's token; expires unless renewed
-        self.epoch = f"{prefix}:scheduler:epoch"  # counter: each new lease holder's fencing token
+        self.epoch = f"{prefix}:scheduler:epoch"  # counter: the first part of each new holder's token
         self.registry = f"{prefix}:registry"  # task name -> queue, as registered by workers
         self.registry_seen = f"{prefix}:registry:seen"  # task name -> Redis time of its last refresh
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
@@ -172,6 +181,10 @@ class Keys:
     def handoff(self, worker_id: str) -> str:
         """A worker process's hand-off list: the scheduler pushes a job there for it to run next."""
         return f"{self.prefix}:handoff:{worker_id}"
+
+    def reply(self, request_id: str) -> str:
+        """The stored reply of one fenced scheduler write, so a resent call is not applied twice."""
+        return f"{self.prefix}:scheduler:reply:{request_id}"
 
     def handoff_waiting(self, worker_id: str) -> str:
         """Set while a worker process waits for a hand-off; the scheduler consumes it to hand one job."""

@@ -48,12 +48,15 @@ class Container(containers.DeclarativeContainer):
         "scheduler.lease.Lease", eventlog, ttl_ms=settings.provided.lease_ttl_ms
     )
     dispatcher: providers.Singleton[Any] = providers.Singleton("scheduler.dispatch.Dispatcher", celery)
+    #: The scheduler measures deadlines on Redis's clock, which also dates the logged events.
+    clock: providers.Singleton[Any] = providers.Singleton("scheduler.clock.RedisClock", redis)
     scheduler: providers.Singleton[Any] = providers.Singleton(
         "scheduler.service.SchedulerService",
         settings=settings,
         log=eventlog,
         lease=lease,
         dispatcher=dispatcher,
+        clock=clock,
         handoffs=handoffs,
     )
     worker_id: providers.Singleton[Any] = providers.Singleton("worker.runner.new_worker_id")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,6 +59,11 @@ class Batch(list[Entry]):
     upto: str = ""
 
 
+def logged_at(entry_id: str) -> float:
+    """When Redis logged a stream entry, on its own clock: the milliseconds part of the entry id."""
+    return int(entry_id.partition("-")[0]) / 1000
+
+
 def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
     """The events of stream entries; an entry that is no valid event is skipped (with a warning), so
     one bad entry never stops a reader."""
@@ -66,7 +72,7 @@ def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
         out.upto = str(entries[-1][0])
     for eid, fields in entries:
         try:
-            out.append((eid, Event.parse(fields[constants.EVENT_FIELD])))
+            out.append((eid, Event.parse(fields[constants.EVENT_FIELD], logged_at(eid))))
         except Exception as exc:  # a missing field, bad JSON, a wrong type: this entry only
             _skip(eid, fields, exc)
     return out
@@ -193,12 +199,13 @@ class EventLog:
         ``handoffs``: (TASK_STARTED event naming the worker, job JSON) pairs, written in the same atomic
         step after the events: each job goes to its worker's hand-off list and its attempt is claimed
         for that worker, if the worker still waits. Returns, per hand-off, whether it was handed.
+        Applied once even when redis-py resends the call after losing its reply.
         """
         if not events and not handoffs:
             return []
         k = self.keys
         # The tail: the run logs (and the circuits stream) written to, then the hand-offs' keys. Events
-        # name their stream by its index into KEYS, after the script's one fixed key (the lease).
+        # name their stream by its index into KEYS, after the script's fixed keys.
         tail_keys: list[str] = []
         index: dict[str, int] = {}
         args: list[Any] = []
@@ -227,9 +234,18 @@ class EventLog:
                 args += [started.to_json(), job]
         # One script, not a pipeline of two: a pipeline of scripts costs redis-py an extra round trip
         # (SCRIPT EXISTS) every time, and this is on every hop of a chain.
+        # A key of this call's own: redis-py resends a call whose reply was lost, and the script must
+        # then answer from its first execution instead of writing again.
+        reply = k.reply(uuid.uuid4().hex)
         handed = _fenced(
             lambda: self.scripts.fenced_append(
-                lease=k.lease, token=token, n_events=n_events, tail_keys=tail_keys, tail_args=args
+                lease=k.lease,
+                reply=reply,
+                token=token,
+                reply_ttl_ms=constants.FENCED_REPLY_TTL_MS,
+                n_events=n_events,
+                tail_keys=tail_keys,
+                tail_args=args,
             )
         )
         return [bool(x) for x in handed]
@@ -294,6 +310,12 @@ class EventLog:
         A worker that finishes such an attempt later finds the slot taken and records nothing; one that
         picks its job up later does not run it.
         """
+        return [holder == why for holder in self.slot_holders(attempts, token, why)]
+
+    def slot_holders(self, attempts: Sequence[tuple[str, str, int]], token: str, why: str) -> list[str]:
+        """Take the outcome slot of each (run, task, attempt) where it is free (fenced), and return what
+        holds each slot afterwards: ``why`` where the scheduler has it (now, or from an earlier call),
+        else the outcome type a worker recorded first."""
         if not attempts:
             return []
         k = self.keys
@@ -305,12 +327,14 @@ class EventLog:
                 keys.append(k.outcomes(run_id))
                 index[run_id] = len(keys) + len(Supersede.keys)  # its index into KEYS, after the lease
             args.extend((index[run_id], attempt_field(task_id, attempt)))
-        won = _fenced(
-            lambda: self.scripts.supersede(
-                lease=k.lease, token=token, value=why, tail_keys=keys, tail_args=args
+        return [
+            str(x)
+            for x in _fenced(
+                lambda: self.scripts.supersede(
+                    lease=k.lease, token=token, value=why, tail_keys=keys, tail_args=args
+                )
             )
-        )
-        return [bool(x) for x in won]
+        ]
 
     def close_runs(self, run_ids: Sequence[str], retention_seconds: int, now: float | None = None) -> None:
         """Runs are over: drop them from the active set and let their keys expire after the retention
@@ -365,9 +389,15 @@ class EventLog:
             pipe.xlen(self.keys.log(run_id))
         return [int(n) for n in pipe.execute()]
 
-    def write_checkpoint(self, run_id: str, checkpoint: Mapping[str, Any]) -> None:
-        """Store a run's checkpoint (see :mod:`nerv_cluster.checkpoint`), replacing the previous one."""
-        self.redis.set(self.keys.checkpoint(run_id), json.dumps(checkpoint, separators=(",", ":")))
+    def write_checkpoint(self, run_id: str, checkpoint: Mapping[str, Any]) -> bool:
+        """Store a run's checkpoint (see :mod:`nerv_cluster.checkpoint`), replacing the previous one.
+
+        Only while the run is open, checked atomically: False (nothing written) once :meth:`close_runs`
+        set its keys to expire, since a checkpoint written after that would never expire.
+        """
+        k = self.keys
+        payload = json.dumps(checkpoint, separators=(",", ":"))
+        return self.scripts.checkpoint(run_log=k.log(run_id), checkpoint=k.checkpoint(run_id), state=payload)
 
     def read_checkpoints(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The stored checkpoints of these runs (runs without one are left out)."""

@@ -422,7 +422,11 @@ class Event:
     """One entry of the event log.
 
     ``id`` makes applying an event idempotent; ``source`` names the writer (``client``,
-    ``scheduler:<epoch>``, ``worker:<id>``); ``data`` holds what the type needs.
+    ``scheduler:<token>``, ``worker:<id>``); ``data`` holds what the type needs.
+
+    ``ts`` is the writer's clock, for display: clocks of different hosts disagree. ``logged_at`` is
+    Redis's clock when the event entered the log (its stream entry id), filled in when it is read from
+    a stream (None for an event made in memory, and never serialized): deadlines are measured on it.
     """
 
     type: EventType
@@ -433,6 +437,7 @@ class Event:
     ts: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     source: str = ""
+    logged_at: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, with short keys: this is the hottest thing on the wire."""
@@ -452,8 +457,8 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, data: Mapping[str, Any], logged_at: float | None = None) -> Event:
+        """Inverse of :meth:`to_dict` (``logged_at``: when the log took it, if read from one)."""
         return cls(
             type=EventType(data["t"]),
             run_id=data["r"],
@@ -463,18 +468,20 @@ class Event:
             ts=data["ts"],
             id=data["i"],
             source=data.get("s", ""),
+            logged_at=logged_at,
         )
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Event:
+    def from_json(cls, raw: str | bytes, logged_at: float | None = None) -> Event:
         """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(raw))
+        return cls.from_dict(json.loads(raw), logged_at)
 
     @classmethod
-    def parse(cls, raw: str | bytes) -> Event:
+    def parse(cls, raw: str | bytes, logged_at: float | None = None) -> Event:
         """:meth:`from_json` for untrusted input: every field checked for its type, so what it returns
         cannot make the fold raise; :class:`UnknownEventTypeError` for a type this version does not
-        know, :class:`MalformedEventError` for anything else wrong."""
+        know, :class:`MalformedEventError` for anything else wrong. ``logged_at``: as for
+        :meth:`from_dict`."""
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -496,7 +503,7 @@ class Event:
             raise MalformedEventError("no timestamp")
         if not isinstance(eid, str) or not isinstance(body, dict) or not isinstance(source, str):
             raise MalformedEventError("no event id, or a mistyped data or source field")
-        return cls(kind, run_id, task_id, attempt, body, ts, eid, source)
+        return cls(kind, run_id, task_id, attempt, body, ts, eid, source, logged_at)
 
 
 _EVENT_TYPES: dict[str, EventType] = {t.value: t for t in EventType}

@@ -111,22 +111,25 @@ class Append(LuaScript):
 class FencedAppend(LuaScript):
     """The scheduler's writes, only while ``token`` holds the lease: events to run logs, then the
     hand-offs (see ``EventLog.append_fenced``). ``LEASE_LOST`` (a ResponseError) otherwise; else one
-    1/0 per hand-off."""
+    1/0 per hand-off. Applied once per call: the reply is kept under ``reply`` (a key of this call's
+    own) for ``reply_ttl_ms``, and a resent call returns it without writing again."""
 
     name = "fenced_append"
-    keys = ("lease",)
-    args = ("token", "n_events")
+    keys = ("lease", "reply")
+    args = ("token", "reply_ttl_ms", "n_events")
 
     def __call__(
         self,
         *,
         lease: str,
+        reply: str,
         token: str,
+        reply_ttl_ms: int,
         n_events: int,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        return list(self._run([lease], [token, n_events], tail_keys, tail_args))
+        return list(self._run([lease, reply], [token, reply_ttl_ms, n_events], tail_keys, tail_args))
 
 
 class Start(LuaScript):
@@ -175,14 +178,17 @@ class Finish(LuaScript):
 
 
 class Lease(LuaScript):
-    """Acquire or renew the scheduler lease; the token held afterwards, or None when not held."""
+    """Acquire or renew the scheduler lease; the token held afterwards, or None when not held. A new
+    token is the epoch counter's next value and ``nonce``, a random part the caller made."""
 
     name = "lease"
     keys = ("lease", "epoch")
-    args = ("token", "ttl_ms", "renew_only")
+    args = ("token", "ttl_ms", "renew_only", "nonce")
 
-    def __call__(self, *, lease: str, epoch: str, token: str, ttl_ms: int, renew_only: bool) -> Any:
-        return self._run([lease, epoch], [token, ttl_ms, int(renew_only)])
+    def __call__(
+        self, *, lease: str, epoch: str, token: str, ttl_ms: int, renew_only: bool, nonce: str
+    ) -> Any:
+        return self._run([lease, epoch], [token, ttl_ms, int(renew_only), nonce])
 
 
 class Release(LuaScript):
@@ -197,8 +203,9 @@ class Release(LuaScript):
 
 
 class Supersede(LuaScript):
-    """Take the outcome slots of attempts the scheduler gives up on, fenced by the lease; one 1/0 per
-    (key index, field) pair of the tail."""
+    """Take the outcome slots of attempts the scheduler gives up on where they are free, fenced by the
+    lease; per (key index, field) pair of the tail, what holds the slot afterwards (``value`` where the
+    scheduler has it, else the outcome a worker recorded first)."""
 
     name = "supersede"
     keys = ("lease",)
@@ -208,6 +215,18 @@ class Supersede(LuaScript):
         self, *, lease: str, token: str, value: str, tail_keys: Sequence[str], tail_args: Sequence[Any]
     ) -> list[Any]:
         return list(self._run([lease], [token, value], tail_keys, tail_args))
+
+
+class Checkpoint(LuaScript):
+    """Store a run's checkpoint only while the run is open (its log exists without an expiry); True
+    when stored."""
+
+    name = "checkpoint"
+    keys = ("run_log", "checkpoint")
+    args = ("state",)
+
+    def __call__(self, *, run_log: str, checkpoint: str, state: str) -> bool:
+        return bool(self._run([run_log, checkpoint], [state]))
 
 
 class Resign(LuaScript):
@@ -232,6 +251,7 @@ ALL: tuple[type[LuaScript], ...] = (
     Lease,
     Release,
     Supersede,
+    Checkpoint,
     Resign,
 )
 
@@ -248,3 +268,4 @@ class Scripts:
         self.lease = Lease(client)
         self.release = Release(client)
         self.supersede = Supersede(client)
+        self.checkpoint = Checkpoint(client)

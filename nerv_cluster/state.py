@@ -259,6 +259,25 @@ def _settle(
     return tasks, ready, doomed, tally
 
 
+def event_time(ev: Event) -> float:
+    """When an event happened, on the one clock deadlines are measured on: Redis's, when the event was
+    read from the log (``logged_at``), else its own ``ts`` (an event the scheduler made and folds
+    straight away, on its clock, which follows Redis's). A worker's ``ts`` is its host's clock, which may
+    be off by any amount: compared with the scheduler's, it timed tasks out at once or held retries back
+    for hours."""
+    return ev.ts if ev.logged_at is None else ev.logged_at
+
+
+def _due_at(ev: Event) -> float | None:
+    """When the next attempt after a TASK_RETRYING may start: the logged time plus the delay the failure
+    recorded (the writer's own ``due_at`` is on its clock, used only for events made in memory)."""
+    delay = ev.data.get("delay")
+    if ev.logged_at is not None and delay is not None:
+        return ev.logged_at + float(delay)
+    due = ev.data.get("due_at")
+    return None if due is None else float(due)
+
+
 def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatus, **fields: Any) -> RunState:
     """End task ``tid`` with a terminal ``status`` and settle its dependents."""
     new = ts._replace(status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
@@ -321,15 +340,17 @@ def _started(run: RunState, ev: Event) -> RunState:
         return run
     tid, ts = cur
     worker = ev.data.get("worker")
+    # The start on the log's clock: the watchdog measures the time limit from it.
+    at = event_time(ev)
     if ts.status is TaskStatus.RUNNING:
         # Another process took the attempt over (its first worker died); idempotent for a replay.
-        if worker == ts.worker or ev.ts <= (ts.started_at or 0):
+        if worker == ts.worker or at <= (ts.started_at or 0):
             return run
         # The first process was lost: that counts towards the poison-task bound like a re-dispatch.
-        new = ts._replace(worker=worker, started_at=ev.ts, lost=ts.lost + 1, via=ev.data.get("via"))
+        new = ts._replace(worker=worker, started_at=at, lost=ts.lost + 1, via=ev.data.get("via"))
         return _put(run, tid, ts, new)
     new = ts._replace(
-        status=TaskStatus.RUNNING, dispatched=True, started_at=ev.ts, worker=worker, via=ev.data.get("via")
+        status=TaskStatus.RUNNING, dispatched=True, started_at=at, worker=worker, via=ev.data.get("via")
     )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
@@ -382,7 +403,7 @@ def _again(run: RunState, ev: Event) -> RunState:
         lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
         dispatched=False,
-        due_at=ev.data.get("due_at"),
+        due_at=_due_at(ev),
         error=TaskError.from_dict(err) if err else ts.error,
         reason=str(ev.data.get("reason", "")),
     )

@@ -96,7 +96,9 @@ class Checkpointer:
             if not entries or run is None:
                 continue
             upto, count = entries[-1][0], count + len(entries)
-            self.log.write_checkpoint(rid, {"upto": upto, "count": count, "state": checkpoint.encode(run)})
+            state = checkpoint.encode(run)
+            if not self.log.write_checkpoint(rid, {"upto": upto, "count": count, "state": state}):
+                continue  # the run was closed meanwhile
             with self._lock:
                 if rid in self._positions or rid in self.runs():  # not finished meanwhile
                     self._positions[rid] = (upto, count, run)

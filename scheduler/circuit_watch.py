@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from nerv_cluster.circuits import Breakers
 from nerv_cluster.eventlog import Entry, EventLog
 from nerv_cluster.model import Event, EventType
-from nerv_cluster.state import State
+from nerv_cluster.state import State, event_time
 
 log = logging.getLogger("nerv.scheduler")
 
@@ -45,7 +45,8 @@ class CircuitWatch:
             if td is None or td.circuit is None:
                 continue
             ok = ev.type is EventType.TASK_COMPLETED
-            transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, ev.ts, source)
+            at = event_time(ev)  # on the scheduler's clock, like the cool-down's end it is compared with
+            transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, at, source)
             if transition is not None:
                 log.warning("circuit of %s: %s", td.fn, transition.type.value)
                 transitions.append(transition)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from nerv_cluster import constants
 from nerv_cluster.circuits import Breakers, Circuit
@@ -50,6 +51,13 @@ class Decisions:
     #: (due time, run id, task id, attempt) of ready tasks that wait for a retry delay.
     delayed: list[tuple[float, str, str, int]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    #: The TASK_CANCELLED events (also in ``events``) of attempts a worker may hold: the scheduler takes
+    #: their outcome slots before writing anything, and :func:`settle_cancels` keeps only those it won.
+    cancels: list[Event] = field(default_factory=list)
+
+    def cancelled_attempts(self) -> list[tuple[str, str, int]]:
+        """(run, task, attempt) of each of ``cancels``, whose outcome slots the scheduler takes."""
+        return [(ev.run_id, str(ev.task_id), int(ev.attempt or 0)) for ev in self.cancels]
 
     def extend(self, other: Decisions) -> None:
         """Add ``other``'s decisions to these."""
@@ -58,6 +66,33 @@ class Decisions:
         self.revoke.extend(other.revoke)
         self.delayed.extend(other.delayed)
         self.finished.extend(other.finished)
+        self.cancels.extend(other.cancels)
+
+
+#: Outcomes a worker records that end its task: an attempt that has one keeps it over a cancel.
+_FINAL_OUTCOMES = frozenset({EventType.TASK_COMPLETED.value, EventType.TASK_FAILED.value})
+
+
+def settle_cancels(out: Decisions, holders: Sequence[str]) -> None:
+    """Given what holds the outcome slot of each of ``out.cancels`` after the scheduler tried to take
+    them (in order), keep in ``out.events`` the TASK_CANCELLED events the log may record.
+
+    An attempt whose worker recorded COMPLETED or FAILED first keeps that outcome: its TASK_CANCELLED is
+    dropped, so the log says what the outcomes hash says (cancelling first and taking the slot after let
+    a completion in between be logged beside the cancel). One whose worker recorded RETRYING first keeps
+    that too, and the task is cancelled as its next attempt. Anything else (the scheduler's own mark)
+    means the scheduler holds the slot: the attempt is cancelled.
+    """
+    replaced: dict[str, Event | None] = {}
+    for ev, holder in zip(out.cancels, holders, strict=True):
+        if holder in _FINAL_OUTCOMES:
+            replaced[ev.id] = None
+        elif holder == EventType.TASK_RETRYING.value:
+            replaced[ev.id] = replace(ev, attempt=int(ev.attempt or 0) + 1)
+    out.cancels = []
+    if replaced:
+        kept = (replaced.get(ev.id, ev) for ev in out.events)
+        out.events = [ev for ev in kept if ev is not None]
 
 
 def _fail_run(run: RunState, reason: str, now: float, source: str) -> Event:
@@ -203,19 +238,13 @@ def decide(
         for tid, ts in run.tasks.items():
             if ts.status.terminal:
                 continue
+            cancel = Event(
+                EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source
+            )
             if ts.dispatched or ts.status is TaskStatus.RUNNING:
                 out.revoke.append(job_id(rid, tid, ts.attempt))
-            out.events.append(
-                Event(
-                    EventType.TASK_CANCELLED,
-                    rid,
-                    tid,
-                    ts.attempt,
-                    {"reason": run.reason},
-                    ts=now,
-                    source=source,
-                )
-            )
+                out.cancels.append(cancel)
+            out.events.append(cancel)
         out.events.append(
             Event(EventType.WORKFLOW_CANCELLED, rid, data={"reason": run.reason}, ts=now, source=source)
         )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
-from nerv_cluster.model import Event
+from nerv_cluster.model import Event, EventType
 from nerv_cluster.state import State
 from scheduler.dispatch import Dispatcher
 from scheduler.lease import Lease
@@ -78,15 +78,19 @@ class Effects:
             self.log.append_fenced(events, token)
         return events
 
+    def take_slots(self, attempts: Sequence[tuple[str, str, int]], why: EventType) -> list[str]:
+        """Take the outcome slots of these (run, task, attempt) where free; what holds each afterwards
+        (``why`` where the scheduler has it, else the outcome a worker recorded first)."""
+        return self.log.slot_holders(attempts, self.token(), why)
+
     def cancel_jobs(self, job_ids: Sequence[str], state: State) -> None:
-        """Take the attempts' outcome slots (a worker that picks one up later skips it), then revoke the
-        Celery messages they run in: their own, and the one carrying them when packed or handed over."""
-        token = self.token()
+        """Revoke the Celery messages cancelled attempts run in: their own, and the one carrying them
+        when packed or handed over. Their outcome slots were taken before the cancel was recorded
+        (:meth:`take_slots`), so a worker that picks one up later skips it."""
         attempts = []
         for jid in job_ids:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
-        self.log.supersede(attempts, token, "TASK_CANCELLED")
         carriers = []
         for rid, tid, _ in attempts:
             run = state.runs.get(rid)

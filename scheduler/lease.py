@@ -1,12 +1,16 @@
 """Leadership: a Redis lease with a fencing token, so exactly one scheduler dispatches at a time.
 
-Each new holder gets the next number of a Redis counter as its token; every scheduler write is checked
-against it in Redis (``fenced_append.lua``), so a paused old leader cannot write after losing the lease.
+Each new holder gets a token made of the next number of a Redis counter and a random part of its own
+(``lease.lua``); every scheduler write is checked against the whole token in Redis (``fenced_append.lua``),
+so a paused old leader cannot write after losing the lease. The random part matters when Redis loses its
+last second of writes (AOF ``everysec``): the lease key may vanish and the counter roll back, and the next
+holder then draws the same number as the old one, but never the same token.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -103,8 +107,14 @@ class Lease:
                 return False  # dropped or replaced meanwhile: never revive an old term
             sent = time.monotonic()
             k = self._log.keys
+            nonce = secrets.token_hex(constants.LEASE_NONCE_BYTES)
             got = self._log.scripts.lease(
-                lease=k.lease, epoch=k.epoch, token=token, ttl_ms=self.ttl_ms, renew_only=renew_only
+                lease=k.lease,
+                epoch=k.epoch,
+                token=token,
+                ttl_ms=self.ttl_ms,
+                renew_only=renew_only,
+                nonce=nonce,
             )
             return self._update(got, sent)
 

@@ -29,10 +29,11 @@ from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
+from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, takeover
 from scheduler.circuit_watch import CircuitWatch
-from scheduler.decisions import Decisions, Limits, decide_isolated
+from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cancels
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
 from scheduler.effects import Effects
 from scheduler.handoff_match import HandoffMatcher
@@ -229,6 +230,8 @@ class SchedulerService:
             run = self.state.runs.get(rid)
             if run is not None:
                 decide_isolated(run, now, self.source, out, breakers, self.handoff, limits)
+        if out.cancels:  # the outcome slots first: an attempt a worker finished meanwhile keeps its outcome
+            settle_cancels(out, self.effects.take_slots(out.cancelled_attempts(), EventType.TASK_CANCELLED))
         jobs, handoffs = self.matcher.match(out.jobs, self.state, self.source, now)
         if out.events or handoffs:
             handed = self.effects.write(out.events, [(started, job) for started, job, _ in handoffs])

@@ -5,11 +5,24 @@
 -- finish.lua with the outcome that says it waits) is consumed here; a worker that stopped waiting
 -- deleted it (resign.lua), and then the job is not handed (0) and the scheduler sends it through Celery.
 -- A handed attempt is claimed for its worker here, which runs it without claiming it again.
+-- Once per call: the reply is kept under the call's own key (reply) for a while, and a second execution
+-- of the same call (redis-py resends a command whose reply was lost to a connection error) returns it
+-- without writing anything again. Otherwise the retry would append the events twice and, finding the
+-- waiting flags consumed by the first execution, report the hand-offs as not made: the job would also
+-- go through Celery.
 -- Fixed keys and arguments: see nerv_cluster/scripts.py (FencedAppend). The tail: keys run logs, then 4
 -- per hand-off: waiting flag, hand-off list, run log, claims hash; arguments n_events triples (index into
 -- KEYS, channel or '' for none, event JSON), then, with hand-offs: the lists' ttl ms, then 5 per
 -- hand-off: field (task:attempt), worker id, channel, TASK_STARTED event JSON, job JSON.
 -- Returns 1/0 per hand-off: 1 when handed.
+local done = redis.call('GET', reply)
+if done then
+  local replay = {}
+  for i = 1, #done do
+    replay[i] = tonumber(string.sub(done, i, i))
+  end
+  return replay
+end
 if redis.call('GET', lease) ~= token then
   return redis.error_reply('LEASE_LOST the scheduler lease is held by another token')
 end
@@ -23,23 +36,23 @@ for i = NARGV + 1, NARGV + 3 * n, 3 do
 end
 local out = {}
 local base = NARGV + 1 + 3 * n
-if #ARGV < base then
-  return out
-end
-local handoffs = (#ARGV - base) / 5
-local first = #KEYS - 4 * handoffs
-for h = 0, handoffs - 1 do
-  local k, a = first + 1 + 4 * h, base + 1 + 5 * h
-  local flag, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  if redis.call('DEL', flag) == 1 then
-    redis.call('HSET', claims, ARGV[a], ARGV[a + 1])
-    redis.call('XADD', log, '*', 'e', ARGV[a + 3])
-    redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3])
-    redis.call('RPUSH', list, ARGV[a + 4])
-    redis.call('PEXPIRE', list, ARGV[base])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
+if #ARGV >= base then
+  local handoffs = (#ARGV - base) / 5
+  local first = #KEYS - 4 * handoffs
+  for h = 0, handoffs - 1 do
+    local k, a = first + 1 + 4 * h, base + 1 + 5 * h
+    local flag, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    if redis.call('DEL', flag) == 1 then
+      redis.call('HSET', claims, ARGV[a], ARGV[a + 1])
+      redis.call('XADD', log, '*', 'e', ARGV[a + 3])
+      redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3])
+      redis.call('RPUSH', list, ARGV[a + 4])
+      redis.call('PEXPIRE', list, ARGV[base])
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
   end
 end
+redis.call('SET', reply, table.concat(out), 'PX', reply_ttl_ms)
 return out

@@ -7,6 +7,7 @@ check that every task ran exactly once.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -67,6 +68,16 @@ def slow(ctx: TaskContext, seconds: float) -> float:
     """Sleep, counting the execution."""
     _count(ctx)
     time.sleep(seconds)
+    return seconds
+
+
+@task(queue="cpu")
+def slow_waiting(ctx: TaskContext, seconds: float) -> float:
+    """Like ``slow``, but waits on an event instead of ``time.sleep``: under Debian's libfaketime 0.9.10
+    with ``FAKETIME_DONT_FAKE_MONOTONIC=1`` (the clock-skew tests' workers) ``time.sleep`` fails with
+    EINVAL (its absolute monotonic ``clock_nanosleep`` is shifted as if it were wall-clock time)."""
+    _count(ctx)
+    threading.Event().wait(seconds)
     return seconds
 
 

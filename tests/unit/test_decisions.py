@@ -10,7 +10,7 @@ from nerv_cluster.model import EventType, RetryPolicy, RunStatus, TaskPriority, 
 from nerv_cluster.registry import Registry, task
 from nerv_cluster.state import RunState, fold, results
 from nerv_cluster.workflow import Workflow
-from scheduler.decisions import Decisions, decide, in_flight, readies_successor
+from scheduler.decisions import Decisions, decide, in_flight, readies_successor, settle_cancels
 from tests.unit.helpers import (
     RUN,
     Sim,
@@ -246,6 +246,61 @@ def test_cancel_cancels_every_open_task_and_revokes_dispatched_ones():
         "d": "CANCELLED",
     }
     assert decided(run).finished == [RUN]
+
+
+def _cancel_with_three_live_attempts() -> tuple[Decisions, object]:
+    state = fold(
+        [
+            submitted(diamond()),
+            ev(E.WORKFLOW_STARTED),
+            *completes("a"),
+            ev(E.TASK_DISPATCHED, "b", 1),
+            ev(E.TASK_DISPATCHED, "c", 1),
+            ev(E.TASK_STARTED, "c", 1, worker="w1"),
+            ev(E.WORKFLOW_CANCEL_REQUESTED, reason="stop"),
+        ]
+    )
+    return decided(run_of(state)), state
+
+
+def test_cancel_names_the_attempts_whose_outcome_slots_it_must_take_first():
+    out, _ = _cancel_with_three_live_attempts()
+    # d never ran: no slot to take. b (queued) and c (running) may be in a worker's hands.
+    assert sorted(out.cancelled_attempts()) == [(RUN, "b", 1), (RUN, "c", 1)]
+    assert all(e in out.events for e in out.cancels)
+
+
+def test_settle_cancels_keeps_an_outcome_a_worker_recorded_first():
+    out, state = _cancel_with_three_live_attempts()
+    by_task = {e.task_id: e for e in out.cancels}
+    holders = ["TASK_COMPLETED" if e.task_id == "c" else "TASK_CANCELLED" for e in out.cancels]
+    settle_cancels(out, holders)
+    assert out.cancels == []
+    assert sorted(kinds(out)) == [
+        ("TASK_CANCELLED", "b"),
+        ("TASK_CANCELLED", "d"),
+        ("WORKFLOW_CANCELLED", None),
+    ]
+    assert by_task["b"] in out.events and by_task["c"] not in out.events
+    # The completion, folded after the cancel decisions, still ends c as COMPLETED.
+    state = fold([*out.events, ev(E.TASK_COMPLETED, "c", 1, result=5)], state)
+    run = run_of(state)
+    assert {k: v.status.value for k, v in run.tasks.items()} == {
+        "a": "COMPLETED",
+        "b": "CANCELLED",
+        "c": "COMPLETED",
+        "d": "CANCELLED",
+    }
+    assert run.status is RunStatus.CANCELLED
+
+
+def test_settle_cancels_after_a_recorded_retry_cancels_the_next_attempt():
+    out, _ = _cancel_with_three_live_attempts()
+    holders = {"b": "SUPERSEDED", "c": "TASK_RETRYING"}
+    settle_cancels(out, [holders[str(e.task_id)] for e in out.cancels])
+    cancels = {e.task_id: e.attempt for e in out.events if e.type is E.TASK_CANCELLED}
+    # b's slot is the scheduler's (a mark of its own): cancelled; c's attempt 1 keeps its RETRYING.
+    assert cancels == {"b": 1, "c": 2, "d": 1}
 
 
 def test_cancel_before_start():
