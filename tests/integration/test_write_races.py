@@ -14,7 +14,7 @@ from redis.connection import AbstractConnection
 
 from nerv_cluster import EventType, Settings
 from nerv_cluster.client import connect
-from nerv_cluster.eventlog import EventLog, lua_source
+from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event
 from scheduler.lease import Lease
@@ -67,7 +67,7 @@ def test_a_resent_fenced_append_with_a_handoff_is_applied_once(
     dispatched = Event(EventType.TASK_DISPATCHED, "run1", "b", 1, {"queue": "cpu"})
     started = Event(EventType.TASK_STARTED, "run1", "b", 1, {"worker": "w1", "handoff": True})
     job = Job("run1", "b", 1, "nerv_testtasks.add", [1, 2], {})
-    client.script_load(lua_source("fenced_append"))  # so the one call below is the script itself
+    client.script_load(log.scripts.fenced_append.source)  # so the one call below is the script itself
     before = client.xlen(keys.log("run1"))
 
     dropped = _lose_next_reply(monkeypatch)
@@ -187,4 +187,4 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     assert res.status is RunStatus.CANCELLED
     assert res.tasks["a"].status is TaskStatus.COMPLETED and res.tasks["a"].result == 3
     assert res.tasks["b"].status is TaskStatus.CANCELLED
-    assert sorted(service.dispatcher.revoked) == [f"{run_id}:a:1", f"{run_id}:b:1"]  # type: ignore[attr-defined]
+    assert sorted(service.effects.dispatcher.revoked) == [f"{run_id}:a:1", f"{run_id}:b:1"]  # type: ignore[attr-defined]
