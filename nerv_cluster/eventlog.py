@@ -154,13 +154,26 @@ class EventLog:
         # (SCRIPT EXISTS) every time, and this is on every hop of a chain.
         return [bool(x) for x in _fenced(self.scripts.fenced_append, keys, args)]
 
-    def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
+    def start_attempts(
+        self,
+        events: Sequence[Event],
+        worker_id: str,
+        max_takeovers: int,
+        outcomes: Sequence[Event] = (),
+    ) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
         ``'ok'`` (run it), ``'done'``, ``'busy'`` or ``'poison'`` (``max_takeovers`` holders died).
+
+        ``outcomes``: outcome events of earlier attempts, recorded first in the same round trip (each
+        once, like :meth:`finish_attempts`).
         """
         k = self.keys
         keys: list[str] = [k.feed]
-        args: list[Any] = [worker_id, k.heartbeat_prefix, constants.FEED_MAXLEN, max_takeovers]
+        args: list[Any] = [worker_id, k.heartbeat_prefix, constants.FEED_MAXLEN, max_takeovers, len(outcomes)]
+        for ev in outcomes:
+            assert ev.task_id is not None and ev.attempt is not None
+            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]

@@ -225,10 +225,8 @@ class SchedulerService:
             self._end_attempts(verdicts)
             if self.watchdog.redis_restarted():
                 self.resend_in_flight("Redis restarted")
-            elif any(v.lost for v in verdicts):
-                self.resend_in_flight(
-                    "a worker was lost (its prefetched jobs are held until the visibility timeout)"
-                )
+            else:  # a dead consumer's prefetched jobs wait for the visibility timeout: resend its queues'
+                self._unsent.extend(self.watchdog.lost_consumers(self.state, now))
         self.act()
         self._since_trim += len(entries)
         if self._since_trim >= _TRIM_EVERY:

@@ -152,3 +152,14 @@ def suicide_once(ctx: TaskContext, value: int) -> int:
     if ctx.attempt == 1:
         os.kill(os.getpid(), 9)
     return value
+
+
+@task(queue="cpu")
+def maybe_suicide(ctx: TaskContext, die: bool, seconds: float = 0.0) -> str:
+    """Count, sleep, then kill the process running it if told to (every time: a poison element of a
+    fan-out of one function); else return ``ok``."""
+    _count(ctx)
+    time.sleep(seconds)
+    if die:
+        os.kill(os.getpid(), 9)
+    return "ok"
