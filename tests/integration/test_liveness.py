@@ -257,16 +257,18 @@ def test_one_lost_worker_resends_only_the_queued_jobs_of_its_queues(own_cluster:
         io_wf.add(tt.counted_io, id=f"io{i}")
     io_run = c.client.submit(io_wf)
     _wait("the io jobs queued", lambda: c.redis.llen("io") == 3)
-    c.kill(a, signal.SIGKILL)
-    log_path = Path(c.procs[0].log_path)  # type: ignore[attr-defined]
+    wf = Workflow("cpu-victim")
+    wf.add(tt.slow, 30.0, id="victim")
+    run_id = c.client.submit(wf)
+    _wait("the cpu task running", lambda: c.execs(run_id).get("victim", 0) >= 1)
+    c.kill(a, signal.SIGKILL)  # a whole worker host lost, mid-task
     _wait(
-        "the scheduler to notice worker A lost",
-        lambda: "lost with their prefetched messages" in log_path.read_text(errors="replace"),
-        timeout=20,
+        "the lost attempt re-dispatched",
+        lambda: any(ev.type is EventType.TASK_PENDING for ev in log_of(c.client, run_id)),
+        timeout=30,
     )
-    time.sleep(1.0)
-    assert c.redis.llen("io") == 3, "a lost cpu worker made the io jobs be sent again"
-    assert "resending 3 in-flight" not in log_path.read_text(errors="replace")
+    time.sleep(2.0)  # a resend would be sent with the re-dispatch, in the same sweep
+    assert c.redis.llen("io") == 3, "a lost cpu worker made the queued io jobs of another run be sent again"
     c.worker("io", 2)
     assert c.client.wait(io_run, timeout=30).status is RunStatus.COMPLETED
 
@@ -277,21 +279,26 @@ def test_a_handoff_chain_stops_at_warm_shutdown(own_cluster: Cluster) -> None:
     c.wait_leader()
     a = c.worker("cpu", 1)
     wf = Workflow("chain-shutdown")
-    prev = wf.add(tt.slow, 0.05, id="c0")
-    n = 200
+    # Short hops (10 ms): the chain travels by hand-off from one worker process, about 8 s in all.
+    n = 600
+    prev = wf.add(tt.slow, 0.01, id="c0")
     for i in range(1, n):
-        prev = wf.add(tt.slow, 0.05, id=f"c{i}", dependencies=[prev])
+        prev = wf.add(tt.slow, 0.01, id=f"c{i}", dependencies=[prev])
     run_id = c.client.submit(wf)
-    _wait("the chain under way", lambda: len(c.execs(run_id)) >= 20, timeout=60)
+    _wait("the chain under way", lambda: len(c.execs(run_id)) >= 40, timeout=60)
+    handed = [
+        ev for ev in log_of(c.client, run_id) if ev.type is EventType.TASK_STARTED and ev.data.get("handoff")
+    ]
+    assert len(handed) >= 10, "the chain is not handed off: the test proves nothing"
     a.send_signal(signal.SIGTERM)  # to the main process only, as docker or Kubernetes stop it
     t0 = time.monotonic()
     try:
-        a.wait(timeout=30)
+        a.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        pytest.fail("the worker did not stop within 30 s of SIGTERM")
+        pytest.fail("the worker did not stop within 60 s of SIGTERM")
     took = time.monotonic() - t0
     left = n - len(c.execs(run_id))
-    assert took < 5.0, f"warm shutdown waited {took:.1f}s for the hand-off chain"
+    assert took < 4.0, f"warm shutdown waited {took:.1f}s for the hand-off chain ({left} tasks left)"
     assert left > 0, "the chain finished before the worker stopped: the test proves nothing"
     c.worker("cpu", 1)
     res = c.client.wait(run_id, timeout=90)
