@@ -11,7 +11,6 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
 from nerv_cluster.errors import PayloadTooLargeError, RunNotFoundError, UnknownTaskError, WaitTimeoutError
@@ -25,9 +24,10 @@ from nerv_cluster.workflow import Workflow, validate_definition
 _FOLLOW_BLOCK_MS = 1_000
 
 
-def connect(settings: Settings, retries: int = constants.REDIS_RETRIES) -> redis.Redis:
+def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
     """A Redis client for nerv's own keys: decoded responses, health checks, and retries with backoff
-    on connection errors, so every process rides out a Redis restart (about half a minute by default).
+    on connection errors, so every process rides out a Redis restart (``retries``, default
+    ``settings.redis_retries``: about half a minute).
 
     Every write nerv retries is idempotent (scripts check before they write), so a retried command
     whose first try did run changes nothing.
@@ -38,7 +38,10 @@ def connect(settings: Settings, retries: int = constants.REDIS_RETRIES) -> redis
         health_check_interval=30,
         socket_keepalive=True,
         socket_connect_timeout=5,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+            settings.redis_retries if retries is None else retries,
+        ),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 

@@ -61,6 +61,10 @@ WORKER_HEARTBEAT_TTL_MS: Final = 4_000
 #: limit a task may run before the scheduler fails it (after the worker's own soft and hard limits).
 WATCHDOG_INTERVAL_S: Final = 0.5
 LOST_WORKER_GRACE_S: Final = 1.5
+#: How long a live worker's heartbeat may leave out a RUNNING attempt it was said to hold before the
+#: watchdog re-dispatches it: a few heartbeat intervals, so a beat written just before the claim (or
+#: before a handed job arrived) never counts.
+UNHELD_GRACE_S: Final = 4 * WORKER_HEARTBEAT_INTERVAL_S
 TIMEOUT_GRACE_S: Final = 3.0
 #: How often the scheduler reads Redis's clock (``TIME``), on which it measures every deadline; between
 #: readings it advances the last one with its monotonic clock.

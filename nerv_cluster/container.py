@@ -60,6 +60,8 @@ class Container(containers.DeclarativeContainer):
         handoffs=handoffs,
     )
     worker_id: providers.Singleton[Any] = providers.Singleton("worker.runner.new_worker_id")
+    #: The attempts this worker process holds (per process: reset after a fork like everything here).
+    held: providers.Singleton[Any] = providers.Singleton("worker.held.HeldAttempts")
     runner: providers.Singleton[Any] = providers.Singleton(
         "worker.runner.TaskRunner",
         log=eventlog,
@@ -68,11 +70,15 @@ class Container(containers.DeclarativeContainer):
         max_result_bytes=settings.provided.max_result_bytes,
         max_redeliveries=settings.provided.max_redeliveries,
         handoffs=handoffs,
+        held=held,
     )
     heartbeat: providers.Singleton[Any] = providers.Singleton(
         "worker.heartbeat.Heartbeat",
         redis,
         key=providers.Callable(lambda k, w: k.heartbeat(w), keys, worker_id),
+        held=held.provided.snapshot,
+        workers_key=keys.provided.workers,
+        worker_id=worker_id,
     )
 
 

@@ -250,13 +250,26 @@ class EventLog:
         )
         return [bool(x) for x in handed]
 
-    def start_attempts(self, events: Sequence[Event], worker_id: str, max_takeovers: int) -> list[str]:
+    def start_attempts(
+        self,
+        events: Sequence[Event],
+        worker_id: str,
+        max_takeovers: int,
+        outcomes: Sequence[Event] = (),
+    ) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
         ``'ok'`` (run it), ``'done'``, ``'busy'`` or ``'poison'`` (``max_takeovers`` holders died).
+
+        ``outcomes``: outcome events of earlier attempts, recorded first in the same round trip (each
+        once, like :meth:`finish_attempts`).
         """
         k = self.keys
         keys: list[str] = []
         args: list[Any] = []
+        for ev in outcomes:
+            assert ev.task_id is not None and ev.attempt is not None
+            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]
@@ -267,6 +280,7 @@ class EventLog:
             heartbeat_prefix=k.heartbeat_prefix,
             feed_maxlen=constants.FEED_MAXLEN,
             max_takeovers=max_takeovers,
+            n_outcomes=len(outcomes),
             tail_keys=keys,
             tail_args=args,
         )

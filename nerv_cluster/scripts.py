@@ -133,12 +133,13 @@ class FencedAppend(LuaScript):
 
 
 class Start(LuaScript):
-    """Claim attempts before running them, recording TASK_STARTED for each this worker may run; one
-    verdict per attempt: ``ok``, ``done``, ``busy`` or ``poison``."""
+    """Record the outcomes of earlier attempts (each once), then claim attempts before running them,
+    recording TASK_STARTED for each this worker may run; one verdict per attempt: ``ok``, ``done``,
+    ``busy`` or ``poison``."""
 
     name = "start"
     keys = ("feed",)
-    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers")
+    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers", "n_outcomes")
 
     def __call__(
         self,
@@ -148,12 +149,12 @@ class Start(LuaScript):
         heartbeat_prefix: str,
         feed_maxlen: int,
         max_takeovers: int,
+        n_outcomes: int,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        return list(
-            self._run([feed], [worker, heartbeat_prefix, feed_maxlen, max_takeovers], tail_keys, tail_args)
-        )
+        fixed = [worker, heartbeat_prefix, feed_maxlen, max_takeovers, n_outcomes]
+        return list(self._run([feed], fixed, tail_keys, tail_args))
 
 
 class Finish(LuaScript):

@@ -57,6 +57,9 @@ class Settings:
     #: Log entries a run gains before the scheduler checkpoints it (0: never); a new leader decodes the
     #: checkpoint and replays only what came after it.
     checkpoint_events: int = constants.DEFAULT_CHECKPOINT_EVENTS
+    #: Retries of a Redis command on connection errors (exponential backoff capped at 1 s) before the
+    #: error reaches the caller: how long a process rides out a Redis outage.
+    redis_retries: int = constants.REDIS_RETRIES
     #: Port of the scheduler's Prometheus ``/metrics`` (0: not served).
     metrics_port: int = 9808
     #: Seconds a scheduler leader's loop may go without completing a step before it lets its lease lapse.

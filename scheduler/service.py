@@ -135,9 +135,9 @@ class SchedulerService:
     def resend_in_flight(self, why: str) -> None:
         """Send every dispatched-but-not-started job again.
 
-        Used when messages may be lost or hostage: a worker died holding prefetched jobs (kombu keeps
-        them until the visibility timeout), or Redis restarted under workers that had reserved some.
-        Copies are harmless: a worker claims an attempt once and drops copies at once.
+        Used when Redis restarted under workers that had reserved some (a dead worker's prefetched
+        jobs are resent per queue: :meth:`scheduler.watchdog.Watchdog.lost_consumers`). Copies are
+        harmless: a worker claims an attempt once and drops copies at once.
         """
         jobs = takeover.in_flight_jobs(self.state)
         if jobs:
@@ -205,10 +205,8 @@ class SchedulerService:
             self._touched.update(ev.run_id for ev in events)
         if self.watchdog.redis_restarted():
             self.resend_in_flight("Redis restarted")
-        elif any(v.lost for v in verdicts):
-            self.resend_in_flight(
-                "a worker was lost (its prefetched jobs are held until the visibility timeout)"
-            )
+        else:  # a dead consumer's prefetched jobs wait for the visibility timeout: resend its queues'
+            self.outbox.add(self.watchdog.lost_consumers(self.state, now))
 
     def act(self) -> None:
         """Decide for every touched run until nothing more follows; write, fold back, dispatch."""

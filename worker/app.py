@@ -10,6 +10,7 @@ import functools
 import importlib
 import json
 import logging
+import multiprocessing
 import os
 import threading
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ from celery.signals import (
     worker_process_init,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 
 from nerv_cluster import constants
@@ -37,6 +39,26 @@ from worker.runner import TaskRunner
 log = logging.getLogger("nerv.worker")
 
 
+class ShutdownFlag:
+    """Set once the worker began a warm shutdown; read by every process of the worker.
+
+    Celery's ``worker_shutting_down`` fires in the main process only, while prefork pool children run
+    the tasks: the flag is a byte of shared memory made before the pool forks, so the children see the
+    parent set it (a thread pool shares the process anyway).
+    """
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.RawValue("b", 0)
+
+    def set(self) -> None:
+        """Shutdown began."""
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        """True once shutdown began."""
+        return bool(self._value.value)
+
+
 class WorkerRuntime:
     """The per-process parts of a worker (Redis client, runner, heartbeat), rebuilt after a fork."""
 
@@ -45,8 +67,7 @@ class WorkerRuntime:
         self._pid = -1
         self._lock = threading.Lock()
 
-    def runner(self) -> TaskRunner:
-        """This process's runner, its heartbeat beating."""
+    def _ensure(self) -> None:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
@@ -54,11 +75,21 @@ class WorkerRuntime:
                     self.container.reset_singletons()
                     self.container.heartbeat().start()
                     self._pid = os.getpid()
+
+    def runner(self) -> TaskRunner:
+        """This process's runner, its heartbeat beating."""
+        self._ensure()
         runner: TaskRunner = self.container.runner()
         return runner
 
+    def register(self, queues: list[str], node: str) -> None:
+        """This process consumes messages from ``queues`` (it holds the prefetched ones): register it
+        in the workers hash with its heartbeat, so the scheduler resends its queued jobs if it dies."""
+        self._ensure()
+        self.container.heartbeat().register(queues, node)
+
     def stop(self) -> None:
-        """Stop the heartbeat of this process (if it ran tasks)."""
+        """Stop the heartbeat of this process (if it ran tasks) and deregister it."""
         if self._pid == os.getpid():
             self.container.heartbeat().stop()
 
@@ -214,6 +245,8 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
     container = container_for(settings)
     import_modules(settings.worker_modules if modules is None else modules)
     app: Celery = container.celery()
+    shutdown = ShutdownFlag()  # before any pool forks: the children share it
+    container.runner.add_kwargs(stopping=shutdown.is_set)
     runtime = WorkerRuntime(container)
     registry = container.registry()
     events = HandoffEvents(app) if settings.task_events else None
@@ -239,12 +272,16 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
         if controller is not None:
             queues = list(app.amqp.queues.consume_from)
             beacon.start(str(controller.hostname), queues, int(controller.concurrency))
+            runtime.register(queues, str(controller.hostname))
 
     beacon = CapacityBeacon(container.eventlog(), {tf.name: tf.queue for tf in registry})
 
     def on_shutdown(**_: Any) -> None:
         beacon.stop()
         runtime.stop()
+
+    def on_shutting_down(**_: Any) -> None:
+        shutdown.set()
 
     def on_unknown(sender: Any = None, message: Any = None, name: str = "", **_: Any) -> None:
         _on_unknown(runtime, message, name)
@@ -260,6 +297,7 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
     after_setup_logger.connect(on_logging, weak=False)
     worker_process_init.connect(on_process_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     task_unknown.connect(on_unknown, weak=False)
     return app

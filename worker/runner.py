@@ -29,14 +29,12 @@ from nerv_cluster.errors import (
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.failures import failure_outcome
 from nerv_cluster.handoff import Handoffs
-from nerv_cluster.jobs import Job
+from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
+from worker.held import HeldAttempts
 
 log = logging.getLogger("nerv.worker")
-
-#: Longest a batch holds finished outcomes before recording them (downstream tasks wait for them).
-BATCH_FLUSH_S = 0.02
 
 
 def new_worker_id() -> str:
@@ -55,6 +53,8 @@ class TaskRunner:
         max_result_bytes: int,
         max_redeliveries: int,
         handoffs: Handoffs | None = None,
+        held: HeldAttempts | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.log = log
         self.handoffs = handoffs
@@ -62,26 +62,46 @@ class TaskRunner:
         self.worker_id = worker_id
         self.max_result_bytes = max_result_bytes
         self.max_redeliveries = max_redeliveries
+        #: The attempts this process holds (the heartbeat publishes them).
+        self.held = held if held is not None else HeldAttempts()
+        #: True once the worker began a warm shutdown: serve no more hand-offs.
+        self.stopping = stopping or (lambda: False)
 
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
 
-    def claim(self, jobs: Sequence[Job], via: str = "") -> list[Job]:
+    def claim(self, jobs: Sequence[Job], via: str = "", outcomes: Sequence[Event] = ()) -> list[Job]:
         """Record TASK_STARTED for the attempts that did not run yet and are not running elsewhere; return
-        the jobs to run (one round trip for a whole batch).
+        the jobs to run (one round trip, which first records ``outcomes``, the finished jobs before).
 
-        A copy of a job whose attempt another live process holds is dropped at once: if that process
-        dies, the scheduler's watchdog sees its heartbeat go and dispatches a new attempt. A copy that
-        finds the holder already dead takes over; when that happened too often, the attempt fails
-        instead of killing another process.
+        A copy of an attempt this very process holds already (a redelivery or a resend reaching a thread
+        pool, whose threads share one worker id) is dropped before Redis is asked. A copy of a job whose
+        attempt another live process holds is dropped at once: if that process dies, the scheduler's
+        watchdog sees its heartbeat go and dispatches a new attempt. A copy that finds the holder
+        already dead takes over; when that happened too often, the attempt fails instead of killing
+        another process. The jobs returned are held (``self.held``) until their outcome is recorded.
         """
-        started = [self._event(EventType.TASK_STARTED, job, self._where(job, via)) for job in jobs]
-        verdicts = self.log.start_attempts(started, self.worker_id, self.max_redeliveries)
-        runnable, poisoned = [], []
-        for job, verdict in zip(jobs, verdicts, strict=True):
+        mine = []
+        for job in jobs:
+            if self.held.acquire(job.id):
+                mine.append(job)
+            else:
+                log.info("job %s not run: this process runs the attempt already", job.id)
+        if not mine and not outcomes:
+            return []
+        started = [self._event(EventType.TASK_STARTED, job, self._where(job, via)) for job in mine]
+        try:
+            verdicts = self.log.start_attempts(started, self.worker_id, self.max_redeliveries, outcomes)
+        except BaseException:
+            self.held.release(job.id for job in mine)
+            raise
+        runnable, poisoned, dropped = [], [], []
+        for job, verdict in zip(mine, verdicts, strict=True):
             if verdict == "ok":
                 runnable.append(job)
-            elif verdict == "poison":
+                continue
+            dropped.append(job.id)
+            if verdict == "poison":
                 lost = WorkerLostError(
                     f"the worker process running task {job.task_id!r} died {self.max_redeliveries} times "
                     "before it could finish (a poison task?); not running it again"
@@ -90,6 +110,7 @@ class TaskRunner:
             else:
                 why = "already has an outcome" if verdict == "done" else "is held by a live worker"
                 log.info("job %s not run: the attempt %s", job.id, why)
+        self.held.release(dropped)
         self.log.finish_attempts(poisoned)
         return runnable
 
@@ -103,10 +124,12 @@ class TaskRunner:
         success was recorded: then a dependent on this queue is ready and coming. ``on_handed`` is
         called with each handed job and its outcome, once the outcome is recorded. ``via``: the id of
         the Celery message being served, which the attempts record (cancelling a run revokes it).
+        Once the worker began a warm shutdown (``stopping``), it waits for no more hand-offs: the
+        scheduler sends the rest of the chain through Celery, to another worker.
         """
         batch, claimed, ran = list(jobs), False, 0
         while batch:
-            waits = self.handoffs is not None and len(batch) == 1 and batch[0].handoff
+            waits = self.handoffs is not None and len(batch) == 1 and batch[0].handoff and not self.stopping()
             outcomes, waiting = self._run(batch, claimed, waits, via)
             ran += len(outcomes)
             if claimed and on_handed is not None:
@@ -117,6 +140,8 @@ class TaskRunner:
             assert self.handoffs is not None
             handed = self.handoffs.take(self.worker_id, constants.HANDOFF_WAIT_S)
             # A handed job is claimed for this process already (fenced_append.lua).
+            if handed is not None:
+                self.held.add(handed.id)
             batch, claimed = ([handed], True) if handed is not None else ([], False)
         return ran
 
@@ -128,8 +153,9 @@ class TaskRunner:
     def run_batch(self, jobs: Sequence[Job]) -> list[EventType]:
         """Run jobs one after the other (a batch the scheduler packed into one message).
 
-        Outcomes are recorded together, but never held back longer than ``BATCH_FLUSH_S``: downstream
-        tasks wait for them.
+        Each job is claimed when it starts, in the round trip that records the outcome of the job
+        before it: a job that kills its process counts a lost worker against itself only, and its
+        time limit counts from its own start.
         """
         return [ev.type for ev in self._run(jobs, claimed=False, wait=False)[0]]
 
@@ -141,21 +167,32 @@ class TaskRunner:
         return {"worker": self.worker_id}
 
     def _run(self, jobs: Sequence[Job], claimed: bool, wait: bool, via: str = "") -> tuple[list[Event], bool]:
-        """Claim (unless ``claimed``) and run ``jobs``; with ``wait``, a COMPLETED last outcome says this
-        process waits for a hand-off. Returns the outcomes and whether the process now waits."""
-        pending: list[Event] = []
-        flushed = time.monotonic()
-        outcomes = []
-        for job in jobs if claimed else self.claim(jobs, via):
-            outcome = self.execute(job, wait, via)
-            outcomes.append(outcome)
-            pending.append(outcome)
-            if time.monotonic() - flushed >= BATCH_FLUSH_S:
-                self.log.finish_attempts(pending)
-                pending, flushed = [], time.monotonic()
-        waits = wait and bool(pending) and pending[-1].type is EventType.TASK_COMPLETED
-        recorded = self.log.finish_attempts(pending, self.worker_id if waits else "")
-        return outcomes, waits and bool(recorded) and recorded[-1]
+        """Claim (unless ``claimed``) and run ``jobs``, each claimed as it starts; with ``wait``, a
+        COMPLETED last outcome says this process waits for a hand-off. Returns the outcomes and whether
+        the process now waits.
+
+        Every attempt run here is held until its outcome is recorded; when recording fails (Redis away
+        past the retry budget) it is given up all the same: the process no longer holds it, and the
+        scheduler's watchdog, missing it from the heartbeat, dispatches a new attempt.
+        """
+        pending: list[Event] = []  # outcomes not recorded yet (their attempts still held)
+        outcomes: list[Event] = []
+        try:
+            for job in jobs:
+                if not claimed:
+                    runnable = self.claim([job], via, pending)
+                    self.held.release(_ids(pending))  # recorded by the claim's round trip
+                    pending = []
+                    if not runnable:
+                        continue
+                outcome = self.execute(job, wait, via)
+                outcomes.append(outcome)
+                pending.append(outcome)
+            waits = wait and bool(pending) and pending[-1].type is EventType.TASK_COMPLETED
+            recorded = self.log.finish_attempts(pending, self.worker_id if waits else "")
+            return outcomes, waits and bool(recorded) and recorded[-1]
+        finally:
+            self.held.release(_ids(pending))
 
     def execute(self, job: Job, waiting: bool = False, via: str = "") -> Event:
         """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded.
@@ -209,3 +246,8 @@ class TaskRunner:
         data.update(worker=self.worker_id, started_at=started)
         log.info("job %s %s: %s", job.id, kind.value, error)
         return self._event(kind, job, data)
+
+
+def _ids(events: Sequence[Event]) -> list[str]:
+    """The job ids of attempts' events."""
+    return [job_id(ev.run_id, str(ev.task_id), int(ev.attempt or 0)) for ev in events]

@@ -1,13 +1,30 @@
 -- A worker claims attempts before running them, and records TASK_STARTED for each it may run.
+-- First it records the outcomes of the attempts it ran before (as finish.lua does, each once): a packed
+-- batch claims each job when it starts, and the same round trip carries the outcomes of the jobs
+-- before it, so a job costs one round trip and a batch never holds claims on jobs it has not started.
 -- Per attempt the verdict is 'done' when it already has an outcome (a redelivery, or superseded: do not
 -- run it), 'busy' when another live worker process holds it, 'poison' when processes holding it died
 -- too often (the caller records the failure), 'ok' when this worker may run it.
--- Fixed keys and arguments: see nerv_cluster/scripts.py (Start); the tail: per attempt, keys run log,
--- outcomes hash, claims hash, arguments field (task:attempt), channel, TASK_STARTED event JSON.
+-- Fixed keys and arguments: see nerv_cluster/scripts.py (Start). The tail: keys per outcome run log,
+-- outcomes hash, then per attempt run log, outcomes hash, claims hash; arguments per outcome field
+-- (task:attempt), outcome (event type), channel, event JSON, then per attempt field, channel,
+-- TASK_STARTED event JSON.
+local n = tonumber(n_outcomes)
+for i = 0, n - 1 do
+  local log, outcomes = KEYS[NKEYS + 1 + 2 * i], KEYS[NKEYS + 2 + 2 * i]
+  local a = NARGV + 1 + 4 * i
+  local field, outcome, chan, event = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if redis.call('HSETNX', outcomes, field, outcome) == 1 then
+    redis.call('XADD', log, '*', 'e', event)
+    redis.call('XADD', feed, 'MAXLEN', '~', feed_maxlen, '*', 'e', event)
+    redis.call('PUBLISH', chan, event)
+  end
+end
+local kbase, abase = NKEYS + 2 * n, NARGV + 4 * n
 local verdicts = {}
-for i = 0, (#ARGV - NARGV) / 3 - 1 do
-  local log, outcomes, claims = KEYS[NKEYS + 1 + 3 * i], KEYS[NKEYS + 2 + 3 * i], KEYS[NKEYS + 3 + 3 * i]
-  local a = NARGV + 1 + 3 * i
+for i = 0, (#ARGV - abase) / 3 - 1 do
+  local log, outcomes, claims = KEYS[kbase + 1 + 3 * i], KEYS[kbase + 2 + 3 * i], KEYS[kbase + 3 + 3 * i]
+  local a = abase + 1 + 3 * i
   local field, chan, event = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local verdict = 'ok'
   if redis.call('HEXISTS', outcomes, field) == 1 then

@@ -169,3 +169,14 @@ def suicide_once(ctx: TaskContext, value: int) -> int:
 def blob(size: int) -> str:
     """A result of ``size`` characters (for the job-size bound)."""
     return "b" * size
+
+
+@task(queue="cpu")
+def maybe_suicide(ctx: TaskContext, die: bool, seconds: float = 0.0) -> str:
+    """Count, sleep, then kill the process running it if told to (every time: a poison element of a
+    fan-out of one function); else return ``ok``."""
+    _count(ctx)
+    time.sleep(seconds)
+    if die:
+        os.kill(os.getpid(), 9)
+    return "ok"

@@ -187,7 +187,9 @@ def test_workers_on_three_hosts_share_a_run_and_a_cut_host_loses_nothing(many_ho
     )
     assert all(after[h.hostname] > 0 for h in m.hosts.hosts if h is not victim), after
     scheduler_log = c.procs[0].log_text()
-    assert "a worker was lost" in scheduler_log, "the jobs the cut host had prefetched must be re-sent"
+    assert "lost with their prefetched messages" in scheduler_log, (
+        "the jobs the cut host had prefetched must be re-sent"
+    )
 
     c.kill(m.workers[victim.hostname])  # the unreachable host: no warm shutdown
 

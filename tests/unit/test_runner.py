@@ -1,0 +1,121 @@
+"""``worker.runner.TaskRunner`` against an in-memory event log: when attempts are claimed, recorded,
+held and given up (no Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType
+from nerv_cluster.registry import Registry, task
+from worker.held import HeldAttempts
+from worker.runner import TaskRunner
+
+REG = Registry()
+
+
+class FakeLog:
+    """Records every call the runner makes; claims say 'ok' unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], list[str]]] = []
+        self.verdicts: dict[str, str] = {}
+        self.fail_finish = False
+
+    def start_attempts(
+        self, events: Sequence[Event], worker_id: str, max_takeovers: int, outcomes: Sequence[Event] = ()
+    ) -> list[str]:
+        self.calls.append(("start", [e.task_id or "" for e in events], [o.task_id or "" for o in outcomes]))
+        return [self.verdicts.get(e.task_id or "", "ok") for e in events]
+
+    def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
+        if events:
+            self.calls.append(("finish", [], [e.task_id or "" for e in events]))
+        if self.fail_finish and events:
+            raise ConnectionError("redis is away")
+        return [True] * len(events)
+
+
+@task(name="u.noop", registry=REG)
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def _runner(log: FakeLog, held: HeldAttempts | None = None, **kw: Any) -> TaskRunner:
+    return TaskRunner(log, REG, "w1", 1 << 20, 3, held=held, **kw)  # type: ignore[arg-type]
+
+
+def _job(tid: str, attempt: int = 1) -> Job:
+    return Job("r", tid, attempt, "u.noop", [tid], {})
+
+
+def test_a_packed_batch_claims_each_job_as_it_starts_with_the_outcomes_before_it():
+    log = FakeLog()
+    outcomes = _runner(log).run_batch([_job("a"), _job("b"), _job("c")])
+    assert outcomes == [EventType.TASK_COMPLETED] * 3
+    assert log.calls == [
+        ("start", ["a"], []),
+        ("start", ["b"], ["a"]),  # one round trip: a's outcome recorded, b claimed
+        ("start", ["c"], ["b"]),
+        ("finish", [], ["c"]),
+    ]
+
+
+def test_a_refused_claim_is_skipped_and_the_batch_goes_on():
+    log = FakeLog()
+    log.verdicts = {"b": "done"}
+    held = HeldAttempts()
+    assert _runner(log, held).run_batch([_job("a"), _job("b"), _job("c")]) == [EventType.TASK_COMPLETED] * 2
+    assert log.calls[-1] == ("finish", [], ["c"])
+    assert held.snapshot() == [], "nothing stays held once the batch is over"
+
+
+def test_a_copy_of_an_attempt_this_process_holds_is_refused_without_asking_redis():
+    log = FakeLog()
+    held = HeldAttempts()
+    held.acquire(_job("a").id)  # another thread of this process runs it
+    assert _runner(log, held).run(_job("a")) is None
+    assert log.calls == []
+    assert held.snapshot() == [_job("a").id], "the first copy still holds it"
+
+
+def test_an_attempt_whose_outcome_cannot_be_recorded_is_given_up():
+    log = FakeLog()
+    log.fail_finish = True
+    held = HeldAttempts()
+    with pytest.raises(ConnectionError):
+        _runner(log, held).run(_job("a"))
+    assert held.snapshot() == [], "a process that could not record the outcome no longer holds it"
+
+
+def test_jobs_are_held_while_they_run():
+    seen: list[list[str]] = []
+    held = HeldAttempts()
+
+    @task(name="u.peek", registry=REG)
+    def peek() -> None:
+        seen.append(held.snapshot())
+
+    log = FakeLog()
+    _runner(log, held).run_batch([Job("r", "p1", 1, "u.peek", [], {}), Job("r", "p2", 1, "u.peek", [], {})])
+    assert seen == [["r:p1:1"], ["r:p2:1"]], "a batch holds only the job it runs (the one before is recorded)"
+
+
+def test_no_handoff_wait_once_shutdown_began():
+    class Handoffs:
+        taken = 0
+
+        def take(self, worker_id: str, timeout: float) -> None:
+            Handoffs.taken += 1
+
+    log = FakeLog()
+    job = Job("r", "a", 1, "u.noop", [], {}, handoff=True)
+    runner = _runner(log, handoffs=Handoffs(), stopping=lambda: True)  # type: ignore[arg-type]
+    assert runner.serve([job]) == 1
+    assert Handoffs.taken == 0
+    runner = _runner(log, handoffs=Handoffs(), stopping=lambda: False)  # type: ignore[arg-type]
+    assert runner.serve([job]) == 1
+    assert Handoffs.taken == 1
