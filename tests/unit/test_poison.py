@@ -12,7 +12,7 @@ import pytest
 from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.errors import MalformedEventError, UnknownEventTypeError
-from nerv_cluster.eventlog import _decode
+from nerv_cluster.eventlog import _WARNED, _decode
 from nerv_cluster.model import Event, EventType, RunStatus, TaskStatus
 from scheduler.decisions import Decisions, Limits, decide, decide_isolated
 from tests.unit.helpers import completes, diamond, ev, submitted, td, wdef
