@@ -71,6 +71,7 @@ def test_decoding_skips_bad_entries_and_warns_once_per_entry(caplog: pytest.LogC
         ("3-0", {"x": "no event field"}),
         ("4-0", {"e": unknown}),
     ]
+    _WARNED.clear()  # entries earlier tests of this process warned about are not warned about again
     with caplog.at_level(logging.WARNING, logger="nerv.eventlog"):
         first = _decode(entries)
         again = _decode(entries)  # a refold reads them all again
