@@ -92,6 +92,10 @@ class CircuitOpenError(NervError):
     """The task function's circuit breaker is open: the attempt failed fast without running."""
 
 
+class DispatchError(NervError):
+    """The broker refused a job's message (not a lost connection: it answered no); its task fails."""
+
+
 class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""
 

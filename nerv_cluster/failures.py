@@ -1,6 +1,6 @@
 """What a failed attempt leads to: another attempt after a delay (TASK_RETRYING) or TASK_FAILED.
 
-One pure function, used by workers (the task raised) and by the scheduler (the task timed out, or its
+Pure functions, used by workers (the task raised) and by the scheduler (the task timed out, or its
 worker was lost too often), so a retry policy means the same thing wherever the failure is seen.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from nerv_cluster.model import EventType, RetryPolicy, TaskError
+from nerv_cluster.jobs import Job
+from nerv_cluster.model import Event, EventType, RetryPolicy, TaskError
 
 
 def failure_outcome(
@@ -30,3 +31,17 @@ def failure_outcome(
         data.update(next_attempt=attempt + 1, delay=delay, due_at=now + delay)
         return EventType.TASK_RETRYING, data
     return EventType.TASK_FAILED, data
+
+
+def job_failed(job: Job, error: TaskError, reason: str, now: float, source: str) -> Event:
+    """TASK_FAILED for a job the scheduler gives up on before any worker ran it (it cannot be sent, or
+    is over a bound), with the error and a short reason."""
+    return Event(
+        EventType.TASK_FAILED,
+        job.run_id,
+        job.task_id,
+        job.attempt,
+        {"error": error.to_dict(), "reason": reason},
+        ts=now,
+        source=source,
+    )

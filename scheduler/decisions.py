@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from nerv_cluster import constants
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
-from nerv_cluster.failures import failure_outcome
+from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
 from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
@@ -113,7 +113,7 @@ def _over_bounds(run: RunState, limits: Limits) -> str:
     return ""
 
 
-def _too_large(run: RunState, job: Job, size: int, limit: int, now: float, source: str) -> Event:
+def _too_large(job: Job, size: int, limit: int, now: float, source: str) -> Event:
     """TASK_FAILED for a job whose message would be over the job bound (it is not sent)."""
     error = TaskError.from_exception(
         PayloadTooLargeError(
@@ -121,15 +121,7 @@ def _too_large(run: RunState, job: Job, size: int, limit: int, now: float, sourc
             f"limit is {limit} (NERV_MAX_JOB_BYTES): pass references to large data, not the data"
         )
     )
-    return Event(
-        EventType.TASK_FAILED,
-        run.run_id,
-        job.task_id,
-        job.attempt,
-        {"error": error.to_dict(), "reason": "job too large"},
-        ts=now,
-        source=source,
-    )
+    return job_failed(job, error, "job too large", now, source)
 
 
 def _small(value: object) -> bool:
@@ -282,7 +274,7 @@ def decide(
             if _may_be_too_large(run, td.dependencies, limits):
                 size = job_size(job)
                 if size > limits.max_job_bytes:
-                    out.events.append(_too_large(run, job, size, limits.max_job_bytes, now, source))
+                    out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
                     continue
             out.events.append(
                 Event(

@@ -13,10 +13,12 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from nerv_cluster import constants
+from nerv_cluster.errors import DispatchError
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.failures import job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job
-from nerv_cluster.model import Event, EventType, TaskError
+from nerv_cluster.model import Event, TaskError
 
 #: Errors that mean the broker could not be reached (the messages may not be at fault).
 _CONNECTION_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError, OperationalError)
@@ -78,25 +80,12 @@ Unsendable = tuple[list[Job], str, str]
 def unsendable_events(unsendable: Sequence[Unsendable], now: float, source: str) -> list[Event]:
     """TASK_FAILED for every job of messages the broker refused (not a lost connection: the broker
     answered no), so those tasks fail with the reason instead of blocking dispatch for everyone."""
-    events = []
+    events: list[Event] = []
     for jobs, queue, why in unsendable:
-        error = TaskError(
-            type="DispatchError",
-            message=f"the broker refused the job's message on queue {queue!r}: {why}",
-            types=("DispatchError", "NervError", "Exception"),
+        error = TaskError.from_exception(
+            DispatchError(f"the broker refused the job's message on queue {queue!r}: {why}")
         )
-        for job in jobs:
-            events.append(
-                Event(
-                    EventType.TASK_FAILED,
-                    job.run_id,
-                    job.task_id,
-                    job.attempt,
-                    {"error": error.to_dict(), "reason": "job could not be sent"},
-                    ts=now,
-                    source=source,
-                )
-            )
+        events.extend(job_failed(job, error, "job could not be sent", now, source) for job in jobs)
     return events
 
 
