@@ -21,7 +21,7 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 1
+FORMAT = 2
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")

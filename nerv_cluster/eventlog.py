@@ -256,12 +256,15 @@ class EventLog:
         worker_id: str,
         max_takeovers: int,
         outcomes: Sequence[Event] = (),
+        batch: bool = False,
     ) -> list[str]:
         """Claim the attempts named by TASK_STARTED events, in one round trip; a verdict per event:
         ``'ok'`` (run it), ``'done'``, ``'busy'`` or ``'poison'`` (``max_takeovers`` holders died).
 
         ``outcomes``: outcome events of earlier attempts, recorded first in the same round trip (each
-        once, like :meth:`finish_attempts`).
+        once, like :meth:`finish_attempts`). ``batch``: the attempts are a packed batch claimed as a
+        whole before any of them runs; an attempt whose holder died then gets ``'strict'`` (claim it
+        alone, right before running it), see ``start.lua``.
         """
         k = self.keys
         keys: list[str] = []
@@ -281,6 +284,7 @@ class EventLog:
             feed_maxlen=constants.FEED_MAXLEN,
             max_takeovers=max_takeovers,
             n_outcomes=len(outcomes),
+            batch=batch,
             tail_keys=keys,
             tail_args=args,
         )

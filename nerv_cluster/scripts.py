@@ -135,11 +135,12 @@ class FencedAppend(LuaScript):
 class Start(LuaScript):
     """Record the outcomes of earlier attempts (each once), then claim attempts before running them,
     recording TASK_STARTED for each this worker may run; one verdict per attempt: ``ok``, ``done``,
-    ``busy`` or ``poison``."""
+    ``busy``, ``poison``, or with ``batch`` (a packed batch claimed as a whole) ``strict``: claim this
+    one alone before it runs."""
 
     name = "start"
     keys = ("feed",)
-    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers", "n_outcomes")
+    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers", "n_outcomes", "batch")
 
     def __call__(
         self,
@@ -150,10 +151,11 @@ class Start(LuaScript):
         feed_maxlen: int,
         max_takeovers: int,
         n_outcomes: int,
+        batch: bool,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        fixed = [worker, heartbeat_prefix, feed_maxlen, max_takeovers, n_outcomes]
+        fixed = [worker, heartbeat_prefix, feed_maxlen, max_takeovers, n_outcomes, "1" if batch else ""]
         return list(self._run([feed], fixed, tail_keys, tail_args))
 
 

@@ -114,6 +114,10 @@ class TaskState(NamedTuple):
     #: The Celery message the attempt runs in when that is not its own (a later job of a packed batch,
     #: a handed job): cancelling the run revokes that message.
     via: str | None = None
+    #: The attempt was claimed together with the other jobs of its packed batch, before any of them
+    #: ran (``start.lua`` in batch mode): a process lost then may never have started it, so the loss
+    #: is not counted against it (its next attempt runs alone, claimed as it starts).
+    batch: bool = False
 
 
 class RunState(NamedTuple):
@@ -346,11 +350,23 @@ def _started(run: RunState, ev: Event) -> RunState:
         # Another process took the attempt over (its first worker died); idempotent for a replay.
         if worker == ts.worker or at <= (ts.started_at or 0):
             return run
-        # The first process was lost: that counts towards the poison-task bound like a re-dispatch.
-        new = ts._replace(worker=worker, started_at=at, lost=ts.lost + 1, via=ev.data.get("via"))
+        # The first process was lost: that counts towards the poison-task bound like a re-dispatch,
+        # unless it held the attempt only as part of a batch claim (it may never have started it).
+        new = ts._replace(
+            worker=worker,
+            started_at=at,
+            lost=ts.lost + (0 if ts.batch else 1),
+            via=ev.data.get("via"),
+            batch=bool(ev.data.get("batch")),
+        )
         return _put(run, tid, ts, new)
     new = ts._replace(
-        status=TaskStatus.RUNNING, dispatched=True, started_at=at, worker=worker, via=ev.data.get("via")
+        status=TaskStatus.RUNNING,
+        dispatched=True,
+        started_at=at,
+        worker=worker,
+        via=ev.data.get("via"),
+        batch=bool(ev.data.get("batch")),
     )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
@@ -400,7 +416,9 @@ def _again(run: RunState, ev: Event) -> RunState:
     err = ev.data.get("error")
     new = ts._replace(
         status=TaskStatus.READY,
-        lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING else 0),
+        # A lost worker counts towards the poison bound, unless the verdict says it does not (the
+        # attempt was only claimed in a batch: see TaskState.batch).
+        lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING and ev.data.get("counted", True) else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
         dispatched=False,
         due_at=_due_at(ev),

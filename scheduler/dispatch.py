@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -27,18 +27,24 @@ _CONNECTION_ERRORS = (OSError, redis.ConnectionError, redis.TimeoutError, Operat
 HARD_LIMIT_GRACE = 2.0
 
 
-def pack(jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int]) -> list[tuple[list[Job], str]]:
+def pack(
+    jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int], limited: Collection[str] = ()
+) -> list[tuple[list[Job], str]]:
     """Group jobs into Celery messages: one message can carry several jobs of one function of one run.
 
     Packing pays when many jobs are ready at once (a fan-out): one message and two Redis round trips
     per batch instead of per job. It never starves a slot: a queue keeps at least ``BATCHES_PER_SLOT``
-    messages per worker slot, and with no known capacity, or jobs with a time limit (Celery enforces
-    limits per message), every job travels alone.
+    messages per worker slot, and with no known capacity every job travels alone. So does a job with a
+    time limit, its own or its queue's (a queue in ``limited``): Celery enforces limits per message, and
+    a worker claims a batch before running it, so a packed job's limit would count from the batch's
+    start. And so does a later attempt: a batch is claimed as a whole, and a worker lost then is not
+    counted against any of its jobs (any of them may have killed it); alone, the next attempt's loss
+    is its own.
     """
     groups: dict[tuple[str, str, str], list[Job]] = {}
     out: list[tuple[list[Job], str]] = []
     for job, queue in jobs:
-        if job.timeout:
+        if job.timeout or job.attempt > 1 or queue in limited:
             out.append(([job], queue))
         else:
             groups.setdefault((job.run_id, job.fn, queue), []).append(job)
@@ -171,8 +177,11 @@ class Outbox:
         eventlog: EventLog,
         dispatcher: Dispatcher,
         on_sent: Callable[[Sequence[tuple[Job, str]]], None],
+        limited: Collection[str] = (),
     ) -> None:
         self.log = eventlog
+        #: Queues with a default time limit: their jobs are never packed (see :func:`pack`).
+        self.limited = frozenset(limited)
         self.dispatcher = dispatcher
         self.on_sent = on_sent
         #: Worker slots per queue, refreshed by the loop's sweep (it decides how jobs are packed).
@@ -212,7 +221,7 @@ class Outbox:
         self._held_since = None
         jobs, self._jobs = self._jobs, []
         try:
-            refused = self.dispatcher.send(pack(jobs, self.capacity))
+            refused = self.dispatcher.send(pack(jobs, self.capacity, self.limited))
         except Exception:
             # Already recorded as DISPATCHED: keep them and send again.
             self._jobs = jobs + self._jobs

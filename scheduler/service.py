@@ -40,7 +40,7 @@ from scheduler.handoff_match import HandoffMatcher
 from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
 from scheduler.timers import Timers
-from scheduler.watchdog import Watchdog
+from scheduler.watchdog import Watchdog, queue_time_limit
 
 log = logging.getLogger("nerv.scheduler")
 
@@ -73,7 +73,8 @@ class SchedulerService:
         self._touched: set[str] = set()
         self.metrics = SchedulerMetrics()
         self.effects = Effects(log, lease, dispatcher, settings.retention_seconds)
-        self.outbox = Outbox(log, dispatcher, self._sent)
+        limited = [q for q in constants.QUEUES if queue_time_limit(settings, q)]
+        self.outbox = Outbox(log, dispatcher, self._sent, limited)
         self.timers = Timers()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()

@@ -48,7 +48,12 @@ def time_limit(settings: Settings, run: RunState, task_id: str) -> float:
     td = run.defs[task_id]
     if td.timeout:
         return td.timeout
-    return settings.cpu_timeout if td.queue == "cpu" else settings.io_timeout
+    return queue_time_limit(settings, td.queue)
+
+
+def queue_time_limit(settings: Settings, queue: str) -> float:
+    """The default time limit of a queue's tasks (0: none)."""
+    return settings.cpu_timeout if queue == "cpu" else settings.io_timeout
 
 
 def overdue(run: RunState, settings: Settings, now: float, source: str) -> list[Verdict]:
@@ -90,6 +95,23 @@ def lost(run: RunState, task_id: str, settings: Settings, now: float, source: st
     FAILED once it happened too often."""
     ts = run.tasks[task_id]
     why = why or f"worker {ts.worker} was lost while running attempt {ts.attempt}"
+    if ts.batch:
+        # Claimed with its whole packed batch: the process may have died in another job of it. Not
+        # counted; the next attempt travels alone (``pack``), so a loss then is its own.
+        ev = Event(
+            EventType.TASK_PENDING,
+            run.run_id,
+            task_id,
+            ts.attempt,
+            {
+                "next_attempt": ts.attempt + 1,
+                "reason": f"{why} (claimed in a packed batch: not counted, the next attempt runs alone)",
+                "counted": False,
+            },
+            ts=now,
+            source=source,
+        )
+        return Verdict(run.run_id, task_id, ts.attempt, ev, lost=True)
     if ts.lost + 1 >= settings.max_redeliveries:
         error = TaskError.from_exception(
             WorkerLostError(

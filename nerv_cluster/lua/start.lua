@@ -5,6 +5,11 @@
 -- Per attempt the verdict is 'done' when it already has an outcome (a redelivery, or superseded: do not
 -- run it), 'busy' when another live worker process holds it, 'poison' when processes holding it died
 -- too often (the caller records the failure), 'ok' when this worker may run it.
+-- With batch = '1' the attempts are a packed batch claimed together before any of them runs (cheap: one
+-- round trip for the batch); each claim is marked (field#b), since a process lost then may have died in
+-- any job of the batch: taking such an attempt over counts no loss. An attempt whose holder died is not
+-- claimed in a batch ('strict'): the caller claims it alone, right before it runs, so that a loss then
+-- is its own and counted.
 -- Fixed keys and arguments: see nerv_cluster/scripts.py (Start). The tail: keys per outcome run log,
 -- outcomes hash, then per attempt run log, outcomes hash, claims hash; arguments per outcome field
 -- (task:attempt), outcome (event type), channel, event JSON, then per attempt field, channel,
@@ -34,6 +39,11 @@ for i = 0, (#ARGV - abase) / 3 - 1 do
     if holder and holder ~= worker then
       if redis.call('EXISTS', heartbeat_prefix .. holder) == 1 then
         verdict = 'busy'
+      elseif batch == '1' then
+        verdict = 'strict'
+      elseif redis.call('HEXISTS', claims, field .. '#b') == 1 then
+        -- The dead holder had claimed it with its batch, maybe never started it: no loss counted.
+        verdict = 'ok'
       elseif redis.call('HINCRBY', claims, field .. '#lost', 1) >= tonumber(max_takeovers) then
         -- The holders died without an outcome too often.
         verdict = 'poison'
@@ -42,6 +52,11 @@ for i = 0, (#ARGV - abase) / 3 - 1 do
   end
   if verdict == 'ok' then
     redis.call('HSET', claims, field, worker)
+    if batch == '1' then
+      redis.call('HSET', claims, field .. '#b', 1)
+    else
+      redis.call('HDEL', claims, field .. '#b')
+    end
     redis.call('XADD', log, '*', 'e', event)
     redis.call('XADD', feed, 'MAXLEN', '~', feed_maxlen, '*', 'e', event)
     redis.call('PUBLISH', chan, event)

@@ -55,3 +55,15 @@ def test_jobs_are_held_for_packing_only_behind_a_deep_backlog():
     assert deep_backlog({"cpu": 2 * per_slot, "io": 8 * per_slot}, capacity)
     # A queue no worker announced counts as one slot.
     assert deep_backlog({"gpu": per_slot}, capacity)
+
+
+def test_later_attempts_and_jobs_of_queues_with_a_time_limit_travel_alone():
+    # A batch is claimed as a whole, so a loss of its worker is counted against none of its jobs: a
+    # later attempt travels alone, where a loss is its own. And a packed job's time limit would count
+    # from the batch's claim: jobs of a queue with a default limit travel alone too.
+    retried = [(Job("r", f"t{i}", 2, "m.f", [], {}), "cpu") for i in range(40)]
+    assert {len(m) for m, _ in pack(retried, {"cpu": 1})} == {1}
+    first = [(_job("r", i), "cpu") for i in range(40)]
+    assert max(len(m) for m, _ in pack(first, {"cpu": 1})) > 1
+    assert {len(m) for m, _ in pack(first, {"cpu": 1}, limited={"cpu"})} == {1}
+    assert max(len(m) for m, _ in pack(first, {"cpu": 1}, limited={"io"})) > 1

@@ -145,3 +145,29 @@ def test_consumers_are_lost_after_the_grace_and_only_when_registered():
 def test_redis_retries_is_a_setting():
     assert Settings.from_env({}).redis_retries == constants.REDIS_RETRIES
     assert Settings.from_env({"NERV_REDIS_RETRIES": "2"}).redis_retries == 2
+
+
+def test_a_worker_lost_holding_a_batch_claimed_attempt_is_not_counted_and_the_next_runs_alone():
+    from scheduler.watchdog import lost
+
+    events = [submitted(wdef(td("a"), td("b")))]
+    events += [ev(E.TASK_DISPATCHED, "a", 1, queue="cpu"), ev(E.TASK_DISPATCHED, "b", 1, queue="cpu")]
+    events += [ev(E.TASK_STARTED, "a", 1, worker="w1", batch=True), ev(E.TASK_STARTED, "b", 1, worker="w1")]
+    run = run_of(fold(events))
+    assert run.tasks["a"].batch and not run.tasks["b"].batch
+    settings = Settings(max_redeliveries=1)  # one counted loss fails a task
+    va, vb = lost(run, "a", settings, 10.0, SOURCE), lost(run, "b", settings, 10.0, SOURCE)
+    assert va.event.type is E.TASK_PENDING and va.event.data["counted"] is False
+    assert vb.event.type is E.TASK_FAILED, "a loss of an attempt claimed alone is its own"
+    after = run_of(fold([va.event], State(runs=fold(events).runs)))
+    assert after.tasks["a"].lost == 0 and after.tasks["a"].attempt == 2
+
+
+def test_a_takeover_of_a_batch_claimed_attempt_counts_no_loss():
+    events = [submitted(wdef(td("a"))), ev(E.TASK_DISPATCHED, "a", 1, queue="cpu")]
+    events += [ev(E.TASK_STARTED, "a", 1, worker="w1", batch=True, ts=1.0)]
+    events += [ev(E.TASK_STARTED, "a", 1, worker="w2", ts=2.0)]  # w1 died; w2 claims it alone
+    ts = run_of(fold(events)).tasks["a"]
+    assert (ts.worker, ts.lost, ts.batch) == ("w2", 0, False)
+    events += [ev(E.TASK_STARTED, "a", 1, worker="w3", ts=3.0)]  # w2, claimed alone, died: counted
+    assert run_of(fold(events)).tasks["a"].lost == 1

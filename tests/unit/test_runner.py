@@ -26,10 +26,21 @@ class FakeLog:
         self.fail_finish = False
 
     def start_attempts(
-        self, events: Sequence[Event], worker_id: str, max_takeovers: int, outcomes: Sequence[Event] = ()
+        self,
+        events: Sequence[Event],
+        worker_id: str,
+        max_takeovers: int,
+        outcomes: Sequence[Event] = (),
+        batch: bool = False,
     ) -> list[str]:
-        self.calls.append(("start", [e.task_id or "" for e in events], [o.task_id or "" for o in outcomes]))
-        return [self.verdicts.get(e.task_id or "", "ok") for e in events]
+        kind = "start-batch" if batch else "start"
+        self.calls.append((kind, [e.task_id or "" for e in events], [o.task_id or "" for o in outcomes]))
+        if batch:
+            assert all(e.data.get("batch") for e in events), "a batch claim marks its TASK_STARTED events"
+        verdicts = [self.verdicts.get(e.task_id or "", "ok") for e in events]
+        if not batch:  # a job claimed alone after its batch claim said so is claimed now
+            verdicts = ["ok" if v == "strict" else v for v in verdicts]
+        return verdicts
 
     def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
         if events:
@@ -52,16 +63,31 @@ def _job(tid: str, attempt: int = 1) -> Job:
     return Job("r", tid, attempt, "u.noop", [tid], {})
 
 
-def test_a_packed_batch_claims_each_job_as_it_starts_with_the_outcomes_before_it():
+def test_a_packed_batch_is_claimed_in_one_round_trip_and_its_outcomes_recorded_together():
     log = FakeLog()
     outcomes = _runner(log).run_batch([_job("a"), _job("b"), _job("c")])
     assert outcomes == [EventType.TASK_COMPLETED] * 3
+    assert log.calls == [("start-batch", ["a", "b", "c"], []), ("finish", [], ["a", "b", "c"])]
+
+
+def test_a_batch_job_whose_holder_died_is_claimed_alone_right_before_it_runs():
+    log = FakeLog()
+    log.verdicts = {"b": "strict"}
+    held = HeldAttempts()
+    outcomes = _runner(log, held).run_batch([_job("a"), _job("b"), _job("c")])
+    assert outcomes == [EventType.TASK_COMPLETED] * 3
     assert log.calls == [
-        ("start", ["a"], []),
-        ("start", ["b"], ["a"]),  # one round trip: a's outcome recorded, b claimed
-        ("start", ["c"], ["b"]),
-        ("finish", [], ["c"]),
+        ("start-batch", ["a", "b", "c"], []),
+        ("start", ["b"], ["a"]),  # b claimed alone, in the round trip that records a's outcome
+        ("finish", [], ["b", "c"]),
     ]
+    assert held.snapshot() == []
+
+
+def test_a_lone_job_is_claimed_as_it_starts():
+    log = FakeLog()
+    assert _runner(log).run(_job("a")) is EventType.TASK_COMPLETED
+    assert log.calls == [("start", ["a"], []), ("finish", [], ["a"])]
 
 
 def test_a_refused_claim_is_skipped_and_the_batch_goes_on():
@@ -69,7 +95,7 @@ def test_a_refused_claim_is_skipped_and_the_batch_goes_on():
     log.verdicts = {"b": "done"}
     held = HeldAttempts()
     assert _runner(log, held).run_batch([_job("a"), _job("b"), _job("c")]) == [EventType.TASK_COMPLETED] * 2
-    assert log.calls[-1] == ("finish", [], ["c"])
+    assert log.calls[-1] == ("finish", [], ["a", "c"])
     assert held.snapshot() == [], "nothing stays held once the batch is over"
 
 
@@ -101,7 +127,8 @@ def test_jobs_are_held_while_they_run():
 
     log = FakeLog()
     _runner(log, held).run_batch([Job("r", "p1", 1, "u.peek", [], {}), Job("r", "p2", 1, "u.peek", [], {})])
-    assert seen == [["r:p1:1"], ["r:p2:1"]], "a batch holds only the job it runs (the one before is recorded)"
+    assert seen == [["r:p1:1", "r:p2:1"]] * 2, "a batch holds what it claimed until it is recorded"
+    assert held.snapshot() == []
 
 
 def test_no_handoff_wait_once_shutdown_began():
