@@ -211,9 +211,9 @@ def test_each_job_of_a_fan_out_is_timed_from_its_own_start(own_cluster: Cluster)
     run_id = c.client.submit(wf)
     res = c.client.wait(run_id, timeout=120)
     events = log_of(c.client, run_id)
-    assert not _packed(events, run_id), "jobs of a queue with a time limit must travel alone"
     timed_out = [tid for tid, t in res.tasks.items() if t.status is not TaskStatus.COMPLETED]
     assert res.status is RunStatus.COMPLETED and not timed_out, (res.reason, timed_out)
+    assert not _packed(events, run_id), "jobs of a queue with a time limit must travel alone"
     assert set(_completed(events).values()) == {1} and len(_completed(events)) == 36
 
 
