@@ -112,6 +112,13 @@ class SchedulerService:
         finally:
             self.progress.refold_done()
         self.state, self.cursor = found.state, found.cursor
+        if found.unreadable:
+            log.error(
+                "closing %d active runs whose submission cannot be read: %s",
+                len(found.unreadable),
+                ", ".join(repr(rid) for rid in found.unreadable[:20]),
+            )
+            self.effects.close(found.unreadable, self.clock())
         self.checkpointer.reset(found.positions)
         self.circuits.reload(self.log)
         self._touched = set(self.state.runs.keys())

@@ -24,13 +24,15 @@ from scheduler.decisions import in_flight
 @dataclass(frozen=True, slots=True)
 class Refold:
     """What a refold found: the state, the feed cursor to follow from, each run's checkpoint position,
-    and for the log line the events replayed and the checkpoints used."""
+    for the log line the events replayed and the checkpoints used, and the active runs whose log holds
+    no submission this version can read (to be closed: nothing can ever run for them)."""
 
     state: st.State
     cursor: str
     positions: dict[str, checkpointer.Position]
     events: int
     from_checkpoints: int
+    unreadable: tuple[str, ...] = ()
 
 
 def refold(eventlog: EventLog, on_progress: Callable[[], None]) -> Refold:
@@ -62,7 +64,11 @@ def refold(eventlog: EventLog, on_progress: Callable[[], None]) -> Refold:
             gc.enable()
     # The state is long-lived: later full collections need not walk it again.
     gc.freeze()
-    return Refold(st.State(runs=pmap(runs)), cursor, positions, n, len(bases))
+    # submit.lua registers a run and writes its submission in one step, so an active run without a
+    # state has a submission no one can read (a corrupted entry): left active, it would be read again
+    # by every refold, for ever.
+    unreadable = tuple(rid for rid in run_ids if rid not in runs)
+    return Refold(st.State(runs=pmap(runs)), cursor, positions, n, len(bases), unreadable)
 
 
 def in_flight_jobs(state: st.State) -> list[tuple[Job, str]]:

@@ -114,6 +114,29 @@ def test_poison_in_the_log_fails_its_own_run_and_every_other_run_completes(own_c
     assert "\nnewline-run" not in log_text, "an id must never inject a log line"
 
 
+def test_an_active_run_whose_submission_cannot_be_read_is_closed_by_the_next_leader(
+    own_cluster: Cluster,
+) -> None:
+    c = own_cluster
+    k = c.client.keys
+    # Registered as active, as submit.lua does, but its submission is no event at all (a corrupted
+    # entry): no state can be built for it, and left active it would be read by every refold for ever.
+    c.redis.sadd(k.active, "poison-unreadable")
+    c.redis.zadd(k.runs, {"poison-unreadable": time.time()})
+    c.redis.xadd(k.log("poison-unreadable"), {"e": "{this is no submission"})
+    c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 1)
+    run_id = c.client.submit(_valid("beside"))
+    assert c.client.wait(run_id, timeout=60).status is RunStatus.COMPLETED
+    deadline = time.monotonic() + 10
+    while c.redis.sismember(k.active, "poison-unreadable") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not c.redis.sismember(k.active, "poison-unreadable"), "the unreadable run is still active"
+    assert c.redis.ttl(k.log("poison-unreadable")) > 0, "its keys expire like a finished run's"
+    assert "submission cannot be read" in c.procs[0].log_text()
+
+
 def test_the_client_refuses_bad_ids_and_writes_nothing(own_cluster: Cluster) -> None:
     c = own_cluster
     wf = Workflow("ids")
