@@ -250,6 +250,18 @@ class EventLog:
         )
         return [bool(x) for x in handed]
 
+    def _outcome_tail(self, events: Sequence[Event]) -> tuple[list[str], list[Any]]:
+        """The keys (run log, outcomes hash) and arguments (field, outcome type, channel, event JSON) by
+        which ``start.lua`` and ``finish.lua`` record each of these outcome events once."""
+        k = self.keys
+        keys: list[str] = []
+        args: list[Any] = []
+        for ev in events:
+            assert ev.task_id is not None and ev.attempt is not None
+            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
+        return keys, args
+
     def start_attempts(
         self,
         events: Sequence[Event],
@@ -267,12 +279,7 @@ class EventLog:
         alone, right before running it), see ``start.lua``.
         """
         k = self.keys
-        keys: list[str] = []
-        args: list[Any] = []
-        for ev in outcomes:
-            assert ev.task_id is not None and ev.attempt is not None
-            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
-            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
+        keys, args = self._outcome_tail(outcomes)
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
             keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]
@@ -302,12 +309,7 @@ class EventLog:
         if not events:
             return []
         k = self.keys
-        keys: list[str] = []
-        args: list[Any] = []
-        for ev in events:
-            assert ev.task_id is not None and ev.attempt is not None
-            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
-            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
+        keys, args = self._outcome_tail(events)
         recorded = self.scripts.finish(
             feed=k.feed,
             feed_maxlen=constants.FEED_MAXLEN,

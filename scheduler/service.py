@@ -67,6 +67,8 @@ class SchedulerService:
         self.lease = lease
         self.clock = clock
         self.handoff = handoffs is not None
+        #: The bounds runs and jobs are held to (fixed by the settings).
+        self.limits = Limits.of(settings)
         self.state = st.EMPTY
         self.cursor = "0-0"
         #: Runs to decide for before the next read.
@@ -231,7 +233,7 @@ class SchedulerService:
         out = Decisions()
         now = self.clock()
         breakers = self.circuits.breakers
-        limits = Limits.of(self.settings)
+        limits = self.limits
         for rid in touched:
             run = self.state.runs.get(rid)
             if run is not None:

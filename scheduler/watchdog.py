@@ -95,24 +95,7 @@ def lost(run: RunState, task_id: str, settings: Settings, now: float, source: st
     FAILED once it happened too often."""
     ts = run.tasks[task_id]
     why = why or f"worker {ts.worker} was lost while running attempt {ts.attempt}"
-    if ts.batch:
-        # Claimed with its whole packed batch: the process may have died in another job of it. Not
-        # counted; the next attempt travels alone (``pack``), so a loss then is its own.
-        ev = Event(
-            EventType.TASK_PENDING,
-            run.run_id,
-            task_id,
-            ts.attempt,
-            {
-                "next_attempt": ts.attempt + 1,
-                "reason": f"{why} (claimed in a packed batch: not counted, the next attempt runs alone)",
-                "counted": False,
-            },
-            ts=now,
-            source=source,
-        )
-        return Verdict(run.run_id, task_id, ts.attempt, ev, lost=True)
-    if ts.lost + 1 >= settings.max_redeliveries:
+    if not ts.batch and ts.lost + 1 >= settings.max_redeliveries:
         error = TaskError.from_exception(
             WorkerLostError(
                 f"{why}; workers were lost {ts.lost + 1} times running this task (a poison task?)"
@@ -128,15 +111,13 @@ def lost(run: RunState, task_id: str, settings: Settings, now: float, source: st
             source=source,
         )
     else:
-        ev = Event(
-            EventType.TASK_PENDING,
-            run.run_id,
-            task_id,
-            ts.attempt,
-            {"next_attempt": ts.attempt + 1, "reason": why},
-            ts=now,
-            source=source,
-        )
+        data: dict[str, object] = {"next_attempt": ts.attempt + 1, "reason": why}
+        if ts.batch:
+            # Claimed with its whole packed batch: the process may have died in another job of it.
+            # Not counted; the next attempt travels alone (``pack``), so a loss then is its own.
+            reason = f"{why} (claimed in a packed batch: not counted, the next attempt runs alone)"
+            data.update(reason=reason, counted=False)
+        ev = Event(EventType.TASK_PENDING, run.run_id, task_id, ts.attempt, data, ts=now, source=source)
     return Verdict(run.run_id, task_id, ts.attempt, ev, lost=True)
 
 
