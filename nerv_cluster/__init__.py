@@ -7,7 +7,7 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import NervError
+from nerv_cluster.errors import NervError, RerunError, RunNotFinishedError
 from nerv_cluster.model import (
     Event,
     EventType,
@@ -34,7 +34,9 @@ __all__ = [
     "EventBus",
     "EventType",
     "NervError",
+    "RerunError",
     "RetryPolicy",
+    "RunNotFinishedError",
     "RunResult",
     "RunStatus",
     "Settings",

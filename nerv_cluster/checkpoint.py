@@ -21,7 +21,7 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 2
+FORMAT = 3  # 3: TaskState.first and RunState.reruns (rerun)
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -40,6 +40,7 @@ _PLAIN = (
     "cancel_requested",
     "rejected",
     "submitted_bytes",
+    "reruns",
 )
 
 
@@ -107,6 +108,7 @@ def decode(data: dict[str, Any]) -> RunState:
         # Absent from checkpoints written before these fields existed: their defaults then.
         rejected=str(data.get("rejected", "")),
         submitted_bytes=int(data.get("submitted_bytes", 0)),
+        reruns=int(data.get("reruns", 0)),
     )
 
 

@@ -123,6 +123,9 @@ class EventType(StrEnum):
     CIRCUIT_OPENED = "CIRCUIT_OPENED"
     CIRCUIT_HALF_OPENED = "CIRCUIT_HALF_OPENED"
     CIRCUIT_CLOSED = "CIRCUIT_CLOSED"
+    # rerun (issue 16): a client asks for a finished run to go on (see nerv_cluster.rerun); data ``n``
+    # (the run's rerun number) and ``tasks`` (the task ids named, when any).
+    WORKFLOW_RERUN_REQUESTED = "WORKFLOW_RERUN_REQUESTED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
