@@ -59,7 +59,7 @@ class Hook:
 HOOKS: tuple[Hook, ...] = ()
 
 
-# -- which tasks --
+# -- which tasks ----------------------------------------------------------------------------------------
 
 
 def unfinished(run: RunState) -> list[str]:
@@ -97,7 +97,7 @@ def select(run: RunState, named: Sequence[str] | None, hooks: Sequence[Hook] = H
     return list(chosen)
 
 
-# -- the reset --
+# -- the reset ------------------------------------------------------------------------------------------
 
 
 def _counts(run: RunState, tid: str, reset: dict[str, TaskState]) -> tuple[int, int, int]:
@@ -210,7 +210,7 @@ def _doomed(run: RunState, tid: str, ts: TaskState) -> bool:
     return rule_outcome(td.trigger, len(td.dependencies), ts.ok, ts.failed, ts.skipped) is False
 
 
-# -- the event --
+# -- the event ------------------------------------------------------------------------------------------
 
 
 def _named(data: Any) -> list[str] | None:

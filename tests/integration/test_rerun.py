@@ -227,7 +227,7 @@ def test_an_expired_run_cannot_be_rerun(own_cluster: Cluster) -> None:
     assert not c.redis.exists(c.client.keys.log(run_id))
 
 
-# -- the scripts, against Redis alone --
+# -- the scripts, against Redis alone -------------------------------------------------------------------
 
 
 def _closed_run(c: Cluster, run_id: str) -> str:

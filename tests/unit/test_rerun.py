@@ -76,7 +76,7 @@ def _failed_diamond() -> RunState:
     return run
 
 
-# -- the selection and the reset --
+# -- the selection and the reset ------------------------------------------------------------------------
 
 
 def test_without_tasks_every_unfinished_task_is_reset_and_completed_ones_are_kept() -> None:
@@ -150,7 +150,7 @@ def test_dependents_never_count_a_task_twice_after_a_rerun_fails_again() -> None
     _consistent(again)
 
 
-# -- the fold of the request --
+# -- the fold of the request ----------------------------------------------------------------------------
 
 
 def test_the_request_applies_only_to_a_finished_run_and_only_as_its_next_rerun() -> None:
@@ -180,7 +180,7 @@ def test_a_rejected_run_ignores_the_request() -> None:
         rerun.check(run, None)
 
 
-# -- the client's checks --
+# -- the client's checks --------------------------------------------------------------------------------
 
 
 def test_check_refuses_what_cannot_be_rerun() -> None:
@@ -206,7 +206,7 @@ def test_check_refuses_what_cannot_be_rerun() -> None:
     assert rerun.event_data(run, None) == {"n": 1}
 
 
-# -- hooks --
+# -- hooks ----------------------------------------------------------------------------------------------
 
 
 class _WaitsForParts(rerun.Hook):
@@ -235,7 +235,7 @@ def test_hooks_widen_the_selection_and_choose_the_reset_state() -> None:
     _consistent(after)
 
 
-# -- attempts and the retry policy --
+# -- attempts and the retry policy ----------------------------------------------------------------------
 
 
 def test_the_retry_policy_counts_from_the_rounds_first_attempt() -> None:
@@ -257,7 +257,7 @@ def test_the_job_of_a_rerun_task_carries_its_rounds_first_attempt() -> None:
     assert "f" not in Job("r", "t", 1, "fn", [], {}).to_dict()
 
 
-# -- whole simulated reruns --
+# -- whole simulated reruns -----------------------------------------------------------------------------
 
 
 def _ran(sim: Sim, since: int) -> Counter[str]:
