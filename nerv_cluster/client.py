@@ -220,15 +220,21 @@ class Client:
     def events(self, run_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[Event]:
         """The run's events from the log (after entry id ``after``), then live ones until the run ends.
 
-        With ``follow=False`` it stops at the end of what is logged now.
+        A rerun goes on past an end: the logged part runs to its last end (if no rerun request follows
+        that end, the run is over). With ``follow=False`` it stops at the end of what is logged now.
         """
         self.log.require_run(run_id)
         last = after
+        ended = False
         for entry_id, ev in self.log.read_run(run_id, after=after):
             last = entry_id
             yield ev
             if ev.type in WORKFLOW_END_EVENTS:
-                return
+                ended = True
+            elif ev.type is EventType.WORKFLOW_RERUN_REQUESTED:
+                ended = False
+        if ended:
+            return
         while follow:
             batch = self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS)
             for _, ev in batch:

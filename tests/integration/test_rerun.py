@@ -73,6 +73,9 @@ def test_a_rerun_after_a_failure_runs_only_the_failed_part(cluster: Cluster) -> 
     assert res.tasks["a"].attempts == 1
     events = log_of(c.client, run_id)
     assert [e.type for e in events].count(EventType.WORKFLOW_RERUN_REQUESTED) == 1
+    # client.events goes on past the first end, to the rerun's end.
+    kinds = [e.type for e in c.client.events(run_id)]
+    assert kinds[-1] is EventType.WORKFLOW_COMPLETED and EventType.WORKFLOW_FAILED in kinds
     assert [e.type for e in events].count(EventType.WORKFLOW_STARTED) == 1, "the same run went on"
     assert not c.redis.sismember(c.client.keys.active, run_id), "closed again once finished"
     assert c.redis.ttl(c.client.keys.log(run_id)) > 0, "its keys expire again"
