@@ -148,7 +148,10 @@ class Client:
         # Read once: the request may be judged again below. A lone id would be read for its characters.
         wanted = None if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
         for _ in range(_RERUN_TRIES):
-            run, last = self._fold(run_id)
+            # The log's raw end first, then the fold: the fold covers at least up to it (and the script
+            # refuses if the log grew past it), skipped malformed entries included.
+            last = self.log.last_entry(run_id) or "0-0"
+            run, _ = self._fold(run_id)
             named = reruns.check(run, wanted)
             event = Event(
                 EventType.WORKFLOW_RERUN_REQUESTED,

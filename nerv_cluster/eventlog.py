@@ -483,6 +483,11 @@ class EventLog:
         raws = self.redis.mget([self.keys.checkpoint(r) for r in run_ids])
         return {rid: json.loads(raw) for rid, raw in zip(run_ids, raws, strict=True) if raw}
 
+    def last_entry(self, run_id: str) -> str | None:
+        """The id of the newest entry of a run's log, malformed ones included (None: no log)."""
+        last = self.redis.xrevrange(self.keys.log(run_id), count=1)
+        return str(last[0][0]) if last else None
+
     def run_exists(self, run_id: str) -> bool:
         """True when the run's log exists."""
         return bool(self.redis.exists(self.keys.log(run_id)))
