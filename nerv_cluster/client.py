@@ -169,11 +169,11 @@ class Client:
     # -- read -----------------------------------------------------------------------------------------
 
     def _fold(self, run_id: str) -> tuple[st.RunState, str]:
-        run: st.RunState | None = None
-        last = "0-0"
-        for entry_id, ev in self.log.read_run(run_id):
-            run = st.apply_to_run(run, ev)
-            last = entry_id
+        # The bulk path: a run built from its whole log (the same state as event by event, several
+        # times faster on a big run; a rerun folds the log once to judge it, and wait once more).
+        entries = list(self.log.read_run(run_id))
+        run = st.fold_run(None, [ev for _, ev in entries])
+        last = entries[-1][0] if entries else "0-0"
         if run is None:
             raise RunNotFoundError(
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"

@@ -14,6 +14,7 @@ e.g. a cancel request logged before the rerun, that the in-order fold ignored).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from nerv_cluster import state as st
@@ -44,7 +45,18 @@ def take_back(
     missing = reopened(state, events)
     if not missing:
         return state, {}
+    started = time.monotonic()
     loaded = load_runs(eventlog, missing)
+    took = time.monotonic() - started
     for rid, run in loaded.runs.items():
-        log.info("run %r reopened by rerun %d: %s (%d tasks)", rid, run.reruns, run.status.value, run.total)
+        log.info(
+            "run %r reopened by rerun %d: %s (%d tasks; %d runs loaded back from %d events in %.3fs)",
+            rid,
+            run.reruns,
+            run.status.value,
+            run.total,
+            len(loaded.runs),
+            loaded.events,
+            took,
+        )
     return st.State(runs=state.runs.update(loaded.runs)), loaded.positions
