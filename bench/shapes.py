@@ -128,20 +128,12 @@ def lattice(width: int = LATTICE_WIDTH, depth: int = LATTICE_DEPTH) -> Shape:
             else:
                 base = (k - 1) * width
                 parents.append(tuple(base + j for j in (i - 1, i, i + 1) if 0 <= j < width))
-    return Shape(
-        "lattice",
-        f"diamond lattice {width} wide x {depth} deep",
-        tuple(parents),
-        {"width": width, "depth": depth},
-    )
+    return Shape("lattice", f"diamond lattice {width} wide x {depth} deep", tuple(parents),
+                 {"width": width, "depth": depth})
 
 
-def random_dag(
-    n: int = RANDOM_N,
-    max_parents: int = RANDOM_MAX_PARENTS,
-    seed: int = DEFAULT_SEED,
-    window: int = RANDOM_WINDOW,
-) -> Shape:
+def random_dag(n: int = RANDOM_N, max_parents: int = RANDOM_MAX_PARENTS, seed: int = DEFAULT_SEED,
+               window: int = RANDOM_WINDOW) -> Shape:
     """``n`` tasks; node ``i`` draws 0..``max_parents`` distinct parents among the ``window`` before it."""
     rng = random.Random(seed)
     parents: list[tuple[int, ...]] = []
@@ -149,12 +141,8 @@ def random_dag(
         lo = max(0, i - window)
         k = rng.randint(0, min(max_parents, i - lo))
         parents.append(tuple(sorted(rng.sample(range(lo, i), k))))
-    return Shape(
-        "random",
-        f"random DAG, <= {max_parents} parents, seed {seed}",
-        tuple(parents),
-        {"n": n, "max_parents": max_parents, "seed": seed, "window": window},
-    )
+    return Shape("random", f"random DAG, <= {max_parents} parents, seed {seed}", tuple(parents),
+                 {"n": n, "max_parents": max_parents, "seed": seed, "window": window})
 
 
 def _scaled(value: int, scale: float, minimum: int) -> int:
