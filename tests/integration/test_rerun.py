@@ -271,3 +271,24 @@ def test_the_rerun_script_reopens_once_and_close_respects_a_later_rerun(own_clus
     assert all(c.redis.ttl(key) > 0 for key in k.run_keys("scripted") if c.redis.exists(key))
     with pytest.raises(RunNotFoundError):
         log.rerun(Event(EventType.WORKFLOW_RERUN_REQUESTED, "never", data={"n": 1}), "0-1")
+
+
+def test_a_cancel_request_logged_before_the_rerun_does_not_cancel_it(own_cluster: Cluster) -> None:
+    c = own_cluster
+    sched = c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    run_id = c.client.submit(_broken_pipeline())
+    assert c.client.wait(run_id, timeout=60).status is RunStatus.FAILED
+    _fix(c, run_id, "bad")
+    # A cancel of the finished run (the fold ignores it), then the rerun, read by the scheduler in one
+    # batch (it is paused meanwhile): the run it loads back from the log must not take the stale cancel.
+    c.kill(sched, signal.SIGSTOP)
+    try:
+        c.client.cancel(run_id, "too late")
+        c.client.rerun(run_id)
+    finally:
+        c.kill(sched, signal.SIGCONT)
+    res = c.client.wait(run_id, timeout=60)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert c.execs(run_id) == {"a": 1, "bad": 2, "after": 1, "last": 1, "side": 1, "alone": 1}
