@@ -392,11 +392,15 @@ class EventLog:
         )
         return [bool(x) for x in closed]
 
-    def rerun(self, event: Event, expected: str) -> None:
+    def rerun(self, event: Event, expected: str, token: str = "") -> None:
         """Append a WORKFLOW_RERUN_REQUESTED (rerun number ``event.data['n']``) and reopen its run,
         atomically, if the run's log still ends at entry ``expected``: :class:`RunNotFoundError` when the
         log is gone, :class:`RunMovedError` when it gained entries or the run was rerun meanwhile (fold
-        it again). A resent call that finds its own first execution done returns as a success."""
+        it again). A resent call that finds its own first execution done returns as a success.
+
+        ``token``: the scheduler's lease token, when the scheduler itself reruns a run (a child run for
+        its parent task): then fenced, :class:`LeaseLostError` once the token no longer holds the lease.
+        """
         k = self.keys
         rid = event.run_id
         try:
@@ -408,15 +412,19 @@ class EventLog:
                 reruns=k.reruns(rid),
                 feed=k.feed,
                 active=k.active,
+                lease=k.lease,
                 run_id=rid,
                 channel=k.channel(rid),
                 event=event.to_json(),
                 expected=expected,
                 n=int(event.data["n"]),
                 feed_maxlen=constants.FEED_MAXLEN,
+                token=token,
             )
         except redis.ResponseError as exc:
             text = str(exc)
+            if "LEASE_LOST" in text:
+                raise LeaseLostError(text) from exc
             if "RUN_GONE" in text:
                 raise RunNotFoundError(
                     f"no run {rid!r} (never submitted, or expired after its retention time)"

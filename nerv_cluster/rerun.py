@@ -26,7 +26,7 @@ instead of starting a new one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from nerv_cluster.errors import RerunError, RunNotFinishedError
@@ -86,15 +86,17 @@ def select(run: RunState, named: Sequence[str] | None, hooks: Sequence[Hook] = H
         for hook in hooks:
             for more in hook.named(run, tid):
                 add(more)
-    dependents = run.plan.dependents
     while todo:
-        tid = todo.pop()
-        for child in dependents.get(tid, ()):
+        for child in _builds_on(run, todo.pop(), hooks):
             add(child)
-        for hook in hooks:
-            for more in hook.downstream(run, tid):
-                add(more)
     return list(chosen)
+
+
+def _builds_on(run: RunState, tid: str, hooks: Sequence[Hook]) -> Iterator[str]:
+    """The tasks that build on ``tid``: its plan's dependents, then what the hooks add."""
+    yield from run.plan.dependents.get(tid, ())
+    for hook in hooks:
+        yield from hook.downstream(run, tid)
 
 
 # -- the reset ------------------------------------------------------------------------------------------
@@ -153,10 +155,9 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
     # Tasks outside the selection that depend on it (a COMPLETED fallback of a failed task): their
     # counts lose what the reset tasks had contributed, so the new outcomes are not counted twice.
     recount: dict[str, TaskState] = {}
-    dependents = run.plan.dependents
     for tid in old:
-        for child in dependents.get(tid, ()):
-            if child not in old and child not in recount:
+        for child in _builds_on(run, tid, hooks):
+            if child not in old and child not in recount and child in run.tasks:
                 ok, failed, skipped = _counts(run, child, pending)
                 recount[child] = run.tasks[child]._replace(ok=ok, failed=failed, skipped=skipped)
     tasks, ready, doomed, running, queued, tally = (

@@ -235,11 +235,12 @@ class Checkpoint(LuaScript):
 class Rerun(LuaScript):
     """Reopen a finished run and append its WORKFLOW_RERUN_REQUESTED (rerun number ``n``), only if its
     log still ends at entry ``expected`` and its rerun counter is ``n - 1``: ``RUN_GONE`` or
-    ``RUN_MOVED`` (ResponseErrors) otherwise."""
+    ``RUN_MOVED`` (ResponseErrors) otherwise. With a ``token`` (the scheduler's), fenced by the lease:
+    ``LEASE_LOST`` when it no longer holds it."""
 
     name = "rerun"
-    keys = ("run_log", "outcomes", "claims", "checkpoint", "reruns", "feed", "active")
-    args = ("run_id", "channel", "event", "expected", "n", "feed_maxlen")
+    keys = ("run_log", "outcomes", "claims", "checkpoint", "reruns", "feed", "active", "lease")
+    args = ("run_id", "channel", "event", "expected", "n", "feed_maxlen", "token")
 
     def __call__(
         self,
@@ -251,16 +252,18 @@ class Rerun(LuaScript):
         reruns: str,
         feed: str,
         active: str,
+        lease: str,
         run_id: str,
         channel: str,
         event: str,
         expected: str,
         n: int,
         feed_maxlen: int,
+        token: str,
     ) -> None:
         self._run(
-            [run_log, outcomes, claims, checkpoint, reruns, feed, active],
-            [run_id, channel, event, expected, n, feed_maxlen],
+            [run_log, outcomes, claims, checkpoint, reruns, feed, active, lease],
+            [run_id, channel, event, expected, n, feed_maxlen, token],
         )
 
 

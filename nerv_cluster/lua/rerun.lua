@@ -5,8 +5,14 @@
 -- Then: the counter becomes n (the scheduler closes a run only for the rerun number it folded, see
 -- close.lua), the run's keys lose the expiry Effects.close gave them, the run is active again (a new
 -- leader refolds it), and the event goes to the run's log and the feed and is announced.
+-- With a token (the scheduler rerunning a run itself, e.g. a child run for its parent task) the call is
+-- fenced: only while that token holds the lease. A client passes no token.
 -- Fixed keys and arguments: see nerv_cluster/scripts.py (Rerun).
--- Errors: RUN_GONE (no log: never submitted, or expired), RUN_MOVED (the log or the counter moved).
+-- Errors: LEASE_LOST (fenced, and the token no longer holds the lease), RUN_GONE (no log: never submitted,
+-- or expired), RUN_MOVED (the log or the counter moved).
+if token ~= '' and redis.call('GET', lease) ~= token then
+  return redis.error_reply('LEASE_LOST the scheduler lease is held by another token')
+end
 local last = redis.call('XREVRANGE', run_log, '+', '-', 'COUNT', 1)
 if #last == 0 then
   return redis.error_reply('RUN_GONE run ' .. run_id .. ' has no log')

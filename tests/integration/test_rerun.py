@@ -24,7 +24,7 @@ from nerv_cluster import (
     TaskStatus,
     Workflow,
 )
-from nerv_cluster.errors import RunNotFoundError
+from nerv_cluster.errors import LeaseLostError, RunNotFoundError
 from nerv_cluster.model import Event
 from tests.integration.cluster import ROOT, Cluster
 from tests.integration.dagcheck import log_of
@@ -271,6 +271,14 @@ def test_the_rerun_script_reopens_once_and_close_respects_a_later_rerun(own_clus
     assert all(c.redis.ttl(key) > 0 for key in k.run_keys("scripted") if c.redis.exists(key))
     with pytest.raises(RunNotFoundError):
         log.rerun(Event(EventType.WORKFLOW_RERUN_REQUESTED, "never", data={"n": 1}), "0-1")
+    # The scheduler's own rerun (a child run for its parent task) is fenced by its lease token.
+    last = str(c.redis.xrevrange(k.log("scripted"), count=1)[0][0])
+    c.redis.set(k.lease, "7-holder")
+    with pytest.raises(LeaseLostError):
+        log.rerun(Event(EventType.WORKFLOW_RERUN_REQUESTED, "scripted", data={"n": 2}), last, token="6-old")
+    assert c.redis.xlen(k.log("scripted")) == 3 and c.redis.get(k.reruns("scripted")) == "1"
+    log.rerun(Event(EventType.WORKFLOW_RERUN_REQUESTED, "scripted", data={"n": 2}), last, token="7-holder")
+    assert c.redis.get(k.reruns("scripted")) == "2" and c.redis.sismember(k.active, "scripted")
 
 
 def test_a_cancel_request_logged_before_the_rerun_does_not_cancel_it(own_cluster: Cluster) -> None:
