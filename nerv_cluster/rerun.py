@@ -26,7 +26,7 @@ instead of starting a new one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
 from nerv_cluster.errors import RerunError, RunNotFinishedError
@@ -102,7 +102,7 @@ def _builds_on(run: RunState, tid: str, hooks: Sequence[Hook]) -> Iterator[str]:
 # -- the reset ------------------------------------------------------------------------------------------
 
 
-def _counts(run: RunState, tid: str, reset: dict[str, TaskState]) -> tuple[int, int, int]:
+def _counts(run: RunState, tid: str, reset: Container[str]) -> tuple[int, int, int]:
     """How ``tid``'s dependencies stand once the tasks in ``reset`` are reset (and so not ended):
     ok, failed and skipped, counted as the fold settles them (CANCELLED counts as skipped)."""
     ok = failed = skipped = 0
@@ -120,7 +120,7 @@ def _counts(run: RunState, tid: str, reset: dict[str, TaskState]) -> tuple[int, 
     return ok, failed, skipped
 
 
-def _fresh(run: RunState, tid: str, old: TaskState, reset: dict[str, TaskState]) -> TaskState:
+def _fresh(run: RunState, tid: str, old: TaskState, reset: Container[str]) -> TaskState:
     """The default state of a reset task: a new attempt (the old one's number again if it was never
     dispatched: no worker and no outcome slot ever saw it), its counts recomputed, READY when its rule
     is met already, else PENDING."""
@@ -144,11 +144,9 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
     bulk path hands it drafts): everything is computed from ``run`` first, then written.
     """
     old = {tid: run.tasks[tid] for tid in dict.fromkeys(selected) if tid in run.tasks}
-    placeholder = TaskState()
-    pending = dict.fromkeys(old, placeholder)  # membership only, for the counts
     new: dict[str, TaskState] = {}
     for tid, ts in old.items():
-        fresh = _fresh(run, tid, ts, pending)
+        fresh = _fresh(run, tid, ts, old)
         for hook in hooks:
             fresh = hook.reset(run, tid, ts, fresh)
         new[tid] = fresh
@@ -158,7 +156,7 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
     for tid in old:
         for child in _builds_on(run, tid, hooks):
             if child not in old and child not in recount and child in run.tasks:
-                ok, failed, skipped = _counts(run, child, pending)
+                ok, failed, skipped = _counts(run, child, old)
                 recount[child] = run.tasks[child]._replace(ok=ok, failed=failed, skipped=skipped)
     tasks, ready, doomed, running, queued, tally = (
         run.tasks,
