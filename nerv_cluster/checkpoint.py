@@ -40,6 +40,7 @@ _PLAIN = (
     "cancel_requested",
     "rejected",
     "submitted_bytes",
+    "cached",
 )
 
 
@@ -107,6 +108,7 @@ def decode(data: dict[str, Any]) -> RunState:
         # Absent from checkpoints written before these fields existed: their defaults then.
         rejected=str(data.get("rejected", "")),
         submitted_bytes=int(data.get("submitted_bytes", 0)),
+        cached=int(data.get("cached", 0)),
     )
 
 

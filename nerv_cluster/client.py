@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -13,10 +14,13 @@ from redis.retry import Retry
 
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
+from nerv_cluster.cachestore import CacheStore
+from nerv_cluster.caching import REFRESH_META
 from nerv_cluster.errors import PayloadTooLargeError, RunNotFoundError, UnknownTaskError, WaitTimeoutError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
+from nerv_cluster.registry import TaskFunction
 from nerv_cluster.settings import Settings
 from nerv_cluster.workflow import Workflow, validate_definition
 
@@ -76,8 +80,18 @@ class Client:
         """Task name -> queue for every task some live worker has registered (refreshed lately)."""
         return self.log.registered_tasks()
 
-    def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
+    def submit(
+        self,
+        workflow: Workflow,
+        *,
+        run_id: str | None = None,
+        check_names: bool = True,
+        refresh_cache: bool = False,
+    ) -> str:
         """Validate and submit a workflow; returns the run id at once.
+
+        ``refresh_cache``: the run's cached tasks (``cache=Cache(...)``) skip the cache and compute,
+        and their results replace the stored entries.
 
         Raises a :class:`~nerv_cluster.errors.WorkflowError` (and writes nothing) for a cycle, an unknown
         dependency, a duplicate id, an id outside the id alphabet (``run_id`` too), a non-JSON argument,
@@ -85,6 +99,8 @@ class Client:
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
         definition = workflow.definition()
+        if refresh_cache:
+            definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
         # Structure first (cycles, payloads), then names: the first error is the most basic one.
         validate_definition(
             definition, max_payload_bytes=self.settings.max_payload_bytes, max_tasks=self.settings.max_tasks
@@ -116,6 +132,13 @@ class Client:
             )
         self.log.submit(event)
         return run_id
+
+    def clear_cache(self, task: TaskFunction | str | None = None) -> int:
+        """Delete cached results (``cache=Cache(...)``): every entry, or those of one task function (a
+        ``@task`` function or its registered name). Returns how many entries were deleted; the tasks
+        they were for compute again next time."""
+        name = task.name if isinstance(task, TaskFunction) else task
+        return CacheStore(self.redis, self.keys).clear(name)
 
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""
