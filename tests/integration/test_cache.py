@@ -56,7 +56,7 @@ def test_a_hit_completes_without_a_worker_and_is_marked_cached(cluster: Cluster)
     assert two.results["after"] == 1  # dependents of a hit run as usual
     # No job at all: the task went from READY to COMPLETED, marked in its event.
     assert _kinds(cluster, two_id, "first") == [EventType.TASK_COMPLETED]
-    done = [ev for ev in cluster.client.events(two_id, follow=False) if ev.task_id == "first"][0]
+    done = next(ev for ev in cluster.client.events(two_id, follow=False) if ev.task_id == "first")
     assert done.data["cached"] is True and done.data["cached_from"] == f"{one.run_id}/first"
     # Other arguments are another key: computed.
     wf = Workflow("cache-other-args")
