@@ -6,6 +6,7 @@ between the client, the scheduler and the workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -284,7 +285,17 @@ class Cache:
         """Inverse of :meth:`to_dict`; WorkflowError on a malformed form."""
         if not isinstance(data, Mapping) or "ttl" not in data:
             raise WorkflowError(f"a cache needs a ttl, got {data!r:.80}")
-        return cls(ttl=data["ttl"], version=data.get("version", "1"), key=data.get("key"))
+        ttl, version, key = data["ttl"], data.get("version", "1"), data.get("key")
+        try:  # a fan-out's thousands of tasks share one Cache: made and checked once
+            return _cache_of(ttl, version, key)
+        except TypeError:  # an unhashable part: no valid cache; let the checks say why
+            return cls(ttl=ttl, version=version, key=key)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _cache_of(ttl: Any, version: Any, key: Any) -> Cache:
+    """One Cache per distinct JSON form (typed: ``True`` is no ``1``, which the checks refuse)."""
+    return Cache(ttl=ttl, version=version, key=key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,11 +87,15 @@ class CacheRoom:
         td = run.defs[tid]
         cache = td.cache
         assert cache is not None
-        job = build_job(run, tid)
+        if td.dependencies:  # the arguments as the job will carry them: upstream results in place
+            job = build_job(run, tid)
+            args, kwargs, context = job.args, job.kwargs, job.context
+        else:  # nothing to resolve (a fan-out's tasks): skip building a job
+            args, kwargs, context = list(td.args), dict(td.kwargs), {} if td.context else None
         name = cache.key_name
         try:
             if name is None:
-                return caching.default_key(td.fn, cache, job.args, job.kwargs, job.context)
+                return caching.default_key(td.fn, cache, args, kwargs, context)
             tf = self.registry.get(name)
             if tf is None:
                 raise CacheKeyError(
@@ -100,7 +104,7 @@ class CacheRoom:
                     "NERV_SCHEDULER_MODULES)"
                 )
             try:
-                value = tf.fn(job.args, job.kwargs)
+                value = tf.fn(args, kwargs)
             except Exception as exc:
                 raise CacheKeyError(
                     f"the cache key function {name!r} of task {tid!r} raised {type(exc).__name__}: {exc}"
