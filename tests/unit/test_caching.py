@@ -351,3 +351,30 @@ def test_a_key_function_runs_in_the_room_and_its_failures_fail_the_task() -> Non
     view = room.prepare([RUN], state)
     assert view is not None
     assert view.verdict(RUN, "bad").kind is Kind.FAIL and view.verdict(RUN, "good").kind is Kind.MISS
+
+
+def test_progress_and_status_mark_cached_results() -> None:
+    from rich.console import Console
+
+    from nerv_cluster import progress
+
+    run = _cached_run(td("a", cache=C), td("b", cache=C))
+    log = [
+        submitted(run.definition),
+        ev(E.TASK_COMPLETED, "a", 1, result=3, cached=True, cached_from="r0/a"),
+        *[ev(E.TASK_DISPATCHED, "b", 1), ev(E.TASK_STARTED, "b", 1, worker="w")],
+        ev(E.TASK_COMPLETED, "b", 1, result=4, worker="w"),
+    ]
+    folded = fold_run(None, log)
+    assert folded is not None and folded.cached == 1
+    assert progress.counts_text(folded.counts, cached=folded.cached).plain == "COMPLETED 2 (cached 1)"
+    result = run_result(folded)
+    data = progress.result_dict(result)
+    assert (
+        data["cached"] == 1
+        and data["tasks"]["a"]["cached_from"] == "r0/a"
+        and not data["tasks"]["b"]["cached"]
+    )
+    console = Console(record=True, width=100)
+    console.print(progress.status_renderable(result))
+    assert "from the cache" in console.export_text()
