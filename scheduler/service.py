@@ -236,6 +236,7 @@ class SchedulerService:
             except BaseException:
                 self._touched |= touched
                 raise
+        self.caching.flush()  # results folded in the last round (a child run's output, say)
 
     def _act_on(self, touched: set[str]) -> None:
         """Decide for ``touched`` runs; write the events (fenced), fold them back, then send the jobs."""

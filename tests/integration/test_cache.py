@@ -213,7 +213,7 @@ def test_a_custom_key_and_a_new_leader_keeps_single_flight(own_cluster: Cluster)
     # the new leader rebuilds the in-flight map from the log and holds it: computed once.
     slow = _label()
     wf = Workflow("cache-takeover")
-    wf.add(tt.cached_slow, slow, 3.0, id="t")
+    wf.add(tt.cached_slow, slow, 8.0, id="t")  # still running when the new leader decides
     first = c.client.submit(wf)
     deadline = time.monotonic() + 20
     while _count(c, slow) == 0:
