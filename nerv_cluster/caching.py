@@ -226,12 +226,9 @@ class Verdict:
     def event(self, run_id: str, task_id: str, attempt: int, now: float, source: str) -> Event | None:
         """The event a hit (TASK_COMPLETED from the cache) or a failure (TASK_FAILED: no key) writes."""
         if self.kind is Kind.HIT and self.entry is not None:
-            data = {
-                "result": self.entry.result,
-                "cached": True,
-                "cached_from": self.entry.source,
-                "cache_key": self.key,
-            }
+            # No key: it is not this task's to own, and a hit's event stays small (a run of hits is
+            # nearly all such events, folded by the scheduler and every client that follows it).
+            data = {"result": self.entry.result, "cached": True, "cached_from": self.entry.source}
             return Event(EventType.TASK_COMPLETED, run_id, task_id, attempt, data, ts=now, source=source)
         if self.kind is Kind.FAIL and self.error is not None:
             data = {"error": self.error.to_dict(), "reason": "cache key"}
