@@ -378,3 +378,19 @@ def test_progress_and_status_mark_cached_results() -> None:
     console = Console(record=True, width=100)
     console.print(progress.status_renderable(result))
     assert "from the cache" in console.export_text()
+
+
+def test_the_scheduler_counts_hits_and_misses() -> None:
+    from scheduler.metrics import SchedulerMetrics
+
+    metrics = SchedulerMetrics()
+    metrics.on_decided(
+        [
+            ev(E.TASK_COMPLETED, "a", 1, result=1, cached=True, cached_from="r/a"),
+            ev(E.TASK_DISPATCHED, "b", 1, queue="cpu", cache_key="k"),
+            ev(E.TASK_DISPATCHED, "c", 1, queue="cpu"),
+        ]
+    )
+    value = metrics.registry.get_sample_value
+    assert value("nerv_cache_lookups_total", {"result": "hit"}) == 1
+    assert value("nerv_cache_lookups_total", {"result": "miss"}) == 1
