@@ -27,6 +27,8 @@ from nerv_cluster.workflow import Workflow, validate_definition
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
+#: Events folded at once when a run's log is read from the start.
+_FOLD_CHUNK = 10_000
 
 
 def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
@@ -151,12 +153,17 @@ class Client:
     # -- read -----------------------------------------------------------------------------------------
 
     def _fold(self, run_id: str) -> tuple[st.RunState, str]:
-        events: list[Event] = []
+        state = st.EMPTY
+        chunk: list[Event] = []
         last = "0-0"
         for entry_id, ev in self.log.read_run(run_id):
-            events.append(ev)
+            chunk.append(ev)
             last = entry_id
-        run = st.fold_run(None, events)  # the bulk fold: equal to applying them one by one
+            if len(chunk) >= _FOLD_CHUNK:
+                state, chunk = st.fold(chunk, state), []
+        # In chunks, each by whichever path pays (the bulk one for a run created by them): the same as
+        # applying the events one by one, in bounded memory.
+        run = st.fold(chunk, state).runs.get(run_id)
         if run is None:
             raise RunNotFoundError(
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"
