@@ -394,3 +394,15 @@ def test_the_scheduler_counts_hits_and_misses() -> None:
     value = metrics.registry.get_sample_value
     assert value("nerv_cache_lookups_total", {"result": "hit"}) == 1
     assert value("nerv_cache_lookups_total", {"result": "miss"}) == 1
+
+
+def test_the_scheduler_imports_its_modules_and_names_one_it_cannot() -> None:
+    from nerv_cluster.errors import ConfigurationError
+    from nerv_cluster.settings import Settings
+    from scheduler.caching import import_modules
+
+    assert Settings.from_env({"NERV_SCHEDULER_MODULES": "a.b, c"}).scheduler_modules == ("a.b", "c")
+    assert Settings.from_env({}).scheduler_modules == ()
+    import_modules(["json"])
+    with pytest.raises(ConfigurationError, match="no_such_module_here"):
+        import_modules(["no_such_module_here"])
