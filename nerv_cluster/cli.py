@@ -274,6 +274,9 @@ def submit(
         None, "--timeout", help="With --wait: give up after this many seconds."
     ),
     var: str | None = VarOpt,
+    refresh_cache: bool = typer.Option(
+        False, "--refresh-cache", help="Cached tasks compute; their results replace the cached ones."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Submit the workflow a Python file defines and print its run id.
@@ -288,7 +291,7 @@ def submit(
         # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
         wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
-        run_id = client.submit(wf)
+        run_id = client.submit(wf, refresh_cache=refresh_cache)
     except NervError:
         client.close()
         raise

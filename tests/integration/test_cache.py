@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import nerv_testtasks as tt
 import pytest
@@ -139,7 +140,7 @@ def test_single_flight_across_runs_and_the_next_runs_when_the_first_fails(cluste
     assert sorted((r.results["t"], r.tasks["t"].cached) for r in results[1:]) == [(2, False), (2, True)]
 
 
-def test_refresh_recomputes_and_replaces_the_entry(cluster: Cluster) -> None:
+def test_refresh_recomputes_and_replaces_the_entry(cluster: Cluster, tmp_path: Path) -> None:
     label = _label()
 
     def flow() -> Workflow:
@@ -155,6 +156,19 @@ def test_refresh_recomputes_and_replaces_the_entry(cluster: Cluster) -> None:
     assert three.results["t"]["execution"] == 2 and three.tasks["t"].cached
     assert three.tasks["t"].cached_from == f"{two.run_id}/t"
     assert _count(cluster, label) == 2
+    # The same from the command line: nerv submit --refresh-cache.
+    flow_file = tmp_path / "cache_refresh_flow.py"
+    flow_file.write_text(
+        "import nerv_testtasks as tt\n"
+        "from nerv_cluster import Workflow\n"
+        "workflow = Workflow('cache-refresh')\n"
+        f"workflow.add(tt.cached_count, {label!r}, 3, id='t')\n"
+    )
+    url = cluster.client.settings.redis_url
+    out = CliRunner().invoke(app, ["submit", str(flow_file), "--refresh-cache", "--redis-url", url])
+    assert out.exit_code == 0, out.output
+    four = cluster.client.wait(out.output.strip().splitlines()[-1], timeout=60)
+    assert four.results["t"]["execution"] == 3 and not four.tasks["t"].cached
 
 
 def test_cache_clear_by_task_and_all(cluster: Cluster) -> None:
