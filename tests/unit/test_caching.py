@@ -406,3 +406,32 @@ def test_the_scheduler_imports_its_modules_and_names_one_it_cannot() -> None:
     import_modules(["json"])
     with pytest.raises(ConfigurationError, match="no_such_module_here"):
         import_modules(["no_such_module_here"])
+
+
+def test_an_owner_cancelled_or_forgotten_wakes_the_runs_waiting_for_its_key() -> None:
+    store = MemoryStore()
+    room = _room(store)
+    state, _ = _two_runs()
+    view = room.prepare(["ra", "rb"], state)
+    out = Decisions()
+    for rid in ("ra", "rb"):
+        decide(state.runs[rid], 1.0, SOURCE, out, cache=view)
+    state = fold(out.events, state)
+    room.observe(out.events, state)
+    cancel = [ev(E.WORKFLOW_CANCEL_REQUESTED, run_id="ra", reason="stop")]
+    state = fold(cancel, state)
+    out = Decisions()
+    decide(state.runs["ra"], 2.0, SOURCE, out)
+    state = fold(out.events, state)
+    assert room.observe(out.events, state) == {"rb"}  # the cancelled owner released its key
+    assert not store.data  # nothing computed, nothing stored
+    view = room.prepare(["rb"], state)
+    assert view is not None and view.verdict("rb", "s").kind is Kind.MISS  # the waiter computes now
+    # A run forgotten while it owns a key wakes the runs waiting for it too.
+    room = _room(store)
+    state, _ = _two_runs()
+    view = room.prepare(["ra", "rb"], state)
+    out = Decisions()
+    for rid in ("ra", "rb"):
+        decide(state.runs[rid], 1.0, SOURCE, out, cache=view)
+    assert room.forget(["ra"]) == {"rb"}
