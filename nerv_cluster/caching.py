@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -223,16 +224,22 @@ class Verdict:
     entry: Entry | None = None
     error: TaskError | None = None
 
-    def event(self, run_id: str, task_id: str, attempt: int, now: float, source: str) -> Event | None:
-        """The event a hit (TASK_COMPLETED from the cache) or a failure (TASK_FAILED: no key) writes."""
+    def event(
+        self, run_id: str, task_id: str, attempt: int, now: float, source: str, event_id: str = ""
+    ) -> Event | None:
+        """The event a hit (TASK_COMPLETED from the cache) or a failure (TASK_FAILED: no key) writes
+        (``event_id``: its id, when the caller makes them; else a fresh uuid4)."""
+        eid = event_id or uuid.uuid4().hex
         if self.kind is Kind.HIT and self.entry is not None:
             # No key: it is not this task's to own, and a hit's event stays small (a run of hits is
             # nearly all such events, folded by the scheduler and every client that follows it).
             data = {"result": self.entry.result, "cached": True, "cached_from": self.entry.source}
-            return Event(EventType.TASK_COMPLETED, run_id, task_id, attempt, data, ts=now, source=source)
+            return Event(
+                EventType.TASK_COMPLETED, run_id, task_id, attempt, data, ts=now, source=source, id=eid
+            )
         if self.kind is Kind.FAIL and self.error is not None:
             data = {"error": self.error.to_dict(), "reason": "cache key"}
-            return Event(EventType.TASK_FAILED, run_id, task_id, attempt, data, ts=now, source=source)
+            return Event(EventType.TASK_FAILED, run_id, task_id, attempt, data, ts=now, source=source, id=eid)
         return None
 
 
@@ -255,6 +262,15 @@ class CacheView:
     refresh: frozenset[str]
     flights: Flights
     missing: set[str]
+    #: Ids of the events of this step's hits: a random part of the view's and a counter (a uuid4 per
+    #: event reads the OS's random source each time, a tenth of deciding a hit).
+    _id_base: str = field(default_factory=lambda: uuid.uuid4().hex[:20])
+    _made: int = 0
+
+    def event_id(self) -> str:
+        """A fresh event id, unique like a uuid4's (80 random bits per step, then a counter)."""
+        self._made += 1
+        return f"{self._id_base}{self._made:x}"
 
     def verdict(self, run_id: str, task_id: str) -> Verdict:
         """Hit, hold, miss or fail for a cacheable READY task about to be dispatched."""

@@ -267,7 +267,7 @@ def decide(
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
                 verdict = cache.verdict(rid, tid)
                 if verdict.kind is not Kind.MISS:
-                    done = verdict.event(rid, tid, ts.attempt, now, source)  # None: held
+                    done = verdict.event(rid, tid, ts.attempt, now, source, cache.event_id())  # None: held
                     if done is not None:
                         out.events.append(done)
                     continue

@@ -435,3 +435,17 @@ def test_an_owner_cancelled_or_forgotten_wakes_the_runs_waiting_for_its_key() ->
     for rid in ("ra", "rb"):
         decide(state.runs[rid], 1.0, SOURCE, out, cache=view)
     assert room.forget(["ra"]) == {"rb"}
+
+
+def test_hit_event_ids_are_unique_within_and_across_steps() -> None:
+    run = _cached_run(*[td(f"t{i}", cache=C) for i in range(50)])
+    entries = {f"k{i}": Entry(i, "r0", f"t{i}", 1, 0.0) for i in range(50)}
+    ids: set[str] = set()
+    for _ in range(3):
+        out = Decisions()
+        view = _view(run, {f"t{i}": f"k{i}" for i in range(50)}, entries, Flights())
+        decide(run, 1.0, SOURCE, out, cache=view)
+        hits = [e for e in out.events if e.type is E.TASK_COMPLETED]
+        assert len(hits) == 50
+        ids.update(e.id for e in hits)
+    assert len(ids) == 150
