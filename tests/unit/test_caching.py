@@ -449,3 +449,14 @@ def test_hit_event_ids_are_unique_within_and_across_steps() -> None:
         assert len(hits) == 50
         ids.update(e.id for e in hits)
     assert len(ids) == 150
+
+
+@pytest.mark.parametrize("bad", [{"version": "1"}, {"ttl": 0}, {"ttl": "60"}, {"ttl": 1, "version": 2}, [1]])
+def test_a_submission_with_a_malformed_cache_is_a_rejected_run(bad: Any) -> None:
+    raw = wdef(td("t")).to_dict()
+    raw["tasks"][0]["cache"] = bad
+    run = apply_to_run(None, ev(E.WORKFLOW_SUBMITTED, workflow=raw))
+    assert run is not None and "invalid submission" in run.rejected and "cache" in run.rejected
+    out = Decisions()
+    decide(run, 1.0, SOURCE, out)
+    assert [e.type for e in out.events] == [E.WORKFLOW_FAILED]
