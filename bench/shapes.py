@@ -38,6 +38,9 @@ class Shape:
     description: str
     parents: tuple[tuple[int, ...], ...]
     params: dict[str, int] = field(default_factory=dict)
+    #: Why peers are n/a for this shape when it measures a feature of ours alone (its row then compares
+    #: our engine with itself, e.g. a cached run against an uncached one); empty for a shared shape.
+    ours_only: str = ""
 
     def __post_init__(self) -> None:
         for child, ps in enumerate(self.parents):
@@ -145,6 +148,13 @@ def random_dag(n: int = RANDOM_N, max_parents: int = RANDOM_MAX_PARENTS, seed: i
                  {"n": n, "max_parents": max_parents, "seed": seed, "window": window})
 
 
+def cached(n: int = FANOUT_N) -> Shape:
+    """``n`` independent tasks of a cached function (``Cache``), run twice: first computed, then all
+    from the cache. Part "cache" of issue 16: the second run must be at least 5x faster."""
+    return Shape("cached", f"{n} independent cached tasks, run twice", tuple(() for _ in range(n)), {"n": n},
+                 ours_only="a result cache of ours: the row compares our second run with our first")
+
+
 def _scaled(value: int, scale: float, minimum: int) -> int:
     return max(minimum, round(value * scale))
 
@@ -156,6 +166,7 @@ BUILDERS: dict[str, Callable[[float, int], Shape]] = {
     "fanin": lambda s, _seed: fanin(_scaled(FANIN_N, s, 2)),
     "lattice": lambda s, _seed: lattice(_scaled(LATTICE_WIDTH, s, 3), LATTICE_DEPTH),
     "random": lambda s, seed: random_dag(_scaled(RANDOM_N, s, 10), seed=seed),
+    "cached": lambda s, _seed: cached(_scaled(FANOUT_N, s, 2)),
 }
 
 SHAPE_NAMES: tuple[str, ...] = tuple(BUILDERS)

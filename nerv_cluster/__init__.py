@@ -2,13 +2,14 @@
 
 The public API::
 
-    from nerv_cluster import Client, Workflow, task, RetryPolicy
+    from nerv_cluster import Cache, Client, Workflow, task, RetryPolicy
 """
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import NervError, RerunError, RunNotFinishedError
 from nerv_cluster.model import (
+    Cache,
     Event,
     EventType,
     RetryPolicy,
@@ -29,6 +30,7 @@ from nerv_cluster.workflow import TaskHandle, Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cache",
     "Client",
     "Event",
     "EventBus",

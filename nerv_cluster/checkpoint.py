@@ -41,6 +41,7 @@ _PLAIN = (
     "rejected",
     "submitted_bytes",
     "reruns",
+    "cached",
 )
 
 
@@ -109,6 +110,7 @@ def decode(data: dict[str, Any]) -> RunState:
         rejected=str(data.get("rejected", "")),
         submitted_bytes=int(data.get("submitted_bytes", 0)),
         reruns=int(data.get("reruns", 0)),
+        cached=int(data.get("cached", 0)),
     )
 
 

@@ -124,6 +124,11 @@ DEFAULT_CHECKPOINT_EVENTS: Final = 20_000
 CHECKPOINT_INTERVAL_S: Final = 5.0
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
+#: Modules the scheduler imports by default (none: only custom cache key functions need any).
+DEFAULT_SCHEDULER_MODULES: Final[tuple[str, ...]] = ()
+#: Cache entries the scheduler stores or reads per script call, and keys deleted per round trip by
+#: ``nerv cache clear`` (bounds how long one call holds Redis).
+CACHE_CHUNK: Final = 5_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -220,3 +225,17 @@ class Keys:
             self.checkpoint(run_id),
             self.reruns(run_id),
         )
+
+    def cache_entry(self, fn: str, digest: str) -> str:
+        """A cache entry: a result of task function ``fn`` for the key ``digest`` (64 hex digits), with
+        its TTL (see :mod:`nerv_cluster.caching`)."""
+        return f"{self.prefix}:cache:{fn}:{digest}"
+
+    def cache_pattern(self, fn: str | None = None) -> str:
+        """A SCAN pattern matching every cache entry, or those of task function ``fn``."""
+
+        def glob_escaped(text: str) -> str:
+            return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+        start = f"{glob_escaped(self.prefix)}:cache:"
+        return f"{start}*" if fn is None else f"{start}{glob_escaped(fn)}:*"

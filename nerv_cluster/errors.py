@@ -113,6 +113,11 @@ class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""
 
 
+class CacheKeyError(NervError):
+    """A task's custom cache key could not be computed (its key function is not registered in the
+    scheduler, raised, or returned no string): the task fails."""
+
+
 class ServiceFailed(NervError):
     """A service the launcher started exited, did not become ready, or left processes behind after
     SIGKILL; ``service`` says which."""

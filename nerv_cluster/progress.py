@@ -49,6 +49,8 @@ STATUS_STYLE: dict[str, str] = {
     "SKIPPED": "magenta",
     "CANCELLED": "bright_black",
 }
+#: How results taken from the cache are marked.
+CACHED_STYLE = "green dim"
 #: Task statuses in life-cycle order, for display.
 STATUS_ORDER: tuple[str, ...] = tuple(s.value for s in TaskStatus)
 
@@ -58,8 +60,9 @@ def styled_status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, "bold"))
 
 
-def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False) -> Text:
-    """``COMPLETED 300  RUNNING 8 ...`` in life-cycle order, coloured."""
+def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False, cached: int = 0) -> Text:
+    """``COMPLETED 300 (cached 120)  RUNNING 8 ...`` in life-cycle order, coloured (``cached``: how many
+    of the COMPLETED tasks came from the cache)."""
     out = Text()
     for name in STATUS_ORDER:
         n = int(counts.get(name, 0))
@@ -68,6 +71,8 @@ def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False) -> Text:
                 out.append("  ")
             out.append(f"{name} ", style=STATUS_STYLE[name])
             out.append(str(n), style="bold")
+            if name == "COMPLETED" and cached:
+                out.append(f" (cached {cached})", style=CACHED_STYLE)
     return out
 
 
@@ -164,7 +169,7 @@ def watch(
             progress.set_outcome(r.status)
         waited = time.monotonic() - began
         progress.update(bar, completed=r.finished_tasks, description=title or _describe(r, waited))
-        progress.counts = counts_text(r.counts)
+        progress.counts = counts_text(r.counts, cached=r.cached)
 
     with progress:
         show(run)
@@ -173,7 +178,9 @@ def watch(
             if plain and time.monotonic() >= next_plain and not run.status.terminal:
                 next_plain = time.monotonic() + _PLAIN_EVERY_S
                 progress.console.print(
-                    Text.assemble(f"{run.finished_tasks}/{run.total} done  ", counts_text(run.counts))
+                    Text.assemble(
+                        f"{run.finished_tasks}/{run.total} done  ", counts_text(run.counts, cached=run.cached)
+                    )
                 )
     return run
 
@@ -206,6 +213,9 @@ def status_renderable(
     for name in STATUS_ORDER:
         if counts.get(name):
             table.add_row(styled_status(name), str(counts[name]))
+    cached = sum(t.cached for t in result.tasks.values())
+    if cached:
+        table.add_row(Text("  from the cache", style=CACHED_STYLE), str(cached))
     parts.append(table)
 
     failed = [(tid, t) for tid, t in result.tasks.items() if t.status is TaskStatus.FAILED]
@@ -263,6 +273,7 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
         "duration": result.duration,
         "total": len(result.tasks),
         "counts": {name: result.counts[name] for name in STATUS_ORDER if name in result.counts},
+        "cached": sum(t.cached for t in result.tasks.values()),
         "failed": {
             tid: (t.error.to_dict() if t.error else {"type": "", "message": t.reason})
             for tid, t in result.tasks.items()
@@ -281,6 +292,8 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
                 "result": t.result,
                 "error": t.error.to_dict() if t.error else None,
                 "reason": t.reason,
+                "cached": t.cached,
+                "cached_from": t.cached_from,
             }
             for tid, t in result.tasks.items()
         }

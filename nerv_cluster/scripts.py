@@ -301,6 +301,22 @@ class Resign(LuaScript):
         return None if got is None else str(got)
 
 
+class CacheExchange(LuaScript):
+    """The scheduler's cache round trip, fenced by the lease: store ``n_store`` entries (the first keys
+    of the tail; per entry the value, its TTL in ms and an NX flag), then read the rest of the tail's
+    keys; their values (None where absent). ``LEASE_LOST`` (a ResponseError) when ``token`` does not hold
+    the lease."""
+
+    name = "cache"
+    keys = ("lease",)
+    args = ("token", "n_store")
+
+    def __call__(
+        self, *, lease: str, token: str, n_store: int, tail_keys: Sequence[str], tail_args: Sequence[Any]
+    ) -> list[Any]:
+        return list(self._run([lease], [token, n_store], tail_keys, tail_args))
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -316,6 +332,7 @@ ALL: tuple[type[LuaScript], ...] = (
     # rerun (issue 16)
     Rerun,
     Close,
+    CacheExchange,
 )
 
 

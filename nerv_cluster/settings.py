@@ -37,6 +37,8 @@ class Settings:
     visibility_timeout: int = constants.DEFAULT_VISIBILITY_TIMEOUT
     #: Modules with ``@task`` functions that workers import.
     worker_modules: tuple[str, ...] = ("nerv_cluster.examples.wordcount",)
+    #: Modules the scheduler imports: those registering custom cache key functions (``Cache(key=)``).
+    scheduler_modules: tuple[str, ...] = constants.DEFAULT_SCHEDULER_MODULES
     #: Worker processes for ``cpu`` (default: one per core) and threads for ``io`` (default: 8 per core).
     cpu_concurrency: int = 0
     io_concurrency: int = 0

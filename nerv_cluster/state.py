@@ -121,6 +121,11 @@ class TaskState(NamedTuple):
     #: The first attempt of the current round: a rerun (see :mod:`nerv_cluster.rerun`) starts the
     #: retry policy over from its new attempt, so retries count ``attempt - first``.
     first: int = 1
+    #: The cache key this task computes (recorded by its TASK_DISPATCHED): while the task is not
+    #: terminal, other tasks with the same key wait for it (single flight, :mod:`nerv_cluster.caching`).
+    cache_key: str | None = None
+    #: Where the result came from when the task completed from the cache (``run_id/task_id``).
+    cached_from: str | None = None
 
 
 class RunState(NamedTuple):
@@ -156,6 +161,8 @@ class RunState(NamedTuple):
     submitted_bytes: int = 0
     #: Reruns applied (WORKFLOW_RERUN_REQUESTED): the next one must carry this number plus one.
     reruns: int = 0
+    #: Tasks completed from the cache (for progress).
+    cached: int = 0
 
     @property
     def name(self) -> str:
@@ -339,7 +346,13 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched:
         return run
     tid, ts = cur
-    new = ts._replace(dispatched=True, dispatched_at=ev.ts, due_at=None)
+    key = ev.data.get("cache_key")
+    new = ts._replace(
+        dispatched=True,
+        dispatched_at=ev.ts,
+        due_at=None,
+        cache_key=key if isinstance(key, str) else ts.cache_key,
+    )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
 
@@ -381,7 +394,9 @@ def _completed(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status not in _ACTIVE:
         return run
     tid, ts = cur
-    return _finish(
+    # A completion from the cache (the scheduler's, see nerv_cluster.caching) names its source.
+    cached_from = str(ev.data.get("cached_from", "")) if ev.data.get("cached") is True else None
+    done = _finish(
         run,
         ev,
         tid,
@@ -390,7 +405,9 @@ def _completed(run: RunState, ev: Event) -> RunState:
         result=ev.data.get("result"),
         worker=ev.data.get("worker", ts.worker),
         started_at=ev.data.get("started_at", ts.started_at),
+        cached_from=cached_from,
     )
+    return done if cached_from is None else done._replace(cached=done.cached + 1)
 
 
 def _failed(run: RunState, ev: Event) -> RunState:
@@ -719,6 +736,8 @@ def task_result(run: RunState, tid: str) -> TaskResult:
         started_at=ts.started_at,
         finished_at=ts.finished_at,
         reason=ts.reason,
+        cached=ts.cached_from is not None,
+        cached_from=ts.cached_from,
     )
 
 

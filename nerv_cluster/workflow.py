@@ -19,7 +19,15 @@ from nerv_cluster.errors import (
     WorkflowError,
 )
 from nerv_cluster.ids import check_id, slug
-from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
+from nerv_cluster.model import (
+    Cache,
+    CircuitBreaker,
+    RetryPolicy,
+    TaskDef,
+    TaskPriority,
+    TriggerRule,
+    WorkflowDef,
+)
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
@@ -108,6 +116,7 @@ class Workflow:
         tags: Iterable[str] = (),
         trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
         context: bool | None = None,
+        cache: Cache | None = None,
     ) -> TaskHandle:
         """Add one task and return its handle.
 
@@ -115,7 +124,8 @@ class Workflow:
         (not both); task keyword arguments go in ``kwargs=``. Handles anywhere in the arguments, also
         nested in lists and dicts, become dependencies and are replaced by the upstream results when
         the task runs. ``dependencies`` adds ordering-only dependencies (handles or task ids). Options
-        left unset take the ``@task`` defaults.
+        left unset take the ``@task`` defaults. ``cache=Cache(ttl=...)`` completes the task from an
+        earlier result of the same function and arguments (see :class:`~nerv_cluster.model.Cache`).
         """
         if call_args and args is not None:
             raise WorkflowError("give task arguments positionally or as args=..., not both")
@@ -137,6 +147,8 @@ class Workflow:
         check_queue(queue)
         if timeout is not None and timeout <= 0:
             raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
+        if cache is not None and not isinstance(cache, Cache):
+            raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
         td = TaskDef(
             id=task_id,
             fn=fn_name,
@@ -153,6 +165,7 @@ class Workflow:
             tags=tuple(tags),
             trigger=TriggerRule.parse(trigger),
             context=context if context is not None else (tf.context if tf else False),
+            cache=cache if cache is not None else (tf.cache if tf else None),
         )
         self._tasks.append(td)
         self._ids.add(task_id)

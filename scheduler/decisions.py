@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from nerv_cluster import constants
+from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
@@ -196,10 +197,12 @@ def decide(
     breakers: Breakers | None = None,
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
+    cache: CacheView | None = None,
 ) -> None:
     """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply;
     ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`;
-    ``limits``: the bounds a run and its jobs are held to)."""
+    ``limits``: the bounds a run and its jobs are held to; ``cache``: the cache entries read for this
+    step, without which cacheable tasks are dispatched like any other, see :mod:`nerv_cluster.caching`)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
@@ -260,6 +263,15 @@ def decide(
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
                 continue
             td = run.defs[tid]
+            cache_key = None
+            if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
+                verdict = cache.verdict(rid, tid)
+                if verdict.kind is not Kind.MISS:
+                    done = verdict.event(rid, tid, ts.attempt, now, source, cache.event_id())  # None: held
+                    if done is not None:
+                        out.events.append(done)
+                    continue
+                cache_key = verdict.key
             if td.circuit is not None and breakers is not None:
                 allowed, transition = breakers.admit(
                     td.fn, td.circuit, job_id(rid, tid, ts.attempt), rid, now, source
@@ -276,10 +288,12 @@ def decide(
                 if size > limits.max_job_bytes:
                     out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
                     continue
+            data = {"queue": queue}
+            if cache_key is not None and cache is not None:
+                data["cache_key"] = cache_key
+                cache.claim(cache_key, rid, tid)
             out.events.append(
-                Event(
-                    EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
-                )
+                Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, data, ts=now, source=source)
             )
             out.jobs.append((job, queue))
     if run.all_tasks_done and not run.doomed:
@@ -296,12 +310,13 @@ def decide_isolated(
     breakers: Breakers | None = None,
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
+    cache: CacheView | None = None,
 ) -> None:
     """:func:`decide`, but a run it raises for is failed (WORKFLOW_FAILED with the error) and nothing
     else is decided for it: one run the scheduler cannot decide for never stops the others."""
     mine = Decisions()
     try:
-        decide(run, now, source, mine, breakers, handoff, limits)
+        decide(run, now, source, mine, breakers, handoff, limits, cache)
     except Exception as exc:
         mine = Decisions(
             events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]

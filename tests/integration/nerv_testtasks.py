@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from nerv_cluster import TaskContext, task
+from nerv_cluster import Cache, TaskContext, task
 
 _client: redis.Redis | None = None
 _pid = -1
@@ -202,3 +202,46 @@ def fails_first_runs(ctx: TaskContext, runs: int) -> int:
     if n <= runs:
         raise ConnectionError(f"execution {n} of {ctx.task_id} fails")
     return n
+
+
+# -- part "cache" (issue 16): cached tasks count their executions per label, across runs --------------
+
+
+def _count_label(label: str) -> int:
+    return int(_redis().incr(f"test:cache:{label}"))
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_count(label: str, value: int) -> dict[str, int]:
+    """Count this execution under ``label``; return the value and which execution this was."""
+    return {"value": value, "execution": _count_label(label)}
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_slow(label: str, seconds: float) -> int:
+    """Count, sleep, return which execution this was."""
+    n = _count_label(label)
+    time.sleep(seconds)
+    return n
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_fails_first(label: str, seconds: float) -> int:
+    """Count, sleep, and fail on the first execution under ``label``; later ones return their number."""
+    n = _count_label(label)
+    time.sleep(seconds)
+    if n == 1:
+        raise RuntimeError(f"first execution of {label} fails")
+    return n
+
+
+@task(queue="cpu")
+def first_arg_key(args: list[Any], kwargs: dict[str, Any]) -> str:
+    """A custom cache key: only the first argument matters."""
+    return str(args[0])
+
+
+@task(queue="cpu", cache=Cache(ttl=60, key=first_arg_key))
+def cached_by_label(label: str, noise: int) -> int:
+    """Count; cached by ``label`` alone (``noise`` does not matter)."""
+    return _count_label(label)
