@@ -100,6 +100,19 @@ class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""
 
 
+class ChildRunFailedError(NervError):
+    """A task's child run (the workflow its function returned) failed or was cancelled; it names the
+    child run and its failed task."""
+
+
+class ChildDepthError(NervError):
+    """A task returned a workflow nested deeper than ``NERV_MAX_CHILD_DEPTH`` allows."""
+
+
+class ChildRunIdTakenError(NervError):
+    """The run id a child run derives from its parent attempt is already taken by another run."""
+
+
 class ServiceFailed(NervError):
     """A service the launcher started exited, did not become ready, or left processes behind after
     SIGKILL; ``service`` says which."""

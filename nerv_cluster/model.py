@@ -123,6 +123,11 @@ class EventType(StrEnum):
     CIRCUIT_OPENED = "CIRCUIT_OPENED"
     CIRCUIT_HALF_OPENED = "CIRCUIT_HALF_OPENED"
     CIRCUIT_CLOSED = "CIRCUIT_CLOSED"
+    # Child runs (issue 16, part "child"): an attempt whose function returned a Workflow (data: the
+    # child's definition, the worker), and the scheduler's record that the child run exists (data:
+    # its run id). See nerv_cluster/children.py.
+    TASK_SPAWNED = "TASK_SPAWNED"
+    CHILD_STARTED = "CHILD_STARTED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -250,6 +255,9 @@ class TaskDef:
     trigger: TriggerRule = TriggerRule.ALL_SUCCESS
     context: bool = False  # call fn(ctx, *args) with a TaskContext first
     circuit: CircuitBreaker | None = None
+    #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
+    #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
+    workflow: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -280,6 +288,8 @@ class TaskDef:
             out["context"] = True
         if self.circuit is not None:
             out["circuit"] = self.circuit.to_dict()
+        if self.workflow is not None:
+            out["workflow"] = self.workflow
         return out
 
     @classmethod
@@ -302,16 +312,55 @@ class TaskDef:
             trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
             context=bool(data.get("context", False)),
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
+            workflow=data.get("workflow"),
         )
 
 
 @dataclass(frozen=True, slots=True)
+class ParentRef:
+    """The task attempt a child run belongs to (``RunResult.parent``): its run, task and attempt."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (kept in the child's definition, ``meta["parent"]``)."""
+        return {"run": self.run_id, "task": self.task_id, "attempt": self.attempt}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ParentRef | None:
+        """Inverse of :meth:`to_dict`; None for anything that is not one (a run without a parent)."""
+        if not isinstance(data, Mapping):
+            return None
+        run, tid, attempt = data.get("run"), data.get("task"), data.get("attempt")
+        if not (isinstance(run, str) and isinstance(tid, str) and type(attempt) is int):
+            return None
+        return cls(run, tid, attempt)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDef:
-    """A whole workflow: a name and its tasks in the order they were added."""
+    """A whole workflow: a name and its tasks in the order they were added.
+
+    ``meta`` may say which task's result is the workflow's output (``"output"``, see
+    ``Workflow.output``) and, for a child run, its parent and depth (``"parent"``, ``"depth"``).
+    """
 
     name: str
     tasks: tuple[TaskDef, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def parent(self) -> ParentRef | None:
+        """The task attempt this run is the child of (None for a run a client submitted)."""
+        return ParentRef.from_dict(self.meta.get("parent"))
+
+    @property
+    def depth(self) -> int:
+        """How deep this run is nested under runs a client submitted (0 for those)."""
+        depth = self.meta.get("depth", 0)
+        return depth if type(depth) is int and depth >= 0 else 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -408,6 +457,8 @@ class TaskResult:
     finished_at: float | None = None
     name: str = ""
     reason: str = ""
+    #: The child run of the current attempt, when its function returned a workflow.
+    child: str | None = None
 
     @property
     def execution_time(self) -> float | None:

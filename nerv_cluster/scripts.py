@@ -244,6 +244,28 @@ class Resign(LuaScript):
         return None if got is None else str(got)
 
 
+class Spawn(LuaScript):
+    """Create child runs (fenced by the lease), each at most once per parent attempt, with CHILD_STARTED
+    in the parent's log in the same step; per spawn ``created``, ``done`` (by an earlier call) or
+    ``taken`` (the child's run id is another run's). ``LEASE_LOST`` (a ResponseError) when not leader."""
+
+    name = "spawn"
+    keys = ("lease", "active", "runs")
+    args = ("token",)
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        active: str,
+        runs: str,
+        token: str,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([lease, active, runs], [token], tail_keys, tail_args))
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -256,6 +278,7 @@ ALL: tuple[type[LuaScript], ...] = (
     Supersede,
     Checkpoint,
     Resign,
+    Spawn,
 )
 
 
@@ -272,3 +295,4 @@ class Scripts:
         self.release = Release(client)
         self.supersede = Supersede(client)
         self.checkpoint = Checkpoint(client)
+        self.spawn = Spawn(client)

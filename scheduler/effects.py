@@ -15,6 +15,8 @@ import json
 import logging
 from collections.abc import Sequence
 
+from nerv_cluster import children
+from nerv_cluster.children import Spawn
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
@@ -77,6 +79,26 @@ class Effects:
         if events:
             self.log.append_fenced(events, token)
         return events
+
+    def spawn(self, spawns: Sequence[Spawn], state: State, now: float) -> list[Event]:
+        """Create child runs (each once, with CHILD_STARTED in its parent's log); the events to fold:
+        each created child's submission and CHILD_STARTED, or a TASK_FAILED for a spawn whose child
+        run id another run holds (written here)."""
+        if not spawns:
+            return []
+        verdicts = self.log.spawn_children(spawns, self.token())
+        events: list[Event] = []
+        failed: list[Event] = []
+        for sp, verdict in zip(spawns, verdicts, strict=True):
+            if verdict == "taken":
+                run = state.runs.get(sp.parent.run_id)
+                if run is not None:
+                    failed.append(children.taken(sp, run, now, sp.started.source))
+                continue
+            events += [sp.submitted, sp.started]
+        if failed:
+            self.log.append_fenced(failed, self.token())
+        return events + failed
 
     def take_slots(self, attempts: Sequence[tuple[str, str, int]], why: EventType) -> list[str]:
         """Take the outcome slots of these (run, task, attempt) where free; what holds each afterwards
