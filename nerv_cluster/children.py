@@ -92,9 +92,7 @@ def spawned_data(workflow: Workflow, bounds: SpawnBounds) -> dict[str, Any]:
     from nerv_cluster.workflow import validate_definition
 
     definition = workflow.definition()
-    validate_definition(
-        definition, max_payload_bytes=bounds.max_payload_bytes, max_tasks=bounds.max_tasks
-    )
+    validate_definition(definition, max_payload_bytes=bounds.max_payload_bytes, max_tasks=bounds.max_tasks)
     raw = definition.to_dict()
     size = len(json.dumps(raw, separators=(",", ":")))
     if size > bounds.max_submission_bytes:
@@ -140,9 +138,7 @@ def static_spawn(run: RunState, tid: str, ts: TaskState, now: float, source: str
     )
 
 
-def spawns(
-    run: RunState, max_depth: int, now: float, source: str, events: list[Event]
-) -> list[Spawn]:
+def spawns(run: RunState, max_depth: int, now: float, source: str, events: list[Event]) -> list[Spawn]:
     """The child runs to create for ``run``'s spawning tasks; a spawn past ``max_depth`` fails its task
     instead (a TASK_FAILED appended to ``events``: retrying cannot make it shallower)."""
     out: list[Spawn] = []
@@ -220,7 +216,9 @@ def parent_outcome(
         size = len(json.dumps(value, separators=(",", ":")))
         if size <= max_result_bytes:
             data = {"result": value, "child": cid}
-            return Event(EventType.TASK_COMPLETED, ref.run_id, ref.task_id, ref.attempt, data, ts=now, source=source)
+            return Event(
+                EventType.TASK_COMPLETED, ref.run_id, ref.task_id, ref.attempt, data, ts=now, source=source
+            )
         exc: Exception = PayloadTooLargeError(
             f"the output of child run {cid!r} is {size} bytes of JSON; the limit is {max_result_bytes}"
         )

@@ -12,8 +12,8 @@ from typing import Any
 from dependency_injector import containers, providers
 
 from nerv_cluster.bus import EventBus
-from nerv_cluster.children import SpawnBounds
 from nerv_cluster.celery_app import create_celery
+from nerv_cluster.children import SpawnBounds
 from nerv_cluster.client import Client, connect
 from nerv_cluster.constants import Keys
 from nerv_cluster.eventlog import EventLog

@@ -35,7 +35,9 @@ def test_fib_12_by_child_runs_gives_144(cluster: Cluster) -> None:
     assert res.results["fib"] == 144
     assert res.output == 144
     (child,) = _children_of(cluster, run_id)
-    assert child == child_run_id("fib-12", ParentRef(run_id, "fib", 1)), "the child id derives from the attempt"
+    assert child == child_run_id("fib-12", ParentRef(run_id, "fib", 1)), (
+        "the child id derives from the attempt"
+    )
     assert res.tasks["fib"].child == child
     sub = cluster.client.status(child)
     assert sub.status is RunStatus.COMPLETED
