@@ -3,14 +3,17 @@ scheduler and real worker processes."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import nerv_testtasks as tt
 import pytest
+from typer.testing import CliRunner
 
-from nerv_cluster import EventType, RunStatus, TaskStatus, Workflow
+from nerv_cluster import EventType, RunStatus, TaskStatus, Workflow, progress
 from nerv_cluster.children import child_run_id
+from nerv_cluster.cli import app
 from nerv_cluster.model import ParentRef
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
@@ -91,6 +94,22 @@ def test_a_static_sub_workflow_runs_as_a_child_without_a_worker(cluster: Cluster
     assert not [ev for ev in starts if ev.type in (EventType.TASK_DISPATCHED, EventType.TASK_STARTED)]
     (child,) = _children_of(cluster, run_id)
     assert cluster.client.status(child).parent == ParentRef(run_id, "inner", 1)
+
+    # `nerv status --json` names the parent; `nerv runs` lists the child under it.
+    url = cluster.client.settings.redis_url
+    shown = CliRunner().invoke(app, ["status", child, "--json", "--redis-url", url])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["parent"] == {"run": run_id, "task": "inner", "attempt": 1}
+    listed = CliRunner().invoke(app, ["runs", "-n", "500", "--json", "--redis-url", url])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["run_id"]: r for r in json.loads(listed.output)}
+    assert rows[child]["parent"]["run"] == run_id and rows[run_id]["parent"] is None
+    nested = progress.nest_runs(
+        [(rid, ts, cluster.client.status(rid)) for rid, ts in cluster.client.runs(500)]
+    )
+    levels = [(level, row[0]) for level, row in nested]
+    at = levels.index((0, run_id))
+    assert levels[at + 1] == (1, child), "the child is listed right under its parent"
 
 
 def test_the_depth_bound_fails_the_task_past_it(own_cluster: Cluster) -> None:

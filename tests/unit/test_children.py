@@ -337,3 +337,23 @@ def test_fold_run_equals_one_by_one_and_checkpoints_round_trip_with_children() -
         # A checkpoint plus the rest of the log is the whole fold.
         rest = fold_run(back, log[i:])
         assert rest == _fold(log)
+
+
+def test_nest_runs_puts_children_under_their_parents() -> None:
+    from nerv_cluster.progress import nest_runs
+    from nerv_cluster.state import RunResult
+
+    def row(rid: str, parent: str | None) -> tuple[str, float, RunResult]:
+        ref = ParentRef(parent, "t", 1) if parent else None
+        return rid, 0.0, RunResult(rid, rid, RunStatus.COMPLETED, {}, parent=ref, depth=1 if parent else 0)
+
+    rows = [
+        row("grandchild", "child"),
+        row("child", "root"),
+        row("other", None),
+        row("root", None),
+        row("orphan", "gone"),
+        ("expired", 0.0, None),
+    ]
+    got = [(level, r[0]) for level, r in nest_runs(rows)]  # type: ignore[arg-type]
+    assert got == [(0, "other"), (0, "root"), (1, "child"), (2, "grandchild"), (0, "orphan"), (0, "expired")]
