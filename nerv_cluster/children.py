@@ -156,7 +156,7 @@ def spawns(run: RunState, max_depth: int, now: float, source: str, events: list[
         parent = ParentRef(run.run_id, tid, ts.attempt)
         child_id = child_run_id(raw.get("name"), parent)
         meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
-        meta.update(parent=parent.to_dict(), depth=depth)
+        meta.update(parent=parent.to_dict(), depth=depth, root=run.definition.root or run.run_id)
         submitted = Event(
             EventType.WORKFLOW_SUBMITTED,
             child_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nerv_cluster.model import RetryPolicy
@@ -33,6 +33,10 @@ class Job:
     #: running it (alone in its message) the worker waits briefly for that dependent to be handed to it
     #: directly (see ``constants.HANDOFF_WAIT_S``).
     handoff: bool = False
+    #: The run tree the job belongs to (for a child run, its root run; "" for a run with no parent):
+    #: the scheduler may pack jobs of one tree into one message (``scheduler.dispatch.pack``). Only the
+    #: scheduler uses it; it does not travel.
+    family: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -95,4 +99,5 @@ def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:
         retry=td.retry,
         timeout=td.timeout,
         handoff=handoff,
+        family=run.definition.root,
     )

@@ -357,6 +357,12 @@ class WorkflowDef:
         return ParentRef.from_dict(self.meta.get("parent"))
 
     @property
+    def root(self) -> str:
+        """For a child run, the run a client submitted at the top of its tree ("" for that run itself)."""
+        root = self.meta.get("root", "")
+        return root if isinstance(root, str) else ""
+
+    @property
     def depth(self) -> int:
         """How deep this run is nested under runs a client submitted (0 for those)."""
         depth = self.meta.get("depth", 0)

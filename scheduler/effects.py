@@ -114,10 +114,14 @@ class Effects:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
         carriers = []
+        cancelled_runs = {rid for rid, _, _ in attempts}
         for rid, tid, _ in attempts:
             run = state.runs.get(rid)
             via = run.tasks[tid].via if run is not None and tid in run.tasks else None
-            if via:
+            # A message of a tree of child runs may carry jobs of other runs of the tree: revoking it
+            # would drop those. A cancelled job in it is skipped when its turn comes (its slot is
+            # taken), or runs to its end with its outcome dropped.
+            if via and via.rsplit(":", 2)[0] in cancelled_runs:
                 carriers.append(via)
         self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
 
