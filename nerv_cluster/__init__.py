@@ -11,6 +11,7 @@ from nerv_cluster.errors import NervError
 from nerv_cluster.model import (
     Event,
     EventType,
+    ParentRef,
     RetryPolicy,
     RunStatus,
     TaskDef,
@@ -34,6 +35,7 @@ __all__ = [
     "EventBus",
     "EventType",
     "NervError",
+    "ParentRef",
     "RetryPolicy",
     "RunResult",
     "RunStatus",
