@@ -195,3 +195,39 @@ def test_scheduler_sigkill_mid_spawn_creates_no_child_twice(own_cluster: Cluster
         if r.parent is not None:
             parent = c.client.status(r.parent.run_id)
             assert parent.tasks[r.parent.task_id].result == r.output, "the parent completed with its child"
+
+
+def test_spawn_script_creates_each_child_once_and_refuses_a_taken_id(own_cluster: Cluster) -> None:
+    """spawn.lua against real Redis: a child and its CHILD_STARTED at most once per parent attempt (a
+    resent or repeated spawn writes nothing), a taken child id writes nothing, a lost lease neither."""
+    from nerv_cluster.children import Spawn
+    from nerv_cluster.errors import LeaseLostError
+    from nerv_cluster.model import Event
+    from scheduler.lease import Lease
+
+    c = own_cluster
+    log, keys = c.client.log, c.client.keys
+    lease = Lease(log, ttl_ms=10_000)
+    assert lease.acquire() and lease.token
+
+    def spawn(task: str, child: str) -> Spawn:
+        ref = ParentRef("parent-run", task, 1)
+        sub = {"name": "kid", "tasks": [{"id": "a", "fn": "nerv_testtasks.add", "args": [1, 2]}]}
+        return Spawn(
+            ref,
+            child,
+            Event(EventType.WORKFLOW_SUBMITTED, child, data={"workflow": sub}, source="scheduler:t"),
+            Event(EventType.CHILD_STARTED, "parent-run", task, 1, {"child": child}, source="scheduler:t"),
+        )
+
+    first = spawn("t", "kid-1")
+    assert log.spawn_children([first], lease.token) == ["created"]
+    assert log.spawn_children([first], lease.token) == ["done"], "a resent call creates nothing"
+    assert c.redis.xlen(keys.log("kid-1")) == 1 and c.redis.xlen(keys.log("parent-run")) == 1
+    assert c.redis.sismember(keys.active, "kid-1") and c.redis.zscore(keys.runs, "kid-1") is not None
+    # Another attempt's spawn claiming the same child id: nothing written.
+    assert log.spawn_children([spawn("u", "kid-1")], lease.token) == ["taken"]
+    assert c.redis.xlen(keys.log("kid-1")) == 1 and c.redis.xlen(keys.log("parent-run")) == 1
+    with pytest.raises(LeaseLostError):
+        log.spawn_children([spawn("v", "kid-2")], "not-the-token")
+    assert not c.redis.exists(keys.log("kid-2")) and c.redis.xlen(keys.log("parent-run")) == 1
