@@ -174,7 +174,7 @@ BUILDERS: dict[str, Callable[[float, int], Shape]] = {
     "lattice": lambda s, _seed: lattice(_scaled(LATTICE_WIDTH, s, 3), LATTICE_DEPTH),
     "random": lambda s, seed: random_dag(_scaled(RANDOM_N, s, 10), seed=seed),
     # fib(16) at scale 1; a tenth of the calls (--quick) is fib(11).
-    "recursive": lambda s, _seed: recursive(max(2, 16 + round(math.log(s) / math.log(1.618)))),
+    "recursive": lambda s, _seed: recursive(max(2, 16 + round(math.log(max(s, 1e-3)) / math.log(1.618)))),
 }
 
 SHAPE_NAMES: tuple[str, ...] = tuple(BUILDERS)
