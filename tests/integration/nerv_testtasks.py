@@ -248,3 +248,13 @@ def nest(ctx: TaskContext, levels: int) -> int | Workflow:
     child = Workflow(f"nest-{levels}")
     child.add(nest, levels - 1)
     return child
+
+
+@task(queue="cpu")
+def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -> Workflow:
+    """``levels`` child runs deep, the deepest a fan of ``fan`` slow tasks (``spawn_slow``)."""
+    if levels <= 1:
+        return spawn_slow(ctx, seconds, fan)
+    child = Workflow(f"nested-{levels}")
+    child.add(spawn_slow_nested, seconds, fan, levels - 1, id="down")
+    return child

@@ -141,25 +141,33 @@ def test_cancelling_a_parent_cancels_its_children(own_cluster: Cluster) -> None:
     c.wait_leader()
     c.worker("cpu", 2)
     wf = Workflow("cancel-parent")
-    wf.add(tt.spawn_slow, 0.5, 40, id="parent")
+    wf.add(tt.spawn_slow_nested, 0.5, 40, 3, id="parent")  # parent -> child -> grandchild of 40 tasks
     run_id = c.client.submit(wf)
     deadline = time.monotonic() + 30
-    while not _children_of(c, run_id) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (child,) = _children_of(c, run_id)
-    while not c.execs(child) and time.monotonic() < deadline:
+    lineage = [run_id]
+    while len(lineage) < 3 and time.monotonic() < deadline:
+        below = _children_of(c, lineage[-1])
+        if below:
+            lineage.append(below[0])
+        else:
+            time.sleep(0.05)
+    assert len(lineage) == 3, f"the grandchild was never created: {lineage}"
+    grandchild = lineage[-1]
+    while not c.execs(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     c.client.cancel(run_id, "stop it all")
     res = c.client.wait(run_id, timeout=30)
     assert res.status is RunStatus.CANCELLED
     assert res.tasks["parent"].status is TaskStatus.CANCELLED
-    sub = c.client.wait(child, timeout=30)
-    assert sub.status is RunStatus.CANCELLED
-    assert "stop it all" in sub.reason and run_id in sub.reason
-    ran = sum(c.execs(child).values())
-    assert ran < 40, "the child's tasks stopped being started"
+    for rid in lineage[1:]:  # recursively: the child, then the grandchild
+        sub = c.client.wait(rid, timeout=30)
+        assert sub.status is RunStatus.CANCELLED, (rid, sub.reason)
+        assert "stop it all" in sub.reason, sub.reason
+    assert lineage[1] in c.client.status(grandchild).reason, "the grandchild names its cancelled parent"
+    ran = sum(c.execs(grandchild).values())
+    assert ran < 40, "the grandchild's tasks stopped being started"
     time.sleep(1.5)
-    assert sum(c.execs(child).values()) == ran, "nothing of the child starts after its cancel"
+    assert sum(c.execs(grandchild).values()) == ran, "nothing of the grandchild starts after its cancel"
 
 
 def test_scheduler_sigkill_mid_spawn_creates_no_child_twice(own_cluster: Cluster) -> None:
