@@ -52,11 +52,13 @@ class NervEngine(Engine):
             from nerv_cluster.launcher import LocalCluster
         except ImportError as exc:
             raise EngineUnavailable(f"cannot import nerv_cluster ({exc})") from exc
-        import bench.nerv_tasks  # noqa: F401 - registers bench.noop in this process too
+        # Register bench.noop, bench.fib and bench.add in this process too.
+        import bench.nerv_tasks
+        import bench.recursive  # noqa: F401
 
         self._logdir = tempfile.TemporaryDirectory(prefix="nerv-bench-")
         env = {
-            "NERV_WORKER_MODULES": "bench.nerv_tasks",
+            "NERV_WORKER_MODULES": "bench.nerv_tasks,bench.recursive",
             "NERV_LOG_LEVEL": "INFO",
             # The peers' workers run without Celery task events (no -E); ours too, for a like-for-like run.
             "NERV_TASK_EVENTS": "false",
@@ -68,7 +70,7 @@ class NervEngine(Engine):
         self.client.redis.flushdb()
         self.cluster.scheduler()
         self.cluster.worker("cpu", workers)
-        self.cluster.wait_ready(self.client, {"bench.noop"})
+        self.cluster.wait_ready(self.client, {"bench.noop", "bench.fib", "bench.add"})
         warm = self._workflow(Shape("warm-up", "warm-up", tuple(() for _ in range(4 * workers))))
         self.client.wait(self.client.submit(warm), timeout=60).raise_for_status()
 
@@ -113,6 +115,8 @@ class NervEngine(Engine):
         assert self.client is not None, "engine not started"
         if shape.name == "cached":
             return self._run_cached(shape)
+        if shape.kind == "recursive":
+            return self._recursive(shape)
         with Stopwatch() as sw:
             wf = self._workflow(shape)
             run_id = self.client.submit(wf)
@@ -125,6 +129,21 @@ class NervEngine(Engine):
             p99 = hops[min(len(hops) - 1, int(0.99 * len(hops)))]
             note = f"hop p50 {1000 * statistics.median(hops):.2f} ms, p99 {1000 * p99:.2f} ms"
         return Measurement("nerv", shape.name, shape.size, sw.seconds, note=note)
+
+    def _recursive(self, shape: Shape) -> Measurement:
+        """fib(n) by child runs; counts the fib calls (the ``add`` tasks are extra work of ours)."""
+        from bench.recursive import fib_value, nerv_workflow
+
+        n = shape.params["n"]
+        runs_before = self.client.redis.zcard(self.client.keys.runs)
+        with Stopwatch() as sw:
+            run_id = self.client.submit(nerv_workflow(n))
+            res = self.client.wait(run_id, timeout=self.timeout)
+        res.raise_for_status()
+        if res.results["fib"] != fib_value(n):
+            raise RuntimeError(f"fib({n}) gave {res.results['fib']}, expected {fib_value(n)}")
+        children = self.client.redis.zcard(self.client.keys.runs) - runs_before - 1
+        return Measurement("nerv", shape.name, shape.size, sw.seconds, note=f"{children} child runs")
 
     def stop(self) -> None:
         if self.cluster is not None:

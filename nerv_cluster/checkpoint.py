@@ -21,7 +21,7 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 3  # 3: TaskState.first and RunState.reruns (rerun)
+FORMAT = 4  # 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -30,7 +30,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -101,6 +101,7 @@ def decode(data: dict[str, Any]) -> RunState:
         doomed=_ids(data["doomed"]),
         running=_ids(data["running"]),
         queued=_ids(data["queued"]),
+        spawning=_ids(data.get("spawning", [])),
         submitted_at=float(data["submitted_at"]),
         started_at=data["started_at"],
         finished_at=data["finished_at"],

@@ -30,7 +30,7 @@ from nerv_cluster.logs import setup_logging
 from nerv_cluster.model import RunStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, RunState, run_result
-from nerv_cluster.workflow import Workflow
+from nerv_cluster.workflow import Workflow, nested_tasks
 
 app = typer.Typer(
     add_completion=False,
@@ -246,7 +246,7 @@ def _check_workers_know(client: Client, wf: Workflow, file: Path, module: str) -
     known = client.registered_tasks()
     if not known:
         return
-    missing = sorted({t.fn for t in wf.tasks} - known.keys())
+    missing = sorted({t.fn for t in nested_tasks(wf.definition())} - known.keys())
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise UnknownTaskError(

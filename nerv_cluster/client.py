@@ -31,7 +31,7 @@ from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
 from nerv_cluster.registry import TaskFunction
 from nerv_cluster.settings import Settings
-from nerv_cluster.workflow import Workflow, validate_definition
+from nerv_cluster.workflow import Workflow, nested_tasks, validate_definition
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
@@ -118,7 +118,8 @@ class Client:
         validate_definition(
             definition, max_payload_bytes=self.settings.max_payload_bytes, max_tasks=self.settings.max_tasks
         )
-        main_names = sorted({t.fn for t in definition.tasks if t.fn.startswith("__main__.")})
+        runnable = list(nested_tasks(definition))  # static sub-workflows' tasks too
+        main_names = sorted({t.fn for t in runnable if t.fn.startswith("__main__.")})
         if main_names:
             raise UnknownTaskError(
                 f"{', '.join(main_names)}: tasks defined in a script run as __main__ cannot be found by "
@@ -127,7 +128,7 @@ class Client:
         # Only what workers registered counts: a name registered in this process alone runs nowhere.
         known = self.registered_tasks() if check_names else {}
         if known:
-            for t in definition.tasks:
+            for t in runnable:
                 if t.fn not in known:
                     raise UnknownTaskError(
                         f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "

@@ -91,6 +91,13 @@ LAUNCH_START_TIMEOUT_S: Final = 90.0
 LAUNCH_STOP_TIMEOUT_S: Final = 10.0
 LAUNCH_REAP_TIMEOUT_S: Final = 10.0
 
+#: Child runs (nerv_cluster/children.py): how deep runs may nest (``NERV_MAX_CHILD_DEPTH``), the hex
+#: digits of the hash in a child's run id, and the ``fn`` of a static sub-workflow's task (``Workflow.add
+#: (other_workflow)``), which no ``@task`` can be registered under (names start with a letter or '_').
+DEFAULT_MAX_CHILD_DEPTH: Final = 64
+CHILD_ID_HEX: Final = 12
+SUBWORKFLOW_FN: Final = "<workflow>"
+
 #: The marker that stands for an upstream task's result inside args/kwargs on the wire.
 REF_KEY: Final = "__nerv_ref__"
 

@@ -118,6 +118,19 @@ class CacheKeyError(NervError):
     scheduler, raised, or returned no string): the task fails."""
 
 
+class ChildRunFailedError(NervError):
+    """A task's child run (the workflow its function returned) failed or was cancelled; it names the
+    child run and its failed task."""
+
+
+class ChildDepthError(NervError):
+    """A task returned a workflow nested deeper than ``NERV_MAX_CHILD_DEPTH`` allows."""
+
+
+class ChildRunIdTakenError(NervError):
+    """The run id a child run derives from its parent attempt is already taken by another run."""
+
+
 class ServiceFailed(NervError):
     """A service the launcher started exited, did not become ready, or left processes behind after
     SIGKILL; ``service`` says which."""

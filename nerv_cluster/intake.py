@@ -49,6 +49,8 @@ def _check_task(t: TaskDef) -> None:
     for dep in t.dependencies:
         if not isinstance(dep, str):
             raise WorkflowError(f"{where}: dependency {dep!r:.80} is not a task id")
+    if t.workflow is not None and not isinstance(t.workflow, dict):
+        raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 
 
 def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:

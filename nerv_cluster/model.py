@@ -127,6 +127,11 @@ class EventType(StrEnum):
     # rerun (issue 16): a client asks for a finished run to go on (see nerv_cluster.rerun); data ``n``
     # (the run's rerun number) and ``tasks`` (the task ids named, when any).
     WORKFLOW_RERUN_REQUESTED = "WORKFLOW_RERUN_REQUESTED"
+    # Child runs (issue 16, part "child"): an attempt whose function returned a Workflow (data: the
+    # child's definition, the worker), and the scheduler's record that the child run exists (data:
+    # its run id). See nerv_cluster/children.py.
+    TASK_SPAWNED = "TASK_SPAWNED"
+    CHILD_STARTED = "CHILD_STARTED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -327,6 +332,9 @@ class TaskDef:
     circuit: CircuitBreaker | None = None
     #: Complete from a stored earlier result when one matches (part "cache" of issue 16).
     cache: Cache | None = None
+    #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
+    #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
+    workflow: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -359,6 +367,8 @@ class TaskDef:
             out["circuit"] = self.circuit.to_dict()
         if self.cache is not None:
             out["cache"] = self.cache.to_dict()
+        if self.workflow is not None:
+            out["workflow"] = self.workflow
         return out
 
     @classmethod
@@ -382,16 +392,61 @@ class TaskDef:
             context=bool(data.get("context", False)),
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
+            workflow=data.get("workflow"),
         )
 
 
 @dataclass(frozen=True, slots=True)
+class ParentRef:
+    """The task attempt a child run belongs to (``RunResult.parent``): its run, task and attempt."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (kept in the child's definition, ``meta["parent"]``)."""
+        return {"run": self.run_id, "task": self.task_id, "attempt": self.attempt}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ParentRef | None:
+        """Inverse of :meth:`to_dict`; None for anything that is not one (a run without a parent)."""
+        if not isinstance(data, Mapping):
+            return None
+        run, tid, attempt = data.get("run"), data.get("task"), data.get("attempt")
+        if not (isinstance(run, str) and isinstance(tid, str) and type(attempt) is int):
+            return None
+        return cls(run, tid, attempt)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDef:
-    """A whole workflow: a name and its tasks in the order they were added."""
+    """A whole workflow: a name and its tasks in the order they were added.
+
+    ``meta`` may say which task's result is the workflow's output (``"output"``, see
+    ``Workflow.output``) and, for a child run, its parent and depth (``"parent"``, ``"depth"``).
+    """
 
     name: str
     tasks: tuple[TaskDef, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def parent(self) -> ParentRef | None:
+        """The task attempt this run is the child of (None for a run a client submitted)."""
+        return ParentRef.from_dict(self.meta.get("parent"))
+
+    @property
+    def root(self) -> str:
+        """For a child run, the run a client submitted at the top of its tree ("" for that run itself)."""
+        root = self.meta.get("root", "")
+        return root if isinstance(root, str) else ""
+
+    @property
+    def depth(self) -> int:
+        """How deep this run is nested under runs a client submitted (0 for those)."""
+        depth = self.meta.get("depth", 0)
+        return depth if type(depth) is int and depth >= 0 else 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -492,6 +547,8 @@ class TaskResult:
     #: (``run_id/task_id``).
     cached: bool = False
     cached_from: str | None = None
+    #: The child run of the current attempt, when its function returned a workflow.
+    child: str | None = None
 
     @property
     def execution_time(self) -> float | None:

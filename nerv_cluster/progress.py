@@ -197,6 +197,14 @@ def status_renderable(
     head.add_column()
     head.add_row("run", f"{result.run_id}  ({result.name})")
     head.add_row("status", styled_status(result.status.value))
+    if result.parent is not None:
+        p = result.parent
+        head.add_row("parent", f"{p.run_id} (task {p.task_id}, attempt {p.attempt}; depth {result.depth})")
+    waiting = [(tid, t.child) for tid, t in result.tasks.items() if t.child and not t.status.terminal]
+    if waiting:
+        shown = ", ".join(f"{tid} -> {child}" for tid, child in waiting[:3])
+        more = f" (+{len(waiting) - 3} more)" if len(waiting) > 3 else ""
+        head.add_row("waiting for", f"child runs {shown}{more}")
     if result.reason:
         head.add_row("reason", Text(result.reason, style="red" if result.status is RunStatus.FAILED else ""))
     head.add_row("submitted", fmt_time(result.submitted_at))
@@ -271,6 +279,8 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
         "started_at": result.started_at,
         "finished_at": result.finished_at,
         "duration": result.duration,
+        "parent": result.parent.to_dict() if result.parent is not None else None,
+        "depth": result.depth,
         "total": len(result.tasks),
         "counts": {name: result.counts[name] for name in STATUS_ORDER if name in result.counts},
         "cached": sum(t.cached for t in result.tasks.values()),
@@ -294,6 +304,7 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
                 "reason": t.reason,
                 "cached": t.cached,
                 "cached_from": t.cached_from,
+                "child": t.child,
             }
             for tid, t in result.tasks.items()
         }
@@ -330,22 +341,61 @@ def plan_renderable(
     return Group(head, table)
 
 
+def nest_runs(
+    rows: list[tuple[str, float, st.RunResult | None]],
+) -> list[tuple[int, tuple[str, float, st.RunResult | None]]]:
+    """``rows`` (newest first) with each child run right under its parent, as (indent level, row):
+    a child whose parent is among the rows goes under it (its children under it in turn, newest
+    first); the others keep their place at level 0."""
+    ids = {rid for rid, _, _ in rows}
+    kids: dict[str, list[tuple[str, float, st.RunResult | None]]] = {}
+    top = []
+    for row in rows:
+        result = row[2]
+        parent = result.parent.run_id if result is not None and result.parent is not None else None
+        if parent is not None and parent in ids and parent != row[0]:
+            kids.setdefault(parent, []).append(row)
+        else:
+            top.append(row)
+    out: list[tuple[int, tuple[str, float, st.RunResult | None]]] = []
+    seen: set[str] = set()
+
+    def walk(row: tuple[str, float, st.RunResult | None], level: int) -> None:
+        if row[0] in seen:  # a malformed lineage loop: show each run once
+            return
+        seen.add(row[0])
+        out.append((level, row))
+        for kid in kids.get(row[0], ()):
+            walk(kid, level + 1)
+
+    for row in top:
+        walk(row, 0)
+    for row in rows:  # rows only reachable through a loop
+        if row[0] not in seen:
+            walk(row, 0)
+    return out
+
+
 def runs_renderable(rows: list[tuple[str, float, st.RunResult | None]]) -> RenderableType:
-    """Recent runs: id, status, done/total, submit time, duration."""
+    """Recent runs: id, status, done/total, submit time, duration; child runs indented under their
+    parents (see :func:`nest_runs`), a child whose parent is not listed marked with its parent."""
     table = Table(title=f"{len(rows)} most recent runs", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("run", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("done", justify="right", no_wrap=True)
     table.add_column("submitted", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
-    for run_id, submitted, result in rows:
+    for level, (run_id, submitted, result) in nest_runs(rows):
         when = fmt_time(submitted, compact=True)
+        label = "  " * (level - 1) + "└ " + run_id if level else run_id
+        if result is not None and result.parent is not None and not level:
+            label = f"{run_id} [dim](child of {result.parent.run_id})[/]"
         if result is None:
-            table.add_row(run_id, Text("EXPIRED", style="dim"), "-", when, "-")
+            table.add_row(label, Text("EXPIRED", style="dim"), "-", when, "-")
             continue
         done = sum(result.counts.get(s, 0) for s in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"))
         table.add_row(
-            run_id,
+            label,
             styled_status(result.status.value),
             f"{done}/{len(result.tasks)}",
             when,
@@ -358,6 +408,7 @@ __all__ = [
     "counts_text",
     "fmt_seconds",
     "load_run",
+    "nest_runs",
     "outputs",
     "plan_renderable",
     "result_dict",

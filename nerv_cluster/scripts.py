@@ -317,6 +317,28 @@ class CacheExchange(LuaScript):
         return list(self._run([lease], [token, n_store], tail_keys, tail_args))
 
 
+class Spawn(LuaScript):
+    """Create child runs (fenced by the lease), each at most once per parent attempt, with CHILD_STARTED
+    in the parent's log in the same step; per spawn ``created``, ``done`` (by an earlier call) or
+    ``taken`` (the child's run id is another run's). ``LEASE_LOST`` (a ResponseError) when not leader."""
+
+    name = "spawn"
+    keys = ("lease", "active", "runs")
+    args = ("token",)
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        active: str,
+        runs: str,
+        token: str,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([lease, active, runs], [token], tail_keys, tail_args))
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -333,6 +355,7 @@ ALL: tuple[type[LuaScript], ...] = (
     Rerun,
     Close,
     CacheExchange,
+    Spawn,
 )
 
 
@@ -352,3 +375,4 @@ class Scripts:
         # rerun (issue 16)
         self.rerun = Rerun(client)
         self.close = Close(client)
+        self.spawn = Spawn(client)

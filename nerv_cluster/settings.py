@@ -66,6 +66,8 @@ class Settings:
     metrics_port: int = 9808
     #: Seconds a scheduler leader's loop may go without completing a step before it lets its lease lapse.
     loop_stall_s: float = constants.DEFAULT_LOOP_STALL_S
+    #: How deep child runs may nest (a task returning a Workflow past it fails; 0: no child runs).
+    max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
 
     @property
     def broker(self) -> str:
@@ -130,3 +132,5 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
+        if self.max_child_depth < 0:
+            raise ConfigurationError("max_child_depth must be 0 or more")

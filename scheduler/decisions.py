@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import constants
+from nerv_cluster import children, constants
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
-from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
+from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskError, TaskStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
 
@@ -32,11 +32,20 @@ class Limits:
     max_tasks: int = constants.DEFAULT_MAX_TASKS
     max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
     max_job_bytes: int = constants.DEFAULT_MAX_JOB_BYTES
+    #: Child runs: how deep they nest, and the largest output a child hands its parent task.
+    max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
+    max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
         """The limits of these settings."""
-        return cls(settings.max_tasks, settings.max_submission_bytes, settings.max_job_bytes)
+        return cls(
+            settings.max_tasks,
+            settings.max_submission_bytes,
+            settings.max_job_bytes,
+            settings.max_child_depth,
+            settings.max_result_bytes,
+        )
 
 
 _NO_LIMITS = Limits()
@@ -55,6 +64,8 @@ class Decisions:
     #: The TASK_CANCELLED events (also in ``events``) of attempts a worker may hold: the scheduler takes
     #: their outcome slots before writing anything, and :func:`settle_cancels` keeps only those it won.
     cancels: list[Event] = field(default_factory=list)
+    #: Child runs to create (after ``events`` are written), see :mod:`nerv_cluster.children`.
+    spawns: list[children.Spawn] = field(default_factory=list)
 
     def cancelled_attempts(self) -> list[tuple[str, str, int]]:
         """(run, task, attempt) of each of ``cancels``, whose outcome slots the scheduler takes."""
@@ -68,6 +79,7 @@ class Decisions:
         self.delayed.extend(other.delayed)
         self.finished.extend(other.finished)
         self.cancels.extend(other.cancels)
+        self.spawns.extend(other.spawns)
 
 
 #: Outcomes a worker records that end its task: an attempt that has one keeps it over a cancel.
@@ -208,6 +220,7 @@ def decide(
         out.finished.append(rid)
         return
     if run.rejected:
+        out.events.extend(_cancel_children(run, now, source))
         out.events.append(_fail_run(run, run.rejected, now, source))
         return
     if run.status is RunStatus.PENDING:
@@ -236,8 +249,11 @@ def decide(
             cancel = Event(
                 EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source
             )
+            if ts.child is not None:  # waiting for its child run: cancel that, recursively
+                out.events.append(children.cancel_child(run, ts, now, source))
             if ts.dispatched or ts.status is TaskStatus.RUNNING:
-                out.revoke.append(job_id(rid, tid, ts.attempt))
+                if ts.spawn is None and ts.child is None:  # a worker may hold it: revoke its job
+                    out.revoke.append(job_id(rid, tid, ts.attempt))
                 out.cancels.append(cancel)
             out.events.append(cancel)
         out.events.append(
@@ -263,6 +279,9 @@ def decide(
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
                 continue
             td = run.defs[tid]
+            if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
+                out.events.append(children.static_spawn(run, tid, ts, now, source))
+                continue
             cache_key = None
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
                 verdict = cache.verdict(rid, tid)
@@ -296,10 +315,21 @@ def decide(
                 Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, data, ts=now, source=source)
             )
             out.jobs.append((job, queue))
+    if run.spawning:
+        out.spawns.extend(children.spawns(run, limits.max_child_depth, now, source, out.events))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
         out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def _cancel_children(run: RunState, now: float, source: str) -> list[Event]:
+    """Cancel requests for the child runs of ``run``'s unfinished tasks (``run`` cannot go on)."""
+    return [
+        children.cancel_child(run, ts, now, source)
+        for ts in run.tasks.values()
+        if ts.child is not None and not ts.status.terminal
+    ]
 
 
 def decide_isolated(
@@ -311,9 +341,13 @@ def decide_isolated(
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
     cache: CacheView | None = None,
+    runs: Mapping[str, RunState] | None = None,
 ) -> None:
     """:func:`decide`, but a run it raises for is failed (WORKFLOW_FAILED with the error) and nothing
-    else is decided for it: one run the scheduler cannot decide for never stops the others."""
+    else is decided for it: one run the scheduler cannot decide for never stops the others.
+
+    ``runs``: every run the scheduler holds; a child run that ends gets its parent task's outcome
+    (found there) written with its end event (:func:`nerv_cluster.children.with_parent_outcome`)."""
     mine = Decisions()
     try:
         decide(run, now, source, mine, breakers, handoff, limits, cache)
@@ -321,6 +355,15 @@ def decide_isolated(
         mine = Decisions(
             events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]
         )
+    if runs is not None:
+        try:
+            children.with_parent_outcome(run, mine.events, runs, limits.max_result_bytes, now, source)
+        except Exception:
+            # Never end a child without its parent's outcome: it stays open (a new leader tries again).
+            log.exception("cannot write the parent outcome of child run %r", run.run_id)
+            mine.events = [
+                ev for ev in mine.events if ev.run_id != run.run_id or ev.type not in WORKFLOW_END_EVENTS
+            ]
     out.extend(mine)
 
 

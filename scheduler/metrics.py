@@ -24,6 +24,7 @@ _OUTCOME_LABEL = {
     EventType.TASK_COMPLETED: "completed",
     EventType.TASK_FAILED: "failed",
     EventType.TASK_RETRYING: "retrying",
+    EventType.TASK_SPAWNED: "spawned",  # returned a child workflow (nerv_cluster/children.py)
 }
 _RUN_END = {
     EventType.WORKFLOW_COMPLETED: "COMPLETED",

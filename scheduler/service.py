@@ -249,10 +249,13 @@ class SchedulerService:
         breakers = self.circuits.breakers
         limits = self.limits
         cache = self.caching.prepare(touched, self.state)
+        runs = self.state.runs
         for rid in touched:
-            run = self.state.runs.get(rid)
+            run = runs.get(rid)
             if run is not None:
-                decide_isolated(run, now, self.source, out, breakers, self.handoff, limits, cache)
+                decide_isolated(
+                    run, now, self.source, out, breakers, self.handoff, limits, cache=cache, runs=runs
+                )
         if out.cancels:  # the outcome slots first: an attempt a worker finished meanwhile keeps its outcome
             settle_cancels(out, self.effects.take_slots(out.cancelled_attempts(), EventType.TASK_CANCELLED))
         jobs, handoffs = self.matcher.match(out.jobs, self.state, self.source, now)
@@ -275,6 +278,10 @@ class SchedulerService:
             self._touched |= self.caching.observe(events, self.state)
         if cache is not None:
             self._touched |= cache.missing
+        if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
+            spawned = self.effects.spawn(out.spawns, self.state, now)
+            self.state = st.fold(spawned, self.state)
+            self._touched.update(ev.run_id for ev in spawned)
         if out.revoke:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)
