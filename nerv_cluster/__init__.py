@@ -2,12 +2,13 @@
 
 The public API::
 
-    from nerv_cluster import Cache, Client, Workflow, task, RetryPolicy
+    from nerv_cluster import Cache, Client, Concurrency, RateLimit, Workflow, task, RetryPolicy
 """
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import NervError, RerunError, RunNotFinishedError
+from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
     Cache,
     Event,
@@ -33,11 +34,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Cache",
     "Client",
+    "Concurrency",
     "Event",
     "EventBus",
     "EventType",
     "NervError",
     "ParentRef",
+    "RateLimit",
     "RerunError",
     "RetryPolicy",
     "RunNotFinishedError",

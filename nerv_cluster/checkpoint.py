@@ -21,7 +21,7 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 4  # 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields
+FORMAT = 5  # 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: limits
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -30,7 +30,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued", "spawning")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "held")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -102,6 +102,7 @@ def decode(data: dict[str, Any]) -> RunState:
         running=_ids(data["running"]),
         queued=_ids(data["queued"]),
         spawning=_ids(data.get("spawning", [])),
+        held=_ids(data.get("held", [])),
         submitted_at=float(data["submitted_at"]),
         started_at=data["started_at"],
         finished_at=data["finished_at"],

@@ -13,6 +13,7 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from nerv_cluster import constants, limits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -153,6 +154,28 @@ class Client:
         they were for compute again next time."""
         name = task.name if isinstance(task, TaskFunction) else task
         return CacheStore(self.redis, self.keys).clear(name)
+
+    def set_limit(self, key: str, limit: int | None) -> None:
+        """Change the limit of concurrency key ``key`` (a resolved key, as ``"tenant:acme"``) at run
+        time, cluster-wide: ``limit`` attempts at most from now on (0 holds every task of the key;
+        None goes back to the limit the tasks declare). A LIMIT_SET event in the limits stream, which
+        every new leader refolds, so the change survives a scheduler restart."""
+        limits.check_limit(key, limit)
+        self.log.set_limit(
+            Event(
+                EventType.LIMIT_SET,
+                constants.LIMITS_RUN_ID,
+                data={"key": key, "limit": limit},
+                source="client",
+            )
+        )
+
+    def limits(self) -> dict[str, int]:
+        """The limits set at run time (``set_limit``), by key, as the limits stream folds them."""
+        gate = limits.Gate()
+        for _, ev in self.log.limit_events():
+            gate.apply_limit_event(ev)
+        return dict(gate.overrides)
 
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""

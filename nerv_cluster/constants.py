@@ -136,6 +136,13 @@ DEFAULT_SCHEDULER_MODULES: Final[tuple[str, ...]] = ()
 #: Cache entries the scheduler stores or reads per script call, and keys deleted per round trip by
 #: ``nerv cache clear`` (bounds how long one call holds Redis).
 CACHE_CHUNK: Final = 5_000
+#: Limits (issue 11, part "limits"): the longest concurrency key or rate limit name (a resolved key
+#: past it keeps its start and a digest), the LIMIT_SET events kept in the limits stream (each key's
+#: latest matters; set_limit is an operator's command, rare), and the run id those events carry (they
+#: belong to no run: the fold of runs ignores them).
+MAX_LIMIT_KEY_CHARS: Final = 200
+LIMITS_MAXLEN: Final = 100_000
+LIMITS_RUN_ID: Final = "_limits"
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -153,6 +160,7 @@ class Keys:
         "epoch",
         "feed",
         "lease",
+        "limits",
         "prefix",
         "registry",
         "registry_seen",
@@ -172,6 +180,7 @@ class Keys:
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
         self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function
         self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}
+        self.limits = f"{prefix}:limits"  # LIMIT_SET events (client.set_limit), refolded by a leader
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

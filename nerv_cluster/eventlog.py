@@ -561,6 +561,22 @@ class EventLog:
         """Every logged circuit transition, oldest first."""
         return [ev for _, ev in _decode(self.redis.xrange(self.keys.circuits))]
 
+    # -- limits (issue 11): LIMIT_SET events, in the limits stream a new leader refolds ---------------
+
+    def set_limit(self, event: Event) -> None:
+        """Record a LIMIT_SET: in the limits stream (the truth, refolded by each new leader) and the
+        feed (so the leader reads the stream again now), in one MULTI."""
+        payload = event.to_json()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.keys.limits, {constants.EVENT_FIELD: payload}, maxlen=constants.LIMITS_MAXLEN)
+        pipe.xadd(self.keys.feed, {constants.EVENT_FIELD: payload}, maxlen=constants.FEED_MAXLEN)
+        pipe.publish(self.keys.channel(event.run_id), payload)
+        pipe.execute()
+
+    def limit_events(self, after: str = "0-0") -> Batch:
+        """LIMIT_SET events logged after entry ``after``, oldest first (go on after ``upto``)."""
+        return _decode(self.redis.xrange(self.keys.limits, min=f"({after}" if after != "0-0" else "-"))
+
     def trim_circuits(self) -> None:
         """Keep the circuits stream short."""
         self.redis.xtrim(self.keys.circuits, maxlen=constants.CIRCUITS_MAXLEN, approximate=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from nerv_cluster import constants, ids
 from nerv_cluster.errors import MalformedEventError, UnknownEventTypeError, WorkflowError
+from nerv_cluster.limits import Concurrency, RateLimit
 
 
 class TaskStatus(StrEnum):
@@ -132,6 +133,11 @@ class EventType(StrEnum):
     # its run id). See nerv_cluster/children.py.
     TASK_SPAWNED = "TASK_SPAWNED"
     CHILD_STARTED = "CHILD_STARTED"
+    # Limits (issue 11, part "limits"; see nerv_cluster/limits.py): a READY task the scheduler holds
+    # back for a concurrency key or a rate limit (data: ``reason``, ``key``/``rate``), and a limit set
+    # at run time (``client.set_limit``; data ``key``, ``limit``), in the cluster-wide limits stream.
+    TASK_HELD = "TASK_HELD"
+    LIMIT_SET = "LIMIT_SET"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -335,6 +341,10 @@ class TaskDef:
     #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
     #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
     workflow: Mapping[str, Any] | None = None
+    #: Limits (issue 11): a concurrency key (its template bound to this task's arguments) and a rate
+    #: limit, see :mod:`nerv_cluster.limits`.
+    concurrency: Concurrency | None = None
+    rate_limit: RateLimit | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -369,6 +379,10 @@ class TaskDef:
             out["cache"] = self.cache.to_dict()
         if self.workflow is not None:
             out["workflow"] = self.workflow
+        if self.concurrency is not None:
+            out["concurrency"] = self.concurrency.to_dict()
+        if self.rate_limit is not None:
+            out["rate_limit"] = self.rate_limit.to_dict()
         return out
 
     @classmethod
@@ -393,6 +407,8 @@ class TaskDef:
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
             workflow=data.get("workflow"),
+            concurrency=Concurrency.from_dict(data["concurrency"]) if data.get("concurrency") else None,
+            rate_limit=RateLimit.from_dict(data["rate_limit"]) if data.get("rate_limit") else None,
         )
 
 

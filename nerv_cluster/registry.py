@@ -15,6 +15,7 @@ from typing import Any, overload
 
 from nerv_cluster import constants
 from nerv_cluster.errors import RegistrationError, WorkflowError
+from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import Cache, CircuitBreaker, RetryPolicy, TaskPriority
 
 _NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
@@ -46,6 +47,9 @@ class TaskFunction:
     context: bool = False
     description: str = ""
     cache: Cache | None = None
+    #: Limits (issue 11, see nerv_cluster/limits.py).
+    concurrency: Concurrency | None = None
+    rate_limit: RateLimit | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -126,6 +130,8 @@ def task(
     context: bool | None = None,
     registry: Registry | None = None,
     cache: Cache | None = None,
+    concurrency: Concurrency | None = None,
+    rate_limit: RateLimit | None = None,
 ) -> Callable[[Callable[..., Any]], TaskFunction]: ...
 
 
@@ -142,6 +148,8 @@ def task(
     context: bool | None = None,
     registry: Registry | None = None,
     cache: Cache | None = None,
+    concurrency: Concurrency | None = None,
+    rate_limit: RateLimit | None = None,
 ) -> TaskFunction | Callable[[Callable[..., Any]], TaskFunction]:
     """Register a function as a task, by ``name`` (default ``module.qualname``).
 
@@ -149,6 +157,8 @@ def task(
     defaults that ``Workflow.add`` may override per task. A function whose first parameter is named
     ``ctx`` or annotated ``TaskContext`` (or ``context=True``) is called as ``fn(ctx, *args)``.
     ``cache=Cache(ttl=...)`` lets a task complete from an earlier result (see :class:`Cache`).
+    ``concurrency=Concurrency(key, limit)`` and ``rate_limit=RateLimit(name, rate, per=)`` bound how
+    many attempts run, or start, at once cluster-wide (see :mod:`nerv_cluster.limits`).
     """
     check_queue(queue)
     if cache is not None and not isinstance(cache, Cache):
@@ -156,12 +166,18 @@ def task(
     prio = TaskPriority.parse(priority)
     if timeout is not None and timeout <= 0:
         raise RegistrationError("timeout must be a positive number of seconds")
+    if concurrency is not None and not isinstance(concurrency, Concurrency):
+        raise RegistrationError(f"concurrency= takes a Concurrency(key, limit), got {concurrency!r:.80}")
+    if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+        raise RegistrationError(f"rate_limit= takes a RateLimit(name, rate, per=), got {rate_limit!r:.80}")
 
     def wrap(f: Callable[..., Any]) -> TaskFunction:
         if isinstance(f, TaskFunction):
             f = f.fn
         if not callable(f):
             raise RegistrationError(f"@task needs a function, got {f!r}")
+        if concurrency is not None:  # a template naming no parameter: say so now, not at add
+            concurrency.check_parameters(f, f"@task {f.__qualname__}")
         tf = TaskFunction(
             fn=f,
             name=name or f"{f.__module__}.{f.__qualname__}",
@@ -173,6 +189,8 @@ def task(
             context=_wants_context(f) if context is None else context,
             description=(inspect.getdoc(f) or "").split("\n", 1)[0],
             cache=cache,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
         )
         return (default_registry if registry is None else registry).register(tf)
 

@@ -132,6 +132,11 @@ class TaskState(NamedTuple):
     #: its child is RUNNING but not in ``RunState.running``: it has no worker to lose or time out.
     spawn: Any = None
     child: str | None = None
+    #: Limits (nerv_cluster/limits.py): READY but held back for a concurrency key or a rate limit
+    #: (TASK_HELD; in ``RunState.held``, not ``ready``), and the concurrency key whose slot the current
+    #: attempt holds (recorded by its TASK_DISPATCHED) while it is dispatched or running.
+    held: bool = False
+    slot: str | None = None
 
 
 class RunState(NamedTuple):
@@ -171,6 +176,9 @@ class RunState(NamedTuple):
     cached: int = 0
     #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create.
     spawning: IdSet = _NO_TASKS
+    #: READY tasks held back for a concurrency key or a rate limit (see nerv_cluster/limits.py): the
+    #: scheduler's gate releases them; deciding for the run does not look at them.
+    held: IdSet = _NO_TASKS
 
     @property
     def name(self) -> str:
@@ -235,6 +243,10 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
         # The attempt ended (cancelled, failed) before its child run was created: none will be.
         changes["spawning"] = run.spawning.discard(tid)
         new = new._replace(spawn=None)
+    if old.held and (new.status is not TaskStatus.READY or new.dispatched):
+        # Released (dispatched) or ended (cancelled, skipped by a rerun): no longer held.
+        changes["held"] = changes.pop("held", run.held).discard(tid)
+        new = new._replace(held=False)
     was_queued = old.status is TaskStatus.READY and old.dispatched
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
@@ -359,13 +371,26 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
         return run
     tid, ts = cur
     key = ev.data.get("cache_key")
+    slot = ev.data.get("slot")
     new = ts._replace(
         dispatched=True,
         dispatched_at=ev.ts,
         due_at=None,
         cache_key=key if isinstance(key, str) else ts.cache_key,
+        slot=slot if isinstance(slot, str) else None,
     )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
+
+
+def _held(run: RunState, ev: Event) -> RunState:
+    """TASK_HELD: a ready task waits for a concurrency slot or a rate limit's next free start (limits,
+    issue 11): out of ``ready`` (deciding for the run skips it), into ``held`` until released."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched or cur[1].held:
+        return run
+    tid, ts = cur
+    new = ts._replace(held=True, reason=str(ev.data.get("reason", "")))
+    return _put(run, tid, ts, new, ready=run.ready.discard(tid), held=run.held.set(tid, True))
 
 
 def _started(run: RunState, ev: Event) -> RunState:
@@ -543,6 +568,9 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     # Child runs (issue 16, part "child").
     EventType.TASK_SPAWNED: _spawned,
     EventType.CHILD_STARTED: _child_started,
+    # Limits (issue 11, part "limits"). LIMIT_SET belongs to no run (the gate folds it).
+    EventType.TASK_HELD: _held,
+    EventType.LIMIT_SET: lambda run, ev: run,
 }
 
 
@@ -589,6 +617,7 @@ def new_run(
             running=_draft({}),
             queued=_draft({}),
             spawning=_draft({}),
+            held=_draft({}),
             tally=tally,
             submitted_at=submitted_at,
         )
@@ -669,6 +698,7 @@ def _thaw(run: RunState) -> RunState:
         running=_draft(run.running),
         queued=_draft(run.queued),
         spawning=_draft(run.spawning),
+        held=_draft(run.held),
     )
 
 
@@ -681,6 +711,7 @@ def _freeze(run: RunState) -> RunState:
         running=pmap(run.running),
         queued=pmap(run.queued),
         spawning=pmap(run.spawning),
+        held=pmap(run.held),
     )
 
 

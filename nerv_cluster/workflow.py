@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nerv_cluster import constants
+from nerv_cluster import constants, limits
 from nerv_cluster.errors import (
     DuplicateTaskError,
     PayloadTooLargeError,
@@ -28,6 +28,7 @@ from nerv_cluster.model import (
     TriggerRule,
     WorkflowDef,
 )
+from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
@@ -119,6 +120,8 @@ class Workflow:
         trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
         context: bool | None = None,
         cache: Cache | None = None,
+        concurrency: Concurrency | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> TaskHandle:
         """Add one task and return its handle.
 
@@ -128,6 +131,9 @@ class Workflow:
         the task runs. ``dependencies`` adds ordering-only dependencies (handles or task ids). Options
         left unset take the ``@task`` defaults. ``cache=Cache(ttl=...)`` completes the task from an
         earlier result of the same function and arguments (see :class:`~nerv_cluster.model.Cache`).
+        ``concurrency=Concurrency(key, limit)`` and ``rate_limit=RateLimit(name, rate, per=)`` bound
+        how many attempts run, or start, at once (see :mod:`nerv_cluster.limits`); a key template is
+        bound to this call's arguments here.
 
         ``fn`` may also be another ``Workflow``: a static sub-workflow, run as a child run once its
         dependencies are met (no worker runs the task itself); the task's result is that workflow's
@@ -166,6 +172,11 @@ class Workflow:
             raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
         if cache is not None and not isinstance(cache, Cache):
             raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
+        ctx = context if context is not None else (tf.context if tf else False)
+        conc, rate = limits.task_limits(
+            tf, concurrency, rate_limit, ctx, enc_args, enc_kwargs, where,
+            lambda value: _encode(value, f"{where} default", [], self.name),
+        )
         td = TaskDef(
             id=task_id,
             fn=fn_name,
@@ -181,8 +192,10 @@ class Workflow:
             queue=queue,
             tags=tuple(tags),
             trigger=TriggerRule.parse(trigger),
-            context=context if context is not None else (tf.context if tf else False),
+            context=ctx,
             cache=cache if cache is not None else (tf.cache if tf else None),
+            concurrency=conc,
+            rate_limit=rate,
         )
         self._tasks.append(td)
         self._ids.add(task_id)

@@ -17,6 +17,7 @@ from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
+from nerv_cluster.limits import Gate
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskError, TaskStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
@@ -210,11 +211,14 @@ def decide(
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
     cache: CacheView | None = None,
+    gate: Gate | None = None,
 ) -> None:
     """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply;
     ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`;
     ``limits``: the bounds a run and its jobs are held to; ``cache``: the cache entries read for this
-    step, without which cacheable tasks are dispatched like any other, see :mod:`nerv_cluster.caching`)."""
+    step, without which cacheable tasks are dispatched like any other, see :mod:`nerv_cluster.caching`;
+    ``gate``: concurrency keys and rate limits, see :mod:`nerv_cluster.limits`: its held tasks released
+    for this run are decided with the ready ones, and without it limits are not applied)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
@@ -271,9 +275,10 @@ def decide(
                 source=source,
             )
         )
-    if run.ready:
+    released = gate.take_released(rid) if gate is not None else []
+    if run.ready or released:
         rank = run.plan.rank
-        for tid in sorted(run.ready, key=rank.__getitem__):
+        for tid in [*sorted(run.ready, key=rank.__getitem__), *released]:
             ts = run.tasks[tid]
             if ts.due_at is not None and ts.due_at > now:
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
@@ -291,6 +296,14 @@ def decide(
                         out.events.append(done)
                     continue
                 cache_key = verdict.key
+            slot = rate = None
+            if gate is not None and (td.concurrency is not None or td.rate_limit is not None):
+                admitted = gate.admit(run, tid, now)
+                if not admitted.go:
+                    if not ts.held:  # logged once; a released task held again waits in memory
+                        out.events.append(_held(run, tid, ts.attempt, admitted.reason, now, source))
+                    continue
+                slot, rate = admitted.slot, admitted.rate
             if td.circuit is not None and breakers is not None:
                 allowed, transition = breakers.admit(
                     td.fn, td.circuit, job_id(rid, tid, ts.attempt), rid, now, source
@@ -308,6 +321,10 @@ def decide(
                     out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
                     continue
             data = {"queue": queue}
+            if slot is not None:
+                data["slot"] = slot
+            if rate is not None:
+                data["rate"] = rate
             if cache_key is not None and cache is not None:
                 data["cache_key"] = cache_key
                 cache.claim(cache_key, rid, tid)
@@ -321,6 +338,11 @@ def decide(
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
         out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def _held(run: RunState, tid: str, attempt: int, reason: str, now: float, source: str) -> Event:
+    """TASK_HELD: ``tid`` is ready but waits for a concurrency slot or a rate limit (the gate keeps it)."""
+    return Event(EventType.TASK_HELD, run.run_id, tid, attempt, {"reason": reason}, ts=now, source=source)
 
 
 def _cancel_children(run: RunState, now: float, source: str) -> list[Event]:
@@ -342,6 +364,7 @@ def decide_isolated(
     limits: Limits = _NO_LIMITS,
     cache: CacheView | None = None,
     runs: Mapping[str, RunState] | None = None,
+    gate: Gate | None = None,
 ) -> None:
     """:func:`decide`, but a run it raises for is failed (WORKFLOW_FAILED with the error) and nothing
     else is decided for it: one run the scheduler cannot decide for never stops the others.
@@ -350,7 +373,7 @@ def decide_isolated(
     (found there) written with its end event (:func:`nerv_cluster.children.with_parent_outcome`)."""
     mine = Decisions()
     try:
-        decide(run, now, source, mine, breakers, handoff, limits, cache)
+        decide(run, now, source, mine, breakers, handoff, limits, cache, gate)
     except Exception as exc:
         mine = Decisions(
             events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]

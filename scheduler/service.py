@@ -31,6 +31,7 @@ from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
+from nerv_cluster.limits import Gate
 from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
@@ -41,6 +42,7 @@ from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
 from scheduler.effects import Effects
 from scheduler.handoff_match import HandoffMatcher
 from scheduler.lease import Lease, LeaseKeeper, LoopProgress
+from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
 from scheduler.timers import Timers
 from scheduler.watchdog import Watchdog, queue_time_limit
@@ -83,6 +85,9 @@ class SchedulerService:
         self.timers = Timers()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
+        #: Concurrency keys and rate limits (issue 11, nerv_cluster/limits.py).
+        self.gate = Gate()
+        self.limit_watch = LimitWatch(self.gate)
         self.watchdog = Watchdog(log, settings)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
@@ -129,6 +134,8 @@ class SchedulerService:
         self.checkpointer.reset(found.positions)
         self.caching.rebuild(self.state)
         self.circuits.reload(self.log)
+        self.limit_watch.reload(self.log)
+        self.gate.rebuild(self.state, self.clock())
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
         self.matcher.clear()
@@ -170,6 +177,7 @@ class SchedulerService:
         self.matcher.clear()
         self.timers.clear()
         self.caching.clear()
+        self.gate.clear()
         self.checkpointer.reset({})
         self.leader_since = None
 
@@ -181,6 +189,9 @@ class SchedulerService:
         now = self.clock()
         block = self.settings.block_ms
         due = self.timers.next_due()
+        held_due = self.gate.next_due(now)
+        if held_due is not None:
+            due = held_due if due is None else min(due, held_due)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
@@ -199,6 +210,8 @@ class SchedulerService:
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
+        self.gate.observe((ev for _, ev in entries), state)
+        self.limit_watch.observe(self.log, entries)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
@@ -226,6 +239,7 @@ class SchedulerService:
             self.state = st.fold(events, self.state)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
+            self.gate.observe(events, self.state)
         if self.watchdog.redis_restarted():
             self.resend_in_flight("Redis restarted")
         else:  # a dead consumer's prefetched jobs wait for the visibility timeout: resend its queues'
@@ -233,6 +247,7 @@ class SchedulerService:
 
     def act(self) -> None:
         """Decide for every touched run until nothing more follows; write, fold back, dispatch."""
+        self._release_held()
         while self._touched:
             touched, self._touched = self._touched, set()
             try:
@@ -240,7 +255,19 @@ class SchedulerService:
             except BaseException:
                 self._touched |= touched
                 raise
+            self._release_held()
         self.caching.flush()  # results folded in the last round (a child run's output, say)
+
+    def _release_held(self) -> None:
+        """Held tasks whose key has a free slot again, or whose rate limit a free start, go to be
+        decided for (see :meth:`nerv_cluster.limits.Gate.release`)."""
+        gate = self.gate
+        if not (gate.by_key or gate.by_rate):
+            return
+        now = self.clock()
+        due = gate.next_due(now)
+        if gate.pending() or (due is not None and due <= now):
+            self._touched |= gate.release(now, self.state)
 
     def _act_on(self, touched: set[str]) -> None:
         """Decide for ``touched`` runs; write the events (fenced), fold them back, then send the jobs."""
@@ -254,7 +281,16 @@ class SchedulerService:
             run = runs.get(rid)
             if run is not None:
                 decide_isolated(
-                    run, now, self.source, out, breakers, self.handoff, limits, cache=cache, runs=runs
+                    run,
+                    now,
+                    self.source,
+                    out,
+                    breakers,
+                    self.handoff,
+                    limits,
+                    cache=cache,
+                    runs=runs,
+                    gate=self.gate,
                 )
         if out.cancels:  # the outcome slots first: an attempt a worker finished meanwhile keeps its outcome
             settle_cancels(out, self.effects.take_slots(out.cancelled_attempts(), EventType.TASK_CANCELLED))
@@ -276,12 +312,14 @@ class SchedulerService:
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
+            self.gate.observe(events, self.state)
         if cache is not None:
             self._touched |= cache.missing
         if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
             spawned = self.effects.spawn(out.spawns, self.state, now)
             self.state = st.fold(spawned, self.state)
             self._touched.update(ev.run_id for ev in spawned)
+            self.gate.observe(spawned, self.state)
         if out.revoke:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)
@@ -299,6 +337,7 @@ class SchedulerService:
             self.state = st.fold(failed, self.state)
             self._touched.update(ev.run_id for ev in failed)
             self._touched |= self.caching.observe(failed, self.state)
+            self.gate.observe(failed, self.state)
 
     def _close(self, run_ids: list[str]) -> None:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
@@ -312,6 +351,7 @@ class SchedulerService:
             run = state.runs.get(rid)
             if run is not None:
                 log.info("run %r %s (%d tasks)", rid, run.status.value, run.total)
+                self.gate.forget((run,))
             state = st.evict(state, rid)
             self.checkpointer.forget(rid)
         self.state = state
