@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from nerv_cluster import Cache, TaskContext, task
+from nerv_cluster import Cache, Concurrency, RateLimit, TaskContext, task
 
 _client: redis.Redis | None = None
 _pid = -1
@@ -323,3 +323,54 @@ def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -
     child = Workflow(f"nested-{levels}")
     child.add(spawn_slow_nested, seconds, fan, levels - 1, id="down")
     return child
+
+
+# -- limits (issue 11, part "limits"): tasks that count how many of them run at once, and when they start --
+
+#: Counts the running executions of a label, and keeps the peak (one atomic step).
+_ENTER = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+redis.call('INCR', KEYS[3])
+return n
+"""
+
+
+def _enter(label: str) -> None:
+    _redis().eval(_ENTER, 3, f"test:lim:{label}:running", f"test:lim:{label}:peak", f"test:lim:{label}:runs")
+
+
+def _leave(label: str) -> None:
+    _redis().decr(f"test:lim:{label}:running")
+
+
+@task(queue="io", concurrency=Concurrency("crm:{label}", 2))
+def limited(label: str, seconds: float) -> int:
+    """At most 2 at once per label (key ``crm:<label>``): count while running for ``seconds``."""
+    _enter(label)
+    try:
+        time.sleep(seconds)
+    finally:
+        _leave(label)
+    return 1
+
+
+@task(queue="io", concurrency=Concurrency("hang:{label}", 1))
+def limited_hang(label: str, seconds: float) -> int:
+    """One at once per label; the first execution of a label hangs for a minute (its worker is killed
+    then), later ones take ``seconds``."""
+    first = int(_redis().incr(f"test:lim:{label}:hang")) == 1
+    _enter(label)
+    try:
+        time.sleep(60.0 if first else seconds)
+    finally:
+        _leave(label)
+    return 1
+
+
+@task(queue="io", rate_limit=RateLimit("test-rate", 5, per=1.0))
+def rated(label: str) -> float:
+    """At most 5 starts a second cluster-wide: record when this one started."""
+    now = time.time()
+    _redis().rpush(f"test:rate:{label}", now)
+    return now
