@@ -264,7 +264,9 @@ def task_limits(
     if concurrency is not None and not isinstance(concurrency, Concurrency):
         raise WorkflowError(f"{where}: concurrency= takes a Concurrency(key, limit), got {concurrency!r:.80}")
     if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-        raise WorkflowError(f"{where}: rate_limit= takes a RateLimit(name, rate, per=), got {rate_limit!r:.80}")
+        raise WorkflowError(
+            f"{where}: rate_limit= takes a RateLimit(name, rate, per=), got {rate_limit!r:.80}"
+        )
     conc = concurrency if concurrency is not None else getattr(tf, "concurrency", None)
     rate = rate_limit if rate_limit is not None else getattr(tf, "rate_limit", None)
     if conc is not None:

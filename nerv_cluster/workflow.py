@@ -19,6 +19,7 @@ from nerv_cluster.errors import (
     WorkflowError,
 )
 from nerv_cluster.ids import check_id, slug
+from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
     Cache,
     CircuitBreaker,
@@ -28,7 +29,6 @@ from nerv_cluster.model import (
     TriggerRule,
     WorkflowDef,
 )
-from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
@@ -174,7 +174,13 @@ class Workflow:
             raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
         ctx = context if context is not None else (tf.context if tf else False)
         conc, rate = limits.task_limits(
-            tf, concurrency, rate_limit, ctx, enc_args, enc_kwargs, where,
+            tf,
+            concurrency,
+            rate_limit,
+            ctx,
+            enc_args,
+            enc_kwargs,
+            where,
             lambda value: _encode(value, f"{where} default", [], self.name),
         )
         td = TaskDef(

@@ -132,9 +132,7 @@ def test_set_limit_at_run_time_survives_a_scheduler_restart(own_cluster: Cluster
     label = "setlimit"
     c.client.set_limit(f"crm:{label}", 0)  # hold every task of the key
     rid = c.client.submit(_limited_run(label, 12, 0.5))
-    _wait(
-        lambda: sum(ev.type is EventType.TASK_HELD for ev in log_of(c.client, rid)) == 12, 20, "all held"
-    )
+    _wait(lambda: sum(ev.type is EventType.TASK_HELD for ev in log_of(c.client, rid)) == 12, 20, "all held")
     time.sleep(1.0)
     assert _counter(c, label, "runs") == 0
     c.kill(sched, signal.SIGKILL)

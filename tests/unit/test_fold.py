@@ -108,6 +108,8 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["cache_key"] = rng.choice(["k1", "k2"])
     if rng.random() < 0.2:
         data.update(cached=True, cached_from="other-run/t0")
+    if rng.random() < 0.2:  # limits (issue 11): a dispatch's concurrency slot (TASK_HELD comes as any type)
+        data["slot"] = rng.choice(["api", "tenant:a"])
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 
