@@ -25,6 +25,7 @@ Everything here is pure: no I/O, the clock is an argument.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import inspect
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # the state imports the model, which imports this module
     from nerv_cluster.state import RunState, State
 
 
+@functools.lru_cache(maxsize=1024)
 def template_fields(template: str) -> tuple[str, ...]:
     """The parameter names a key template refers to (``"tenant:{customer}"`` -> ``("customer",)``);
     WorkflowError for anything but plain ``{name}`` fields."""
@@ -199,6 +201,11 @@ class Concurrency:
         if not isinstance(data, Mapping) or "key" not in data:
             raise WorkflowError(f"a concurrency limit needs a key, got {data!r:.80}")
         params = data.get("params") or {}
+        if not params:  # a fan-out's thousands of tasks share one static key: made and checked once
+            try:
+                return _static_key(data["key"], data.get("limit", 1))
+            except TypeError:  # unhashable: no valid key; let the checks say why
+                pass
         out = cls(data["key"], data.get("limit", 1), params)
         missing = [f for f in out.fields if f not in params]
         if missing:
@@ -235,7 +242,22 @@ class RateLimit:
         """Inverse of :meth:`to_dict`; WorkflowError on a malformed form."""
         if not isinstance(data, Mapping) or "name" not in data or "rate" not in data:
             raise WorkflowError(f"a rate limit needs a name and a rate, got {data!r:.80}")
-        return cls(data["name"], data["rate"], data.get("per", 1.0))
+        try:
+            return _rate_limit(data["name"], data["rate"], data.get("per", 1.0))
+        except TypeError:
+            return cls(data["name"], data["rate"], data.get("per", 1.0))
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _static_key(key: Any, limit: Any) -> Concurrency:
+    """One Concurrency per distinct static form (typed: ``True`` is no ``1``, which the checks refuse)."""
+    return Concurrency(key, limit)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _rate_limit(name: Any, rate: Any, per: Any) -> RateLimit:
+    """One RateLimit per distinct form."""
+    return RateLimit(name, rate, per)
 
 
 def _parameters(fn: Callable[..., Any]) -> list[str] | None:

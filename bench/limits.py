@@ -1,0 +1,143 @@
+"""Limits (issue 11, part "limits"): what concurrency keys cost the runs around them, and how fast held
+tasks go once released.
+
+``python -m bench.limits`` prints two rows, each against a plain fan-out measured in the same run (real
+Redis, a scheduler, one prefork worker with ``--workers`` processes, noop tasks):
+
+- **beside**: a fan-out of ``--fanout`` unlimited noops plus one noop with a concurrency key, against
+  the same fan-out without that task (runs alternate, ``--repeat`` each, medians). Ratio: throughput
+  with the limited task / without (the bar is 0.95).
+- **held**: ``--held`` noops behind one key whose limit is 0 (``client.set_limit``), every one held by
+  the scheduler; then the clock runs from ``set_limit(key, n)`` that releases them all to the run's end,
+  against a plain fan-out of as many noops from submit to end. Ratio: released rate / plain rate (the
+  bar is 0.8). Times are the scheduler's, on Redis's clock (stream entry ids: the submit or the
+  LIMIT_SET to the run's end event), without the client's fold of the log. Deciding a held task is O(log n): releasing one is a heap pop, never a scan.
+
+There is no peer row: Celery and Dask have no cluster-wide concurrency keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from bench.__main__ import with_db
+from bench.nerv_engine import NervEngine
+
+
+def _fanout(n: int, name: str, limited: int = 0, key: str = "bench:beside", limit: int = 1) -> Any:
+    from bench.nerv_tasks import noop
+    from nerv_cluster import Concurrency, Workflow
+
+    wf = Workflow(name)
+    for i in range(n):
+        wf.add(noop, id=f"n{i}")
+    for i in range(limited):
+        wf.add(noop, id=f"limited{i}", concurrency=Concurrency(key, limit))
+    return wf
+
+
+def _ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def _span(client: Any, run_id: str, since_ms: int | None = None) -> float:
+    """Seconds from the run's submit (or ``since_ms``, Redis time) to its end event, on Redis's clock
+    (stream entry ids): the scheduler's time, without the client's fold of the log in ``wait``."""
+    log_key = client.keys.log(run_id)
+    first = client.redis.xrange(log_key, count=1)[0][0]
+    last = client.redis.xrevrange(log_key, count=1)[0][0]
+    return (_ms(last) - (_ms(first) if since_ms is None else since_ms)) / 1000
+
+
+def _timed(client: Any, wf: Any) -> float:
+    run_id = client.submit(wf)
+    client.wait(run_id, timeout=900).raise_for_status()
+    return _span(client, run_id)
+
+
+def beside(client: Any, n: int, repeat: int) -> dict[str, Any]:
+    """The beside row: seconds of the fan-out with and without one limited task."""
+    plain, with_limit = [], []
+    for r in range(repeat):
+        plain.append(_timed(client, _fanout(n, f"plain-{r}")))
+        with_limit.append(_timed(client, _fanout(n, f"beside-{r}", limited=1)))
+    p, w = statistics.median(plain), statistics.median(with_limit)
+    return {
+        "tasks": n,
+        "plain_s": p,
+        "limited_s": w,
+        "plain_rate": n / p,
+        "limited_rate": (n + 1) / w,
+        "ratio": ((n + 1) / w) / (n / p),
+    }
+
+
+def held(client: Any, n: int) -> dict[str, Any]:
+    """The held row: ``n`` tasks held behind one key, released by set_limit, against a plain fan-out."""
+    key = f"bench:held:{time.time():.0f}"
+    plain_s = _timed(client, _fanout(n, "plain-held"))
+    client.set_limit(key, 0)
+    t0 = time.perf_counter()
+    run_id = client.submit(_fanout(0, "held", limited=n, key=key, limit=1))
+    log_key = client.keys.log(run_id)
+    # Held: the submit, the start and one TASK_HELD per task are in the log.
+    while client.redis.xlen(log_key) < n + 2:
+        time.sleep(0.05)
+    hold_s = time.perf_counter() - t0
+    time.sleep(0.5)
+    client.set_limit(key, n)
+    set_at = _ms(client.redis.xrevrange(client.keys.limits, count=1)[0][0])
+    client.wait(run_id, timeout=900).raise_for_status()
+    release_s = _span(client, run_id, since_ms=set_at)
+    client.set_limit(key, None)
+    return {
+        "tasks": n,
+        "plain_s": plain_s,
+        "hold_s": hold_s,
+        "release_s": release_s,
+        "plain_rate": n / plain_s,
+        "release_rate": n / release_s,
+        "ratio": plain_s / release_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.limits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    parser.add_argument("--redis-db", type=int, default=13, help="database to use (flushed)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fanout", type=int, default=2_000, help="width of the beside row's fan-out")
+    parser.add_argument("--held", type=int, default=100_000, help="tasks held behind one key")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args(argv)
+    engine = NervEngine(timeout=900)
+    engine.start(with_db(args.redis_url, args.redis_db), args.workers)
+    out: dict[str, Any] = {}
+    try:
+        out["beside"] = b = beside(engine.client, args.fanout, args.repeat)
+        print(
+            f"beside: {b['tasks']:,} noops {b['plain_s']:.3f}s ({b['plain_rate']:.0f}/s); with one "
+            f"limited task {b['limited_s']:.3f}s ({b['limited_rate']:.0f}/s): {b['ratio']:.2f}x"
+        )
+        out["held"] = h = held(engine.client, args.held)
+        print(
+            f"held: {h['tasks']:,} tasks held behind one key in {h['hold_s']:.2f}s; released by set_limit "
+            f"in {h['release_s']:.2f}s ({h['release_rate']:.0f}/s) vs a plain fan-out {h['plain_s']:.2f}s "
+            f"({h['plain_rate']:.0f}/s): {h['ratio']:.2f}x"
+        )
+    finally:
+        engine.stop()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
