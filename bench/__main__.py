@@ -34,40 +34,70 @@ def with_db(url: str, db: int | None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="all",
-                   help="comma list of nerv, celery-canvas, celery-raw, dask, or aliases celery "
-                        "(= canvas + raw), peers, all (default: all)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--engines",
+        default="all",
+        help="comma list of nerv, celery-canvas, celery-raw, dask, or aliases celery "
+        "(= canvas + raw), peers, all (default: all)",
+    )
     p.add_argument("--no-ours", action="store_true", help="do not include our engine")
-    p.add_argument("--shapes", default=",".join(shape_mod.SHAPE_NAMES),
-                   help=f"comma list of {', '.join(shape_mod.SHAPE_NAMES)} (default: all)")
+    p.add_argument(
+        "--shapes",
+        default=",".join(shape_mod.SHAPE_NAMES),
+        help=f"comma list of {', '.join(shape_mod.SHAPE_NAMES)} (default: all)",
+    )
     p.add_argument("--n-scale", type=float, default=1.0, help="multiply every shape size (default 1.0)")
     p.add_argument("--quick", action="store_true", help="smoke run: sizes x 0.1 (times --n-scale)")
     p.add_argument("--workers", type=int, default=2, help="worker processes per engine (default 2)")
     p.add_argument("--repeat", type=int, default=1, help="runs per (engine, shape); the median is kept")
-    p.add_argument("--order", choices=("shape", "sequential", "interleaved"), default="shape",
-                   help="shape (default): per shape, each engine started, run, stopped in turn; "
-                        "sequential: each engine started once for all shapes; interleaved: all engines up "
-                        "at once (idle engines tax the running one)")
+    p.add_argument(
+        "--order",
+        choices=("shape", "sequential", "interleaved"),
+        default="shape",
+        help="shape (default): per shape, each engine started, run, stopped in turn; "
+        "sequential: each engine started once for all shapes; interleaved: all engines up "
+        "at once (idle engines tax the running one)",
+    )
     p.add_argument("--seed", type=int, default=shape_mod.DEFAULT_SEED, help="seed of the random DAG")
-    p.add_argument("--redis-url", default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"),
-                   help="Redis to use (default: $NERV_REDIS_URL or redis://127.0.0.1:6379)")
-    p.add_argument("--redis-db", type=int, default=DEFAULT_DB,
-                   help=f"database number replacing the URL's (default {DEFAULT_DB}; -1 keeps the URL's)")
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"),
+        help="Redis to use (default: $NERV_REDIS_URL or redis://127.0.0.1:6379)",
+    )
+    p.add_argument(
+        "--redis-db",
+        type=int,
+        default=DEFAULT_DB,
+        help=f"database number replacing the URL's (default {DEFAULT_DB}; -1 keeps the URL's)",
+    )
     p.add_argument("--no-flush", action="store_true", help="do not FLUSHDB the bench database at start")
-    p.add_argument("--canvas-dag", choices=("levels", "chain", "none"), default="levels",
-                   help="Celery canvas on the lattice / random DAG: one group per level with the client "
-                        "waiting between levels (default), one canvas chain of those groups (cost grows "
-                        "with depth squared), or n/a")
-    p.add_argument("--canvas-poll", type=float, default=0.5,
-                   help="Celery result.get(interval=...) in seconds for a whole canvas (default 0.5, "
-                        "Celery's); each level's wait in --canvas-dag levels uses 0.01")
+    p.add_argument(
+        "--canvas-dag",
+        choices=("levels", "chain", "none"),
+        default="levels",
+        help="Celery canvas on the lattice / random DAG: one group per level with the client "
+        "waiting between levels (default), one canvas chain of those groups (cost grows "
+        "with depth squared), or n/a",
+    )
+    p.add_argument(
+        "--canvas-poll",
+        type=float,
+        default=0.5,
+        help="Celery result.get(interval=...) in seconds for a whole canvas (default 0.5, "
+        "Celery's); each level's wait in --canvas-dag levels uses 0.01",
+    )
     p.add_argument("--no-floor", action="store_true", help="skip the Redis ping-pong floor")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each run (default 0.5)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
-                   help=f"where to write the JSON results (default {DEFAULT_JSON}, not tracked by git)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        help=f"where to write the JSON results (default {DEFAULT_JSON}, not tracked by git)",
+    )
     return p.parse_args(argv)
 
 
@@ -107,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_flush:
         if r.connection_pool.connection_kwargs.get("db", 0) == 0:
-            print("error: refusing to FLUSHDB database 0; pick --redis-db or pass --no-flush",
-                  file=sys.stderr)
+            print(
+                "error: refusing to FLUSHDB database 0; pick --redis-db or pass --no-flush", file=sys.stderr
+            )
             return 2
         r.flushdb()
     r.close()
@@ -118,9 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     for s in shapes:
         print(f"[bench] {s.summary()}", file=sys.stderr)
     load_before = os.getloadavg()
-    result = harness.run_all(names, shapes, url, args.workers, repeat=args.repeat, pause=args.pause,
-                             timeout=args.timeout, floor=not args.no_floor, order=args.order,
-                             options={"dag_mode": args.canvas_dag, "poll_interval": args.canvas_poll})
+    result = harness.run_all(
+        names,
+        shapes,
+        url,
+        args.workers,
+        repeat=args.repeat,
+        pause=args.pause,
+        timeout=args.timeout,
+        floor=not args.no_floor,
+        order=args.order,
+        options={"dag_mode": args.canvas_dag, "poll_interval": args.canvas_poll},
+    )
     result.meta = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
@@ -143,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(result))
     cpus = os.cpu_count() or 1
     if load_before[0] > 0.5 * cpus:
-        print(f"warning: load average was {load_before[0]:.2f} on {cpus} CPUs at the start: other work was "
-              "running, absolute numbers are low; the ratios are the comparable part")
+        print(
+            f"warning: load average was {load_before[0]:.2f} on {cpus} CPUs at the start: other work was "
+            "running, absolute numbers are low; the ratios are the comparable part"
+        )
     report.write_json(result, args.json)
     print(f"\nJSON written to {args.json}")
     return 0

@@ -51,14 +51,30 @@ class CeleryWorker:
         env[celery_peer.URL_ENV] = self.redis_url
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         cmd = [
-            sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker",
-            "--pool", "prefork", "--concurrency", str(self.concurrency), "-Q", self.queue,
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning",
-            "-n", f"{self.queue}-{os.getpid()}@%h",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_peer",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.concurrency),
+            "-Q",
+            self.queue,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "warning",
+            "-n",
+            f"{self.queue}-{os.getpid()}@%h",
         ]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def check_alive(self) -> None:
         """Raise with the log's tail when the worker has exited."""
@@ -100,8 +116,10 @@ class _CeleryEngine(Engine):
 
     def start(self, redis_url: str, workers: int) -> None:
         if redis_url != celery_peer.URL:
-            raise BenchError(f"bench.celery_peer was imported for {celery_peer.URL}, not {redis_url}; "
-                             f"set {celery_peer.URL_ENV} before importing it")
+            raise BenchError(
+                f"bench.celery_peer was imported for {celery_peer.URL}, not {redis_url}; "
+                f"set {celery_peer.URL_ENV} before importing it"
+            )
         # No socket timeout: redis-py's default (5 s) would cut the client's long BRPOPs.
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=None)
         self.worker = CeleryWorker(redis_url, workers, self.queue)
@@ -116,8 +134,9 @@ class _CeleryEngine(Engine):
                     break
                 except CeleryTimeout:
                     if time.monotonic() > deadline:
-                        raise BenchError(f"celery worker not ready after {READY_TIMEOUT_S:.0f}s:\n"
-                                         f"{self.worker.log_tail()}") from None
+                        raise BenchError(
+                            f"celery worker not ready after {READY_TIMEOUT_S:.0f}s:\n{self.worker.log_tail()}"
+                        ) from None
         self.warm_up(workers)
 
     def warm_up(self, workers: int) -> None:
@@ -143,8 +162,13 @@ class CeleryCanvasEngine(_CeleryEngine):
     #: the rest of the chain, so the cost grows with the square of the depth); "none" = n/a.
     DAG_MODES = ("levels", "chain", "none")
 
-    def __init__(self, timeout: float = 300.0, dag_mode: str = "levels", poll_interval: float = 0.5,
-                 level_poll_interval: float = 0.01) -> None:
+    def __init__(
+        self,
+        timeout: float = 300.0,
+        dag_mode: str = "levels",
+        poll_interval: float = 0.5,
+        level_poll_interval: float = 0.01,
+    ) -> None:
         super().__init__(timeout)
         self.dag_mode = dag_mode
         #: ``result.get(interval=...)`` for a whole canvas: Celery's default. Shorter intervals measured no
@@ -247,8 +271,13 @@ class CeleryRawEngine(_CeleryEngine):
         with Stopwatch() as sw:
             with app.producer_or_acquire() as producer:
                 for _ in range(n):
-                    app.send_task("bench.count", args=(run_key, n, queue, then), queue=queue,
-                                  ignore_result=True, producer=producer)
+                    app.send_task(
+                        "bench.count",
+                        args=(run_key, n, queue, then),
+                        queue=queue,
+                        ignore_result=True,
+                        producer=producer,
+                    )
             self._wait(r, run_key, deadline)
         r.delete(run_key)
         return sw.seconds

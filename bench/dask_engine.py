@@ -35,8 +35,13 @@ class DaskEngine(Engine):
             from distributed import Client, LocalCluster
         except ImportError as exc:
             raise EngineUnavailable(f"dask[distributed] not installed ({exc})") from exc
-        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=logging.CRITICAL)
+        self.cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        )
         self.client = Client(self.cluster)
         self.client.wait_for_workers(workers, timeout=60)
         # Warm-up: every worker imports this module and runs one task.

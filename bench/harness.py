@@ -90,8 +90,15 @@ class _Cell:
             return Outcome(self.engine, self.shape, self.is_ours, ERROR, reason="not run")
         first, seconds = self.samples[0], [m.seconds for m in self.samples]
         # The last repeat's note: an engine may sum up every repeat in it (the cached row's medians).
-        median = Measurement(first.engine, first.shape, first.tasks, statistics.median(seconds),
-                             note=self.samples[-1].note, approximate=first.approximate, samples=seconds)
+        median = Measurement(
+            first.engine,
+            first.shape,
+            first.tasks,
+            statistics.median(seconds),
+            note=self.samples[-1].note,
+            approximate=first.approximate,
+            samples=seconds,
+        )
         return Outcome(self.engine, self.shape, self.is_ours, OK, measurement=median)
 
 
@@ -136,9 +143,18 @@ def _run_once(engine: Engine, shape: Shape, cell: _Cell, pause: float, label: st
     cell.samples.append(m)
 
 
-def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, workers: int, repeat: int = 1,
-            pause: float = 0.5, timeout: float = 300.0, floor: bool = True, order: str = "shape",
-            options: dict[str, Any] | None = None) -> Report:
+def run_all(
+    engine_names: list[str],
+    shapes: list[Shape],
+    redis_url: str,
+    workers: int,
+    repeat: int = 1,
+    pause: float = 0.5,
+    timeout: float = 300.0,
+    floor: bool = True,
+    order: str = "shape",
+    options: dict[str, Any] | None = None,
+) -> Report:
     """Measure the Redis floor, then every engine over every ``shape``, ``repeat`` times (median kept).
 
     ``options`` are engine attributes (e.g. ``dag_mode``): each engine that has one gets it set.
@@ -163,8 +179,9 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
             engine = ENGINES[name]()
         except ImportError as exc:
             for s in shapes:
-                cells[name, s.name].final = Outcome(name, s.name, name == "nerv", NA,
-                                                    reason=f"cannot import the engine ({exc})")
+                cells[name, s.name].final = Outcome(
+                    name, s.name, name == "nerv", NA, reason=f"cannot import the engine ({exc})"
+                )
             continue
         engine.timeout = timeout
         for key, value in (options or {}).items():
@@ -176,8 +193,9 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
 
     def fail_all(engine: Engine, status: str, reason: str) -> None:
         for s in shapes:
-            cells[engine.name, s.name].final = Outcome(engine.name, s.name, engine.is_ours, status,
-                                                       reason=reason)
+            cells[engine.name, s.name].final = Outcome(
+                engine.name, s.name, engine.is_ours, status, reason=reason
+            )
 
     def attempt(engine: Engine, shape: Shape, i: int) -> None:
         cell = cells[engine.name, shape.name]
@@ -188,13 +206,14 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
         for s in shapes:
             if reason := engine.unsupported(s) or (None if engine.is_ours else s.ours_only or None):
                 _log(f"{engine.name} {s.name}: n/a: {reason}")
-                cells[engine.name, s.name].final = Outcome(engine.name, s.name, engine.is_ours, NA,
-                                                           reason=reason)
+                cells[engine.name, s.name].final = Outcome(
+                    engine.name, s.name, engine.is_ours, NA, reason=reason
+                )
     # An engine with nothing left to run is never started.
     engines = [e for e in engines if any(cells[e.name, s.name].final is None for s in shapes)]
 
     def rotate(items: list[Engine], k: int) -> list[Engine]:
-        return items[k % len(items):] + items[:k % len(items)] if items else []
+        return items[k % len(items) :] + items[: k % len(items)] if items else []
 
     if order == "shape":
         for k, shape in enumerate(shapes):

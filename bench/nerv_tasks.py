@@ -30,6 +30,8 @@ def fails_until_fixed(key: str, *args: Any) -> None:
         _redis = redis.Redis.from_url(os.environ["NERV_REDIS_URL"])
     if not _redis.exists(key):
         raise RuntimeError(f"broken until {key} is set")
+
+
 @task(queue="cpu", name="bench.cached_noop", cache=Cache(ttl=3600))
 def cached_noop(i: int) -> None:
     """Do nothing, cached (the ``cached`` shape: one key per ``i``)."""

@@ -43,13 +43,35 @@ def rows(report: Report) -> list[list[str]]:
             m = o.measurement
             if o.status == OK and m is not None:
                 hop = _num(m.ms_per_task, ".2f") if kinds.get(o.shape) == "chain" else "-"
-                out.append([o.shape, o.engine, str(m.tasks), _num(m.seconds, ".3f"), _spread(m.samples),
-                            _num(m.tasks_per_s, ".1f"), hop, _ratio_text(report, o), m.note])
+                out.append(
+                    [
+                        o.shape,
+                        o.engine,
+                        str(m.tasks),
+                        _num(m.seconds, ".3f"),
+                        _spread(m.samples),
+                        _num(m.tasks_per_s, ".1f"),
+                        hop,
+                        _ratio_text(report, o),
+                        m.note,
+                    ]
+                )
             else:
                 label = "n/a" if o.status == NA else "ERROR"
                 reason = o.reason if len(o.reason) <= 70 else o.reason[:67] + "..."
-                out.append([o.shape, o.engine, "-", "-", "", "-", "-", "" if o.is_ours else "n/a",
-                            f"{label} ({reason})"])
+                out.append(
+                    [
+                        o.shape,
+                        o.engine,
+                        "-",
+                        "-",
+                        "",
+                        "-",
+                        "-",
+                        "" if o.is_ours else "n/a",
+                        f"{label} ({reason})",
+                    ]
+                )
     return out
 
 
@@ -76,14 +98,19 @@ def table(report: Report) -> str:
         previous = r[0]
     lines.append("")
     if report.floor_ms is not None:
-        lines.append("Redis floor (LPUSH/BRPOP ping-pong between two processes): "
-                     f"{report.floor_ms:.3f} ms one way")
+        lines.append(
+            f"Redis floor (LPUSH/BRPOP ping-pong between two processes): {report.floor_ms:.3f} ms one way"
+        )
     elif report.floor_error:
         lines.append(f"Redis floor: error ({report.floor_error})")
-    lines.append("ours/peer = our tasks/s / the peer's tasks/s, same shape, same run (> 1: ours is faster); "
-                 "~ = the peer ran an approximation of the shape (see 'how').")
-    lines.append("wall s = median of the repeats; spread = (slowest - fastest) / median; "
-                 "ms/hop = wall time / tasks, for the chain.")
+    lines.append(
+        "ours/peer = our tasks/s / the peer's tasks/s, same shape, same run (> 1: ours is faster); "
+        "~ = the peer ran an approximation of the shape (see 'how')."
+    )
+    lines.append(
+        "wall s = median of the repeats; spread = (slowest - fastest) / median; "
+        "ms/hop = wall time / tasks, for the chain."
+    )
     return "\n".join(lines)
 
 
@@ -93,11 +120,23 @@ def to_json(report: Report) -> dict[str, Any]:
     ratios: dict[str, dict[str, float | None]] = {}
     for o in report.outcomes:
         m = o.measurement
-        entry: dict[str, Any] = {"engine": o.engine, "shape": o.shape, "ours": o.is_ours, "status": o.status,
-                                 "reason": o.reason}
+        entry: dict[str, Any] = {
+            "engine": o.engine,
+            "shape": o.shape,
+            "ours": o.is_ours,
+            "status": o.status,
+            "reason": o.reason,
+        }
         if m is not None:
-            entry.update(tasks=m.tasks, seconds=m.seconds, tasks_per_s=m.tasks_per_s,
-                         ms_per_task=m.ms_per_task, note=m.note, approximate=m.approximate, samples=m.samples)
+            entry.update(
+                tasks=m.tasks,
+                seconds=m.seconds,
+                tasks_per_s=m.tasks_per_s,
+                ms_per_task=m.ms_per_task,
+                note=m.note,
+                approximate=m.approximate,
+                samples=m.samples,
+            )
         if not o.is_ours:
             entry["ours_over_peer"] = report.ratio(o)
             ratios.setdefault(o.shape, {})[o.engine] = report.ratio(o)
@@ -105,8 +144,17 @@ def to_json(report: Report) -> dict[str, Any]:
     return {
         "meta": report.meta,
         "redis_floor_ms_one_way": report.floor_ms,
-        "shapes": {s.name: {"tasks": s.size, "edges": s.edges, "depth": s.depth, "kind": s.kind,
-                            "description": s.description, "params": s.params} for s in report.shapes},
+        "shapes": {
+            s.name: {
+                "tasks": s.size,
+                "edges": s.edges,
+                "depth": s.depth,
+                "kind": s.kind,
+                "description": s.description,
+                "params": s.params,
+            }
+            for s in report.shapes
+        },
         "results": results,
         "ratios_ours_over_peer": ratios,
     }

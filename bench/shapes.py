@@ -138,12 +138,20 @@ def lattice(width: int = LATTICE_WIDTH, depth: int = LATTICE_DEPTH) -> Shape:
             else:
                 base = (k - 1) * width
                 parents.append(tuple(base + j for j in (i - 1, i, i + 1) if 0 <= j < width))
-    return Shape("lattice", f"diamond lattice {width} wide x {depth} deep", tuple(parents),
-                 {"width": width, "depth": depth})
+    return Shape(
+        "lattice",
+        f"diamond lattice {width} wide x {depth} deep",
+        tuple(parents),
+        {"width": width, "depth": depth},
+    )
 
 
-def random_dag(n: int = RANDOM_N, max_parents: int = RANDOM_MAX_PARENTS, seed: int = DEFAULT_SEED,
-               window: int = RANDOM_WINDOW) -> Shape:
+def random_dag(
+    n: int = RANDOM_N,
+    max_parents: int = RANDOM_MAX_PARENTS,
+    seed: int = DEFAULT_SEED,
+    window: int = RANDOM_WINDOW,
+) -> Shape:
     """``n`` tasks; node ``i`` draws 0..``max_parents`` distinct parents among the ``window`` before it."""
     rng = random.Random(seed)
     parents: list[tuple[int, ...]] = []
@@ -151,23 +159,39 @@ def random_dag(n: int = RANDOM_N, max_parents: int = RANDOM_MAX_PARENTS, seed: i
         lo = max(0, i - window)
         k = rng.randint(0, min(max_parents, i - lo))
         parents.append(tuple(sorted(rng.sample(range(lo, i), k))))
-    return Shape("random", f"random DAG, <= {max_parents} parents, seed {seed}", tuple(parents),
-                 {"n": n, "max_parents": max_parents, "seed": seed, "window": window})
+    return Shape(
+        "random",
+        f"random DAG, <= {max_parents} parents, seed {seed}",
+        tuple(parents),
+        {"n": n, "max_parents": max_parents, "seed": seed, "window": window},
+    )
 
 
 def cached(n: int = FANOUT_N) -> Shape:
     """``n`` independent tasks of a cached function (``Cache``), run twice: first computed, then all
     from the cache. Part "cache" of issue 16: the second run must be at least 5x faster."""
-    return Shape("cached", f"{n} independent cached tasks, run twice", tuple(() for _ in range(n)), {"n": n},
-                 ours_only="a result cache of ours: the row compares our second run with our first")
+    return Shape(
+        "cached",
+        f"{n} independent cached tasks, run twice",
+        tuple(() for _ in range(n)),
+        {"n": n},
+        ours_only="a result cache of ours: the row compares our second run with our first",
+    )
+
+
 def recursive(n: int) -> Shape:
     """fib(``n``) by tasks that make tasks at run time (bench/recursive.py); its size is the number of
     fib calls."""
     from bench.recursive import fib_calls
 
     calls = fib_calls(n)
-    return Shape("recursive", f"fib({n}) by child workflows: {calls} fib calls, {(calls - 1) // 2} spawning",
-                 tuple(() for _ in range(calls)), {"n": n}, special="recursive")
+    return Shape(
+        "recursive",
+        f"fib({n}) by child workflows: {calls} fib calls, {(calls - 1) // 2} spawning",
+        tuple(() for _ in range(calls)),
+        {"n": n},
+        special="recursive",
+    )
 
 
 def _scaled(value: int, scale: float, minimum: int) -> int:

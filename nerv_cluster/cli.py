@@ -368,6 +368,55 @@ def cache_clear(
     console.print(f"deleted {n} cache entr{'y' if n == 1 else 'ies'}{what}")
 
 
+# -- limits (issue 11, part "limits") -----------------------------------------------------------------
+
+limit_app = typer.Typer(no_args_is_help=True, help="Concurrency keys' limits, changed at run time.")
+app.add_typer(limit_app, name="limit")
+
+
+@limit_app.command("set")
+def limit_set(
+    key: str = typer.Argument(..., help="A resolved concurrency key, as 'crm-api' or 'tenant:acme'."),
+    limit: int = typer.Argument(..., help="Attempts at most at once from now on (0 holds them all)."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Set a concurrency key's limit cluster-wide (an event: it survives a scheduler restart)."""
+    client = _client(redis_url)
+    try:
+        client.set_limit(key, limit)
+    finally:
+        client.close()
+    console.print(f"limit of [bold]{escape(key)}[/] set to {limit}")
+
+
+@limit_app.command("clear")
+def limit_clear(
+    key: str = typer.Argument(..., help="A concurrency key set with `nerv limit set`."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Go back to the limit the key's tasks declare."""
+    client = _client(redis_url)
+    try:
+        client.set_limit(key, None)
+    finally:
+        client.close()
+    console.print(f"limit of [bold]{escape(key)}[/] back to the declared one")
+
+
+@limit_app.command("list")
+def limit_list(redis_url: str | None = RedisOpt) -> None:
+    """The limits set at run time, by key."""
+    client = _client(redis_url)
+    try:
+        limits = client.limits()
+    finally:
+        client.close()
+    if not limits:
+        console.print("no limits set at run time (tasks use the limits they declare)")
+    for key, n in sorted(limits.items()):
+        console.print(f"{escape(key)}\t{n}")
+
+
 @app.command()
 def rerun(
     run_id: str = RunArg,
