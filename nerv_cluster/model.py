@@ -123,6 +123,8 @@ class EventType(StrEnum):
     CIRCUIT_OPENED = "CIRCUIT_OPENED"
     CIRCUIT_HALF_OPENED = "CIRCUIT_HALF_OPENED"
     CIRCUIT_CLOSED = "CIRCUIT_CLOSED"
+    # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
+    MAP_EXPANDED = "MAP_EXPANDED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -233,6 +235,10 @@ class TaskDef:
     ``fn`` is the registered name of the function; ``args``/``kwargs`` are JSON where an upstream result
     is written as ``{"__nerv_ref__": task_id}``. ``dependencies`` holds every upstream task id, whether it
     came from a reference in the arguments or was listed explicitly.
+
+    ``over`` makes the task a map node (see :mod:`nerv_cluster.mapping`): what it maps over, a
+    reference marker to a task (or another map) among its dependencies, or a literal JSON list; the
+    task itself never runs, each element of that list becomes a task ``<id>[<i>]`` of its own.
     """
 
     id: str
@@ -250,6 +256,7 @@ class TaskDef:
     trigger: TriggerRule = TriggerRule.ALL_SUCCESS
     context: bool = False  # call fn(ctx, *args) with a TaskContext first
     circuit: CircuitBreaker | None = None
+    over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -280,6 +287,8 @@ class TaskDef:
             out["context"] = True
         if self.circuit is not None:
             out["circuit"] = self.circuit.to_dict()
+        if self.over is not None:
+            out["over"] = self.over
         return out
 
     @classmethod
@@ -302,6 +311,7 @@ class TaskDef:
             trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
             context=bool(data.get("context", False)),
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
+            over=data.get("over"),
         )
 
 

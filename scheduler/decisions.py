@@ -10,13 +10,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import constants
+from nerv_cluster import constants, mapping
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
-from nerv_cluster.model import Event, EventType, RunStatus, TaskError, TaskStatus
+from nerv_cluster.model import Event, EventType, RunStatus, TaskDef, TaskError, TaskStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
 
@@ -31,11 +31,15 @@ class Limits:
     max_tasks: int = constants.DEFAULT_MAX_TASKS
     max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
     max_job_bytes: int = constants.DEFAULT_MAX_JOB_BYTES
+    #: Most elements a map node may expand into (a longer list fails the map).
+    max_map_width: int = constants.DEFAULT_MAX_MAP_WIDTH
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
         """The limits of these settings."""
-        return cls(settings.max_tasks, settings.max_submission_bytes, settings.max_job_bytes)
+        return cls(
+            settings.max_tasks, settings.max_submission_bytes, settings.max_job_bytes, settings.max_map_width
+        )
 
 
 _NO_LIMITS = Limits()
@@ -130,13 +134,18 @@ def _small(value: object) -> bool:
     return value is None or kind is bool or kind is float or (kind is int and -(1 << 63) <= value < 1 << 63)  # type: ignore[operator]
 
 
-def _may_be_too_large(run: RunState, deps: tuple[str, ...], limits: Limits) -> bool:
-    """Whether a job of ``run`` with these dependencies must be measured against the job bound: only
-    upstream results make a job bigger than its part of the submission, and small scalar results
-    (measuring costs a JSON encoding per job) cannot make it much bigger."""
-    tasks = run.tasks
+def _may_be_too_large(run: RunState, td: TaskDef, limits: Limits) -> bool:
+    """Whether a job of ``run`` for ``td`` must be measured against the job bound: only upstream
+    results make a job bigger than its part of the submission, and small scalar results (measuring
+    costs a JSON encoding per job) cannot make it much bigger. A map's result (a list) and a map
+    element's value (a piece of an upstream result) are upstream results too."""
+    tasks, deps = run.tasks, td.dependencies
     if not all(_small(tasks[d].result) for d in deps):
         return True
+    if run.growth.layers:
+        layers = run.growth.layers
+        if any(d in layers for d in deps) or (mapping.is_element(td.id) and not _small(td.args[0])):
+            return True
     return run.submitted_bytes * 2 + 64 * len(deps) + 1024 > limits.max_job_bytes
 
 
@@ -233,7 +242,8 @@ def decide(
             cancel = Event(
                 EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source
             )
-            if ts.dispatched or ts.status is TaskStatus.RUNNING:
+            # An expanded map node runs in no worker: nothing to revoke (its elements are cancelled).
+            if (ts.dispatched or ts.status is TaskStatus.RUNNING) and tid not in run.growth.layers:
                 out.revoke.append(job_id(rid, tid, ts.attempt))
                 out.cancels.append(cancel)
             out.events.append(cancel)
@@ -260,6 +270,11 @@ def decide(
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
                 continue
             td = run.defs[tid]
+            if td.over is not None:  # a map node: expanded here, never sent to a worker
+                expanded = mapping.expansion(run, tid, limits.max_map_width, limits.max_tasks, now, source)
+                if expanded is not None:
+                    out.events.append(expanded)
+                continue
             if td.circuit is not None and breakers is not None:
                 allowed, transition = breakers.admit(
                     td.fn, td.circuit, job_id(rid, tid, ts.attempt), rid, now, source
@@ -271,7 +286,7 @@ def decide(
                     continue
             queue = td.queue
             job = build_job(run, tid, handoff and readies_successor(run, tid))
-            if _may_be_too_large(run, td.dependencies, limits):
+            if _may_be_too_large(run, td, limits):
                 size = job_size(job)
                 if size > limits.max_job_bytes:
                     out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
@@ -282,6 +297,8 @@ def decide(
                 )
             )
             out.jobs.append((job, queue))
+    for tid in run.gathered:  # map nodes whose elements have all ended
+        out.events.append(mapping.end_event(run, tid, now, source))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
