@@ -135,7 +135,7 @@ class _Grown(Mapping[str, Any]):
 
     def __eq__(self, other: object) -> bool:
         if type(other) is type(self):
-            return self.growth == other.growth and self.static == other.static  # type: ignore[attr-defined]
+            return self.growth == other.growth and self.static == other.static
         return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment]
@@ -159,8 +159,8 @@ class GrownDependents(_Grown):
         deps = self.static.get(tid)
         if deps is not None:
             trimmed = self.growth.trimmed
-            return trimmed.get(tid, deps) if trimmed else deps  # type: ignore[no-any-return]
-        return super().__getitem__(tid)  # type: ignore[no-any-return]
+            return trimmed.get(tid, deps) if trimmed else deps
+        return super().__getitem__(tid)
 
     def _element(self, tid: str, td: TaskDef) -> tuple[str, ...]:
         map_id, i = _owner(tid)
@@ -249,7 +249,11 @@ def source_of(run: RunState, tid: str) -> Source | str | None:
             return None
     if feed is not None:
         layer = run.growth.layers.get(feed)
-        return None if layer is None else Source(len(layer), None, feed, others)
+        if layer is not None:
+            return Source(len(layer), None, feed, others)
+        # Settled by the followed map's end (a trigger rule that runs on failure): it never expanded.
+        up = tasks[feed].status
+        return f"map {tid!r} has no list to map over: map {feed!r} is {up.value}" if up.terminal else None
     if src is None:
         over = td.over
         if not isinstance(over, list):

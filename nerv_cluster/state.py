@@ -916,9 +916,7 @@ def task_statuses(run: RunState) -> dict[str, TaskStatus]:
 def results(run: RunState) -> dict[str, Any]:
     """Task id -> result, for COMPLETED tasks (a map node's: its elements' results)."""
     return {
-        tid: mapping.result_of(run, tid)
-        for tid, ts in run.tasks.items()
-        if ts.status is TaskStatus.COMPLETED
+        tid: mapping.result_of(run, tid) for tid, ts in run.tasks.items() if ts.status is TaskStatus.COMPLETED
     }
 
 
