@@ -7,7 +7,7 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import NervError
+from nerv_cluster.errors import MapError, NervError
 from nerv_cluster.model import (
     Event,
     EventType,
@@ -33,6 +33,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "MapError",
     "NervError",
     "RetryPolicy",
     "RunResult",
