@@ -73,28 +73,30 @@ def is_element(task_id: str) -> bool:
     return task_id[-1:] == "]"
 
 
-def _locate(layers: PMap[str, tuple[TaskDef, ...]], tid: str) -> TaskDef | None:
-    """The element definition ``tid`` names in ``layers``, or None."""
+class _Spot(NamedTuple):
+    """Where an element lives: its map, its index, and that map's layer."""
+
+    map_id: str
+    at: int
+    layer: tuple[TaskDef, ...]
+
+
+def _locate(layers: PMap[str, tuple[TaskDef, ...]], tid: str) -> _Spot | None:
+    """Where element ``tid`` lives in ``layers``, or None when it names no element."""
     if tid[-1:] != "]":
         return None
     at = tid.rfind("[")
-    layer = layers.get(tid[:at]) if at > 0 else None
+    map_id = tid[:at]
+    layer = layers.get(map_id) if at > 0 else None
     if layer is None:
         return None
     digits = tid[at + 1 : -1]
     if not (digits.isascii() and digits.isdigit()):
         return None
     i = int(digits)
-    if i >= len(layer):
+    if i >= len(layer) or layer[i].id != tid:  # "A[01]" is no element, though int() reads 1
         return None
-    td = layer[i]
-    return td if td.id == tid else None  # "A[01]" is no element, though int() reads 1
-
-
-def _owner(tid: str) -> tuple[str, int]:
-    """(map id, index) of an element id already located."""
-    at = tid.rfind("[")
-    return tid[:at], int(tid[at + 1 : -1])
+    return _Spot(map_id, i, layer)
 
 
 class _Grown(Mapping[str, Any]):
@@ -106,17 +108,17 @@ class _Grown(Mapping[str, Any]):
         self.static = static
         self.growth = growth
 
-    def _element(self, tid: str, td: TaskDef) -> Any:
+    def _element(self, spot: _Spot) -> Any:
         raise NotImplementedError
 
     def __getitem__(self, tid: str) -> Any:
         value = self.static.get(tid)
         if value is not None:
             return value
-        td = _locate(self.growth.layers, tid)
-        if td is None:
+        spot = _locate(self.growth.layers, tid)
+        if spot is None:
             raise KeyError(tid)
-        return self._element(tid, td)
+        return self._element(spot)
 
     def __contains__(self, tid: object) -> bool:
         if tid in self.static:
@@ -147,8 +149,8 @@ class _Grown(Mapping[str, Any]):
 class GrownDefs(_Grown):
     """A run's task definitions once a map expanded: ``run.defs``."""
 
-    def _element(self, tid: str, td: TaskDef) -> TaskDef:
-        return td
+    def _element(self, spot: _Spot) -> TaskDef:
+        return spot.layer[spot.at]
 
 
 class GrownDependents(_Grown):
@@ -162,21 +164,20 @@ class GrownDependents(_Grown):
             return trimmed.get(tid, deps) if trimmed else deps
         return super().__getitem__(tid)
 
-    def _element(self, tid: str, td: TaskDef) -> tuple[str, ...]:
-        map_id, i = _owner(tid)
-        followers = self.growth.feeds.get(map_id)
+    def _element(self, spot: _Spot) -> tuple[str, ...]:
+        map_id = spot.map_id
+        followers = self.growth.feeds.get(map_id) if self.growth.feeds else None
         if not followers:
             return (map_id,)
-        return (map_id, *(element_id(b, i) for b in followers))
+        return (map_id, *(element_id(b, spot.at) for b in followers))
 
 
 class GrownRank(_Grown):
     """A run's dispatch ranks once a map expanded: ``run.plan.rank``. Elements rank just after their map
     node, in index order."""
 
-    def _element(self, tid: str, td: TaskDef) -> float:
-        map_id, i = _owner(tid)
-        return float(self.static[map_id]) + (i + 1) / (len(self.growth.layers[map_id]) + 1)
+    def _element(self, spot: _Spot) -> float:
+        return float(self.static[spot.map_id]) + (spot.at + 1) / (len(spot.layer) + 1)
 
 
 def _static(view: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -268,38 +269,42 @@ def source_of(run: RunState, tid: str) -> Source | str | None:
     return Source(len(value), value, None, others)
 
 
+#: The TaskDef fields an element copies from its map as they are (every field but those it sets).
+_COPIED = tuple(
+    f.name
+    for f in dataclasses.fields(TaskDef)
+    if f.name not in ("id", "name", "dependencies", "args", "over")
+)
+
+
 def _elements(td: TaskDef, src: Source) -> tuple[TaskDef, ...]:
     """The element definitions of map ``td`` for ``src``: the map's definition (every option, whatever
-    fields TaskDef gains) with the element's id, name, dependencies and first argument."""
-    replace, map_id, name, others, rest = dataclasses.replace, td.id, td.name, src.others, td.args
-    if src.feed is not None:
-        feed = src.feed
-        out = []
-        for i in range(src.width):
-            up = element_id(feed, i)
-            out.append(
-                replace(
-                    td,
-                    id=element_id(map_id, i),
-                    name=f"{name}[{i}]",
-                    dependencies=(up, *others),
-                    args=({_REF: up}, *rest),
-                    over=None,
-                )
-            )
-        return tuple(out)
-    values = src.values or ()
-    return tuple(
-        replace(
-            td,
-            id=element_id(map_id, i),
-            name=f"{name}[{i}]",
-            dependencies=others,
-            args=(v, *rest),
-            over=None,
-        )
-        for i, v in enumerate(values)
-    )
+    fields TaskDef gains) with the element's id, name, dependencies and first argument.
+
+    Built field by field rather than by ``dataclasses.replace`` (2-3x its speed: this runs once per
+    element), which is what ``replace`` would build: the frozen dataclass's own fields, set once.
+    """
+    copied = [(name, getattr(td, name)) for name in _COPIED]
+    new, put = object.__new__, object.__setattr__
+    map_id, name, others, rest, feed = td.id, td.name, src.others, td.args, src.feed
+    values = src.values if src.values is not None else ()
+    out = []
+    for i in range(src.width):
+        e = new(TaskDef)
+        for field_name, value in copied:
+            put(e, field_name, value)
+        put(e, "id", f"{map_id}[{i}]")
+        put(e, "name", f"{name}[{i}]")
+        put(e, "over", None)
+        if feed is not None:
+            up = f"{feed}[{i}]"
+            put(e, "dependencies", (up, *others))
+            put(e, "args", ({_REF: up}, *rest))
+        else:
+            put(e, "dependencies", others)
+            put(e, "args", (values[i], *rest))
+        out.append(e)
+    return tuple(out)
 
 
 class Grown(NamedTuple):

@@ -449,3 +449,34 @@ def test_map_logs_with_duplicates_and_noise_fold_alike(seed):
     for piece in _chunks(rng, log):
         state = fold(piece, state)
     assert_same_state(state, want)
+
+
+def test_elements_keep_every_option_of_their_map():
+    from dataclasses import replace
+
+    from nerv_cluster.model import CircuitBreaker, RetryPolicy
+
+    def build(wf: Workflow) -> None:
+        wf.map(
+            "sim.mix",
+            [7, 8],
+            args=[1],
+            kwargs={"k": 2},
+            id="m",
+            priority="critical",
+            timeout=3.5,
+            retry=RetryPolicy(max_retries=2),
+            circuit=CircuitBreaker(failures=3),
+            queue="io",
+            tags=["t"],
+            trigger="all_done",
+            context=True,
+            description="each",
+        )
+
+    run = fold_in(None, started(_wf(build)))
+    run = fold_in(run, step(run).events)
+    m = run.defs["m"]
+    for i, value in enumerate([7, 8]):
+        want = replace(m, id=f"m[{i}]", name=f"m[{i}]", args=(value, 1), over=None)
+        assert run.defs[f"m[{i}]"] == want
