@@ -81,6 +81,52 @@ def _numbers(n: int) -> list[int]:
     return list(range(n))
 
 
+def _definition(n: int, static: bool) -> Any:
+    from nerv_cluster import Workflow
+
+    wf = Workflow("map-static" if static else "map")
+    src = wf.add("bench.numbers", n, id="src")
+    if static:
+        wf.add("bench.count", *[wf.add("bench.noop", i, id=f"e{i}", dependencies=[src]) for i in range(n)])
+    else:
+        wf.add("bench.count", wf.map("bench.noop", src, id="m"))
+    return wf.definition()
+
+
+def core_once(n: int, static: bool, batch: int = 64) -> float:
+    """CPU seconds of the scheduler's pure core (fold + decide, no Redis) for one whole run, workers
+    simulated: jobs complete ``batch`` at a time, their events folded one by one as the feed brings
+    them, then a decision. The figure machine load moves least."""
+    from nerv_cluster import state as st
+    from nerv_cluster.model import Event, EventType
+    from scheduler.decisions import Decisions, decide
+
+    rid = "bench-core"
+    definition = _definition(n, static).to_dict()
+    sub = Event(EventType.WORKFLOW_SUBMITTED, rid, data={"workflow": definition}, ts=1.0)
+    started = time.process_time()
+    state = st.fold([sub])
+    pending: list[Any] = []
+    while not state.runs[rid].status.terminal:
+        out = Decisions()
+        decide(state.runs[rid], 2.0, "scheduler:bench", out)
+        state = st.fold(out.events, state)
+        pending.extend(job for job, _ in out.jobs)
+        done, pending = pending[:batch], pending[batch:]
+        for job in done:
+            if job.fn == "bench.numbers":
+                result: Any = list(range(job.args[0]))
+            elif job.fn == "bench.count":
+                result = len(job.args[0]) if len(job.args) == 1 else len(job.args)
+            else:
+                result = None
+            done_data = {"result": result}
+            steps = ((EventType.TASK_STARTED, {"worker": "w"}), (EventType.TASK_COMPLETED, done_data))
+            for kind, data in steps:
+                state = st.apply(state, Event(kind, rid, job.task_id, job.attempt, data, ts=2.0))
+    return time.process_time() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.map_row", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"))
     p.add_argument("--redis-db", type=int, default=DEFAULT_DB)
     p.add_argument("--no-dask", action="store_true", help="only our two variants")
+    p.add_argument("--core", action="store_true",
+                   help="also the scheduler's pure core (fold + decide, no Redis), CPU seconds per run")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = p.parse_args(argv)
@@ -136,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
             cluster.close()
 
+    core: dict[str, list[float]] = {"core map": [], "core static": []}
+    if args.core:
+        for r in range(args.repeat):
+            for static in (r % 2 == 1, r % 2 == 0):
+                name = "core static" if static else "core map"
+                core[name].append(core_once(args.n, static))
+                print(f"[map_row] {name}: {core[name][-1]:.2f} CPU s", file=sys.stderr)
+
     med = {k: statistics.median(v) for k, v in samples.items() if v}
     tasks = args.n + 2
     print(f"\nmap {args.n:,} ({args.workers} workers, median of {args.repeat})")
@@ -147,13 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     if "dask" in med:
         ratios["map vs dask"] = med["dask"] / med["nerv map"]
     ratios["map vs static"] = med["nerv static"] / med["nerv map"]
+    if args.core:
+        cm, cs = statistics.median(core["core map"]), statistics.median(core["core static"])
+        print(f"pure core (fold + decide, no Redis): map {1e6 * cm / tasks:.0f} us/task, "
+              f"static {1e6 * cs / tasks:.0f} us/task")
+        ratios["core map vs static"] = cs / cm
     for k, v in ratios.items():
-        goal = 2.0 if k == "map vs dask" else 0.8
+        goal = {"map vs dask": 2.0}.get(k, 0.8)
         print(f"{k}: {v:.2f}x (goal >= {goal}x){'' if v >= goal else '  BELOW GOAL'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "n": args.n, "workers": args.workers, "repeat": args.repeat, "samples": samples,
-        "scheduler_cpu_s": cpu, "median_s": med, "ratios": ratios, "loadavg": os.getloadavg(),
+        "scheduler_cpu_s": cpu, "core_cpu_s": core, "median_s": med, "ratios": ratios,
+        "loadavg": os.getloadavg(),
     }, indent=2))
     print(f"JSON written to {args.json}")
     return 0
