@@ -144,7 +144,12 @@ def _may_be_too_large(run: RunState, td: TaskDef, limits: Limits) -> bool:
         return True
     if run.growth.layers:
         layers = run.growth.layers
-        if any(d in layers for d in deps) or (mapping.is_element(td.id) and not _small(td.args[0])):
+        if any(d in layers for d in deps):
+            return True
+        # An element over a list carries its piece of it (one following a map refers to its element,
+        # an upstream result counted above).
+        first = td.args[0] if mapping.is_element(td.id) else None
+        if not _small(first) and not (type(first) is dict and constants.REF_KEY in first):
             return True
     return run.submitted_bytes * 2 + 64 * len(deps) + 1024 > limits.max_job_bytes
 

@@ -480,3 +480,23 @@ def test_elements_keep_every_option_of_their_map():
     for i, value in enumerate([7, 8]):
         want = replace(m, id=f"m[{i}]", name=f"m[{i}]", args=(value, 1), over=None)
         assert run.defs[f"m[{i}]"] == want
+
+
+def test_the_job_bound_counts_a_maps_pieces_and_its_result():
+    """An element carries its piece of an upstream result, and a map's result (stored nowhere: the
+    map node's own is None) is its elements': both are measured against the job bound."""
+    limits = Limits(max_job_bytes=3000)
+    run = fold_in(None, [*started(crawl()), *completes("src", ["x" * 5000, "y"])])
+    run = fold_in(run, step(run, limits=limits).events)
+    out = step(run, limits=limits)
+    assert [e.task_id for e in out.events if e.type is E.TASK_FAILED] == ["m[0]"]
+    assert [job.task_id for job, _ in out.jobs] == ["m[1]"]
+    assert "PayloadTooLargeError" in str([e.data for e in out.events if e.task_id == "m[0]"])
+    run = fold_in(None, [*started(crawl()), *completes("src", [1, 2])])
+    run = fold_in(run, step(run, limits=limits).events)
+    run = fold_in(run, [*completes("m[0]", "r" * 2000), *completes("m[1]", "s" * 2000)])
+    run = fold_in(run, step(run, limits=limits).events)  # m completes
+    out = step(run, limits=limits)
+    [failed] = out.events
+    assert (failed.type, failed.task_id, out.jobs) == (E.TASK_FAILED, "total", [])
+    assert failed.data["error"]["type"] == "PayloadTooLargeError"
