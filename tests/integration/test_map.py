@@ -164,3 +164,33 @@ def test_scheduler_sigkill_mid_map_runs_no_element_twice(own_cluster: Cluster) -
     assert sum(ev.type is EventType.MAP_EXPANDED for ev in events) == 2, "each map expanded once"
     started = [ev.task_id for ev in events if ev.type is EventType.TASK_STARTED]
     assert sorted(started) == sorted([*want, "durations", "total"]), "each task started once"
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_scheduler_resumes_a_map_from_its_checkpoint(own_cluster: Cluster) -> None:
+    """The checkpoint of a run with expanded maps (one following the other element-wise) is decoded by
+    the new leader, which grows the maps again from it: the run completes, each element ran once."""
+    c = own_cluster
+    c.env["NERV_CHECKPOINT_EVENTS"] = "50"  # checkpoint once the log has gained as many entries as tasks
+    sched = c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    wf = Workflow("map-checkpoint")
+    naps = wf.map(tt.nap, wf.add(tt.echo, [0.25] * 80, id="durations"), id="naps")
+    wf.add(tt.sum_list, wf.map(tt.plus, naps, id="more"), id="total")
+    run_id = c.client.submit(wf)
+    key = c.client.keys.checkpoint(run_id)
+    deadline = time.monotonic() + 30
+    while not c.redis.exists(key) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.redis.exists(key), f"no checkpoint was written; scheduler log:\n{c.tail(sched)}"
+    c.kill(sched, signal.SIGKILL)
+    assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
+
+    sched = c.scheduler()
+    c.wait_log(sched, "(1 from a checkpoint)")
+    res = c.client.wait(run_id, timeout=90)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert res.results["total"] == pytest.approx(80 * 1.25)
+    want = {**{f"naps[{i}]": 1 for i in range(80)}, **{f"more[{i}]": 1 for i in range(80)}}
+    assert c.execs(run_id) == want, "an element ran twice or never"
