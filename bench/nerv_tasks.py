@@ -13,6 +13,25 @@ def noop(*args: Any) -> None:
     return None
 
 
+# -- rerun (issue 16) --------------------------------------------------------------------------------------
+
+_redis: Any = None
+
+
+@task(queue="cpu", name="bench.fails_until_fixed")
+def fails_until_fixed(key: str, *args: Any) -> None:
+    """Fail until the Redis key ``key`` exists: the rerun benchmark sets it to "fix" the task."""
+    global _redis
+    import os
+
+    import redis
+
+    if _redis is None:  # per process (prefork children), made on first use
+        _redis = redis.Redis.from_url(os.environ["NERV_REDIS_URL"])
+    if not _redis.exists(key):
+        raise RuntimeError(f"broken until {key} is set")
+
+
 # -- map (issue 16): the ``map 10,000`` row (bench/map_row.py) -----------------------------------------
 
 

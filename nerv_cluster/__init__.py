@@ -7,7 +7,7 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import MapError, NervError
+from nerv_cluster.errors import MapError, NervError, RerunError, RunNotFinishedError
 from nerv_cluster.model import (
     Event,
     EventType,
@@ -35,7 +35,9 @@ __all__ = [
     "EventType",
     "MapError",
     "NervError",
+    "RerunError",
     "RetryPolicy",
+    "RunNotFinishedError",
     "RunResult",
     "RunStatus",
     "Settings",

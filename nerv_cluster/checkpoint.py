@@ -24,7 +24,7 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 3
+FORMAT = 4  # 3: TaskState.first and RunState.reruns (rerun); 4: map growth, gathered (map)
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -43,6 +43,7 @@ _PLAIN = (
     "cancel_requested",
     "rejected",
     "submitted_bytes",
+    "reruns",
 )
 
 
@@ -111,6 +112,7 @@ def decode(data: dict[str, Any]) -> RunState:
         # Absent from checkpoints written before these fields existed: their defaults then.
         rejected=str(data.get("rejected", "")),
         submitted_bytes=int(data.get("submitted_bytes", 0)),
+        reruns=int(data.get("reruns", 0)),
     )
     run = _regrow(run, data["maps"], rows, tasks)
     for tid in rows:

@@ -331,6 +331,36 @@ def cancel(
 
 
 @app.command()
+def rerun(
+    run_id: str = RunArg,
+    task_ids: Annotated[
+        list[str] | None,
+        typer.Option("--task", "-t", help="Rerun this task and its descendants (repeatable)."),
+    ] = None,
+    wait: bool = typer.Option(False, "--wait", "-w", help="Show live progress until the run ends again."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="With --wait: give up after this many seconds."
+    ),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Rerun a finished run: every task that did not complete gets a new attempt (with --task: those
+    tasks and their descendants); completed tasks keep their results. With --wait, exit 0 when the run
+    COMPLETED and 1 otherwise."""
+    client = _client(redis_url)
+    try:
+        client.rerun(run_id, tasks=task_ids or None)
+    except NervError:
+        client.close()
+        raise
+    if not wait:
+        console.print(f"rerun requested for [bold]{run_id}[/] (follow it with `nerv watch {run_id}`)")
+        client.close()
+        return
+    console.print(f"rerun requested for [bold]{run_id}[/]")
+    _watch(client, run_id, timeout)
+
+
+@app.command()
 def plan(file: Path = FileArg, var: str | None = VarOpt) -> None:
     """Plan a workflow file locally (no Redis): dependency levels, width, critical path."""
     wf, _ = load_workflow(file, var)

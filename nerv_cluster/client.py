@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
-from nerv_cluster.errors import PayloadTooLargeError, RunNotFoundError, UnknownTaskError, WaitTimeoutError
+from nerv_cluster.errors import (
+    PayloadTooLargeError,
+    RunMovedError,
+    RunNotFinishedError,
+    RunNotFoundError,
+    UnknownTaskError,
+    WaitTimeoutError,
+)
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
@@ -22,6 +30,8 @@ from nerv_cluster.workflow import Workflow, validate_definition
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
+#: Times a rerun request folds the log again after finding it moved (a late outcome after the end).
+_RERUN_TRIES = 5
 
 
 def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
@@ -124,14 +134,46 @@ class Client:
             [Event(EventType.WORKFLOW_CANCEL_REQUESTED, run_id, data={"reason": reason}, source="client")]
         )
 
+    def rerun(self, run_id: str, *, tasks: Iterable[str] | None = None) -> str:
+        """Rerun a finished run from where it failed; returns its run id (the same run goes on, and
+        :meth:`wait` waits for its new end).
+
+        Without ``tasks`` every task that did not complete (FAILED, CANCELLED, SKIPPED) gets a new
+        attempt; with ``tasks``, those tasks and all their descendants, whatever their status. Other
+        COMPLETED tasks keep their results and never run again; each rerun task's retry policy starts
+        over. Raises (and writes nothing) :class:`RunNotFoundError` for an unknown or expired run,
+        :class:`RunNotFinishedError` for a run still going, :class:`RerunError` for an unknown task id
+        or nothing to rerun. See :mod:`nerv_cluster.rerun`.
+        """
+        # Read once: the request may be judged again below. A lone id would be read for its characters.
+        wanted = None if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+        for _ in range(_RERUN_TRIES):
+            # The log's raw end first, then the fold: the fold covers at least up to it (and the script
+            # refuses if the log grew past it), skipped malformed entries included.
+            last = self.log.last_entry(run_id) or "0-0"
+            run, _ = self._fold(run_id)
+            named = reruns.check(run, wanted)
+            event = Event(
+                EventType.WORKFLOW_RERUN_REQUESTED,
+                run_id,
+                data=reruns.event_data(run, named),
+                source="client",
+            )
+            try:
+                self.log.rerun(event, last)
+            except RunMovedError:
+                continue  # the log moved under us (a late outcome, another rerun): judge it again
+            return run_id
+        raise RunNotFinishedError(f"run {run_id}: its log kept moving; it is not finished, try again")
+
     # -- read -----------------------------------------------------------------------------------------
 
     def _fold(self, run_id: str) -> tuple[st.RunState, str]:
-        run: st.RunState | None = None
-        last = "0-0"
-        for entry_id, ev in self.log.read_run(run_id):
-            run = st.apply_to_run(run, ev)
-            last = entry_id
+        # The bulk path: a run built from its whole log (the same state as event by event, several
+        # times faster on a big run; a rerun folds the log once to judge it, and wait once more).
+        entries = list(self.log.read_run(run_id))
+        run = st.fold_run(None, [ev for _, ev in entries])
+        last = entries[-1][0] if entries else "0-0"
         if run is None:
             raise RunNotFoundError(
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"
@@ -181,15 +223,21 @@ class Client:
     def events(self, run_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[Event]:
         """The run's events from the log (after entry id ``after``), then live ones until the run ends.
 
-        With ``follow=False`` it stops at the end of what is logged now.
+        A rerun goes on past an end: the logged part runs to its last end (if no rerun request follows
+        that end, the run is over). With ``follow=False`` it stops at the end of what is logged now.
         """
         self.log.require_run(run_id)
         last = after
+        ended = False
         for entry_id, ev in self.log.read_run(run_id, after=after):
             last = entry_id
             yield ev
             if ev.type in WORKFLOW_END_EVENTS:
-                return
+                ended = True
+            elif ev.type is EventType.WORKFLOW_RERUN_REQUESTED:
+                ended = False
+        if ended:
+            return
         while follow:
             batch = self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS)
             for _, ev in batch:

@@ -209,6 +209,16 @@ class Keys:
         """The run's latest checkpoint: its folded state and the log position it covers (a cache)."""
         return f"{self.prefix}:{{{run_id}}}:checkpoint"
 
-    def run_keys(self, run_id: str) -> tuple[str, str, str, str]:
-        """The keys a run owns, for expiry when it is over."""
-        return self.log(run_id), self.outcomes(run_id), self.claims(run_id), self.checkpoint(run_id)
+    def reruns(self, run_id: str) -> str:
+        """How many times the run was rerun (``rerun.lua`` counts, ``close.lua`` compares)."""
+        return f"{self.prefix}:{{{run_id}}}:reruns"
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str, str, str]:
+        """The keys a run owns, for expiry when it is over (``close.lua`` takes them in this order)."""
+        return (
+            self.log(run_id),
+            self.outcomes(run_id),
+            self.claims(run_id),
+            self.checkpoint(run_id),
+            self.reruns(run_id),
+        )

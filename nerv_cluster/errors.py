@@ -52,6 +52,15 @@ class PayloadTooLargeError(WorkflowError):
     """An argument payload or a result is larger than the configured limit."""
 
 
+class RerunError(WorkflowError):
+    """A rerun cannot be done as asked (the run was rejected, nothing to rerun, an unknown task id);
+    nothing was written."""
+
+
+class RunNotFinishedError(RerunError):
+    """Only a finished run can be rerun: this one is still going."""
+
+
 class MalformedEventError(NervError):
     """A log entry is not a valid event (bad JSON, a missing or mistyped field); it is skipped."""
 
@@ -66,6 +75,10 @@ class RegistrationError(NervError):
 
 class RunNotFoundError(NervError):
     """No run with this id exists in the event log."""
+
+
+class RunMovedError(NervError):
+    """A run's log gained entries (or the run was rerun) after the caller read it: read it again."""
 
 
 class WaitTimeoutError(NervError, TimeoutError):

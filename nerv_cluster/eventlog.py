@@ -19,7 +19,13 @@ from typing import Any
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.errors import LeaseLostError, NervError, RunNotFoundError, UnknownEventTypeError
+from nerv_cluster.errors import (
+    LeaseLostError,
+    NervError,
+    RunMovedError,
+    RunNotFoundError,
+    UnknownEventTypeError,
+)
 from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
 from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
@@ -356,20 +362,79 @@ class EventLog:
             )
         ]
 
-    def close_runs(self, run_ids: Sequence[str], retention_seconds: int, now: float | None = None) -> None:
+    def close_runs(
+        self,
+        run_ids: Sequence[str],
+        retention_seconds: int,
+        now: float | None = None,
+        reruns: Mapping[str, int] | None = None,
+    ) -> list[bool]:
         """Runs are over: drop them from the active set and let their keys expire after the retention
         time; the all-runs index forgets runs submitted longer than the retention time ago (their keys
-        are gone or going), so it stays bounded too."""
+        are gone or going), so it stays bounded too. Per run, whether it was closed: one that a rerun
+        reopened past the rerun number ``reruns`` gives for it (default 0) stays open, atomically."""
         if not run_ids:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.srem(self.keys.active, *run_ids)
+            return []
+        reruns = reruns or {}
+        keys: list[str] = []
+        args: list[Any] = []
         for run_id in run_ids:
-            for key in self.keys.run_keys(run_id):
-                pipe.expire(key, retention_seconds)
+            keys += self.keys.run_keys(run_id)
+            args += [run_id, reruns.get(run_id, 0)]
         horizon = (time.time() if now is None else now) - retention_seconds
-        pipe.zremrangebyscore(self.keys.runs, "-inf", f"({horizon}")
-        pipe.execute()
+        closed = self.scripts.close(
+            active=self.keys.active,
+            runs=self.keys.runs,
+            retention=retention_seconds,
+            horizon=horizon,
+            tail_keys=keys,
+            tail_args=args,
+        )
+        return [bool(x) for x in closed]
+
+    def rerun(self, event: Event, expected: str, token: str = "") -> None:
+        """Append a WORKFLOW_RERUN_REQUESTED (rerun number ``event.data['n']``) and reopen its run,
+        atomically, if the run's log still ends at entry ``expected``: :class:`RunNotFoundError` when the
+        log is gone, :class:`RunMovedError` when it gained entries or the run was rerun meanwhile (fold
+        it again). A resent call that finds its own first execution done returns as a success.
+
+        ``token``: the scheduler's lease token, when the scheduler itself reruns a run (a child run for
+        its parent task): then fenced, :class:`LeaseLostError` once the token no longer holds the lease.
+        """
+        k = self.keys
+        rid = event.run_id
+        try:
+            self.scripts.rerun(
+                run_log=k.log(rid),
+                outcomes=k.outcomes(rid),
+                claims=k.claims(rid),
+                checkpoint=k.checkpoint(rid),
+                reruns=k.reruns(rid),
+                feed=k.feed,
+                active=k.active,
+                lease=k.lease,
+                run_id=rid,
+                channel=k.channel(rid),
+                event=event.to_json(),
+                expected=expected,
+                n=int(event.data["n"]),
+                feed_maxlen=constants.FEED_MAXLEN,
+                token=token,
+            )
+        except redis.ResponseError as exc:
+            text = str(exc)
+            if "LEASE_LOST" in text:
+                raise LeaseLostError(text) from exc
+            if "RUN_GONE" in text:
+                raise RunNotFoundError(
+                    f"no run {rid!r} (never submitted, or expired after its retention time)"
+                ) from None
+            if "RUN_MOVED" not in text:
+                raise
+            # A retry after a lost reply finds its own first execution: that is success, not a race.
+            if any(ev.id == event.id for _, ev in self.read_run(rid, after=expected)):
+                return
+            raise RunMovedError(text.removeprefix("RUN_MOVED ")) from exc
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -425,6 +490,11 @@ class EventLog:
             return {}
         raws = self.redis.mget([self.keys.checkpoint(r) for r in run_ids])
         return {rid: json.loads(raw) for rid, raw in zip(run_ids, raws, strict=True) if raw}
+
+    def last_entry(self, run_id: str) -> str | None:
+        """The id of the newest entry of a run's log, malformed ones included (None: no log)."""
+        last = self.redis.xrevrange(self.keys.log(run_id), count=1)
+        return str(last[0][0]) if last else None
 
     def run_exists(self, run_id: str) -> bool:
         """True when the run's log exists."""

@@ -19,15 +19,19 @@ def failure_outcome(
     error: TaskError,
     now: float,
     rng: random.Random | None = None,
+    *,
+    first: int = 1,
 ) -> tuple[EventType, dict[str, Any]]:
     """The event type and data that record failed attempt ``attempt``.
 
     With a policy that allows another attempt for this error, TASK_RETRYING carries the next attempt
     number, the delay and the due time (the scheduler holds the task until then); otherwise TASK_FAILED.
+    ``first``: the first attempt of the task's current round (a rerun starts the policy over there).
     """
     data: dict[str, Any] = {"error": error.to_dict()}
-    if policy is not None and policy.allows(attempt, error.types or (error.type,)):
-        delay = policy.delay(attempt, rng)
+    tried = attempt - first + 1  # attempts of this round, the policy's count
+    if policy is not None and policy.allows(tried, error.types or (error.type,)):
+        delay = policy.delay(tried, rng)
         data.update(next_attempt=attempt + 1, delay=delay, due_at=now + delay)
         return EventType.TASK_RETRYING, data
     return EventType.TASK_FAILED, data

@@ -34,6 +34,9 @@ class Job:
     #: running it (alone in its message) the worker waits briefly for that dependent to be handed to it
     #: directly (see ``constants.HANDOFF_WAIT_S``).
     handoff: bool = False
+    #: The first attempt of the task's current round (after a rerun), from which its retry policy
+    #: counts (see ``failures.failure_outcome``).
+    first: int = 1
 
     @property
     def id(self) -> str:
@@ -57,6 +60,8 @@ class Job:
             out["t"] = self.timeout
         if self.handoff:
             out["h"] = 1
+        if self.first != 1:
+            out["f"] = self.first
         return out
 
     @classmethod
@@ -75,6 +80,7 @@ class Job:
             retry=RetryPolicy.from_dict(retry) if retry else None,
             timeout=data.get("t"),
             handoff=bool(data.get("h")),
+            first=int(data.get("f", 1)),
         )
 
 
@@ -99,4 +105,5 @@ def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:
         retry=td.retry,
         timeout=td.timeout,
         handoff=handoff,
+        first=ts.first,
     )

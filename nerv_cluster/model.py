@@ -123,6 +123,9 @@ class EventType(StrEnum):
     CIRCUIT_OPENED = "CIRCUIT_OPENED"
     CIRCUIT_HALF_OPENED = "CIRCUIT_HALF_OPENED"
     CIRCUIT_CLOSED = "CIRCUIT_CLOSED"
+    # rerun (issue 16): a client asks for a finished run to go on (see nerv_cluster.rerun); data ``n``
+    # (the run's rerun number) and ``tasks`` (the task ids named, when any).
+    WORKFLOW_RERUN_REQUESTED = "WORKFLOW_RERUN_REQUESTED"
     # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
     MAP_EXPANDED = "MAP_EXPANDED"
 

@@ -232,6 +232,63 @@ class Checkpoint(LuaScript):
         return bool(self._run([run_log, checkpoint], [state]))
 
 
+class Rerun(LuaScript):
+    """Reopen a finished run and append its WORKFLOW_RERUN_REQUESTED (rerun number ``n``), only if its
+    log still ends at entry ``expected`` and its rerun counter is ``n - 1``: ``RUN_GONE`` or
+    ``RUN_MOVED`` (ResponseErrors) otherwise. With a ``token`` (the scheduler's), fenced by the lease:
+    ``LEASE_LOST`` when it no longer holds it."""
+
+    name = "rerun"
+    keys = ("run_log", "outcomes", "claims", "checkpoint", "reruns", "feed", "active", "lease")
+    args = ("run_id", "channel", "event", "expected", "n", "feed_maxlen", "token")
+
+    def __call__(
+        self,
+        *,
+        run_log: str,
+        outcomes: str,
+        claims: str,
+        checkpoint: str,
+        reruns: str,
+        feed: str,
+        active: str,
+        lease: str,
+        run_id: str,
+        channel: str,
+        event: str,
+        expected: str,
+        n: int,
+        feed_maxlen: int,
+        token: str,
+    ) -> None:
+        self._run(
+            [run_log, outcomes, claims, checkpoint, reruns, feed, active, lease],
+            [run_id, channel, event, expected, n, feed_maxlen, token],
+        )
+
+
+class Close(LuaScript):
+    """Close finished runs (out of the active set, keys expiring after ``retention`` seconds), each
+    only if no rerun reopened it past the rerun number the caller folded; then trim the all-runs index
+    below ``horizon``. One 1/0 per run: 1 when closed."""
+
+    name = "close"
+    keys = ("active", "runs")
+    args = ("retention", "horizon")
+
+    def __call__(
+        self,
+        *,
+        active: str,
+        runs: str,
+        retention: int,
+        horizon: float,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([active, runs], [retention, horizon], tail_keys, tail_args))
+
+
 class Resign(LuaScript):
     """A worker process stops waiting for a hand-off: None when nothing was handed, else the handed job
     (claimed for it already)."""
@@ -256,6 +313,9 @@ ALL: tuple[type[LuaScript], ...] = (
     Supersede,
     Checkpoint,
     Resign,
+    # rerun (issue 16)
+    Rerun,
+    Close,
 )
 
 
@@ -272,3 +332,6 @@ class Scripts:
         self.release = Release(client)
         self.supersede = Supersede(client)
         self.checkpoint = Checkpoint(client)
+        # rerun (issue 16)
+        self.rerun = Rerun(client)
+        self.close = Close(client)

@@ -128,6 +128,9 @@ class TaskState(NamedTuple):
     #: ran (``start.lua`` in batch mode): a process lost then may never have started it, so the loss
     #: is not counted against it (its next attempt runs alone, claimed as it starts).
     batch: bool = False
+    #: The first attempt of the current round: a rerun (see :mod:`nerv_cluster.rerun`) starts the
+    #: retry policy over from its new attempt, so retries count ``attempt - first``.
+    first: int = 1
 
 
 class RunState(NamedTuple):
@@ -169,6 +172,8 @@ class RunState(NamedTuple):
     rejected: str = ""
     #: Bytes of the submitted definition's JSON, for the scheduler's submission bound.
     submitted_bytes: int = 0
+    #: Reruns applied (WORKFLOW_RERUN_REQUESTED): the next one must carry this number plus one.
+    reruns: int = 0
 
     @property
     def name(self) -> str:
@@ -482,6 +487,14 @@ def _cancelled(run: RunState, ev: Event) -> RunState:
     return _finish(run, ev, tid, ts, TaskStatus.CANCELLED, reason=str(ev.data.get("reason", "cancelled")))
 
 
+def _rerun_requested(run: RunState, ev: Event) -> RunState:
+    """WORKFLOW_RERUN_REQUESTED: a finished run goes on (see :func:`nerv_cluster.rerun.requested`)."""
+    # Imported here: the rerun module builds on this one (its states and rule_outcome).
+    from nerv_cluster import rerun
+
+    return rerun.requested(run, ev)
+
+
 def _outcome_counts(run: RunState, deps: Iterable[str]) -> tuple[int, int, int]:
     """(ok, failed, skipped) over ended tasks ``deps``, counted as ``_settle`` counts them."""
     ok = failed = skipped = 0
@@ -595,6 +608,8 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.CIRCUIT_OPENED: lambda run, ev: run,
     EventType.CIRCUIT_HALF_OPENED: lambda run, ev: run,
     EventType.CIRCUIT_CLOSED: lambda run, ev: run,
+    # rerun (issue 16)
+    EventType.WORKFLOW_RERUN_REQUESTED: _rerun_requested,
     # -- map (issue 16)
     EventType.MAP_EXPANDED: _map_expanded,
 }

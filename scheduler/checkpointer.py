@@ -53,6 +53,11 @@ class Checkpointer:
         with self._lock:
             self._positions = dict(positions)
 
+    def track(self, positions: Mapping[str, Position]) -> None:
+        """Runs taken back (a rerun reopened them): checkpoint them from these positions on."""
+        with self._lock:
+            self._positions.update(positions)
+
     def forget(self, run_id: str) -> None:
         """A run is over: drop its position."""
         with self._lock:

@@ -177,7 +177,7 @@ def _fail_fast(run: RunState, tid: str, circuit: Circuit, now: float, source: st
             f"not calling it before {circuit.until:.3f} (epoch seconds)"
         )
     )
-    kind, data = failure_outcome(td.retry, ts.attempt, error, now)
+    kind, data = failure_outcome(td.retry, ts.attempt, error, now, first=ts.first)
     data["reason"] = "circuit open"
     return Event(kind, run.run_id, tid, ts.attempt, data, ts=now, source=source)
 

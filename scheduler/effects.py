@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
@@ -99,7 +99,8 @@ class Effects:
                 carriers.append(via)
         self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
 
-    def close(self, run_ids: Sequence[str], now: float) -> None:
+    def close(self, run_ids: Sequence[str], now: float, reruns: Mapping[str, int] | None = None) -> None:
         """Finished runs: drop them from the active set and let their keys expire after the retention
-        (the all-runs index forgets runs submitted more than the retention before ``now``)."""
-        self.log.close_runs(run_ids, self.retention_seconds, now)
+        (the all-runs index forgets runs submitted more than the retention before ``now``). ``reruns``:
+        the rerun number folded per run; a run a later rerun reopened stays open (``close.lua``)."""
+        self.log.close_runs(run_ids, self.retention_seconds, now, reruns)

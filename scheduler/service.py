@@ -31,7 +31,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
-from scheduler import checkpointer, takeover
+from scheduler import checkpointer, reruns, takeover
 from scheduler.circuit_watch import CircuitWatch
 from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cancels
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
@@ -179,9 +179,13 @@ class SchedulerService:
         if self.outbox:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
         entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
-        state = self.state
+        # Runs a rerun reopened come back from their logs, which hold this batch's events of them.
+        state, taken = reruns.take_back(self.log, self.state, (ev for _, ev in entries))
+        if taken:
+            self.checkpointer.track(taken)
         for entry_id, ev in entries:
-            state = st.apply(state, ev)
+            if not taken or ev.run_id not in taken:
+                state = st.apply(state, ev)
             self._touched.add(ev.run_id)
             self.cursor = entry_id
             self.matcher.observe(ev)
@@ -278,8 +282,10 @@ class SchedulerService:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
         if not run_ids:
             return
-        self.effects.close(run_ids, self.clock())
         state = self.state
+        self.effects.close(
+            run_ids, self.clock(), {rid: r.reruns for rid in run_ids if (r := state.runs.get(rid))}
+        )
         for rid in run_ids:
             run = state.runs.get(rid)
             if run is not None:

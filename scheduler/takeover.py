@@ -45,30 +45,54 @@ def refold(eventlog: EventLog, on_progress: Callable[[], None]) -> Refold:
     try:
         cursor = eventlog.feed_tail()  # read first: later events are both in the logs and after it
         run_ids = sorted(eventlog.active_runs())
-        bases = checkpointer.load(eventlog, run_ids)
-        positions: dict[str, checkpointer.Position] = {}
-        runs: dict[str, st.RunState] = {}
-        n = 0
-        after = {rid: base[0] for rid, base in bases.items()}
-        for run_id, entries in eventlog.read_runs(run_ids, after=after):
-            upto, count, base = bases.get(run_id, ("", 0, None))
-            run = st.fold_run(base, [ev for _, ev in entries])
-            n += len(entries)
-            if run is not None:
-                runs[run_id] = run
-                # The state at the end of the log read: where the next checkpoint of this run starts.
-                positions[run_id] = (entries[-1][0] if entries else upto, count + len(entries), run)
-            on_progress()
+        loaded = load_runs(eventlog, run_ids, on_progress)
     finally:
         if paused:
             gc.enable()
+    runs, positions = loaded.runs, loaded.positions
     # The state is long-lived: later full collections need not walk it again.
     gc.freeze()
     # submit.lua registers a run and writes its submission in one step, so an active run without a
     # state has a submission no one can read (a corrupted entry): left active, it would be read again
     # by every refold, for ever.
     unreadable = tuple(rid for rid in run_ids if rid not in runs)
-    return Refold(st.State(runs=pmap(runs)), cursor, positions, n, len(bases), unreadable)
+    return Refold(
+        st.State(runs=pmap(runs)), cursor, positions, loaded.events, loaded.from_checkpoints, unreadable
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Runs folded from their checkpoints and logs: each run's state and checkpoint position, and for
+    the log line the events replayed and the checkpoints used."""
+
+    runs: dict[str, st.RunState]
+    positions: dict[str, checkpointer.Position]
+    events: int
+    from_checkpoints: int
+
+
+def load_runs(
+    eventlog: EventLog, run_ids: list[str], on_progress: Callable[[], None] = lambda: None
+) -> Loaded:
+    """Fold these runs from their checkpoints and the log entries after them (a run without a readable
+    submission is left out); ``on_progress`` after each run. Also how the scheduler takes back a run a
+    rerun reopened (:mod:`scheduler.reruns`)."""
+    bases = checkpointer.load(eventlog, run_ids)
+    positions: dict[str, checkpointer.Position] = {}
+    runs: dict[str, st.RunState] = {}
+    n = 0
+    after = {rid: base[0] for rid, base in bases.items()}
+    for run_id, entries in eventlog.read_runs(run_ids, after=after):
+        upto, count, base = bases.get(run_id, ("", 0, None))
+        run = st.fold_run(base, [ev for _, ev in entries])
+        n += len(entries)
+        if run is not None:
+            runs[run_id] = run
+            # The state at the end of the log read: where the next checkpoint of this run starts.
+            positions[run_id] = (entries[-1][0] if entries else upto, count + len(entries), run)
+        on_progress()
+    return Loaded(runs, positions, n, len(bases))
 
 
 def in_flight_jobs(state: st.State) -> list[tuple[Job, str]]:

@@ -65,7 +65,7 @@ def overdue(run: RunState, settings: Settings, now: float, source: str) -> list[
         if not limit or ts.started_at is None or now < ts.started_at + limit + constants.TIMEOUT_GRACE_S:
             continue
         error = TaskError.from_exception(TaskTimeoutError(f"task {tid!r} ran past its {limit}s time limit"))
-        kind, data = failure_outcome(run.defs[tid].retry, ts.attempt, error, now)
+        kind, data = failure_outcome(run.defs[tid].retry, ts.attempt, error, now, first=ts.first)
         data["worker"] = ts.worker
         out.append(
             Verdict(

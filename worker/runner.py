@@ -301,7 +301,7 @@ class TaskRunner:
             )
 
     def _failure(self, job: Job, error: TaskError, started: float) -> Event:
-        kind, data = failure_outcome(job.retry, job.attempt, error, time.time())
+        kind, data = failure_outcome(job.retry, job.attempt, error, time.time(), first=job.first)
         data.update(worker=self.worker_id, started_at=started)
         log.info("job %s %s: %s", job.id, kind.value, error)
         return self._event(kind, job, data)

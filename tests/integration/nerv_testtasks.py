@@ -182,6 +182,28 @@ def maybe_suicide(ctx: TaskContext, die: bool, seconds: float = 0.0) -> str:
     return "ok"
 
 
+# -- rerun (issue 16) -------------------------------------------------------------------------------------
+
+
+@task(queue="cpu")
+def broken_until_fixed(ctx: TaskContext, *args: Any) -> str:
+    """Count; fail (ValueError) until the test marks the task fixed (``HSET test:fixed:<run> <task> 1``)."""
+    _count(ctx)
+    if not _redis().hexists(f"test:fixed:{ctx.run_id}", ctx.task_id):
+        raise ValueError(f"{ctx.task_id} is broken")
+    return f"{ctx.task_id} fixed"
+
+
+@task(queue="cpu")
+def fails_first_runs(ctx: TaskContext, runs: int) -> int:
+    """Count; fail (ConnectionError) on each of the first ``runs`` executions; return the execution
+    number that succeeded."""
+    n = int(_redis().hincrby(f"test:execs:{ctx.run_id}", ctx.task_id, 1))
+    if n <= runs:
+        raise ConnectionError(f"execution {n} of {ctx.task_id} fails")
+    return n
+
+
 # -- map (issue 16) ---------------------------------------------------------------------------------------
 
 

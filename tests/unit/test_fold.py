@@ -71,6 +71,13 @@ def _sim_log(rng: random.Random, run_id: str) -> tuple[WorkflowDef, list[Event]]
         run_id=run_id,
     )
     sim.run_to_end()
+    if rng.random() < 0.5:  # rerun (issue 16): the run goes on, partly fixed, once or twice
+        for n in range(1, rng.randint(1, 2) + 1):
+            sim.fail_always = set(rng.sample(sorted(sim.fail_always), len(sim.fail_always) // 2))
+            named = None if rng.random() < 0.5 else sorted(pick(2))
+            data: dict[str, Any] = {"n": n} if named is None else {"n": n, "tasks": named}
+            sim.emit([Event(E.WORKFLOW_RERUN_REQUESTED, run_id, data=data, ts=sim.now)])
+            sim.run_to_end()
     return definition, sim.log
 
 
@@ -93,6 +100,10 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["result"] = rng.randint(0, 9)
     if rng.random() < 0.2:
         data["via"] = "job-" + rng.choice(ids or ["x"])
+    if rng.random() < 0.3:  # a rerun's number, and its task ids (some unknown)
+        data["n"] = rng.randint(0, 3)
+        if rng.random() < 0.5:
+            data["tasks"] = rng.sample([*ids, "ghost"], min(2, len(ids) + 1))
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 

@@ -156,7 +156,13 @@ def test_run_keys_share_the_run_hash_tag(run_id):
     for key in per_run:
         assert key.startswith("nerv:{" + run_id + "}:")
         assert hash_tag(key) == run_id
-    assert k.run_keys(run_id) == (k.log(run_id), k.outcomes(run_id), k.claims(run_id), k.checkpoint(run_id))
+    assert k.run_keys(run_id) == (
+        k.log(run_id),
+        k.outcomes(run_id),
+        k.claims(run_id),
+        k.checkpoint(run_id),
+        k.reruns(run_id),
+    )
 
 
 def test_different_runs_get_different_tags():
