@@ -34,11 +34,11 @@ from pyrsistent import PMap, pmap
 
 from nerv_cluster import constants
 from nerv_cluster.errors import MapError
-from nerv_cluster.model import Event, EventType, TaskDef, TaskError, TaskStatus
+from nerv_cluster.model import Event, EventType, TaskDef, TaskError, TaskStatus, TriggerRule
 from nerv_cluster.planner import Plan
 
 if TYPE_CHECKING:
-    from nerv_cluster.state import RunState
+    from nerv_cluster.state import RunState, TaskState
 
 _REF = constants.REF_KEY
 
@@ -409,3 +409,108 @@ def end_event(run: RunState, tid: str, now: float, source: str) -> Event:
     more = f" ({len(bad)} of {width} elements did not complete)" if len(bad) > 1 else ""
     message = f"map {tid!r}: element {bad[0]!r} is {first.status.value}: {why}{more}"
     return _fail(run, tid, message, f"element {bad[0]} {first.status.value.lower()}", now, source)
+
+
+# -- rerun (the map's hook: ``nerv_cluster.rerun.MapHook``) ----------------------------------------------
+#
+# A map's list is fixed once it expanded: its elements stay what they were made from. A rerun reruns
+# elements (the failed ones, or all of a map named), and their map node goes back to RUNNING, waiting
+# for them; a map that never expanded is reset like any task and expands when it is ready again.
+
+
+def rerun_named(run: RunState, tid: str) -> tuple[str, ...]:
+    """The tasks a rerun naming ``tid`` adds: every element of an expanded map node."""
+    layer = run.growth.layers.get(tid) if run.growth.layers else None
+    return () if layer is None else tuple(e.id for e in layer)
+
+
+def rerun_downstream(run: RunState, tid: str) -> tuple[str, ...]:
+    """What builds on ``tid`` beyond the run's dependents: the maps following an expanded map node
+    element-wise (their edge to it lives in its elements since it expanded)."""
+    feeds = run.growth.feeds
+    return feeds.get(tid, ()) if feeds else ()
+
+
+def rerun_state(run: RunState, tid: str, old: TaskState, new: TaskState) -> TaskState:
+    """An expanded map node's state after a rerun reset it: RUNNING again (not expanded again), with a
+    new attempt, so no end of its old one counts; its counters are set by :func:`rerun_after`."""
+    if not run.growth.layers or tid not in run.growth.layers:
+        return new
+    attempt = old.attempt + 1
+    return new._replace(status=TaskStatus.RUNNING, attempt=attempt, first=attempt, started_at=old.started_at)
+
+
+def rerun_after(run: RunState, selected: Sequence[str]) -> RunState:
+    """``run`` after a rerun reset ``selected``: each reset map node counts how its elements that were
+    not reset ended (O(its width)), is gathered at once when all of them did, and stays out of the
+    ``running`` set (no worker holds it). Uses the run's maps linearly (they may be drafts)."""
+    layers = run.growth.layers
+    if not layers:
+        return run
+    reset = set(selected)
+    run = _refollow(run, [tid for tid in selected if tid not in layers], reset)
+    nodes = [tid for tid in selected if tid in layers]
+    tasks, gathered, running = run.tasks, run.gathered, run.running
+    for tid in nodes:
+        ok = failed = skipped = 0
+        for e in layers[tid]:
+            if e.id in reset:
+                continue
+            status = tasks[e.id].status
+            if status is TaskStatus.COMPLETED:
+                ok += 1
+            elif status is TaskStatus.FAILED:
+                failed += 1
+            elif status.terminal:
+                skipped += 1
+        tasks = tasks.set(tid, tasks[tid]._replace(ok=ok, failed=failed, skipped=skipped))
+        if ok + failed + skipped == len(layers[tid]):
+            gathered = gathered.set(tid, True)
+        if tid in running:
+            running = running.discard(tid)
+    return run._replace(tasks=tasks, gathered=gathered, running=running)
+
+
+def _refollow(run: RunState, selected: Sequence[str], reset: set[str]) -> RunState:
+    """``run`` with each reset map among ``selected`` that follows an expanded map element-wise counted
+    again: the followed map's expansion met that dependency (as when it expanded, see the fold), not
+    its end, whether or not the rerun reset it too; ready, doomed and the tally follow."""
+    from nerv_cluster.state import rule_outcome  # the fold's rule (state imports this module)
+
+    layers, defs = run.growth.layers, run.defs
+    tasks, ready, doomed, tally = run.tasks, run.ready, run.doomed, list(run.tally)
+    statuses = list(TaskStatus)
+    changed = False
+    for tid in selected:
+        td = defs[tid]
+        feed = follows(defs, td) if td.over is not None else None
+        cs = tasks[tid]
+        if feed is None or feed not in layers or cs.status not in (TaskStatus.PENDING, TaskStatus.READY):
+            continue
+        ok = failed = skipped = 0
+        for d in td.dependencies:
+            if d == feed:
+                if td.trigger is TriggerRule.ONE_FAILED:
+                    failed += 1
+                else:
+                    ok += 1
+            elif d not in reset:
+                status = tasks[d].status
+                if status is TaskStatus.COMPLETED:
+                    ok += 1
+                elif status is TaskStatus.FAILED:
+                    failed += 1
+                elif status.terminal:
+                    skipped += 1
+        verdict = rule_outcome(td.trigger, len(td.dependencies), ok, failed, skipped)
+        status = TaskStatus.READY if verdict is True else TaskStatus.PENDING
+        if status is not cs.status:
+            tally[statuses.index(cs.status)] -= 1
+            tally[statuses.index(status)] += 1
+        ready = ready.set(tid, True) if status is TaskStatus.READY else ready.discard(tid)
+        doomed = doomed.set(tid, True) if verdict is False else doomed.discard(tid)
+        tasks = tasks.set(tid, cs._replace(status=status, ok=ok, failed=failed, skipped=skipped))
+        changed = True
+    if not changed:
+        return run
+    return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tuple(tally))

@@ -285,8 +285,11 @@ def _settle(
                 doomed = doomed.set(child, True)
         elif layers and status is TaskStatus.RUNNING:  # a map node counts its elements' ends
             layer = layers.get(child)
-            if layer is not None and ok + failed + skipped == len(layer):
-                gathered = gathered.set(child, True)
+            if layer is not None:
+                if not tid.startswith(child + "["):  # a dependency ending late (after a rerun reset
+                    continue  # it) is no element: nothing to count
+                if ok + failed + skipped == len(layer):
+                    gathered = gathered.set(child, True)
         # One new TaskState per dependent: replacing is most of the cost of a fold.
         tasks = tasks.set(child, cs._replace(status=status, ok=ok, failed=failed, skipped=skipped))
     return tasks, ready, doomed, tally, gathered
@@ -556,14 +559,20 @@ def _map_expanded(run: RunState, ev: Event) -> RunState:
             state = shared[key] = TaskState(status=status, ok=ok, failed=failed, skipped=skipped)
         states[e.id] = state
         tally[_AT[status]] += 1
-    # The maps following this one element-wise: its expansion is their dependency met.
+    # The maps following this one element-wise: its expansion is their dependency met, counted as the
+    # outcome that lets some element run (a failure for one_failed: B[i] runs where A[i] failed), so
+    # such a map is SKIPPED only when no element of it could ever run; each element's own rule decides.
     new_ready, new_doomed = _set_all(run.ready, ready), _set_all(run.doomed, doomed)
     for b in grown.followers:
         bs = tasks[b]
-        status, ok = bs.status, bs.ok + 1
+        bd = grown.defs[b]
+        status, ok, failed = bs.status, bs.ok, bs.failed
+        if bd.trigger is TriggerRule.ONE_FAILED:
+            failed += 1
+        else:
+            ok += 1
         if status is TaskStatus.PENDING and b not in new_doomed:
-            bd = grown.defs[b]
-            verdict = rule_outcome(bd.trigger, len(bd.dependencies), ok, bs.failed, bs.skipped)
+            verdict = rule_outcome(bd.trigger, len(bd.dependencies), ok, failed, bs.skipped)
             if verdict is True and may_start:
                 tally[_AT[TaskStatus.PENDING]] -= 1
                 tally[_AT[TaskStatus.READY]] += 1
@@ -571,7 +580,7 @@ def _map_expanded(run: RunState, ev: Event) -> RunState:
                 new_ready = new_ready.set(b, True)
             elif verdict is False:
                 new_doomed = new_doomed.set(b, True)
-        states[b] = bs._replace(status=status, ok=ok)
+        states[b] = bs._replace(status=status, ok=ok, failed=failed)
     # The map node runs while its elements do, its counters counting their ends; not in ``running``:
     # no worker holds it.
     tally[_AT[TaskStatus.READY]] -= 1

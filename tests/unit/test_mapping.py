@@ -500,3 +500,135 @@ def test_the_job_bound_counts_a_maps_pieces_and_its_result():
     [failed] = out.events
     assert (failed.type, failed.task_id, out.jobs) == (E.TASK_FAILED, "total", [])
     assert failed.data["error"]["type"] == "PayloadTooLargeError"
+
+
+# -- rerun (the map's hook) -----------------------------------------------------------------------------
+
+
+def _rerun(n: int = 1, tasks: list[str] | None = None) -> Event:
+    data: dict[str, Any] = {"n": n}
+    if tasks is not None:
+        data["tasks"] = tasks
+    return ev(E.WORKFLOW_RERUN_REQUESTED, **data)
+
+
+def _map_sim(fail: set[str]) -> Sim:
+    def build(wf: Workflow) -> None:
+        src = wf.add("sim.range", 4, id="src")
+        a = wf.map("sim.mix", src, args=[2], id="a")
+        b = wf.map("sim.mix", a, id="b")
+        wf.add("sim.mix", b, id="total")
+
+    sim = Sim(_wf(build), random.Random(3), fail_always=fail)
+    sim.run_to_end()
+    return sim
+
+
+def _expected(sim: Sim) -> None:
+    run = sim.run
+    a = [mix([i, 2]) for i in range(4)]
+    b = [mix([v]) for v in a]
+    assert run.status is RunStatus.COMPLETED, run.reason
+    assert mapping.result_of(run, "a") == a and mapping.result_of(run, "b") == b
+    assert run.tasks["total"].result == mix([b])
+
+
+def _same_on_every_path(sim: Sim) -> None:
+    from tests.unit.test_fold import assert_same_state, one_by_one
+
+    want = one_by_one(sim.log)
+    assert_same_state(fold(sim.log), want)
+    got = fold_run(None, sim.log)
+    assert got is not None and got == want.runs[RUN]
+    run = want.runs[RUN]
+    assert checkpoint.decode(json.loads(json.dumps(checkpoint.encode(run)))) == run
+
+
+def test_a_rerun_runs_a_maps_failed_elements_only():
+    sim = _map_sim({"a[1]"})
+    run = sim.run
+    assert run.status is RunStatus.FAILED and run.tasks["a"].status is S.FAILED
+    assert run.tasks["b[1]"].status is S.SKIPPED and run.tasks["total"].status is S.SKIPPED
+    since = len(sim.runs)
+    sim.fail_always.clear()
+    sim.emit([_rerun(1)])
+    run = sim.run
+    assert run.tasks["a"].status is S.RUNNING and run.tasks["a"].attempt == 2
+    assert (run.tasks["a"].ok, run.tasks["a"].failed) == (3, 0) and "a" not in run.running
+    assert "a" not in run.gathered and run.tasks["a[1]"].status is S.READY
+    sim.run_to_end()
+    _expected(sim)
+    assert sorted(tid for tid, _ in sim.runs[since:]) == ["a[1]", "b[1]", "total"]
+    assert not any(e.type is E.MAP_EXPANDED for e in sim.log[-30:] if e.ts > sim.log[since].ts)
+    _same_on_every_path(sim)
+
+
+def test_a_rerun_naming_a_map_reruns_all_its_elements():
+    sim = _map_sim(set())
+    _expected(sim)
+    since = len(sim.runs)
+    sim.emit([_rerun(1, ["b"])])
+    assert sim.run.tasks["b"].status is S.RUNNING and sim.run.tasks["b"].ok == 0
+    sim.run_to_end()
+    _expected(sim)
+    assert sorted(tid for tid, _ in sim.runs[since:]) == sorted([f"b[{i}]" for i in range(4)] + ["total"])
+    _same_on_every_path(sim)
+
+
+def test_a_rerun_of_what_a_map_maps_over_keeps_the_maps_list():
+    """A map's list is fixed once it expanded: rerunning its source reruns the source; the map ends
+    again at once over the elements it has (a source ending late is no element of it)."""
+    sim = _map_sim(set())
+    since = len(sim.runs)
+    sim.emit([_rerun(1, ["src"])])
+    run = sim.run
+    assert run.tasks["a"].status is S.RUNNING and "a" in run.gathered
+    sim.run_to_end()
+    _expected(sim)
+    assert sorted(tid for tid, _ in sim.runs[since:]) == ["src", "total"]
+    _same_on_every_path(sim)
+
+
+def test_a_rerun_of_one_element_reruns_it_and_what_follows_it():
+    sim = _map_sim(set())
+    since = len(sim.runs)
+    sim.emit([_rerun(1, ["a[2]"])])
+    sim.run_to_end()
+    _expected(sim)
+    assert sorted(tid for tid, _ in sim.runs[since:]) == ["a[2]", "b[2]", "total"]
+    _same_on_every_path(sim)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_map_runs_rerun_to_completion_running_only_what_did_not_complete(seed):
+    rng = random.Random(seed + 500)
+    definition = random_map_workflow(rng)
+    elements = [f"{m}[{i}]" for m in ("a", "b", "c", "lit") for i in range(6)]
+    sim = Sim(
+        definition, rng, fail_always=set(rng.sample(elements, 3)), lose_first=set(rng.sample(elements, 2))
+    )
+    if rng.random() < 0.2:
+        sim.fail_always.add("src")
+    sim.run_to_end()
+    if sim.run.status is RunStatus.COMPLETED:
+        return
+    done_before = {t for t, ts in sim.run.tasks.items() if ts.status is S.COMPLETED}
+    since = len(sim.runs)
+    sim.fail_always.clear()
+    sim.lose_first.clear()  # (a first attempt in the rerun would lose its worker again)
+    sim.emit([_rerun(1)])
+    sim.run_to_end()
+    run = sim.run
+    assert run.status.terminal and not sim.violations
+    again = [tid for tid, _ in sim.runs[since:]]
+    assert not set(again) & done_before, "a completed task ran again"
+    assert len(again) == len(set(again)), "a task ran twice in the rerun"
+    # Nothing fails any more: what is left FAILED is only a map some of whose elements were SKIPPED by
+    # their trigger rule (a one_failed map whose upstream elements completed: not all its elements
+    # completed), and nothing is left unfinished but by trigger rules.
+    for tid, ts in run.tasks.items():
+        if ts.status is S.FAILED:
+            layer = run.growth.layers.get(tid, ())
+            assert layer and all(run.tasks[e.id].status in (S.COMPLETED, S.SKIPPED) for e in layer), tid
+        assert ts.status in (S.COMPLETED, S.SKIPPED, S.FAILED), tid
+    _same_on_every_path(sim)
