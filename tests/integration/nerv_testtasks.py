@@ -250,3 +250,13 @@ def plus(ctx: TaskContext, x: float, y: float = 1) -> float:
 def sum_list(values: list[float]) -> float:
     """The sum of a list (a map's result)."""
     return sum(values)
+
+
+@task(queue="cpu")
+def fragile(ctx: TaskContext, x: int, bad: int) -> int:
+    """Count, then ``10 * x``; element ``bad`` fails (ValueError) until the test marks it fixed (``HSET
+    test:fixed:<run> <task> 1``): a map element that a rerun runs again."""
+    _count(ctx)
+    if x == bad and not _redis().hexists(f"test:fixed:{ctx.run_id}", ctx.task_id):
+        raise ValueError(f"element {x} is broken")
+    return 10 * x

@@ -194,3 +194,29 @@ def test_a_restarted_scheduler_resumes_a_map_from_its_checkpoint(own_cluster: Cl
     assert res.results["total"] == pytest.approx(80 * 1.25)
     want = {**{f"naps[{i}]": 1 for i in range(80)}, **{f"more[{i}]": 1 for i in range(80)}}
     assert c.execs(run_id) == want, "an element ran twice or never"
+
+
+def test_a_rerun_runs_only_a_maps_failed_element_and_what_follows(cluster: Cluster) -> None:
+    wf = Workflow("map-rerun")
+    src = wf.add(tt.numbers, 5, id="src")
+    tens = wf.map(tt.fragile, src, kwargs={"bad": 3}, id="tens")
+    more = wf.map(tt.plus, tens, id="more")
+    wf.add(tt.sum_list, more, id="total")
+    run_id = cluster.client.submit(wf)
+    first = cluster.client.wait(run_id, timeout=60)
+    assert first.status is RunStatus.FAILED and "element 'tens[3]' is FAILED" in first.reason
+    assert first.tasks["more[3]"].status is TaskStatus.SKIPPED
+    ran = {**{f"tens[{i}]": 1 for i in range(5)}, **{f"more[{i}]": 1 for i in (0, 1, 2, 4)}}
+    assert cluster.execs(run_id) == ran
+
+    cluster.redis.hset(f"test:fixed:{run_id}", "tens[3]", 1)
+    assert cluster.client.rerun(run_id) == run_id
+    res = cluster.client.wait(run_id, timeout=60)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert res.tasks["tens"].result == [0, 10, 20, 30, 40]
+    assert res.results["total"] == sum(10 * i + 1 for i in range(5))
+    # Only the failed element and what follows it ran again; the map did not expand again.
+    assert cluster.execs(run_id) == {**ran, "tens[3]": 2, "more[3]": 1}
+    events = log_of(cluster.client, run_id)
+    assert sum(ev.type is EventType.MAP_EXPANDED for ev in events) == 2
+    assert res.tasks["tens"].status is TaskStatus.COMPLETED and res.tasks["tens[3]"].attempts == 2
