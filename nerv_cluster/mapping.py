@@ -13,8 +13,14 @@ and the scheduler writes its end (:func:`end_event`). Its result is the list of 
 computed from them when read (:func:`result_of`), never stored twice.
 
 A map over a map is element-wise: when map A expands, a map B over A (that does not also take A's whole
-result as an argument) is settled as if A had completed, so it expands with A's width at once, B[i]
-depending on A[i] (:func:`follows`). A's own end then no longer concerns B (``Growth.trimmed``).
+result as an argument) is settled as if A had ended the way that lets some element of B run (completed;
+failed for ``one_failed``), so it expands with A's width at once, B[i] depending on A[i] and taking B's
+trigger rule against it (:func:`follows`). A's own end then no longer concerns B (``Growth.trimmed``),
+and a RUNNING map node counts only its own elements' ends.
+
+A rerun (``nerv_cluster.rerun``, through its ``MapHook``) keeps a map's list as it expanded: elements
+are reset and run again, their map node waits for them again, and nothing expands twice (see the
+functions at the end of this module).
 
 Invariant: the grown graph is a pure function of the run's log. Element ids derive from the map id and
 the index; element definitions from the map's definition and its list (the literal, the upstream result
