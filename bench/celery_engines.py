@@ -168,6 +168,8 @@ class CeleryCanvasEngine(_CeleryEngine):
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note)
 
     def unsupported(self, shape: Shape) -> str | None:
+        if shape.kind == "recursive":
+            return _NO_RECURSION
         if shape.kind == "dag" and self.dag_mode == "none":
             return "canvas cannot express a general DAG"
         return None
@@ -192,6 +194,11 @@ class CeleryCanvasEngine(_CeleryEngine):
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note=note, approximate=True)
 
 
+#: Why Celery has no ``recursive`` row: a task waiting on the subtasks it sent (``result.get()`` in a
+#: task) is the deadlock Celery forbids, and a canvas cannot grow while it runs.
+_NO_RECURSION = "a Celery task cannot wait on its subtasks (result.get() in a task deadlocks)"
+
+
 class CeleryRawEngine(_CeleryEngine):
     """Raw Celery, no result backend: ``send_task`` with ``ignore_result``, completion via a Redis counter."""
 
@@ -204,6 +211,8 @@ class CeleryRawEngine(_CeleryEngine):
         self._chain(2)
 
     def unsupported(self, shape: Shape) -> str | None:
+        if shape.kind == "recursive":
+            return _NO_RECURSION
         return "fire-and-forget Celery has no dependencies" if shape.kind == "dag" else None
 
     def run(self, shape: Shape) -> Measurement:

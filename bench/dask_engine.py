@@ -47,6 +47,8 @@ class DaskEngine(Engine):
 
         assert self.client is not None, "engine not started"
         self._runs += 1
+        if shape.kind == "recursive":
+            return self._recursive(shape)
         prefix = f"r{self._runs}-"
         submit = self.client.submit
         futures: list[Any] = []
@@ -59,6 +61,17 @@ class DaskEngine(Engine):
                 raise RuntimeError(f"dask task {f.key} ended {f.status}")
         del futures
         return Measurement(self.name, shape.name, shape.size, sw.seconds, note="client.submit")
+
+    def _recursive(self, shape: Shape) -> Measurement:
+        """fib(n) with ``worker_client`` (bench/recursive.py)."""
+        from bench.recursive import dask_fib, fib_value
+
+        n = shape.params["n"]
+        with Stopwatch() as sw:
+            value = self.client.submit(dask_fib, n, pure=False).result(timeout=self.timeout)
+        if value != fib_value(n):
+            raise RuntimeError(f"fib({n}) gave {value}, expected {fib_value(n)}")
+        return Measurement(self.name, shape.name, shape.size, sw.seconds, note="worker_client")
 
     def stop(self) -> None:
         if self.client is not None:

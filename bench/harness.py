@@ -89,8 +89,9 @@ class _Cell:
         if not self.samples:
             return Outcome(self.engine, self.shape, self.is_ours, ERROR, reason="not run")
         first, seconds = self.samples[0], [m.seconds for m in self.samples]
+        # The last repeat's note: an engine may sum up every repeat in it (the cached row's medians).
         median = Measurement(first.engine, first.shape, first.tasks, statistics.median(seconds),
-                             note=first.note, approximate=first.approximate, samples=seconds)
+                             note=self.samples[-1].note, approximate=first.approximate, samples=seconds)
         return Outcome(self.engine, self.shape, self.is_ours, OK, measurement=median)
 
 
@@ -185,7 +186,7 @@ def run_all(engine_names: list[str], shapes: list[Shape], redis_url: str, worker
 
     for engine in engines:  # n/a up front what an engine says it cannot run: no start needed for it
         for s in shapes:
-            if reason := engine.unsupported(s):
+            if reason := engine.unsupported(s) or (None if engine.is_ours else s.ours_only or None):
                 _log(f"{engine.name} {s.name}: n/a: {reason}")
                 cells[engine.name, s.name].final = Outcome(engine.name, s.name, engine.is_ours, NA,
                                                            reason=reason)

@@ -42,6 +42,8 @@ class NervEngine(Engine):
         super().__init__(timeout)
         self.cluster: Any = None
         self.client: Any = None
+        #: (first, second) wall seconds of each repeat of the cached shape, for its note.
+        self._cached_runs: list[tuple[float, float]] = []
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self, redis_url: str, workers: int) -> None:
@@ -50,11 +52,13 @@ class NervEngine(Engine):
             from nerv_cluster.launcher import LocalCluster
         except ImportError as exc:
             raise EngineUnavailable(f"cannot import nerv_cluster ({exc})") from exc
-        import bench.nerv_tasks  # noqa: F401 - registers bench.noop in this process too
+        # Register bench.noop, bench.fib and bench.add in this process too.
+        import bench.nerv_tasks
+        import bench.recursive  # noqa: F401
 
         self._logdir = tempfile.TemporaryDirectory(prefix="nerv-bench-")
         env = {
-            "NERV_WORKER_MODULES": "bench.nerv_tasks",
+            "NERV_WORKER_MODULES": "bench.nerv_tasks,bench.recursive",
             "NERV_LOG_LEVEL": "INFO",
             # The peers' workers run without Celery task events (no -E); ours too, for a like-for-like run.
             "NERV_TASK_EVENTS": "false",
@@ -66,7 +70,7 @@ class NervEngine(Engine):
         self.client.redis.flushdb()
         self.cluster.scheduler()
         self.cluster.worker("cpu", workers)
-        self.cluster.wait_ready(self.client, {"bench.noop"})
+        self.cluster.wait_ready(self.client, {"bench.noop", "bench.fib", "bench.add"})
         warm = self._workflow(Shape("warm-up", "warm-up", tuple(() for _ in range(4 * workers))))
         self.client.wait(self.client.submit(warm), timeout=60).raise_for_status()
 
@@ -80,8 +84,39 @@ class NervEngine(Engine):
             wf.add(noop, id=node_id(i), dependencies=[node_id(p) for p in parents])
         return wf
 
+    def _run_cached(self, shape: Shape) -> Measurement:
+        """The ``cached`` shape: the same fan-out of a cached noop twice, from an empty cache; the
+        measurement is the second run (every task from the cache), the note says against the first."""
+        from bench.nerv_tasks import cached_noop
+        from nerv_cluster import Workflow
+
+        assert self.client is not None, "engine not started"
+        self.client.clear_cache(cached_noop)
+        seconds = []
+        for _ in range(2):
+            with Stopwatch() as sw:
+                wf = Workflow(shape.name)
+                for i in range(shape.size):
+                    wf.add(cached_noop, i, id=node_id(i))
+                res = self.client.wait(self.client.submit(wf), timeout=self.timeout)
+            res.raise_for_status()
+            seconds.append(sw.seconds)
+        hits = sum(t.cached for t in res.tasks.values())
+        if hits != shape.size:
+            raise RuntimeError(f"the second run took {hits} of {shape.size} results from the cache")
+        self._cached_runs.append((seconds[0], seconds[1]))
+        first = statistics.median(f for f, _ in self._cached_runs)
+        second = statistics.median(s for _, s in self._cached_runs)
+        note = (f"2nd run, all from the cache; the 1st (computed): {first:.3f}s = {shape.size / first:.0f} "
+                f"tasks/s; 2nd {first / second:.1f}x faster (medians of {len(self._cached_runs)})")
+        return Measurement("nerv", shape.name, shape.size, seconds[1], note=note)
+
     def run(self, shape: Shape) -> Measurement:
         assert self.client is not None, "engine not started"
+        if shape.name == "cached":
+            return self._run_cached(shape)
+        if shape.kind == "recursive":
+            return self._recursive(shape)
         with Stopwatch() as sw:
             wf = self._workflow(shape)
             run_id = self.client.submit(wf)
@@ -94,6 +129,21 @@ class NervEngine(Engine):
             p99 = hops[min(len(hops) - 1, int(0.99 * len(hops)))]
             note = f"hop p50 {1000 * statistics.median(hops):.2f} ms, p99 {1000 * p99:.2f} ms"
         return Measurement("nerv", shape.name, shape.size, sw.seconds, note=note)
+
+    def _recursive(self, shape: Shape) -> Measurement:
+        """fib(n) by child runs; counts the fib calls (the ``add`` tasks are extra work of ours)."""
+        from bench.recursive import fib_value, nerv_workflow
+
+        n = shape.params["n"]
+        runs_before = self.client.redis.zcard(self.client.keys.runs)
+        with Stopwatch() as sw:
+            run_id = self.client.submit(nerv_workflow(n))
+            res = self.client.wait(run_id, timeout=self.timeout)
+        res.raise_for_status()
+        if res.results["fib"] != fib_value(n):
+            raise RuntimeError(f"fib({n}) gave {res.results['fib']}, expected {fib_value(n)}")
+        children = self.client.redis.zcard(self.client.keys.runs) - runs_before - 1
+        return Measurement("nerv", shape.name, shape.size, sw.seconds, note=f"{children} child runs")
 
     def stop(self) -> None:
         if self.cluster is not None:

@@ -1,10 +1,10 @@
-"""The noop our engine's workers run in the benchmark (module ``bench.nerv_tasks``)."""
+"""The noops our engine's workers run in the benchmark (module ``bench.nerv_tasks``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from nerv_cluster import task
+from nerv_cluster import Cache, task
 
 
 @task(queue="cpu", name="bench.noop")
@@ -30,6 +30,10 @@ def fails_until_fixed(key: str, *args: Any) -> None:
         _redis = redis.Redis.from_url(os.environ["NERV_REDIS_URL"])
     if not _redis.exists(key):
         raise RuntimeError(f"broken until {key} is set")
+@task(queue="cpu", name="bench.cached_noop", cache=Cache(ttl=3600))
+def cached_noop(i: int) -> None:
+    """Do nothing, cached (the ``cached`` shape: one key per ``i``)."""
+    return None
 
 
 # -- map (issue 16): the ``map 10,000`` row (bench/map_row.py) -----------------------------------------

@@ -7,6 +7,7 @@ string id an engine should use when it needs names.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ class Shape:
     description: str
     parents: tuple[tuple[int, ...], ...]
     params: dict[str, int] = field(default_factory=dict)
+    #: Why peers are n/a for this shape when it measures a feature of ours alone (its row then compares
+    #: our engine with itself, e.g. a cached run against an uncached one); empty for a shared shape.
+    ours_only: str = ""
+    #: A shape whose work is made at run time, which engines run their own way (e.g. "recursive": fib by
+    #: tasks that make tasks, see bench/recursive.py); ``parents`` then only counts its tasks.
+    special: str = ""
 
     def __post_init__(self) -> None:
         for child, ps in enumerate(self.parents):
@@ -86,7 +93,10 @@ class Shape:
 
     @cached_property
     def kind(self) -> str:
-        """Structure, for engines with special forms: "independent", "chain", "fanin" (n -> 1) or "dag"."""
+        """Structure, for engines with special forms: "independent", "chain", "fanin" (n -> 1), "dag", or
+        the shape's ``special`` kind (work made at run time)."""
+        if self.special:
+            return self.special
         if self.depth <= 1:
             return "independent"
         if self.depth == self.size:
@@ -145,6 +155,21 @@ def random_dag(n: int = RANDOM_N, max_parents: int = RANDOM_MAX_PARENTS, seed: i
                  {"n": n, "max_parents": max_parents, "seed": seed, "window": window})
 
 
+def cached(n: int = FANOUT_N) -> Shape:
+    """``n`` independent tasks of a cached function (``Cache``), run twice: first computed, then all
+    from the cache. Part "cache" of issue 16: the second run must be at least 5x faster."""
+    return Shape("cached", f"{n} independent cached tasks, run twice", tuple(() for _ in range(n)), {"n": n},
+                 ours_only="a result cache of ours: the row compares our second run with our first")
+def recursive(n: int) -> Shape:
+    """fib(``n``) by tasks that make tasks at run time (bench/recursive.py); its size is the number of
+    fib calls."""
+    from bench.recursive import fib_calls
+
+    calls = fib_calls(n)
+    return Shape("recursive", f"fib({n}) by child workflows: {calls} fib calls, {(calls - 1) // 2} spawning",
+                 tuple(() for _ in range(calls)), {"n": n}, special="recursive")
+
+
 def _scaled(value: int, scale: float, minimum: int) -> int:
     return max(minimum, round(value * scale))
 
@@ -156,6 +181,9 @@ BUILDERS: dict[str, Callable[[float, int], Shape]] = {
     "fanin": lambda s, _seed: fanin(_scaled(FANIN_N, s, 2)),
     "lattice": lambda s, _seed: lattice(_scaled(LATTICE_WIDTH, s, 3), LATTICE_DEPTH),
     "random": lambda s, seed: random_dag(_scaled(RANDOM_N, s, 10), seed=seed),
+    "cached": lambda s, _seed: cached(_scaled(FANOUT_N, s, 2)),
+    # fib(16) at scale 1; a tenth of the calls (--quick) is fib(11).
+    "recursive": lambda s, _seed: recursive(max(2, 16 + round(math.log(max(s, 1e-3)) / math.log(1.618)))),
 }
 
 SHAPE_NAMES: tuple[str, ...] = tuple(BUILDERS)

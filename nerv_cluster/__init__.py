@@ -2,15 +2,17 @@
 
 The public API::
 
-    from nerv_cluster import Client, Workflow, task, RetryPolicy
+    from nerv_cluster import Cache, Client, Workflow, task, RetryPolicy
 """
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import MapError, NervError, RerunError, RunNotFinishedError
 from nerv_cluster.model import (
+    Cache,
     Event,
     EventType,
+    ParentRef,
     RetryPolicy,
     RunStatus,
     TaskDef,
@@ -29,12 +31,14 @@ from nerv_cluster.workflow import TaskHandle, Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cache",
     "Client",
     "Event",
     "EventBus",
     "EventType",
     "MapError",
     "NervError",
+    "ParentRef",
     "RerunError",
     "RetryPolicy",
     "RunNotFinishedError",

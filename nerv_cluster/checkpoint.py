@@ -24,7 +24,8 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 4  # 3: TaskState.first and RunState.reruns (rerun); 4: map growth, gathered (map)
+#: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map).
+FORMAT = 5
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -33,7 +34,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued", "gathered")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -44,6 +45,7 @@ _PLAIN = (
     "rejected",
     "submitted_bytes",
     "reruns",
+    "cached",
 )
 
 
@@ -104,6 +106,7 @@ def decode(data: dict[str, Any]) -> RunState:
         running=_ids(data["running"]),
         queued=_ids(data["queued"]),
         gathered=_ids(data["gathered"]),
+        spawning=_ids(data.get("spawning", [])),
         submitted_at=float(data["submitted_at"]),
         started_at=data["started_at"],
         finished_at=data["finished_at"],
@@ -113,6 +116,7 @@ def decode(data: dict[str, Any]) -> RunState:
         rejected=str(data.get("rejected", "")),
         submitted_bytes=int(data.get("submitted_bytes", 0)),
         reruns=int(data.get("reruns", 0)),
+        cached=int(data.get("cached", 0)),
     )
     run = _regrow(run, data["maps"], rows, tasks)
     for tid in rows:

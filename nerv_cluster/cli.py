@@ -30,7 +30,7 @@ from nerv_cluster.logs import setup_logging
 from nerv_cluster.model import RunStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, RunState, run_result
-from nerv_cluster.workflow import Workflow
+from nerv_cluster.workflow import Workflow, nested_tasks
 
 app = typer.Typer(
     add_completion=False,
@@ -55,11 +55,25 @@ RedisOpt = typer.Option(
 
 
 @app.command()
-def scheduler(redis_url: str | None = RedisOpt) -> None:
+def scheduler(
+    app_module: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--app",
+            "-A",
+            help="Module(s) with custom cache key functions (default: NERV_SCHEDULER_MODULES).",
+        ),
+    ] = None,
+    redis_url: str | None = RedisOpt,
+) -> None:
     """Run the scheduler service (leader by lease; extra replicas wait as standby)."""
     from nerv_cluster.container import container_for
 
     settings = _settings(redis_url)
+    modules = [m for spec in app_module or [] for m in spec.split(",") if m]
+    if modules:
+        settings = settings.with_(scheduler_modules=tuple(modules))
+        sys.path.insert(0, str(Path.cwd()))
     setup_logging(settings.log_level)
     stop = threading.Event()
 
@@ -232,7 +246,7 @@ def _check_workers_know(client: Client, wf: Workflow, file: Path, module: str) -
     known = client.registered_tasks()
     if not known:
         return
-    missing = sorted({t.fn for t in wf.tasks} - known.keys())
+    missing = sorted({t.fn for t in nested_tasks(wf.definition())} - known.keys())
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise UnknownTaskError(
@@ -260,6 +274,9 @@ def submit(
         None, "--timeout", help="With --wait: give up after this many seconds."
     ),
     var: str | None = VarOpt,
+    refresh_cache: bool = typer.Option(
+        False, "--refresh-cache", help="Cached tasks compute; their results replace the cached ones."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Submit the workflow a Python file defines and print its run id.
@@ -274,7 +291,7 @@ def submit(
         # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
         wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
-        run_id = client.submit(wf)
+        run_id = client.submit(wf, refresh_cache=refresh_cache)
     except NervError:
         client.close()
         raise
@@ -328,6 +345,27 @@ def cancel(
     finally:
         client.close()
     console.print(f"cancel requested for [bold]{run_id}[/] (follow it with `nerv watch {run_id}`)")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The result cache of tasks with cache=Cache(...).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    task: str | None = typer.Option(
+        None, "--task", help="Only the entries of this task function (its registered name)."
+    ),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Delete cached results (all, or one task function's): those tasks compute again next time."""
+    client = _client(redis_url)
+    try:
+        n = client.clear_cache(task)
+    finally:
+        client.close()
+    what = f" of {task}" if task else ""
+    console.print(f"deleted {n} cache entr{'y' if n == 1 else 'ies'}{what}")
 
 
 @app.command()

@@ -5,15 +5,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import redis
+from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
+from nerv_cluster.cachestore import CacheStore
+from nerv_cluster.caching import REFRESH_META
 from nerv_cluster.errors import (
     PayloadTooLargeError,
     RunMovedError,
@@ -25,13 +29,16 @@ from nerv_cluster.errors import (
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
+from nerv_cluster.registry import TaskFunction
 from nerv_cluster.settings import Settings
-from nerv_cluster.workflow import Workflow, validate_definition
+from nerv_cluster.workflow import Workflow, nested_tasks, validate_definition
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
 #: Times a rerun request folds the log again after finding it moved (a late outcome after the end).
 _RERUN_TRIES = 5
+#: Events folded at once when a run's log is read from the start.
+_FOLD_CHUNK = 10_000
 
 
 def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
@@ -86,8 +93,18 @@ class Client:
         """Task name -> queue for every task some live worker has registered (refreshed lately)."""
         return self.log.registered_tasks()
 
-    def submit(self, workflow: Workflow, *, run_id: str | None = None, check_names: bool = True) -> str:
+    def submit(
+        self,
+        workflow: Workflow,
+        *,
+        run_id: str | None = None,
+        check_names: bool = True,
+        refresh_cache: bool = False,
+    ) -> str:
         """Validate and submit a workflow; returns the run id at once.
+
+        ``refresh_cache``: the run's cached tasks (``cache=Cache(...)``) skip the cache and compute,
+        and their results replace the stored entries.
 
         Raises a :class:`~nerv_cluster.errors.WorkflowError` (and writes nothing) for a cycle, an unknown
         dependency, a duplicate id, an id outside the id alphabet (``run_id`` too), a non-JSON argument,
@@ -95,11 +112,14 @@ class Client:
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
         definition = workflow.definition()
+        if refresh_cache:
+            definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
         # Structure first (cycles, payloads), then names: the first error is the most basic one.
         validate_definition(
             definition, max_payload_bytes=self.settings.max_payload_bytes, max_tasks=self.settings.max_tasks
         )
-        main_names = sorted({t.fn for t in definition.tasks if t.fn.startswith("__main__.")})
+        runnable = list(nested_tasks(definition))  # static sub-workflows' tasks too
+        main_names = sorted({t.fn for t in runnable if t.fn.startswith("__main__.")})
         if main_names:
             raise UnknownTaskError(
                 f"{', '.join(main_names)}: tasks defined in a script run as __main__ cannot be found by "
@@ -108,7 +128,7 @@ class Client:
         # Only what workers registered counts: a name registered in this process alone runs nowhere.
         known = self.registered_tasks() if check_names else {}
         if known:
-            for t in definition.tasks:
+            for t in runnable:
                 if t.fn not in known:
                     raise UnknownTaskError(
                         f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
@@ -126,6 +146,13 @@ class Client:
             )
         self.log.submit(event)
         return run_id
+
+    def clear_cache(self, task: TaskFunction | str | None = None) -> int:
+        """Delete cached results (``cache=Cache(...)``): every entry, or those of one task function (a
+        ``@task`` function or its registered name). Returns how many entries were deleted; the tasks
+        they were for compute again next time."""
+        name = task.name if isinstance(task, TaskFunction) else task
+        return CacheStore(self.redis, self.keys).clear(name)
 
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""
@@ -169,11 +196,17 @@ class Client:
     # -- read -----------------------------------------------------------------------------------------
 
     def _fold(self, run_id: str) -> tuple[st.RunState, str]:
-        # The bulk path: a run built from its whole log (the same state as event by event, several
-        # times faster on a big run; a rerun folds the log once to judge it, and wait once more).
-        entries = list(self.log.read_run(run_id))
-        run = st.fold_run(None, [ev for _, ev in entries])
-        last = entries[-1][0] if entries else "0-0"
+        state = st.EMPTY
+        chunk: list[Event] = []
+        last = "0-0"
+        for entry_id, ev in self.log.read_run(run_id):
+            chunk.append(ev)
+            last = entry_id
+            if len(chunk) >= _FOLD_CHUNK:
+                state, chunk = st.fold(chunk, state), []
+        # In chunks, each by whichever path pays (the bulk one for a run created by them): the same as
+        # applying the events one by one, in bounded memory.
+        run = st.fold(chunk, state).runs.get(run_id)
         if run is None:
             raise RunNotFoundError(
                 f"no run {run_id!r} (never submitted, or expired after its retention time)"
@@ -207,8 +240,10 @@ class Client:
                     )
                 block = max(1, min(block, int(left * 1000)))
             batch = self.log.follow_run(run_id, last, block)
-            for _, ev in batch:
-                run = st.apply_to_run(run, ev) or run
+            if batch:
+                # By whichever path pays for this many events (a run of cached tasks ends in one batch).
+                folded = st.fold([ev for _, ev in batch], st.State(runs=pmap({run_id: run})))
+                run = folded.runs.get(run_id, run)
             last = batch.upto or last  # past skipped entries too
             yield run
 

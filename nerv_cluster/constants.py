@@ -93,6 +93,13 @@ LAUNCH_START_TIMEOUT_S: Final = 90.0
 LAUNCH_STOP_TIMEOUT_S: Final = 10.0
 LAUNCH_REAP_TIMEOUT_S: Final = 10.0
 
+#: Child runs (nerv_cluster/children.py): how deep runs may nest (``NERV_MAX_CHILD_DEPTH``), the hex
+#: digits of the hash in a child's run id, and the ``fn`` of a static sub-workflow's task (``Workflow.add
+#: (other_workflow)``), which no ``@task`` can be registered under (names start with a letter or '_').
+DEFAULT_MAX_CHILD_DEPTH: Final = 64
+CHILD_ID_HEX: Final = 12
+SUBWORKFLOW_FN: Final = "<workflow>"
+
 #: The marker that stands for an upstream task's result inside args/kwargs on the wire.
 REF_KEY: Final = "__nerv_ref__"
 
@@ -126,6 +133,11 @@ DEFAULT_CHECKPOINT_EVENTS: Final = 20_000
 CHECKPOINT_INTERVAL_S: Final = 5.0
 #: Circuit transitions kept in the circuits stream (only the latest per function matters).
 CIRCUITS_MAXLEN: Final = 10_000
+#: Modules the scheduler imports by default (none: only custom cache key functions need any).
+DEFAULT_SCHEDULER_MODULES: Final[tuple[str, ...]] = ()
+#: Cache entries the scheduler stores or reads per script call, and keys deleted per round trip by
+#: ``nerv cache clear`` (bounds how long one call holds Redis).
+CACHE_CHUNK: Final = 5_000
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -222,3 +234,17 @@ class Keys:
             self.checkpoint(run_id),
             self.reruns(run_id),
         )
+
+    def cache_entry(self, fn: str, digest: str) -> str:
+        """A cache entry: a result of task function ``fn`` for the key ``digest`` (64 hex digits), with
+        its TTL (see :mod:`nerv_cluster.caching`)."""
+        return f"{self.prefix}:cache:{fn}:{digest}"
+
+    def cache_pattern(self, fn: str | None = None) -> str:
+        """A SCAN pattern matching every cache entry, or those of task function ``fn``."""
+
+        def glob_escaped(text: str) -> str:
+            return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+        start = f"{glob_escaped(self.prefix)}:cache:"
+        return f"{start}*" if fn is None else f"{start}{glob_escaped(fn)}:*"

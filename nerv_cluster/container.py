@@ -13,6 +13,7 @@ from dependency_injector import containers, providers
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.celery_app import create_celery
+from nerv_cluster.children import SpawnBounds
 from nerv_cluster.client import Client, connect
 from nerv_cluster.constants import Keys
 from nerv_cluster.eventlog import EventLog
@@ -71,6 +72,7 @@ class Container(containers.DeclarativeContainer):
         max_redeliveries=settings.provided.max_redeliveries,
         handoffs=handoffs,
         held=held,
+        spawn_bounds=providers.Callable(SpawnBounds.of, settings),
     )
     heartbeat: providers.Singleton[Any] = providers.Singleton(
         "worker.heartbeat.Heartbeat",

@@ -113,6 +113,24 @@ class WorkerLostError(NervError):
     """The worker process running a task died before recording an outcome, too many times."""
 
 
+class CacheKeyError(NervError):
+    """A task's custom cache key could not be computed (its key function is not registered in the
+    scheduler, raised, or returned no string): the task fails."""
+
+
+class ChildRunFailedError(NervError):
+    """A task's child run (the workflow its function returned) failed or was cancelled; it names the
+    child run and its failed task."""
+
+
+class ChildDepthError(NervError):
+    """A task returned a workflow nested deeper than ``NERV_MAX_CHILD_DEPTH`` allows."""
+
+
+class ChildRunIdTakenError(NervError):
+    """The run id a child run derives from its parent attempt is already taken by another run."""
+
+
 class MapError(NervError):
     """A map node cannot be expanded (what it maps over is not a list, or has too many elements), or
     an element of it did not complete: the map fails with this error."""

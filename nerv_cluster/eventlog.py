@@ -362,6 +362,35 @@ class EventLog:
             )
         ]
 
+    def spawn_children(self, spawns: Sequence[Any], token: str) -> list[str]:
+        """Create child runs (``children.Spawn``s), fenced by ``token``; per spawn ``created``, ``done``
+        (an earlier call created it) or ``taken`` (its id is another run's). See ``spawn.lua``."""
+        if not spawns:
+            return []
+        k = self.keys
+        keys: list[str] = []
+        args: list[Any] = []
+        for sp in spawns:
+            parent, child = sp.parent, sp.child_id
+            keys += [k.log(child), k.log(parent.run_id), k.outcomes(parent.run_id)]
+            args += [
+                f"{attempt_field(parent.task_id, parent.attempt)}#child",
+                child,
+                sp.submitted.ts,
+                k.channel(child),
+                sp.submitted.to_json(),
+                k.channel(parent.run_id),
+                sp.started.to_json(),
+            ]
+        return [
+            str(v)
+            for v in _fenced(
+                lambda: self.scripts.spawn(
+                    lease=k.lease, active=k.active, runs=k.runs, token=token, tail_keys=keys, tail_args=args
+                )
+            )
+        ]
+
     def close_runs(
         self,
         run_ids: Sequence[str],

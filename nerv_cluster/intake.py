@@ -55,6 +55,8 @@ def _check_task(t: TaskDef) -> None:
             raise WorkflowError(f"{where}: a map maps over a task reference or a list, not {t.over!r:.80}")
         if src is not None and src not in t.dependencies:
             raise WorkflowError(f"{where}: maps over {src!r:.80}, which is not among its dependencies")
+    if t.workflow is not None and not isinstance(t.workflow, dict):
+        raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 
 
 def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nerv_cluster import mapping
@@ -37,6 +37,10 @@ class Job:
     #: The first attempt of the task's current round (after a rerun), from which its retry policy
     #: counts (see ``failures.failure_outcome``).
     first: int = 1
+    #: The run tree the job belongs to (for a child run, its root run; "" for a run with no parent):
+    #: the scheduler may pack jobs of one tree into one message (``scheduler.dispatch.pack``). Only the
+    #: scheduler uses it; it does not travel.
+    family: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -106,4 +110,5 @@ def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:
         timeout=td.timeout,
         handoff=handoff,
         first=ts.first,
+        family=run.definition.root,
     )

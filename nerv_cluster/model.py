@@ -6,6 +6,7 @@ between the client, the scheduler and the workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -126,6 +127,11 @@ class EventType(StrEnum):
     # rerun (issue 16): a client asks for a finished run to go on (see nerv_cluster.rerun); data ``n``
     # (the run's rerun number) and ``tasks`` (the task ids named, when any).
     WORKFLOW_RERUN_REQUESTED = "WORKFLOW_RERUN_REQUESTED"
+    # Child runs (issue 16, part "child"): an attempt whose function returned a Workflow (data: the
+    # child's definition, the worker), and the scheduler's record that the child run exists (data:
+    # its run id). See nerv_cluster/children.py.
+    TASK_SPAWNED = "TASK_SPAWNED"
+    CHILD_STARTED = "CHILD_STARTED"
     # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
     MAP_EXPANDED = "MAP_EXPANDED"
 
@@ -232,6 +238,77 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True, slots=True)
+class Cache:
+    """Complete a task from an earlier result instead of running it (see :mod:`nerv_cluster.caching`).
+
+    A task whose function name, ``version`` and resolved arguments (upstream results included) match a
+    COMPLETED result stored less than ``ttl`` seconds ago completes with that result, without a worker.
+    ``key`` names a registered function ``(args, kwargs) -> str`` that says which part of the arguments
+    matters (the scheduler calls it: start it with ``nerv scheduler --app MODULE``); bump ``version``
+    when the function's meaning changes, so old entries are never used again.
+    """
+
+    ttl: float
+    version: str = "1"
+    #: A ``@task`` function or its registered name, given; always the name once constructed
+    #: (:attr:`key_name` reads it typed).
+    key: Any = None
+
+    def __post_init__(self) -> None:
+        ttl = self.ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < float("inf"):
+            raise WorkflowError(f"cache ttl must be a positive number of seconds, got {ttl!r:.80}")
+        if not isinstance(self.version, str):
+            raise WorkflowError(f"cache version must be a string, got {self.version!r:.80}")
+        key = self.key
+        if key is not None and not isinstance(key, str):
+            # A @task function stands for its registered name (functions never travel).
+            name = getattr(key, "name", None)
+            if not isinstance(name, str):
+                raise WorkflowError(
+                    f"cache key= must be a registered function (decorate it with @task) or its name, "
+                    f"got {key!r:.80}"
+                )
+            object.__setattr__(self, "key", name)
+        if self.key == "":
+            raise WorkflowError("cache key= must not be empty")
+
+    @property
+    def key_name(self) -> str | None:
+        """The registered name of the key function, or None for the default key."""
+        return self.key if isinstance(self.key, str) else None
+
+    @property
+    def ttl_ms(self) -> int:
+        """The time to live in whole milliseconds (at least 1), as Redis takes it."""
+        return max(1, int(self.ttl * 1000))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        out: dict[str, Any] = {"ttl": self.ttl, "version": self.version}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cache:
+        """Inverse of :meth:`to_dict`; WorkflowError on a malformed form."""
+        if not isinstance(data, Mapping) or "ttl" not in data:
+            raise WorkflowError(f"a cache needs a ttl, got {data!r:.80}")
+        ttl, version, key = data["ttl"], data.get("version", "1"), data.get("key")
+        try:  # a fan-out's thousands of tasks share one Cache: made and checked once
+            return _cache_of(ttl, version, key)
+        except TypeError:  # an unhashable part: no valid cache; let the checks say why
+            return cls(ttl=ttl, version=version, key=key)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _cache_of(ttl: Any, version: Any, key: Any) -> Cache:
+    """One Cache per distinct JSON form (typed: ``True`` is no ``1``, which the checks refuse)."""
+    return Cache(ttl=ttl, version=version, key=key)
+
+
+@dataclass(frozen=True, slots=True)
 class TaskDef:
     """One task of a workflow, as it travels on the wire.
 
@@ -259,6 +336,11 @@ class TaskDef:
     trigger: TriggerRule = TriggerRule.ALL_SUCCESS
     context: bool = False  # call fn(ctx, *args) with a TaskContext first
     circuit: CircuitBreaker | None = None
+    #: Complete from a stored earlier result when one matches (part "cache" of issue 16).
+    cache: Cache | None = None
+    #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
+    #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
+    workflow: Mapping[str, Any] | None = None
     over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,6 +372,10 @@ class TaskDef:
             out["context"] = True
         if self.circuit is not None:
             out["circuit"] = self.circuit.to_dict()
+        if self.cache is not None:
+            out["cache"] = self.cache.to_dict()
+        if self.workflow is not None:
+            out["workflow"] = self.workflow
         if self.over is not None:
             out["over"] = self.over
         return out
@@ -314,17 +400,63 @@ class TaskDef:
             trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
             context=bool(data.get("context", False)),
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
+            cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
+            workflow=data.get("workflow"),
             over=data.get("over"),
         )
 
 
 @dataclass(frozen=True, slots=True)
+class ParentRef:
+    """The task attempt a child run belongs to (``RunResult.parent``): its run, task and attempt."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (kept in the child's definition, ``meta["parent"]``)."""
+        return {"run": self.run_id, "task": self.task_id, "attempt": self.attempt}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ParentRef | None:
+        """Inverse of :meth:`to_dict`; None for anything that is not one (a run without a parent)."""
+        if not isinstance(data, Mapping):
+            return None
+        run, tid, attempt = data.get("run"), data.get("task"), data.get("attempt")
+        if not (isinstance(run, str) and isinstance(tid, str) and type(attempt) is int):
+            return None
+        return cls(run, tid, attempt)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDef:
-    """A whole workflow: a name and its tasks in the order they were added."""
+    """A whole workflow: a name and its tasks in the order they were added.
+
+    ``meta`` may say which task's result is the workflow's output (``"output"``, see
+    ``Workflow.output``) and, for a child run, its parent and depth (``"parent"``, ``"depth"``).
+    """
 
     name: str
     tasks: tuple[TaskDef, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def parent(self) -> ParentRef | None:
+        """The task attempt this run is the child of (None for a run a client submitted)."""
+        return ParentRef.from_dict(self.meta.get("parent"))
+
+    @property
+    def root(self) -> str:
+        """For a child run, the run a client submitted at the top of its tree ("" for that run itself)."""
+        root = self.meta.get("root", "")
+        return root if isinstance(root, str) else ""
+
+    @property
+    def depth(self) -> int:
+        """How deep this run is nested under runs a client submitted (0 for those)."""
+        depth = self.meta.get("depth", 0)
+        return depth if type(depth) is int and depth >= 0 else 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -421,6 +553,12 @@ class TaskResult:
     finished_at: float | None = None
     name: str = ""
     reason: str = ""
+    #: Completed from the cache without running; ``cached_from`` names where the result was computed
+    #: (``run_id/task_id``).
+    cached: bool = False
+    cached_from: str | None = None
+    #: The child run of the current attempt, when its function returned a workflow.
+    child: str | None = None
 
     @property
     def execution_time(self) -> float | None:

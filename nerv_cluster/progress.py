@@ -50,6 +50,8 @@ STATUS_STYLE: dict[str, str] = {
     "SKIPPED": "magenta",
     "CANCELLED": "bright_black",
 }
+#: How results taken from the cache are marked.
+CACHED_STYLE = "green dim"
 #: Task statuses in life-cycle order, for display.
 STATUS_ORDER: tuple[str, ...] = tuple(s.value for s in TaskStatus)
 
@@ -59,8 +61,9 @@ def styled_status(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, "bold"))
 
 
-def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False) -> Text:
-    """``COMPLETED 300  RUNNING 8 ...`` in life-cycle order, coloured."""
+def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False, cached: int = 0) -> Text:
+    """``COMPLETED 300 (cached 120)  RUNNING 8 ...`` in life-cycle order, coloured (``cached``: how many
+    of the COMPLETED tasks came from the cache)."""
     out = Text()
     for name in STATUS_ORDER:
         n = int(counts.get(name, 0))
@@ -69,6 +72,8 @@ def counts_text(counts: dict[str, int] | Any, *, zeros: bool = False) -> Text:
                 out.append("  ")
             out.append(f"{name} ", style=STATUS_STYLE[name])
             out.append(str(n), style="bold")
+            if name == "COMPLETED" and cached:
+                out.append(f" (cached {cached})", style=CACHED_STYLE)
     return out
 
 
@@ -168,7 +173,7 @@ def watch(
         progress.update(
             bar, completed=r.finished_tasks, total=r.total, description=title or _describe(r, waited)
         )
-        progress.counts = counts_text(r.counts)
+        progress.counts = counts_text(r.counts, cached=r.cached)
 
     with progress:
         show(run)
@@ -177,7 +182,9 @@ def watch(
             if plain and time.monotonic() >= next_plain and not run.status.terminal:
                 next_plain = time.monotonic() + _PLAIN_EVERY_S
                 progress.console.print(
-                    Text.assemble(f"{run.finished_tasks}/{run.total} done  ", counts_text(run.counts))
+                    Text.assemble(
+                        f"{run.finished_tasks}/{run.total} done  ", counts_text(run.counts, cached=run.cached)
+                    )
                 )
     return run
 
@@ -194,6 +201,14 @@ def status_renderable(
     head.add_column()
     head.add_row("run", f"{result.run_id}  ({result.name})")
     head.add_row("status", styled_status(result.status.value))
+    if result.parent is not None:
+        p = result.parent
+        head.add_row("parent", f"{p.run_id} (task {p.task_id}, attempt {p.attempt}; depth {result.depth})")
+    waiting = [(tid, t.child) for tid, t in result.tasks.items() if t.child and not t.status.terminal]
+    if waiting:
+        shown = ", ".join(f"{tid} -> {child}" for tid, child in waiting[:3])
+        more = f" (+{len(waiting) - 3} more)" if len(waiting) > 3 else ""
+        head.add_row("waiting for", f"child runs {shown}{more}")
     if result.reason:
         head.add_row("reason", Text(result.reason, style="red" if result.status is RunStatus.FAILED else ""))
     head.add_row("submitted", fmt_time(result.submitted_at))
@@ -210,6 +225,9 @@ def status_renderable(
     for name in STATUS_ORDER:
         if counts.get(name):
             table.add_row(styled_status(name), str(counts[name]))
+    cached = sum(t.cached for t in result.tasks.values())
+    if cached:
+        table.add_row(Text("  from the cache", style=CACHED_STYLE), str(cached))
     parts.append(table)
 
     failed = [(tid, t) for tid, t in result.tasks.items() if t.status is TaskStatus.FAILED]
@@ -267,8 +285,11 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
         "started_at": result.started_at,
         "finished_at": result.finished_at,
         "duration": result.duration,
+        "parent": result.parent.to_dict() if result.parent is not None else None,
+        "depth": result.depth,
         "total": len(result.tasks),
         "counts": {name: result.counts[name] for name in STATUS_ORDER if name in result.counts},
+        "cached": sum(t.cached for t in result.tasks.values()),
         "failed": {
             tid: (t.error.to_dict() if t.error else {"type": "", "message": t.reason})
             for tid, t in result.tasks.items()
@@ -287,6 +308,9 @@ def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:
                 "result": t.result,
                 "error": t.error.to_dict() if t.error else None,
                 "reason": t.reason,
+                "cached": t.cached,
+                "cached_from": t.cached_from,
+                "child": t.child,
             }
             for tid, t in result.tasks.items()
         }
@@ -323,22 +347,61 @@ def plan_renderable(
     return Group(head, table)
 
 
+def nest_runs(
+    rows: list[tuple[str, float, st.RunResult | None]],
+) -> list[tuple[int, tuple[str, float, st.RunResult | None]]]:
+    """``rows`` (newest first) with each child run right under its parent, as (indent level, row):
+    a child whose parent is among the rows goes under it (its children under it in turn, newest
+    first); the others keep their place at level 0."""
+    ids = {rid for rid, _, _ in rows}
+    kids: dict[str, list[tuple[str, float, st.RunResult | None]]] = {}
+    top = []
+    for row in rows:
+        result = row[2]
+        parent = result.parent.run_id if result is not None and result.parent is not None else None
+        if parent is not None and parent in ids and parent != row[0]:
+            kids.setdefault(parent, []).append(row)
+        else:
+            top.append(row)
+    out: list[tuple[int, tuple[str, float, st.RunResult | None]]] = []
+    seen: set[str] = set()
+
+    def walk(row: tuple[str, float, st.RunResult | None], level: int) -> None:
+        if row[0] in seen:  # a malformed lineage loop: show each run once
+            return
+        seen.add(row[0])
+        out.append((level, row))
+        for kid in kids.get(row[0], ()):
+            walk(kid, level + 1)
+
+    for row in top:
+        walk(row, 0)
+    for row in rows:  # rows only reachable through a loop
+        if row[0] not in seen:
+            walk(row, 0)
+    return out
+
+
 def runs_renderable(rows: list[tuple[str, float, st.RunResult | None]]) -> RenderableType:
-    """Recent runs: id, status, done/total, submit time, duration."""
+    """Recent runs: id, status, done/total, submit time, duration; child runs indented under their
+    parents (see :func:`nest_runs`), a child whose parent is not listed marked with its parent."""
     table = Table(title=f"{len(rows)} most recent runs", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("run", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("done", justify="right", no_wrap=True)
     table.add_column("submitted", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
-    for run_id, submitted, result in rows:
+    for level, (run_id, submitted, result) in nest_runs(rows):
         when = fmt_time(submitted, compact=True)
+        label = "  " * (level - 1) + "└ " + run_id if level else run_id
+        if result is not None and result.parent is not None and not level:
+            label = f"{run_id} [dim](child of {result.parent.run_id})[/]"
         if result is None:
-            table.add_row(run_id, Text("EXPIRED", style="dim"), "-", when, "-")
+            table.add_row(label, Text("EXPIRED", style="dim"), "-", when, "-")
             continue
         done = sum(result.counts.get(s, 0) for s in ("COMPLETED", "FAILED", "SKIPPED", "CANCELLED"))
         table.add_row(
-            run_id,
+            label,
             styled_status(result.status.value),
             f"{done}/{len(result.tasks)}",
             when,
@@ -351,6 +414,7 @@ __all__ = [
     "counts_text",
     "fmt_seconds",
     "load_run",
+    "nest_runs",
     "outputs",
     "plan_renderable",
     "result_dict",

@@ -15,7 +15,7 @@ from typing import Any, overload
 
 from nerv_cluster import constants
 from nerv_cluster.errors import RegistrationError, WorkflowError
-from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskPriority
+from nerv_cluster.model import Cache, CircuitBreaker, RetryPolicy, TaskPriority
 
 _NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
 
@@ -45,6 +45,7 @@ class TaskFunction:
     priority: TaskPriority = TaskPriority.MEDIUM
     context: bool = False
     description: str = ""
+    cache: Cache | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -124,6 +125,7 @@ def task(
     priority: TaskPriority | str = TaskPriority.MEDIUM,
     context: bool | None = None,
     registry: Registry | None = None,
+    cache: Cache | None = None,
 ) -> Callable[[Callable[..., Any]], TaskFunction]: ...
 
 
@@ -139,14 +141,18 @@ def task(
     priority: TaskPriority | str = TaskPriority.MEDIUM,
     context: bool | None = None,
     registry: Registry | None = None,
+    cache: Cache | None = None,
 ) -> TaskFunction | Callable[[Callable[..., Any]], TaskFunction]:
     """Register a function as a task, by ``name`` (default ``module.qualname``).
 
     Use bare (``@task``) or with options (``@task(queue="io", retry=RetryPolicy(3))``). The options are
     defaults that ``Workflow.add`` may override per task. A function whose first parameter is named
     ``ctx`` or annotated ``TaskContext`` (or ``context=True``) is called as ``fn(ctx, *args)``.
+    ``cache=Cache(ttl=...)`` lets a task complete from an earlier result (see :class:`Cache`).
     """
     check_queue(queue)
+    if cache is not None and not isinstance(cache, Cache):
+        raise RegistrationError(f"cache= takes a Cache(ttl=...), got {cache!r:.80}")
     prio = TaskPriority.parse(priority)
     if timeout is not None and timeout <= 0:
         raise RegistrationError("timeout must be a positive number of seconds")
@@ -166,6 +172,7 @@ def task(
             priority=prio,
             context=_wants_context(f) if context is None else context,
             description=(inspect.getdoc(f) or "").split("\n", 1)[0],
+            cache=cache,
         )
         return (default_registry if registry is None else registry).register(tf)
 

@@ -301,6 +301,44 @@ class Resign(LuaScript):
         return None if got is None else str(got)
 
 
+class CacheExchange(LuaScript):
+    """The scheduler's cache round trip, fenced by the lease: store ``n_store`` entries (the first keys
+    of the tail; per entry the value, its TTL in ms and an NX flag), then read the rest of the tail's
+    keys; their values (None where absent). ``LEASE_LOST`` (a ResponseError) when ``token`` does not hold
+    the lease."""
+
+    name = "cache"
+    keys = ("lease",)
+    args = ("token", "n_store")
+
+    def __call__(
+        self, *, lease: str, token: str, n_store: int, tail_keys: Sequence[str], tail_args: Sequence[Any]
+    ) -> list[Any]:
+        return list(self._run([lease], [token, n_store], tail_keys, tail_args))
+
+
+class Spawn(LuaScript):
+    """Create child runs (fenced by the lease), each at most once per parent attempt, with CHILD_STARTED
+    in the parent's log in the same step; per spawn ``created``, ``done`` (by an earlier call) or
+    ``taken`` (the child's run id is another run's). ``LEASE_LOST`` (a ResponseError) when not leader."""
+
+    name = "spawn"
+    keys = ("lease", "active", "runs")
+    args = ("token",)
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        active: str,
+        runs: str,
+        token: str,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([lease, active, runs], [token], tail_keys, tail_args))
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -316,6 +354,8 @@ ALL: tuple[type[LuaScript], ...] = (
     # rerun (issue 16)
     Rerun,
     Close,
+    CacheExchange,
+    Spawn,
 )
 
 
@@ -335,3 +375,4 @@ class Scripts:
         # rerun (issue 16)
         self.rerun = Rerun(client)
         self.close = Close(client)
+        self.spawn = Spawn(client)

@@ -39,6 +39,8 @@ class Settings:
     visibility_timeout: int = constants.DEFAULT_VISIBILITY_TIMEOUT
     #: Modules with ``@task`` functions that workers import.
     worker_modules: tuple[str, ...] = ("nerv_cluster.examples.wordcount",)
+    #: Modules the scheduler imports: those registering custom cache key functions (``Cache(key=)``).
+    scheduler_modules: tuple[str, ...] = constants.DEFAULT_SCHEDULER_MODULES
     #: Worker processes for ``cpu`` (default: one per core) and threads for ``io`` (default: 8 per core).
     cpu_concurrency: int = 0
     io_concurrency: int = 0
@@ -66,6 +68,8 @@ class Settings:
     metrics_port: int = 9808
     #: Seconds a scheduler leader's loop may go without completing a step before it lets its lease lapse.
     loop_stall_s: float = constants.DEFAULT_LOOP_STALL_S
+    #: How deep child runs may nest (a task returning a Workflow past it fails; 0: no child runs).
+    max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
 
     @property
     def broker(self) -> str:
@@ -131,3 +135,5 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
+        if self.max_child_depth < 0:
+            raise ConfigurationError("max_child_depth must be 0 or more")

@@ -26,6 +26,7 @@ from nerv_cluster.model import (
     WORKFLOW_END_EVENTS,
     Event,
     EventType,
+    ParentRef,
     RunStatus,
     TaskDef,
     TaskError,
@@ -131,6 +132,16 @@ class TaskState(NamedTuple):
     #: The first attempt of the current round: a rerun (see :mod:`nerv_cluster.rerun`) starts the
     #: retry policy over from its new attempt, so retries count ``attempt - first``.
     first: int = 1
+    #: The cache key this task computes (recorded by its TASK_DISPATCHED): while the task is not
+    #: terminal, other tasks with the same key wait for it (single flight, :mod:`nerv_cluster.caching`).
+    cache_key: str | None = None
+    #: Where the result came from when the task completed from the cache (``run_id/task_id``).
+    cached_from: str | None = None
+    #: Child runs (nerv_cluster/children.py): the definition (JSON form) the current attempt returned,
+    #: from TASK_SPAWNED until its child run exists; then ``child``, that run's id. A task waiting for
+    #: its child is RUNNING but not in ``RunState.running``: it has no worker to lose or time out.
+    spawn: Any = None
+    child: str | None = None
 
 
 class RunState(NamedTuple):
@@ -174,6 +185,10 @@ class RunState(NamedTuple):
     submitted_bytes: int = 0
     #: Reruns applied (WORKFLOW_RERUN_REQUESTED): the next one must carry this number plus one.
     reruns: int = 0
+    #: Tasks completed from the cache (for progress).
+    cached: int = 0
+    #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create.
+    spawning: IdSet = _NO_TASKS
 
     @property
     def name(self) -> str:
@@ -234,6 +249,10 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
             changes["running"] = run.running.set(tid, True)
         elif old.status is TaskStatus.RUNNING:
             changes["running"] = run.running.discard(tid)
+    if old.spawn is not None and new.status is not TaskStatus.RUNNING:
+        # The attempt ended (cancelled, failed) before its child run was created: none will be.
+        changes["spawning"] = run.spawning.discard(tid)
+        new = new._replace(spawn=None)
     was_queued = old.status is TaskStatus.READY and old.dispatched
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
@@ -378,13 +397,19 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
     tid, ts = cur
     if run.defs[tid].over is not None:  # a map node is expanded, never sent to a worker
         return run
-    new = ts._replace(dispatched=True, dispatched_at=ev.ts, due_at=None)
+    key = ev.data.get("cache_key")
+    new = ts._replace(
+        dispatched=True,
+        dispatched_at=ev.ts,
+        due_at=None,
+        cache_key=key if isinstance(key, str) else ts.cache_key,
+    )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 
 
 def _started(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status not in _ACTIVE:
+    if cur is None or cur[1].status not in _ACTIVE or cur[1].spawn is not None or cur[1].child:
         return run
     tid, ts = cur
     worker = ev.data.get("worker")
@@ -420,7 +445,9 @@ def _completed(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status not in _ACTIVE:
         return run
     tid, ts = cur
-    return _finish(
+    # A completion from the cache (the scheduler's, see nerv_cluster.caching) names its source.
+    cached_from = str(ev.data.get("cached_from", "")) if ev.data.get("cached") is True else None
+    done = _finish(
         run,
         ev,
         tid,
@@ -429,7 +456,9 @@ def _completed(run: RunState, ev: Event) -> RunState:
         result=ev.data.get("result"),
         worker=ev.data.get("worker", ts.worker),
         started_at=ev.data.get("started_at", ts.started_at),
+        cached_from=cached_from,
     )
+    return done if cached_from is None else done._replace(cached=done.cached + 1)
 
 
 def _failed(run: RunState, ev: Event) -> RunState:
@@ -470,8 +499,42 @@ def _again(run: RunState, ev: Event) -> RunState:
         due_at=_due_at(ev),
         error=TaskError.from_dict(err) if err else ts.error,
         reason=str(ev.data.get("reason", "")),
+        child=None,  # a new attempt starts a new child, if it returns a workflow again
     )
     return _put(run, tid, ts, new, ready=run.ready.set(tid, True))
+
+
+def _spawned(run: RunState, ev: Event) -> RunState:
+    """TASK_SPAWNED: the attempt returned a workflow; the task waits (RUNNING, off the watchdog's
+    ``running``) for the scheduler to create its child run."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].status not in _ACTIVE or cur[1].spawn is not None or cur[1].child:
+        return run
+    tid, ts = cur
+    raw = ev.data.get("workflow")
+    if not isinstance(raw, dict):
+        raise ValueError("TASK_SPAWNED carries no workflow definition")
+    new = ts._replace(
+        status=TaskStatus.RUNNING,
+        dispatched=True,
+        spawn=raw,
+        worker=ev.data.get("worker", ts.worker),
+        started_at=ev.data.get("started_at", ts.started_at if ts.started_at is not None else ev.ts),
+    )
+    out = _put(run, tid, ts, new, ready=run.ready.discard(tid), spawning=run.spawning.set(tid, True))
+    return out._replace(running=out.running.discard(tid))
+
+
+def _child_started(run: RunState, ev: Event) -> RunState:
+    """CHILD_STARTED: the child run of the current attempt exists; the task waits for its end."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].spawn is None or cur[1].status is not TaskStatus.RUNNING:
+        return run
+    tid, ts = cur
+    child = ev.data.get("child")
+    if not isinstance(child, str) or not child:
+        raise ValueError("CHILD_STARTED names no child run")
+    return _put(run, tid, ts, ts._replace(spawn=None, child=child), spawning=run.spawning.discard(tid))
 
 
 def _skipped(run: RunState, ev: Event) -> RunState:
@@ -619,6 +682,9 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.CIRCUIT_CLOSED: lambda run, ev: run,
     # rerun (issue 16)
     EventType.WORKFLOW_RERUN_REQUESTED: _rerun_requested,
+    # Child runs (issue 16, part "child").
+    EventType.TASK_SPAWNED: _spawned,
+    EventType.CHILD_STARTED: _child_started,
     # -- map (issue 16)
     EventType.MAP_EXPANDED: _map_expanded,
 }
@@ -668,6 +734,7 @@ def new_run(
             running=_draft({}),
             queued=_draft({}),
             gathered=_draft({}),
+            spawning=_draft({}),
             tally=tally,
             submitted_at=submitted_at,
         )
@@ -748,6 +815,7 @@ def _thaw(run: RunState) -> RunState:
         running=_draft(run.running),
         queued=_draft(run.queued),
         gathered=_draft(run.gathered),
+        spawning=_draft(run.spawning),
     )
 
 
@@ -760,6 +828,7 @@ def _freeze(run: RunState) -> RunState:
         running=pmap(run.running),
         queued=pmap(run.queued),
         gathered=pmap(run.gathered),
+        spawning=pmap(run.spawning),
     )
 
 
@@ -867,6 +936,9 @@ def task_result(run: RunState, tid: str) -> TaskResult:
         started_at=ts.started_at,
         finished_at=ts.finished_at,
         reason=ts.reason,
+        cached=ts.cached_from is not None,
+        cached_from=ts.cached_from,
+        child=ts.child,
     )
 
 
@@ -882,6 +954,12 @@ class RunResult:
     submitted_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    #: For a child run: the task attempt it belongs to (its result becomes that task's result).
+    parent: ParentRef | None = None
+    #: How deep the run is nested under a run a client submitted (0 for those).
+    depth: int = 0
+    #: The run's output (``Workflow.output``; else the only sink's result, else sink id -> result).
+    output: Any = None
 
     @property
     def results(self) -> dict[str, Any]:
@@ -929,7 +1007,35 @@ def run_result(run: RunState) -> RunResult:
         submitted_at=run.submitted_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
+        parent=run.definition.parent,
+        depth=run.definition.depth,
+        output=run_output(run),
     )
+
+
+def sinks(run: RunState) -> list[str]:
+    """Tasks no other task depends on, in definition order."""
+    dependents = run.plan.dependents
+    return [tid for tid in run.defs if not dependents[tid]]
+
+
+def run_output(run: RunState) -> Any:
+    """A run's output: the result of the task ``Workflow.output`` named, else of the only sink, else a
+    dict sink id -> result (a task that did not complete counts as None). What a child run's parent
+    task completes with."""
+    tasks = run.tasks
+
+    def result(tid: str) -> Any:
+        ts = tasks[tid]
+        return ts.result if ts.status is TaskStatus.COMPLETED else None
+
+    named = run.definition.meta.get("output")
+    if isinstance(named, str) and named in tasks:
+        return result(named)
+    ends = sinks(run)
+    if len(ends) == 1:
+        return result(ends[0])
+    return {tid: result(tid) for tid in ends}
 
 
 def task_statuses(run: RunState) -> dict[str, TaskStatus]:

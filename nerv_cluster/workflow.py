@@ -6,7 +6,7 @@ Validation happens here, before anything reaches Redis: ids, dependencies, cycle
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +19,15 @@ from nerv_cluster.errors import (
     WorkflowError,
 )
 from nerv_cluster.ids import check_id, slug
-from nerv_cluster.model import CircuitBreaker, RetryPolicy, TaskDef, TaskPriority, TriggerRule, WorkflowDef
+from nerv_cluster.model import (
+    Cache,
+    CircuitBreaker,
+    RetryPolicy,
+    TaskDef,
+    TaskPriority,
+    TriggerRule,
+    WorkflowDef,
+)
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
@@ -89,10 +97,12 @@ class Workflow:
         self._tasks: list[TaskDef] = []
         self._ids: set[str] = set()
         self._counter = 0
+        #: The task whose result is this workflow's output (``output``); None: the sink rule.
+        self._output: str | None = None
 
     def add(
         self,
-        fn: TaskFunction | Callable[..., Any] | str,
+        fn: TaskFunction | Callable[..., Any] | str | Workflow,
         *call_args: Any,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
@@ -108,6 +118,7 @@ class Workflow:
         tags: Iterable[str] = (),
         trigger: TriggerRule | str = TriggerRule.ALL_SUCCESS,
         context: bool | None = None,
+        cache: Cache | None = None,
     ) -> TaskHandle:
         """Add one task and return its handle.
 
@@ -115,8 +126,24 @@ class Workflow:
         (not both); task keyword arguments go in ``kwargs=``. Handles anywhere in the arguments, also
         nested in lists and dicts, become dependencies and are replaced by the upstream results when
         the task runs. ``dependencies`` adds ordering-only dependencies (handles or task ids). Options
-        left unset take the ``@task`` defaults.
+        left unset take the ``@task`` defaults. ``cache=Cache(ttl=...)`` completes the task from an
+        earlier result of the same function and arguments (see :class:`~nerv_cluster.model.Cache`).
+
+        ``fn`` may also be another ``Workflow``: a static sub-workflow, run as a child run once its
+        dependencies are met (no worker runs the task itself); the task's result is that workflow's
+        output (see :meth:`output`). It takes no arguments, and no timeout (it has no attempt of its
+        own); a retry policy starts a new child run after a failed one.
         """
+        if isinstance(fn, Workflow):
+            if call_args or args or kwargs:
+                raise WorkflowError(f"sub-workflow {fn.name!r} takes no arguments")
+            if timeout is not None:
+                raise WorkflowError(
+                    f"sub-workflow {fn.name!r}: a timeout covers a task's own attempt, and it has none"
+                )
+            return self._add_subworkflow(
+                fn, id, name, description, dependencies, priority, retry, tags, trigger
+            )
         if call_args and args is not None:
             raise WorkflowError("give task arguments positionally or as args=..., not both")
         tf, fn_name = self._lookup(fn)
@@ -137,6 +164,8 @@ class Workflow:
         check_queue(queue)
         if timeout is not None and timeout <= 0:
             raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
+        if cache is not None and not isinstance(cache, Cache):
+            raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
         td = TaskDef(
             id=task_id,
             fn=fn_name,
@@ -153,6 +182,7 @@ class Workflow:
             tags=tuple(tags),
             trigger=TriggerRule.parse(trigger),
             context=context if context is not None else (tf.context if tf else False),
+            cache=cache if cache is not None else (tf.cache if tf else None),
         )
         self._tasks.append(td)
         self._ids.add(task_id)
@@ -186,6 +216,11 @@ class Workflow:
             )
         if isinstance(args, str | bytes) or not isinstance(args, Sequence):
             raise WorkflowError("map: args= is the list of arguments after the element")
+        if isinstance(fn, Workflow):  # a sub-workflow takes no element: map a task that returns one
+            raise WorkflowError(
+                f"map: cannot map workflow {fn.name!r} (a sub-workflow takes no arguments); map a @task "
+                "that returns a Workflow instead: each element then runs as a child run"
+            )
         refs: list[str] = []
         where = f"map {id or getattr(fn, 'name', fn)!r} over"
         enc_over = _encode(over if isinstance(over, TaskHandle) else list(over), where, refs, self.name)
@@ -193,6 +228,61 @@ class Workflow:
         handle = self.add(fn, args=list(args), kwargs=kwargs, id=id, dependencies=deps, **options)
         self._tasks[-1] = replace(self._tasks[-1], over=enc_over)
         return handle
+
+    def _add_subworkflow(
+        self,
+        sub: Workflow,
+        id: str | None,
+        name: str | None,
+        description: str,
+        dependencies: Iterable[TaskHandle | str],
+        priority: TaskPriority | str | int | None,
+        retry: RetryPolicy | None,
+        tags: Iterable[str],
+        trigger: TriggerRule | str,
+    ) -> TaskHandle:
+        if sub is self:
+            raise WorkflowError(f"workflow {self.name!r} cannot contain itself")
+        task_id = id or name or self._auto_id(sub.name)
+        check_id(task_id, "task id")
+        if task_id in self._ids:
+            raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
+        if not sub.tasks:
+            raise WorkflowError(f"task {task_id!r}: sub-workflow {sub.name!r} has no tasks")
+        deps = []
+        for d in dependencies:
+            dep = d.id if isinstance(d, TaskHandle) else d
+            if not isinstance(dep, str):
+                raise WorkflowError(f"task {task_id!r}: dependencies must be handles or task ids, got {d!r}")
+            deps.append(dep)
+        sub.plan()  # its cycles and unknown dependencies now, not when it is spawned
+        td = TaskDef(
+            id=task_id,
+            fn=constants.SUBWORKFLOW_FN,
+            name=name or task_id,
+            description=description or sub.description,
+            dependencies=tuple(dict.fromkeys(deps)),
+            priority=TaskPriority.parse(priority if priority is not None else TaskPriority.MEDIUM),
+            retry=retry,
+            tags=tuple(tags),
+            trigger=TriggerRule.parse(trigger),
+            workflow=sub.definition().to_dict(),
+        )
+        self._tasks.append(td)
+        self._ids.add(task_id)
+        return TaskHandle(id=task_id, name=td.name, workflow=self.name)
+
+    def output(self, handle: TaskHandle | str) -> TaskHandle:
+        """Name the task whose result is this workflow's output: what a task that returns this
+        workflow (or embeds it with ``add``) completes with, and ``RunResult.output``. Without it, the
+        output is the only sink's result, or a dict sink id -> result when there are several."""
+        tid = handle.id if isinstance(handle, TaskHandle) else handle
+        if isinstance(handle, TaskHandle) and handle.workflow != self.name:
+            raise WorkflowError(f"output: handle {tid!r} belongs to workflow {handle.workflow!r}")
+        if tid not in self._ids:
+            raise UnknownTaskError(f"output: workflow {self.name!r} has no task {tid!r}")
+        self._output = tid
+        return handle if isinstance(handle, TaskHandle) else TaskHandle(tid, tid, self.name)
 
     def _lookup(self, fn: TaskFunction | Callable[..., Any] | str) -> tuple[TaskFunction | None, str]:
         if isinstance(fn, TaskFunction):
@@ -225,7 +315,9 @@ class Workflow:
 
     def definition(self) -> WorkflowDef:
         """The wire form of this workflow."""
-        meta = {"description": self.description} if self.description else {}
+        meta: dict[str, Any] = {"description": self.description} if self.description else {}
+        if self._output is not None:
+            meta["output"] = self._output
         return WorkflowDef(name=self.name, tasks=tuple(self._tasks), meta=meta)
 
     def plan(self) -> Plan:
@@ -265,10 +357,17 @@ def validate_definition(
     for t in wf.tasks:
         check_id(t.id, "task id")
         check_queue(t.queue)
+        if t.workflow is not None:  # a static sub-workflow: held to the same checks, recursively
+            validate_definition(
+                WorkflowDef.from_dict(t.workflow),
+                max_payload_bytes=max_payload_bytes,
+                max_tasks=max_tasks,
+                known_names=known_names,
+            )
     if len(wf.tasks) > max_tasks:
         raise WorkflowError(f"workflow {wf.name!r} has {len(wf.tasks)} tasks; the limit is {max_tasks}")
     for t in wf.tasks:
-        if known_names is not None and t.fn not in known_names:
+        if known_names is not None and t.workflow is None and t.fn not in known_names:
             raise UnknownTaskError(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
@@ -281,3 +380,13 @@ def validate_definition(
                 "(store large data elsewhere and pass a reference)"
             )
     return plan(wf.tasks)
+
+
+def nested_tasks(wf: WorkflowDef) -> Iterator[TaskDef]:
+    """Every task of ``wf`` that a worker runs: its own, and those of its static sub-workflows (and
+    theirs), not the sub-workflow tasks themselves (the scheduler spawns those)."""
+    for t in wf.tasks:
+        if t.workflow is None:
+            yield t
+        else:
+            yield from nested_tasks(WorkflowDef.from_dict(t.workflow))

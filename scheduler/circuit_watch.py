@@ -19,7 +19,11 @@ from nerv_cluster.state import State, event_time
 log = logging.getLogger("nerv.scheduler")
 
 #: Outcome events a circuit breaker counts.
-OUTCOMES = frozenset({EventType.TASK_COMPLETED, EventType.TASK_FAILED, EventType.TASK_RETRYING})
+OUTCOMES = frozenset(
+    {EventType.TASK_COMPLETED, EventType.TASK_FAILED, EventType.TASK_RETRYING, EventType.TASK_SPAWNED}
+)
+#: Outcomes that count as the function working (returning a child workflow is a success of its own).
+_SUCCESSES = frozenset({EventType.TASK_COMPLETED, EventType.TASK_SPAWNED})
 
 
 class CircuitWatch:
@@ -44,7 +48,7 @@ class CircuitWatch:
             td = run.defs.get(ev.task_id) if run is not None and ev.task_id is not None else None
             if td is None or td.circuit is None:
                 continue
-            ok = ev.type is EventType.TASK_COMPLETED
+            ok = ev.type in _SUCCESSES
             at = event_time(ev)  # on the scheduler's clock, like the cool-down's end it is compared with
             transition = self.breakers.observe(td.fn, td.circuit, ok, ev.run_id, at, source)
             if transition is not None:

@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import constants, mapping
+from nerv_cluster import children, constants, mapping
+from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
-from nerv_cluster.model import Event, EventType, RunStatus, TaskDef, TaskError, TaskStatus
+from nerv_cluster.model import (
+    WORKFLOW_END_EVENTS,
+    Event,
+    EventType,
+    RunStatus,
+    TaskDef,
+    TaskError,
+    TaskStatus,
+)
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
 
@@ -31,6 +40,9 @@ class Limits:
     max_tasks: int = constants.DEFAULT_MAX_TASKS
     max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
     max_job_bytes: int = constants.DEFAULT_MAX_JOB_BYTES
+    #: Child runs: how deep they nest, and the largest output a child hands its parent task.
+    max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
+    max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
     #: Most elements a map node may expand into (a longer list fails the map).
     max_map_width: int = constants.DEFAULT_MAX_MAP_WIDTH
 
@@ -38,7 +50,12 @@ class Limits:
     def of(cls, settings: Settings) -> Limits:
         """The limits of these settings."""
         return cls(
-            settings.max_tasks, settings.max_submission_bytes, settings.max_job_bytes, settings.max_map_width
+            max_tasks=settings.max_tasks,
+            max_submission_bytes=settings.max_submission_bytes,
+            max_job_bytes=settings.max_job_bytes,
+            max_child_depth=settings.max_child_depth,
+            max_result_bytes=settings.max_result_bytes,
+            max_map_width=settings.max_map_width,
         )
 
 
@@ -58,6 +75,8 @@ class Decisions:
     #: The TASK_CANCELLED events (also in ``events``) of attempts a worker may hold: the scheduler takes
     #: their outcome slots before writing anything, and :func:`settle_cancels` keeps only those it won.
     cancels: list[Event] = field(default_factory=list)
+    #: Child runs to create (after ``events`` are written), see :mod:`nerv_cluster.children`.
+    spawns: list[children.Spawn] = field(default_factory=list)
 
     def cancelled_attempts(self) -> list[tuple[str, str, int]]:
         """(run, task, attempt) of each of ``cancels``, whose outcome slots the scheduler takes."""
@@ -71,6 +90,7 @@ class Decisions:
         self.delayed.extend(other.delayed)
         self.finished.extend(other.finished)
         self.cancels.extend(other.cancels)
+        self.spawns.extend(other.spawns)
 
 
 #: Outcomes a worker records that end its task: an attempt that has one keeps it over a cancel.
@@ -210,15 +230,18 @@ def decide(
     breakers: Breakers | None = None,
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
+    cache: CacheView | None = None,
 ) -> None:
     """Append to ``out`` what to do next for ``run`` (``breakers``: the circuits, when they apply;
     ``handoff``: mark the jobs whose worker should wait for a hand-off, see :func:`readies_successor`;
-    ``limits``: the bounds a run and its jobs are held to)."""
+    ``limits``: the bounds a run and its jobs are held to; ``cache``: the cache entries read for this
+    step, without which cacheable tasks are dispatched like any other, see :mod:`nerv_cluster.caching`)."""
     rid = run.run_id
     if run.status.terminal:
         out.finished.append(rid)
         return
     if run.rejected:
+        out.events.extend(_cancel_children(run, now, source))
         out.events.append(_fail_run(run, run.rejected, now, source))
         return
     if run.status is RunStatus.PENDING:
@@ -247,9 +270,12 @@ def decide(
             cancel = Event(
                 EventType.TASK_CANCELLED, rid, tid, ts.attempt, {"reason": run.reason}, ts=now, source=source
             )
-            # An expanded map node runs in no worker: nothing to revoke (its elements are cancelled).
-            if (ts.dispatched or ts.status is TaskStatus.RUNNING) and tid not in run.growth.layers:
-                out.revoke.append(job_id(rid, tid, ts.attempt))
+            if ts.child is not None:  # waiting for its child run: cancel that, recursively
+                out.events.append(children.cancel_child(run, ts, now, source))
+            if ts.dispatched or ts.status is TaskStatus.RUNNING:
+                # No job to revoke for an attempt no worker holds: a spawn, a child run, a map node.
+                if ts.spawn is None and ts.child is None and tid not in run.growth.layers:
+                    out.revoke.append(job_id(rid, tid, ts.attempt))
                 out.cancels.append(cancel)
             out.events.append(cancel)
         out.events.append(
@@ -280,6 +306,18 @@ def decide(
                 if expanded is not None:
                     out.events.append(expanded)
                 continue
+            if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
+                out.events.append(children.static_spawn(run, tid, ts, now, source))
+                continue
+            cache_key = None
+            if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
+                verdict = cache.verdict(rid, tid)
+                if verdict.kind is not Kind.MISS:
+                    done = verdict.event(rid, tid, ts.attempt, now, source, cache.event_id())  # None: held
+                    if done is not None:
+                        out.events.append(done)
+                    continue
+                cache_key = verdict.key
             if td.circuit is not None and breakers is not None:
                 allowed, transition = breakers.admit(
                     td.fn, td.circuit, job_id(rid, tid, ts.attempt), rid, now, source
@@ -296,18 +334,31 @@ def decide(
                 if size > limits.max_job_bytes:
                     out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
                     continue
+            data = {"queue": queue}
+            if cache_key is not None and cache is not None:
+                data["cache_key"] = cache_key
+                cache.claim(cache_key, rid, tid)
             out.events.append(
-                Event(
-                    EventType.TASK_DISPATCHED, rid, tid, ts.attempt, {"queue": queue}, ts=now, source=source
-                )
+                Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, data, ts=now, source=source)
             )
             out.jobs.append((job, queue))
     for tid in run.gathered:  # map nodes whose elements have all ended
         out.events.append(mapping.end_event(run, tid, now, source))
+    if run.spawning:
+        out.spawns.extend(children.spawns(run, limits.max_child_depth, now, source, out.events))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
         out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def _cancel_children(run: RunState, now: float, source: str) -> list[Event]:
+    """Cancel requests for the child runs of ``run``'s unfinished tasks (``run`` cannot go on)."""
+    return [
+        children.cancel_child(run, ts, now, source)
+        for ts in run.tasks.values()
+        if ts.child is not None and not ts.status.terminal
+    ]
 
 
 def decide_isolated(
@@ -318,16 +369,30 @@ def decide_isolated(
     breakers: Breakers | None = None,
     handoff: bool = True,
     limits: Limits = _NO_LIMITS,
+    cache: CacheView | None = None,
+    runs: Mapping[str, RunState] | None = None,
 ) -> None:
     """:func:`decide`, but a run it raises for is failed (WORKFLOW_FAILED with the error) and nothing
-    else is decided for it: one run the scheduler cannot decide for never stops the others."""
+    else is decided for it: one run the scheduler cannot decide for never stops the others.
+
+    ``runs``: every run the scheduler holds; a child run that ends gets its parent task's outcome
+    (found there) written with its end event (:func:`nerv_cluster.children.with_parent_outcome`)."""
     mine = Decisions()
     try:
-        decide(run, now, source, mine, breakers, handoff, limits)
+        decide(run, now, source, mine, breakers, handoff, limits, cache)
     except Exception as exc:
         mine = Decisions(
             events=[_fail_run(run, f"the scheduler cannot run it: {describe(exc)}", now, source)]
         )
+    if runs is not None:
+        try:
+            children.with_parent_outcome(run, mine.events, runs, limits.max_result_bytes, now, source)
+        except Exception:
+            # Never end a child without its parent's outcome: it stays open (a new leader tries again).
+            log.exception("cannot write the parent outcome of child run %r", run.run_id)
+            mine.events = [
+                ev for ev in mine.events if ev.run_id != run.run_id or ev.type not in WORKFLOW_END_EVENTS
+            ]
     out.extend(mine)
 
 

@@ -30,7 +30,10 @@ HARD_LIMIT_GRACE = 2.0
 def pack(
     jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int], limited: Collection[str] = ()
 ) -> list[tuple[list[Job], str]]:
-    """Group jobs into Celery messages: one message can carry several jobs of one function of one run.
+    """Group jobs into Celery messages: one message can carry several jobs of one function of one run,
+    or of one tree of runs (a run and its child runs, ``Job.family``: the many small runs of a recursion
+    would otherwise travel a job a message; cancelling a run cancels its children too, and a cancel
+    revokes the messages its jobs travel in).
 
     Packing pays when many jobs are ready at once (a fan-out): one message and two Redis round trips
     per batch instead of per job. It never starves a slot: a queue keeps at least ``BATCHES_PER_SLOT``
@@ -47,7 +50,7 @@ def pack(
         if job.timeout or job.attempt > 1 or queue in limited:
             out.append(([job], queue))
         else:
-            groups.setdefault((job.run_id, job.fn, queue), []).append(job)
+            groups.setdefault((job.family or job.run_id, job.fn, queue), []).append(job)
     for (_, _, queue), group in groups.items():
         slots = capacity.get(queue, 0)
         size = 1

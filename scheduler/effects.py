@@ -15,6 +15,8 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 
+from nerv_cluster import children
+from nerv_cluster.children import Spawn
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
@@ -78,6 +80,26 @@ class Effects:
             self.log.append_fenced(events, token)
         return events
 
+    def spawn(self, spawns: Sequence[Spawn], state: State, now: float) -> list[Event]:
+        """Create child runs (each once, with CHILD_STARTED in its parent's log); the events to fold:
+        each created child's submission and CHILD_STARTED, or a TASK_FAILED for a spawn whose child
+        run id another run holds (written here)."""
+        if not spawns:
+            return []
+        verdicts = self.log.spawn_children(spawns, self.token())
+        events: list[Event] = []
+        failed: list[Event] = []
+        for sp, verdict in zip(spawns, verdicts, strict=True):
+            if verdict == "taken":
+                run = state.runs.get(sp.parent.run_id)
+                if run is not None:
+                    failed.append(children.taken(sp, run, now, sp.started.source))
+                continue
+            events += [sp.submitted, sp.started]
+        if failed:
+            self.log.append_fenced(failed, self.token())
+        return events + failed
+
     def take_slots(self, attempts: Sequence[tuple[str, str, int]], why: EventType) -> list[str]:
         """Take the outcome slots of these (run, task, attempt) where free; what holds each afterwards
         (``why`` where the scheduler has it, else the outcome a worker recorded first)."""
@@ -92,10 +114,14 @@ class Effects:
             rid, tid, attempt = jid.rsplit(":", 2)
             attempts.append((rid, tid, int(attempt)))
         carriers = []
+        cancelled_runs = {rid for rid, _, _ in attempts}
         for rid, tid, _ in attempts:
             run = state.runs.get(rid)
             via = run.tasks[tid].via if run is not None and tid in run.tasks else None
-            if via:
+            # A message of a tree of child runs may carry jobs of other runs of the tree: revoking it
+            # would drop those. A cancelled job in it is skipped when its turn comes (its slot is
+            # taken), or runs to its end with its outcome dropped.
+            if via and via.rsplit(":", 2)[0] in cancelled_runs:
                 carriers.append(via)
         self.dispatcher.revoke(list(dict.fromkeys([*job_ids, *carriers])))
 

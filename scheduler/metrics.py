@@ -24,6 +24,7 @@ _OUTCOME_LABEL = {
     EventType.TASK_COMPLETED: "completed",
     EventType.TASK_FAILED: "failed",
     EventType.TASK_RETRYING: "retrying",
+    EventType.TASK_SPAWNED: "spawned",  # returned a child workflow (nerv_cluster/children.py)
 }
 _RUN_END = {
     EventType.WORKFLOW_COMPLETED: "COMPLETED",
@@ -65,6 +66,10 @@ class SchedulerMetrics:
         for q in constants.QUEUES:
             for g in (self.dispatched, self.ready, self.running, self.ready_soon):
                 g.labels(queue=q)
+        # Part "cache" (issue 16): cached tasks completed from an entry (hit) or dispatched (miss).
+        self.cache = Counter("nerv_cache_lookups", "Cached tasks decided, by result", ["result"], registry=r)
+        for result in ("hit", "miss"):
+            self.cache.labels(result=result)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> bool:
         """Serve ``/metrics`` on ``port`` (0: don't); False when the port is taken (logged, not fatal)."""
@@ -93,11 +98,15 @@ class SchedulerMetrics:
         self.events.inc(n)
 
     def on_decided(self, events: Iterable[Event]) -> None:
-        """Count finished runs among the scheduler's own events."""
+        """Count finished runs, and cache hits and misses, among the scheduler's own events."""
         for ev in events:
             status = _RUN_END.get(ev.type)
             if status is not None:
                 self.runs_finished.labels(status=status).inc()
+            elif ev.type is EventType.TASK_COMPLETED and ev.data.get("cached") is True:
+                self.cache.labels(result="hit").inc()
+            elif ev.type is EventType.TASK_DISPATCHED and "cache_key" in ev.data:
+                self.cache.labels(result="miss").inc()
 
     def on_sent(self, jobs: Iterable[tuple[Job, str]], since: float, now: float) -> None:
         """Count sent jobs and their dispatch latency."""

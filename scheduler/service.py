@@ -11,6 +11,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.timers`: due times (retry delays);
 - :mod:`scheduler.circuit_watch`: workers' outcomes fed to the circuit breakers;
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
+- :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
 
@@ -25,6 +26,7 @@ import redis
 
 from nerv_cluster import constants
 from nerv_cluster import state as st
+from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
@@ -32,6 +34,7 @@ from nerv_cluster.jobs import Job
 from nerv_cluster.model import EventType
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
+from scheduler.caching import CacheRoom, import_modules
 from scheduler.circuit_watch import CircuitWatch
 from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cancels
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
@@ -81,6 +84,8 @@ class SchedulerService:
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
         self.watchdog = Watchdog(log, settings)
+        import_modules(settings.scheduler_modules)  # custom cache key functions
+        self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
         self.checkpointer = checkpointer.Checkpointer(
             log, settings.checkpoint_events, lambda: self.state.runs
         )
@@ -122,6 +127,7 @@ class SchedulerService:
             )
             self.effects.close(found.unreadable, self.clock())
         self.checkpointer.reset(found.positions)
+        self.caching.rebuild(self.state)
         self.circuits.reload(self.log)
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
@@ -163,6 +169,7 @@ class SchedulerService:
         self.outbox.clear()
         self.matcher.clear()
         self.timers.clear()
+        self.caching.clear()
         self.checkpointer.reset({})
         self.leader_since = None
 
@@ -191,6 +198,7 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
+        self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
@@ -217,6 +225,7 @@ class SchedulerService:
         if events:
             self.state = st.fold(events, self.state)
             self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.caching.observe(events, self.state)
         if self.watchdog.redis_restarted():
             self.resend_in_flight("Redis restarted")
         else:  # a dead consumer's prefetched jobs wait for the visibility timeout: resend its queues'
@@ -231,6 +240,7 @@ class SchedulerService:
             except BaseException:
                 self._touched |= touched
                 raise
+        self.caching.flush()  # results folded in the last round (a child run's output, say)
 
     def _act_on(self, touched: set[str]) -> None:
         """Decide for ``touched`` runs; write the events (fenced), fold them back, then send the jobs."""
@@ -238,10 +248,14 @@ class SchedulerService:
         now = self.clock()
         breakers = self.circuits.breakers
         limits = self.limits
+        cache = self.caching.prepare(touched, self.state)
+        runs = self.state.runs
         for rid in touched:
-            run = self.state.runs.get(rid)
+            run = runs.get(rid)
             if run is not None:
-                decide_isolated(run, now, self.source, out, breakers, self.handoff, limits)
+                decide_isolated(
+                    run, now, self.source, out, breakers, self.handoff, limits, cache=cache, runs=runs
+                )
         if out.cancels:  # the outcome slots first: an attempt a worker finished meanwhile keeps its outcome
             settle_cancels(out, self.effects.take_slots(out.cancelled_attempts(), EventType.TASK_CANCELLED))
         jobs, handoffs = self.matcher.match(out.jobs, self.state, self.source, now)
@@ -261,6 +275,13 @@ class SchedulerService:
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.caching.observe(events, self.state)
+        if cache is not None:
+            self._touched |= cache.missing
+        if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
+            spawned = self.effects.spawn(out.spawns, self.state, now)
+            self.state = st.fold(spawned, self.state)
+            self._touched.update(ev.run_id for ev in spawned)
         if out.revoke:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)
@@ -277,6 +298,7 @@ class SchedulerService:
             self.effects.write(failed)
             self.state = st.fold(failed, self.state)
             self._touched.update(ev.run_id for ev in failed)
+            self._touched |= self.caching.observe(failed, self.state)
 
     def _close(self, run_ids: list[str]) -> None:
         """Finished runs: let their keys expire and forget them (memory stays bounded by active runs)."""
@@ -293,6 +315,7 @@ class SchedulerService:
             state = st.evict(state, rid)
             self.checkpointer.forget(rid)
         self.state = state
+        self._touched |= self.caching.forget(run_ids)
 
     # -- the loop -------------------------------------------------------------------------------------
 

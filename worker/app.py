@@ -188,6 +188,14 @@ class HandoffEvents:
                     result=repr(outcome.data.get("result")),
                     runtime=outcome.ts - started,
                 )
+            elif outcome.type is EventType.TASK_SPAWNED:  # the function returned a child workflow
+                name = (outcome.data.get("workflow") or {}).get("name")
+                d.send(
+                    "task-succeeded",
+                    uuid=job.id,
+                    result=f"<child workflow {name!r}>",
+                    runtime=outcome.ts - started,
+                )
             else:
                 error = outcome.data.get("error") or {}
                 kind = "task-retried" if outcome.type is EventType.TASK_RETRYING else "task-failed"

@@ -1,7 +1,10 @@
 """Running one job: claim the attempt, call the registered function, record exactly one outcome.
 
 The outcome is TASK_COMPLETED (with the JSON result), TASK_RETRYING (the policy allows another
-attempt; the scheduler owns the delay) or TASK_FAILED (with the error's type, message and traceback).
+attempt; the scheduler owns the delay), TASK_FAILED (with the error's type, message and traceback) or,
+when the function returned a ``Workflow``, TASK_SPAWNED (its definition: the scheduler runs it as a
+child run and completes the task with its output, see ``nerv_cluster.children``; this process goes on
+at once).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from nerv_cluster import constants
+from nerv_cluster.children import SpawnBounds, spawned_data
 from nerv_cluster.errors import (
     NotRegisteredError,
     PayloadTooLargeError,
@@ -32,6 +36,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
+from nerv_cluster.workflow import Workflow
 from worker.held import HeldAttempts
 
 log = logging.getLogger("nerv.worker")
@@ -60,8 +65,11 @@ class TaskRunner:
         handoffs: Handoffs | None = None,
         held: HeldAttempts | None = None,
         stopping: Callable[[], bool] | None = None,
+        spawn_bounds: SpawnBounds | None = None,
     ) -> None:
         self.log = log
+        #: What a returned workflow is checked against before it is recorded.
+        self.spawn_bounds = spawn_bounds or SpawnBounds()
         self.handoffs = handoffs
         self.registry = registry
         self.worker_id = worker_id
@@ -275,6 +283,10 @@ class TaskRunner:
                 )
                 args = [ctx, *args]
             value = tf.fn(*args, **job.kwargs)
+            if isinstance(value, Workflow):  # a child run: the scheduler runs it, this slot is free
+                data = spawned_data(value, self.spawn_bounds)
+                data.update(worker=self.worker_id, started_at=started)
+                return self._event(EventType.TASK_SPAWNED, job, data)
             self._check_result(job, value)
         except SoftTimeLimitExceeded:
             exc = TaskTimeoutError(f"task {job.task_id!r} ran past its {job.timeout}s time limit")

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from nerv_cluster import TaskContext, task
+from nerv_cluster import Cache, TaskContext, task
 
 _client: redis.Redis | None = None
 _pid = -1
@@ -202,6 +202,127 @@ def fails_first_runs(ctx: TaskContext, runs: int) -> int:
     if n <= runs:
         raise ConnectionError(f"execution {n} of {ctx.task_id} fails")
     return n
+
+
+# -- part "cache" (issue 16): cached tasks count their executions per label, across runs --------------
+
+
+def _count_label(label: str) -> int:
+    return int(_redis().incr(f"test:cache:{label}"))
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_count(label: str, value: int) -> dict[str, int]:
+    """Count this execution under ``label``; return the value and which execution this was."""
+    return {"value": value, "execution": _count_label(label)}
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_slow(label: str, seconds: float) -> int:
+    """Count, sleep, return which execution this was."""
+    n = _count_label(label)
+    time.sleep(seconds)
+    return n
+
+
+@task(queue="cpu", cache=Cache(ttl=60))
+def cached_fails_first(label: str, seconds: float) -> int:
+    """Count, sleep, and fail on the first execution under ``label``; later ones return their number."""
+    n = _count_label(label)
+    time.sleep(seconds)
+    if n == 1:
+        raise RuntimeError(f"first execution of {label} fails")
+    return n
+
+
+@task(queue="cpu")
+def first_arg_key(args: list[Any], kwargs: dict[str, Any]) -> str:
+    """A custom cache key: only the first argument matters."""
+    return str(args[0])
+
+
+@task(queue="cpu", cache=Cache(ttl=60, key=first_arg_key))
+def cached_by_label(label: str, noise: int) -> int:
+    """Count; cached by ``label`` alone (``noise`` does not matter)."""
+    return _count_label(label)
+
+
+# -- child runs (issue 16, part "child") ------------------------------------------------------------------
+
+from nerv_cluster import RetryPolicy, Workflow  # noqa: E402
+
+
+@task(queue="cpu")
+def fib(n: int) -> int | Workflow:
+    """Fibonacci by child runs: n < 2 is n, else a child workflow adding fib(n - 1) and fib(n - 2)."""
+    if n < 2:
+        return n
+    child = Workflow(f"fib-{n}")
+    child.output(child.add(add, child.add(fib, n - 1), child.add(fib, n - 2)))
+    return child
+
+
+@task(queue="cpu")
+def counted_fib(ctx: TaskContext, n: int) -> int | Workflow:
+    """fib, counting each execution under its run and task (``test:execs:<run>``) and every call in
+    ``test:fibcalls``, with a short pause so a test can kill the scheduler mid-way."""
+    _count(ctx)
+    _redis().incr("test:fibcalls")
+    time.sleep(0.02)
+    if n < 2:
+        return n
+    child = Workflow(f"cfib-{n}")
+    child.output(child.add(add, child.add(counted_fib, n - 1), child.add(counted_fib, n - 2)))
+    return child
+
+
+@task(queue="cpu")
+def spawn_failing(ctx: TaskContext, message: str) -> Workflow:
+    """Returns a child workflow whose task 'bad' fails with ValueError(message); counted."""
+    _count(ctx)
+    child = Workflow("failing-child")
+    child.add(boom, message, id="bad")
+    return child
+
+
+@task(queue="cpu", retry=RetryPolicy(max_retries=2, backoff=0.05))
+def spawn_flaky_child(ctx: TaskContext) -> Workflow:
+    """Returns a child whose task fails on the first attempt of this task and succeeds after (the task
+    is retried as a whole: a new child run per attempt)."""
+    _count(ctx)
+    child = Workflow("flaky-child")
+    child.output(child.add(maybe_fail, ctx.attempt == 1, id="step"))
+    return child
+
+
+@task(queue="cpu")
+def spawn_slow(ctx: TaskContext, seconds: float, fan: int) -> Workflow:
+    """Returns a child of ``fan`` slow tasks (counted under the child run)."""
+    _count(ctx)
+    child = Workflow("slow-child")
+    for i in range(fan):
+        child.add(slow, seconds, id=f"s{i}")
+    return child
+
+
+@task(queue="cpu")
+def nest(ctx: TaskContext, levels: int) -> int | Workflow:
+    """A chain of child runs ``levels`` deep: each level returns a child running nest(levels - 1)."""
+    if levels <= 0:
+        return 0
+    child = Workflow(f"nest-{levels}")
+    child.add(nest, levels - 1)
+    return child
+
+
+@task(queue="cpu")
+def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -> Workflow:
+    """``levels`` child runs deep, the deepest a fan of ``fan`` slow tasks (``spawn_slow``)."""
+    if levels <= 1:
+        return spawn_slow(ctx, seconds, fan)
+    child = Workflow(f"nested-{levels}")
+    child.add(spawn_slow_nested, seconds, fan, levels - 1, id="down")
+    return child
 
 
 # -- map (issue 16) ---------------------------------------------------------------------------------------

@@ -67,3 +67,15 @@ def test_later_attempts_and_jobs_of_queues_with_a_time_limit_travel_alone():
     assert max(len(m) for m, _ in pack(first, {"cpu": 1})) > 1
     assert {len(m) for m, _ in pack(first, {"cpu": 1}, limited={"cpu"})} == {1}
     assert max(len(m) for m, _ in pack(first, {"cpu": 1}, limited={"io"})) > 1
+
+
+def test_jobs_of_one_tree_of_child_runs_are_packed_together_and_trees_never_mix():
+    """Child runs (issue 16): the many small runs of one recursion share messages; other runs do not."""
+    jobs = [(Job(f"child-{i}", "fib", 1, "m.f", [], {}, family="root-a"), "cpu") for i in range(64)]
+    jobs += [(Job("root-a", f"t{i}", 1, "m.f", [], {}), "cpu") for i in range(8)]
+    jobs += [(Job(f"other-{i}", "fib", 1, "m.f", [], {}, family="root-b"), "cpu") for i in range(64)]
+    messages = pack(jobs, {"cpu": 1})
+    assert max(len(m) for m, _ in messages) > 1, "one tree's runs share messages"
+    for message, _ in messages:
+        assert len({j.family or j.run_id for j in message}) == 1, "a message never mixes two trees"
+    assert sum(len(m) for m, _ in messages) == len(jobs)

@@ -104,6 +104,10 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["n"] = rng.randint(0, 3)
         if rng.random() < 0.5:
             data["tasks"] = rng.sample([*ids, "ghost"], min(2, len(ids) + 1))
+    if rng.random() < 0.2:  # part "cache": a dispatch's cache key, a completion from the cache
+        data["cache_key"] = rng.choice(["k1", "k2"])
+    if rng.random() < 0.2:
+        data.update(cached=True, cached_from="other-run/t0")
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 
