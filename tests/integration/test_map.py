@@ -220,3 +220,35 @@ def test_a_rerun_runs_only_a_maps_failed_element_and_what_follows(cluster: Clust
     events = log_of(cluster.client, run_id)
     assert sum(ev.type is EventType.MAP_EXPANDED for ev in events) == 2
     assert res.tasks["tens"].status is TaskStatus.COMPLETED and res.tasks["tens[3]"].attempts == 2
+
+
+# -- with the other parts of issue 16 ------------------------------------------------------------------
+
+
+def test_map_elements_that_return_workflows_run_as_child_runs(cluster: Cluster) -> None:
+    wf = Workflow("map-fib")
+    fibs = wf.map(tt.fib, wf.add(tt.echo, [1, 5, 8], id="ns"), id="fibs")
+    wf.add(tt.sum_list, fibs, id="total")
+    run_id = cluster.client.submit(wf)
+    res = cluster.client.wait(run_id, timeout=90)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert res.tasks["fibs"].result == [1, 5, 21]  # each element completed with its child's output
+    assert res.results["total"] == 27
+
+
+def test_a_cached_map_computes_each_element_once_across_runs(cluster: Cluster) -> None:
+    labels = [f"map-cache-{time.time_ns()}-{i}" for i in range(3)]
+
+    def submit() -> str:
+        wf = Workflow("map-cache")
+        counted = wf.map(tt.cached_count, wf.add(tt.echo, labels, id="labels"), args=[7], id="counted")
+        wf.add(tt.echo, counted, id="after")
+        return cluster.client.submit(wf)
+
+    first = cluster.client.wait(submit(), timeout=60)
+    second = cluster.client.wait(submit(), timeout=60)
+    assert first.status is second.status is RunStatus.COMPLETED, (first.reason, second.reason)
+    assert second.results["after"] == first.results["after"]
+    assert [r["execution"] for r in second.results["after"]] == [1, 1, 1]
+    assert all(second.tasks[f"counted[{i}]"].cached for i in range(3)), "the elements came from the cache"
+    assert [int(cluster.redis.get(f"test:cache:{label}") or 0) for label in labels] == [1, 1, 1]
