@@ -11,7 +11,8 @@ Redis, a scheduler, one prefork worker with ``--workers`` processes, noop tasks)
   the scheduler; then the clock runs from ``set_limit(key, n)`` that releases them all to the run's end,
   against a plain fan-out of as many noops from submit to end. Ratio: released rate / plain rate (the
   bar is 0.8). Times are the scheduler's, on Redis's clock (stream entry ids: the submit or the
-  LIMIT_SET to the run's end event), without the client's fold of the log. Deciding a held task is O(log n): releasing one is a heap pop, never a scan.
+  LIMIT_SET to the run's end event), without the client's fold of the log. Deciding a held task is
+  O(log n): releasing one is a heap pop, never a scan.
 
 There is no peer row: Celery and Dask have no cluster-wide concurrency keys.
 """

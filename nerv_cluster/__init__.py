@@ -7,7 +7,7 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import NervError, RerunError, RunNotFinishedError
+from nerv_cluster.errors import MapError, NervError, RerunError, RunNotFinishedError
 from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
     Cache,
@@ -38,6 +38,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "MapError",
     "NervError",
     "ParentRef",
     "RateLimit",

@@ -296,6 +296,16 @@ def task_limits(
     return conc, rate
 
 
+def check_map(concurrency: Any) -> None:
+    """WorkflowError for a key template on a map node: its elements' first argument (the element) is
+    not known when the template is bound (a static key, as ``"crm-api"``, holds for every element)."""
+    if isinstance(concurrency, Concurrency) and concurrency.fields:
+        raise WorkflowError(
+            f"map: concurrency key template {concurrency.key!r} names parameters, which a map's elements "
+            "do not bind yet; use a static key (it holds for every element)"
+        )
+
+
 def check_limit(key: Any, limit: Any) -> None:
     """WorkflowError unless ``key`` is a valid concurrency key and ``limit`` a count >= 0 (or None:
     back to the limit the tasks declare)."""
@@ -313,7 +323,7 @@ def check_limit(key: Any, limit: Any) -> None:
 
 #: A held task: (-priority, run submit time, run id, rank in its run, task id, attempt). The heap's
 #: order is the release order: higher priority first, then earlier runs, then the run's own order.
-Held = tuple[int, float, str, int, str, int]
+Held = tuple[int, float, str, float, str, int]
 
 
 class HeldQueue:

@@ -138,6 +138,8 @@ class EventType(StrEnum):
     # at run time (``client.set_limit``; data ``key``, ``limit``), in the cluster-wide limits stream.
     TASK_HELD = "TASK_HELD"
     LIMIT_SET = "LIMIT_SET"
+    # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
+    MAP_EXPANDED = "MAP_EXPANDED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -319,6 +321,10 @@ class TaskDef:
     ``fn`` is the registered name of the function; ``args``/``kwargs`` are JSON where an upstream result
     is written as ``{"__nerv_ref__": task_id}``. ``dependencies`` holds every upstream task id, whether it
     came from a reference in the arguments or was listed explicitly.
+
+    ``over`` makes the task a map node (see :mod:`nerv_cluster.mapping`): what it maps over, a
+    reference marker to a task (or another map) among its dependencies, or a literal JSON list; the
+    task itself never runs, each element of that list becomes a task ``<id>[<i>]`` of its own.
     """
 
     id: str
@@ -345,6 +351,7 @@ class TaskDef:
     #: limit, see :mod:`nerv_cluster.limits`.
     concurrency: Concurrency | None = None
     rate_limit: RateLimit | None = None
+    over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -383,6 +390,8 @@ class TaskDef:
             out["concurrency"] = self.concurrency.to_dict()
         if self.rate_limit is not None:
             out["rate_limit"] = self.rate_limit.to_dict()
+        if self.over is not None:
+            out["over"] = self.over
         return out
 
     @classmethod
@@ -409,6 +418,7 @@ class TaskDef:
             workflow=data.get("workflow"),
             concurrency=Concurrency.from_dict(data["concurrency"]) if data.get("concurrency") else None,
             rate_limit=RateLimit.from_dict(data["rate_limit"]) if data.get("rate_limit") else None,
+            over=data.get("over"),
         )
 
 
