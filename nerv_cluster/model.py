@@ -134,7 +134,7 @@ class EventType(StrEnum):
     TASK_SPAWNED = "TASK_SPAWNED"
     CHILD_STARTED = "CHILD_STARTED"
     # Limits (issue 11, part "limits"; see nerv_cluster/limits.py): a READY task the scheduler holds
-    # back for a concurrency key or a rate limit (data: ``reason``, ``key``/``rate``), and a limit set
+    # back for a concurrency key or a rate limit (data: ``reason``), and a limit set
     # at run time (``client.set_limit``; data ``key``, ``limit``), in the cluster-wide limits stream.
     TASK_HELD = "TASK_HELD"
     LIMIT_SET = "LIMIT_SET"

@@ -264,7 +264,8 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
     if old.held and (new.status is not TaskStatus.READY or new.dispatched):
         # Released (dispatched) or ended (cancelled, skipped by a rerun): no longer held.
         changes["held"] = changes.pop("held", run.held).discard(tid)
-        new = new._replace(held=False)
+        # The hold's reason goes with it (an ending keeps the reason it brings).
+        new = new._replace(held=False, reason="" if new.reason == old.reason else new.reason)
     was_queued = old.status is TaskStatus.READY and old.dispatched
     is_queued = new.status is TaskStatus.READY and new.dispatched
     if was_queued != is_queued:
