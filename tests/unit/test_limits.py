@@ -170,7 +170,8 @@ class Driver:
             self.fold(out.events)
             written += out.events
             self.jobs += [(job.run_id, job.task_id) for job, _ in out.jobs]
-            touched = self.gate.release(self.now, self.state)
+            # As the scheduler does: runs its events touched are decided again (a map's elements).
+            touched = {e.run_id for e in out.events} | self.gate.release(self.now, self.state)
         return written
 
     def run(self, rid: str) -> st.RunState:
@@ -369,3 +370,19 @@ def test_task_held_is_idempotent_and_ignored_for_stale_attempts() -> None:
     dispatched = st.fold([ev(E.TASK_DISPATCHED, "t0", 1, run_id="r1", slot="api")], once)
     run = dispatched.runs["r1"]
     assert "t0" not in run.held and run.tasks["t0"].slot == "api" and not run.tasks["t0"].held
+
+
+def test_a_maps_elements_share_its_static_key() -> None:
+    reg = _registry()
+
+    @task(registry=reg, name="t.each", concurrency=Concurrency("each", 2))
+    def each(x: int) -> int:
+        return x
+
+    wf = Workflow("mapped", registry=reg)
+    wf.map(each, list(range(6)), id="m")
+    d = Driver()
+    d.fold([submitted(wf.definition(), "r1")])
+    d.step()
+    assert d.gate.in_use("each") == 2 and d.gate.held("each") == 4
+    assert all(tid.startswith("m[") for _, tid in d.jobs)
