@@ -277,6 +277,9 @@ def submit(
     refresh_cache: bool = typer.Option(
         False, "--refresh-cache", help="Cached tasks compute; their results replace the cached ones."
     ),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="The same key gives the same run (while it is retained)."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Submit the workflow a Python file defines and print its run id.
@@ -291,7 +294,7 @@ def submit(
         # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
         wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
-        run_id = client.submit(wf, refresh_cache=refresh_cache)
+        run_id = client.submit(wf, refresh_cache=refresh_cache, idempotency_key=idempotency_key)
     except NervError:
         client.close()
         raise

@@ -13,12 +13,14 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from nerv_cluster import idempotency
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
 from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.caching import REFRESH_META
 from nerv_cluster.errors import (
+    IdempotencyKeyError,
     PayloadTooLargeError,
     RunMovedError,
     RunNotFinishedError,
@@ -100,8 +102,14 @@ class Client:
         run_id: str | None = None,
         check_names: bool = True,
         refresh_cache: bool = False,
+        idempotency_key: str | None = None,
     ) -> str:
         """Validate and submit a workflow; returns the run id at once.
+
+        ``idempotency_key``: the same key gives the same run. The run id derives from the key, and while
+        that run is retained (until its retention time after it ended) submitting under the key again
+        returns its id and writes nothing, whatever the workflow; two clients submitting one key at once
+        get one run (see :mod:`nerv_cluster.idempotency`). Not together with ``run_id``.
 
         ``refresh_cache``: the run's cached tasks (``cache=Cache(...)``) skip the cache and compute,
         and their results replace the stored entries.
@@ -111,6 +119,10 @@ class Client:
         an oversized payload or submission, too many tasks, or (with
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
+        if idempotency_key is not None:
+            if run_id is not None:
+                raise IdempotencyKeyError("give run_id or idempotency_key, not both")
+            run_id = idempotency.run_id_for_key(idempotency_key)
         definition = workflow.definition()
         if refresh_cache:
             definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
@@ -144,7 +156,9 @@ class Client:
                 f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "
                 f"{self.settings.max_submission_bytes} (NERV_MAX_SUBMISSION_BYTES)"
             )
-        self.log.submit(event)
+        # Under a key the script's existence check is the claim: the second of two racing submitters
+        # finds the first one's run and returns its id.
+        self.log.submit(event, existing_ok=idempotency_key is not None)
         return run_id
 
     def clear_cache(self, task: TaskFunction | str | None = None) -> int:
