@@ -28,6 +28,7 @@ from nerv_cluster.errors import (
 )
 from nerv_cluster.logs import setup_logging
 from nerv_cluster.model import RunStatus
+from nerv_cluster.schedule_cli import schedule_app
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, RunState, run_result
 from nerv_cluster.workflow import Workflow, nested_tasks
@@ -349,6 +350,8 @@ def cancel(
         client.close()
     console.print(f"cancel requested for [bold]{run_id}[/] (follow it with `nerv watch {run_id}`)")
 
+
+app.add_typer(schedule_app, name="schedule")  # idem (issue 11): nerv schedule add|list|...
 
 cache_app = typer.Typer(no_args_is_help=True, help="The result cache of tasks with cache=Cache(...).")
 app.add_typer(cache_app, name="cache")
