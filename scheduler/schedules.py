@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nerv_cluster import constants
 from nerv_cluster import state as st
@@ -108,9 +108,10 @@ class ScheduleRoom:
                 names.append(name)
         return names
 
-    def act(self, now: float, state: st.State, token: str, source: str) -> list[Event]:
-        """Decide for every schedule due by ``now``; write the fires and skips (fenced), fold them; the
-        submissions of the runs created, for the scheduler to fold into its state."""
+    def act(self, now: float, state: st.State, token: Callable[[], str], source: str) -> list[Event]:
+        """Decide for every schedule due by ``now``; write the fires and skips (fenced by ``token()``, read
+        only when there is something to write), fold them; the submissions of the runs created, for the
+        scheduler to fold into its state."""
         fires: list[Fire] = []
         notes: list[Event] = []
         for name in self._pop_due(now):
@@ -134,7 +135,8 @@ class ScheduleRoom:
                 self._wake(name, turn.next_at)
         if not fires and not notes:
             return []
-        created = self.store.fire(token, fires, notes)
+        fence = token()
+        created = self.store.fire(fence, fires, notes)
         for _, fired in fires:
             self.schedules = apply_schedule(self.schedules, fired)
         for note in notes:
@@ -148,7 +150,7 @@ class ScheduleRoom:
             log.info("schedule %r fired %s%s", fired.data["name"], sub.run_id, "" if made else " (existed)")
             if made:
                 out.append(sub)
-        self._maybe_compact(token, source, now)
+        self._maybe_compact(fence, source, now)
         return out
 
     def _maybe_compact(self, token: str, source: str, now: float) -> None:

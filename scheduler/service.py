@@ -213,7 +213,7 @@ class SchedulerService:
         now = self.clock()
         self._touched |= self.timers.release(now)
         self.schedules.observe((ev for _, ev in entries), now)
-        fired = self.schedules.act(now, self.state, self.effects.token(), self.source)
+        fired = self.schedules.act(now, self.state, self.effects.token, self.source)
         if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
             self.state = st.fold(fired, self.state)
             self._touched.update(ev.run_id for ev in fired)

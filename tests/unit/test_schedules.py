@@ -351,14 +351,14 @@ def test_the_room_fires_each_slot_once_and_keeps_the_stream_bounded() -> None:
     for _ in range(500):
         now += 1.0
         assert room.next_due() is not None and room.next_due() <= now
-        created += [ev.run_id for ev in room.act(now, st.EMPTY, "tok", "scheduler:tok")]
+        created += [ev.run_id for ev in room.act(now, st.EMPTY, lambda: "tok", "scheduler:tok")]
     assert created == [fire_run_id("nightly", 101.0 + i) for i in range(500)]
     assert len(store.entries) <= constants.SCHEDULES_COMPACT_PER_SCHEDULE + 64 + 1
     assert any(e.type is E.SCHEDULES_SNAPSHOT for _, e in store.entries)
     # A new leader refolds the compacted stream and goes on from the last slot: nothing fires twice.
     again = ScheduleRoom(store)  # type: ignore[arg-type]
     again.reload(now)
-    assert again.act(now, st.EMPTY, "tok2", "scheduler:tok2") == []
+    assert again.act(now, st.EMPTY, lambda: "tok2", "scheduler:tok2") == []
     assert fold_schedules(store.read()[0])["nightly"].fired == 500
 
 
@@ -367,10 +367,10 @@ def test_a_new_leader_that_repeats_an_unrecorded_fire_creates_no_second_run() ->
     store.command(cmd(E.SCHEDULE_SET, spec=spec(every=1.0).to_dict(), at=100.0))
     room = ScheduleRoom(store)  # type: ignore[arg-type]
     room.reload(101.0)
-    (sub,) = room.act(101.0, st.EMPTY, "tok", "s")
+    (sub,) = room.act(101.0, st.EMPTY, lambda: "tok", "s")
     store.entries.pop()  # as if the record were lost: the run exists, the stream does not say so
     again = ScheduleRoom(store)  # type: ignore[arg-type]
     again.reload(101.5)
-    assert again.act(101.5, st.EMPTY, "tok2", "s") == []  # the run existed: not created again
+    assert again.act(101.5, st.EMPTY, lambda: "tok2", "s") == []  # the run existed: not created again
     assert fold_schedules(store.read()[0])["nightly"].since == 101.0
     assert sub.run_id in store.runs
