@@ -16,7 +16,10 @@ from typer.testing import CliRunner
 
 from nerv_cluster import EventType, RunStatus
 from nerv_cluster.cli import app
-from nerv_cluster.errors import ScheduleError, ScheduleNotFoundError
+from nerv_cluster.constants import Keys
+from nerv_cluster.errors import LeaseLostError, ScheduleError, ScheduleNotFoundError
+from nerv_cluster.model import Event
+from nerv_cluster.schedules import ScheduleSpec, event_run_id, fold_schedules
 from nerv_cluster.schedulestore import ScheduleStore
 from tests.integration.cluster import Cluster
 
@@ -179,3 +182,49 @@ def test_nerv_schedule_cli_and_bad_definitions(cluster: Cluster) -> None:
     with pytest.raises(ScheduleError):
         cluster.client.schedule("bad", "nerv_testtasks.no_such_task", every=1.0)
     assert len(_stream(cluster)) == n, "nothing was written"
+
+
+def test_the_fire_and_compact_scripts_are_fenced_and_refuse_a_moved_stream(cluster: Cluster) -> None:
+    keys = Keys("nerv-test-schedule-scripts")
+    store = ScheduleStore(cluster.redis, keys)
+    for k in (keys.schedules, keys.lease, keys.active, keys.runs, keys.log("nightly.1000")):
+        cluster.redis.delete(k)
+    cluster.redis.set(keys.lease, "tok")
+    spec = ScheduleSpec("nightly", "nerv_testtasks.scheduled", every=1.0)
+    set_ev = Event(EventType.SCHEDULE_SET, event_run_id("nightly"), data={"spec": spec.to_dict(), "at": 0.5})
+    store.command(set_ev)
+    sub = Event(EventType.WORKFLOW_SUBMITTED, "nightly.1000", data={"workflow": {}}, ts=1.0)
+    fired = Event(
+        EventType.SCHEDULE_FIRED,
+        event_run_id("nightly"),
+        data={"name": "nightly", "slot": 1.0, "run": sub.run_id},
+    )
+    with pytest.raises(LeaseLostError):
+        store.fire("other", [(sub, fired)])
+    assert store.fire("tok", [(sub, fired)]) == [True]
+    assert store.fire("tok", [(sub, fired)]) == [False], "a run of that id exists: not created again"
+    assert cluster.redis.xlen(keys.log(sub.run_id)) == 1 and cluster.redis.sismember(keys.active, sub.run_id)
+    events, last = store.read()
+    snapshot = Event(
+        EventType.SCHEDULES_SNAPSHOT,
+        event_run_id("*"),
+        data={"schedules": [s.to_dict() for s in fold_schedules(events).values()]},
+    )
+    store.command(
+        Event(EventType.SCHEDULE_PAUSED, event_run_id("nightly"), data={"name": "nightly", "at": 2.0})
+    )
+    assert not store.compact("tok", last, snapshot), "a command came after the fold: no compaction"
+    events, last = store.read()
+    with pytest.raises(LeaseLostError):
+        store.compact("other", last, snapshot)
+    snapshot = Event(
+        EventType.SCHEDULES_SNAPSHOT,
+        event_run_id("*"),
+        data={"schedules": [s.to_dict() for s in fold_schedules(events).values()]},
+    )
+    assert store.compact("tok", last, snapshot)
+    after, _ = store.read()
+    assert [e.type for e in after] == [EventType.SCHEDULES_SNAPSHOT]
+    assert fold_schedules(after) == fold_schedules(events)
+    # The second record of the same slot folded to nothing: one fire.
+    assert fold_schedules(after)["nightly"].paused and fold_schedules(after)["nightly"].fired == 1
