@@ -9,6 +9,7 @@ from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
     IdempotencyKeyError,
+    MapError,
     NervError,
     RerunError,
     RunNotFinishedError,
@@ -45,6 +46,7 @@ __all__ = [
     "EventBus",
     "EventType",
     "IdempotencyKeyError",
+    "MapError",
     "NervError",
     "ParentRef",
     "RerunError",

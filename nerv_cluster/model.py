@@ -132,6 +132,8 @@ class EventType(StrEnum):
     # its run id). See nerv_cluster/children.py.
     TASK_SPAWNED = "TASK_SPAWNED"
     CHILD_STARTED = "CHILD_STARTED"
+    # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
+    MAP_EXPANDED = "MAP_EXPANDED"
     # idem (issue 11, part 5): schedules, in the cluster-wide schedules stream (see
     # nerv_cluster/schedules.py; their run id is ``schedule:<name>``, which no run has). Clients write
     # SET (data: spec, at), PAUSED / RESUMED (name, at), TRIGGERED (name, at), DELETED (name); the
@@ -325,6 +327,10 @@ class TaskDef:
     ``fn`` is the registered name of the function; ``args``/``kwargs`` are JSON where an upstream result
     is written as ``{"__nerv_ref__": task_id}``. ``dependencies`` holds every upstream task id, whether it
     came from a reference in the arguments or was listed explicitly.
+
+    ``over`` makes the task a map node (see :mod:`nerv_cluster.mapping`): what it maps over, a
+    reference marker to a task (or another map) among its dependencies, or a literal JSON list; the
+    task itself never runs, each element of that list becomes a task ``<id>[<i>]`` of its own.
     """
 
     id: str
@@ -347,6 +353,7 @@ class TaskDef:
     #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
     #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
     workflow: Mapping[str, Any] | None = None
+    over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -381,6 +388,8 @@ class TaskDef:
             out["cache"] = self.cache.to_dict()
         if self.workflow is not None:
             out["workflow"] = self.workflow
+        if self.over is not None:
+            out["over"] = self.over
         return out
 
     @classmethod
@@ -405,6 +414,7 @@ class TaskDef:
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
             workflow=data.get("workflow"),
+            over=data.get("over"),
         )
 
 
