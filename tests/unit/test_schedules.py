@@ -374,3 +374,23 @@ def test_a_new_leader_that_repeats_an_unrecorded_fire_creates_no_second_run() ->
     assert again.act(101.5, st.EMPTY, lambda: "tok2", "s") == []  # the run existed: not created again
     assert fold_schedules(store.read()[0])["nightly"].since == 101.0
     assert sub.run_id in store.runs
+
+
+def test_a_schedule_that_cannot_be_built_never_stops_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.schedules as room_module
+
+    real = room_module.fire_definition
+
+    def broken(s: ScheduleSpec, slot: float, trigger: str | None = None) -> WorkflowDef:
+        if s.name == "bad":
+            raise RuntimeError("a bug")
+        return real(s, slot, trigger)
+
+    monkeypatch.setattr(room_module, "fire_definition", broken)
+    store = FakeStore()
+    for name in ("bad", "good"):
+        store.command(cmd(E.SCHEDULE_SET, name=name, spec=spec(name=name, every=1.0).to_dict(), at=100.0))
+    room = ScheduleRoom(store)  # type: ignore[arg-type]
+    room.reload(101.0)
+    assert [ev.run_id for ev in room.act(101.0, st.EMPTY, lambda: "tok", "s")] == [fire_run_id("good", 101.0)]
+    assert room.next_due() == 102.0
