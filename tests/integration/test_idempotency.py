@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import nerv_testtasks as tt
 import pytest
+from typer.testing import CliRunner
 
 from nerv_cluster import RunStatus, Workflow
+from nerv_cluster.cli import app
 from nerv_cluster.errors import IdempotencyKeyError
 from nerv_cluster.idempotency import run_id_for_key
 from tests.integration.cluster import Cluster
@@ -69,3 +72,20 @@ def test_bad_keys_are_refused_before_anything_is_written(cluster: Cluster) -> No
     with pytest.raises(IdempotencyKeyError):
         cluster.client.submit(_wf(1), idempotency_key="k", run_id="r")
     assert cluster.redis.zcard(cluster.client.keys.runs) == before
+
+
+def test_nerv_submit_with_an_idempotency_key_prints_the_same_run(cluster: Cluster, tmp_path: Path) -> None:
+    flow = tmp_path / "idem_flow.py"
+    flow.write_text(
+        "import nerv_testtasks as tt\nfrom nerv_cluster import Workflow\n"
+        "workflow = Workflow('idem-cli')\nworkflow.add(tt.counted, 7, id='only')\n"
+    )
+    env = {"NERV_REDIS_URL": cluster.client.settings.redis_url}
+    args = ["submit", str(flow), "--idempotency-key", "cli-key"]
+    first = CliRunner().invoke(app, args, env=env)
+    second = CliRunner().invoke(app, args, env=env)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    run_id = first.output.strip()
+    assert second.output.strip() == run_id == run_id_for_key("cli-key")
+    assert cluster.client.wait(run_id, timeout=60).status is RunStatus.COMPLETED
+    assert cluster.execs(run_id) == {"only": 1}
