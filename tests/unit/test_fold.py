@@ -108,6 +108,8 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["cache_key"] = rng.choice(["k1", "k2"])
     if rng.random() < 0.2:
         data.update(cached=True, cached_from="other-run/t0")
+    if rng.random() < 0.2:  # idem (issue 11): schedule events' fields (they never change a run)
+        data.update(name="nightly", slot=now, upto=now, run=run_id, at=now)
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 
