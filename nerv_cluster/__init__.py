@@ -7,7 +7,15 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import MapError, NervError, RerunError, RunNotFinishedError
+from nerv_cluster.errors import (
+    IdempotencyKeyError,
+    MapError,
+    NervError,
+    RerunError,
+    RunNotFinishedError,
+    ScheduleError,
+    ScheduleNotFoundError,
+)
 from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
     Cache,
@@ -25,6 +33,7 @@ from nerv_cluster.model import (
     WorkflowDef,
 )
 from nerv_cluster.registry import TaskContext, TaskFunction, task
+from nerv_cluster.schedules import Schedule, ScheduleSpec
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, StateProjector
 from nerv_cluster.workflow import TaskHandle, Workflow
@@ -38,6 +47,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "IdempotencyKeyError",
     "MapError",
     "NervError",
     "ParentRef",
@@ -47,6 +57,10 @@ __all__ = [
     "RunNotFinishedError",
     "RunResult",
     "RunStatus",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleNotFoundError",
+    "ScheduleSpec",
     "Settings",
     "StateProjector",
     "TaskContext",
