@@ -123,3 +123,39 @@ def test_a_child_run_gone_meanwhile_gives_the_task_a_new_attempt(cluster: Cluste
     assert c.execs(new) == {"ok": 1, "bad": 1}
     assert res.results["t"] == "bad fixed"
     assert res.tasks["t"].attempts == 3  # 1: the failed child; 2: its rerun, refused; 3: the new one
+
+
+def test_a_crash_between_the_childs_rerun_and_its_record_reruns_it_once(own_cluster: Cluster) -> None:
+    """The room itself, the scheduler killed between its two writes: the child's rerun is in its log,
+    the parent's CHILD_STARTED is not. A new leader (a fresh room over runs loaded from the logs)
+    finds the child rerun already and only records it; the run then completes, nothing run twice."""
+    from pyrsistent import pmap
+
+    from nerv_cluster import children
+    from nerv_cluster import state as st
+    from scheduler.child_reruns import ChildReruns
+    from scheduler.takeover import load_runs
+
+    c = own_cluster
+    sched = c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 2)
+    flag = uuid.uuid4().hex
+    run_id, chain = _failed_tree(c, flag, levels=1)
+    c.redis.set(f"test:flag:{flag}", 1)
+    c.kill(sched, signal.SIGKILL)
+    c.client.rerun(run_id)
+    k, log = c.client.keys, c.client.log
+    c.redis.set(k.lease, "9-test")  # as the leader that is about to die
+    for round_ in range(2):
+        loaded = load_runs(log, [run_id])
+        parent = loaded.runs[run_id]
+        intents = children.child_reruns(parent)
+        assert [(i.child_id, i.parent.task_id, i.parent.attempt) for i in intents] == [(chain[0], "t", 2)]
+        recorded = ChildReruns(log).act(intents, st.State(runs=pmap(loaded.runs)), "9-test", 1.0, "test")
+        # Each round records CHILD_STARTED (written by neither: the leader dies first); one rerun in all.
+        assert [(e.type, e.data["child"]) for e in recorded] == [(EventType.CHILD_STARTED, chain[0])], round_
+        assert [r["parent_attempt"] for r in _reruns_in(c, chain[0])] == [2], round_
+    c.redis.delete(k.lease)
+    c.scheduler()
+    _check_rerun(c, run_id, chain)
