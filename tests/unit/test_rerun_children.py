@@ -158,11 +158,8 @@ def test_the_function_runs_again_when_its_arguments_may_change_or_it_completed()
     ts = named.tasks["p"]
     assert (ts.status, ts.spawn, ts.child) == (TaskStatus.PENDING, None, None) and not named.spawning
     # A completed task with a child, named: it runs again, it is not rerun from its child.
-    done = parent_log[:-3] + [
-        ev(E.TASK_COMPLETED, "p", 1, result=1),
-        *completes("q"),
-        ev(E.WORKFLOW_COMPLETED),
-    ]
+    done = [*parent_log[:-3], ev(E.TASK_COMPLETED, "p", 1, result=1), *completes("q")]
+    done.append(ev(E.WORKFLOW_COMPLETED))
     run = _fold(done)
     assert run.tasks["p"].child is not None
     again = _fold([_rerun(run, tasks=["p"])], run)
