@@ -16,6 +16,9 @@ The life of a child run, every step an event (so a refold rebuilds the same grap
    retry policy; a retried task starts a new child, as the attempt is part of the child's id.
 5. Cancelling a run cancels the child runs of its unfinished tasks (WORKFLOW_CANCEL_REQUESTED into
    each), and so on down.
+6. A rerun of the parent run reruns the failed child run of a task instead of calling the task again
+   (same child id: its completed tasks keep their results), recursively; see "rerun" below and
+   ``scheduler/child_reruns.py``.
 
 Invariants: a child's run id is a pure function of its parent attempt (:func:`child_run_id`), and
 ``spawn.lua`` creates it at most once (the parent's outcomes hash records the creation), so no crash

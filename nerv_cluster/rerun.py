@@ -17,11 +17,12 @@ Without task ids the selection is every task that did not complete (FAILED, CANC
 whatever a run failed by the scheduler left unfinished); with task ids it is those tasks and all their
 descendants, whatever their status.
 
-Run-time tasks hook in through :data:`HOOKS` (a map's elements, a task waiting for its child run): a
-:class:`Hook` can widen the selection (naming a map reruns its elements; rerunning an element reruns
-its map node) and choose a task's state after the reset (a map node goes back to waiting for its
-elements instead of being expanded again; a task whose child run failed waits for that child, rerun,
-instead of starting a new one).
+Run-time tasks hook in through :data:`HOOKS` (:class:`MapHook`: a map's elements; :class:`ChildHook`:
+a task waiting for its child run): a :class:`Hook` can widen the selection (naming a map reruns its
+elements; rerunning an element reruns its map node) and choose a task's state after the reset (a map
+node goes back to waiting for its elements instead of being expanded again; a task whose child run
+failed waits for that child, rerun, instead of starting a new one), and take what a request's data
+says for its kind (a child run rerun for its parent: the parent's new attempt).
 """
 
 from __future__ import annotations

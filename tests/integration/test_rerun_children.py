@@ -110,9 +110,11 @@ def test_a_child_run_gone_meanwhile_gives_the_task_a_new_attempt(cluster: Cluste
     c = cluster
     flag = uuid.uuid4().hex
     run_id, chain = _failed_tree(c, flag, levels=1)
-    # As its retention time would: the child's keys are gone.
+    # As its retention time would: the child's keys are gone, and the runs index forgot it.
     k = c.client.keys
-    c.redis.delete(k.log(chain[0]), k.checkpoint(chain[0]), k.outcomes(chain[0]), k.reruns(chain[0]))
+    c.redis.delete(*k.run_keys(chain[0]))
+    c.redis.zrem(k.runs, chain[0])
+    assert not c.redis.exists(k.log(chain[0]))
     c.redis.set(f"test:flag:{flag}", 1)
     c.client.rerun(run_id)
     res = c.client.wait(run_id, timeout=60)
