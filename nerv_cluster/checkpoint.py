@@ -46,6 +46,7 @@ _PLAIN = (
     "submitted_bytes",
     "reruns",
     "cached",
+    "parent_attempt",
 )
 
 
@@ -117,6 +118,7 @@ def decode(data: dict[str, Any]) -> RunState:
         submitted_bytes=int(data.get("submitted_bytes", 0)),
         reruns=int(data.get("reruns", 0)),
         cached=int(data.get("cached", 0)),
+        parent_attempt=int(data.get("parent_attempt", 0)),
     )
     run = _regrow(run, data["maps"], rows, tasks)
     for tid in rows:

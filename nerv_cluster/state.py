@@ -187,8 +187,12 @@ class RunState(NamedTuple):
     reruns: int = 0
     #: Tasks completed from the cache (for progress).
     cached: int = 0
-    #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create.
+    #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create
+    #: (or, after a rerun, whose failed child run it has yet to rerun: see :mod:`nerv_cluster.children`).
     spawning: IdSet = _NO_TASKS
+    #: A child run rerun for a rerun of its parent task: the parent attempt its end is for now (0: the
+    #: one its definition names). See :func:`parent_of`.
+    parent_attempt: int = 0
 
     @property
     def name(self) -> str:
@@ -495,6 +499,8 @@ def _again(run: RunState, ev: Event) -> RunState:
         # attempt was only claimed in a batch: see TaskState.batch).
         lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING and ev.data.get("counted", True) else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
+        # A new attempt that is no retry (a child run a rerun could not rerun): its round starts there.
+        first=int(ev.data.get("next_attempt", ts.attempt + 1)) if ev.data.get("fresh") is True else ts.first,
         dispatched=False,
         due_at=_due_at(ev),
         error=TaskError.from_dict(err) if err else ts.error,
@@ -1016,10 +1022,19 @@ def run_result(run: RunState) -> RunResult:
         submitted_at=run.submitted_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        parent=run.definition.parent,
+        parent=parent_of(run),
         depth=run.definition.depth,
         output=run_output(run),
     )
+
+
+def parent_of(run: RunState) -> ParentRef | None:
+    """The task attempt a child run belongs to now: its definition's, with the attempt a rerun of the
+    parent task moved it to (``RunState.parent_attempt``); None for a run without a parent."""
+    ref = run.definition.parent
+    if ref is None or not run.parent_attempt:
+        return ref
+    return ParentRef(ref.run_id, ref.task_id, run.parent_attempt)
 
 
 def sinks(run: RunState) -> list[str]:

@@ -77,6 +77,8 @@ class Decisions:
     cancels: list[Event] = field(default_factory=list)
     #: Child runs to create (after ``events`` are written), see :mod:`nerv_cluster.children`.
     spawns: list[children.Spawn] = field(default_factory=list)
+    #: Child runs to rerun for their parent tasks (a rerun of the parent), see ``scheduler.child_reruns``.
+    child_reruns: list[children.ChildRerun] = field(default_factory=list)
 
     def cancelled_attempts(self) -> list[tuple[str, str, int]]:
         """(run, task, attempt) of each of ``cancels``, whose outcome slots the scheduler takes."""
@@ -91,6 +93,7 @@ class Decisions:
         self.finished.extend(other.finished)
         self.cancels.extend(other.cancels)
         self.spawns.extend(other.spawns)
+        self.child_reruns.extend(other.child_reruns)
 
 
 #: Outcomes a worker records that end its task: an attempt that has one keeps it over a cancel.
@@ -346,6 +349,7 @@ def decide(
         out.events.append(mapping.end_event(run, tid, now, source))
     if run.spawning:
         out.spawns.extend(children.spawns(run, limits.max_child_depth, now, source, out.events))
+        out.child_reruns.extend(children.child_reruns(run))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED

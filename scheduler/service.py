@@ -37,6 +37,7 @@ from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
 from scheduler.caching import CacheRoom, import_modules
+from scheduler.child_reruns import ChildReruns
 from scheduler.circuit_watch import CircuitWatch
 from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cancels
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
@@ -88,6 +89,7 @@ class SchedulerService:
         self.circuits = CircuitWatch()
         self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys))
         self.watchdog = Watchdog(log, settings)
+        self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
         self.checkpointer = checkpointer.Checkpointer(
@@ -138,6 +140,7 @@ class SchedulerService:
         self.timers.clear()
         self.matcher.clear()
         self.outbox.clear()
+        self.child_reruns.clear()
         resend = takeover.in_flight_jobs(self.state)
         self.outbox.add(resend)
         self.leader_since = time.time()
@@ -176,6 +179,7 @@ class SchedulerService:
         self.timers.clear()
         self.schedules.clear()
         self.caching.clear()
+        self.child_reruns.clear()
         self.checkpointer.reset({})
         self.leader_since = None
 
@@ -205,6 +209,7 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
+        self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self._read_at = time.monotonic()
         if entries:
@@ -287,6 +292,7 @@ class SchedulerService:
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.child_reruns.ended(events)
             self._touched |= self.caching.observe(events, self.state)
         if cache is not None:
             self._touched |= cache.missing
@@ -294,6 +300,14 @@ class SchedulerService:
             spawned = self.effects.spawn(out.spawns, self.state, now)
             self.state = st.fold(spawned, self.state)
             self._touched.update(ev.run_id for ev in spawned)
+        if out.child_reruns:  # a rerun of their parents: after the events, as spawns (see the room)
+            recorded = self.child_reruns.act(
+                out.child_reruns, self.state, self.effects.token(), now, self.source
+            )
+            if recorded:
+                self.effects.write(recorded)
+                self.state = st.fold(recorded, self.state)
+                self._touched.update(ev.run_id for ev in recorded)
         if out.revoke:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)
