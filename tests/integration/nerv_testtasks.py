@@ -412,6 +412,8 @@ def scheduled_body(label: str, slot: float, seconds: float) -> float:
     finally:
         r.decr(f"test:sched:{label}:running")
     return slot
+
+
 # -- rerun of child runs (issue 16 part 4, "child runs likewise") ------------------------------------------
 
 
