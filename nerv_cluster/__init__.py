@@ -7,7 +7,15 @@ The public API::
 
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
-from nerv_cluster.errors import NervError, RerunError, RunNotFinishedError
+from nerv_cluster.errors import (
+    NervError,
+    RerunError,
+    RunFinishedError,
+    RunNotFinishedError,
+    SignalError,
+    TaskTimeoutError,
+    UnknownSignalError,
+)
 from nerv_cluster.model import (
     Cache,
     Event,
@@ -40,10 +48,12 @@ __all__ = [
     "ParentRef",
     "RerunError",
     "RetryPolicy",
+    "RunFinishedError",
     "RunNotFinishedError",
     "RunResult",
     "RunStatus",
     "Settings",
+    "SignalError",
     "StateProjector",
     "TaskContext",
     "TaskDef",
@@ -53,7 +63,9 @@ __all__ = [
     "TaskPriority",
     "TaskResult",
     "TaskStatus",
+    "TaskTimeoutError",
     "TriggerRule",
+    "UnknownSignalError",
     "Workflow",
     "WorkflowDef",
     "__version__",

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import children, constants
+from nerv_cluster import children, constants, waits
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
@@ -271,6 +271,8 @@ def decide(
                 source=source,
             )
         )
+    for tid in run.woken:  # durable waits whose signal arrived: complete them with its payload
+        out.events.append(waits.wake(run, tid, now, source))
     if run.ready:
         rank = run.plan.rank
         for tid in sorted(run.ready, key=rank.__getitem__):
@@ -281,6 +283,9 @@ def decide(
             td = run.defs[tid]
             if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
                 out.events.append(children.static_spawn(run, tid, ts, now, source))
+                continue
+            if td.wait is not None:  # a durable wait: WAITING in the scheduler's state, no worker
+                out.events.append(waits.enter(run, tid, ts.attempt, now, source))
                 continue
             cache_key = None
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing

@@ -9,6 +9,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, with the pack-hold;
 - :mod:`scheduler.handoff_match`: waiting workers matched with the dependents they ready;
 - :mod:`scheduler.timers`: due times (retry delays);
+- :mod:`scheduler.waits`: deadlines of durable waits (``wait_for`` timeouts, sleeps);
 - :mod:`scheduler.circuit_watch`: workers' outcomes fed to the circuit breakers;
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
@@ -43,6 +44,7 @@ from scheduler.handoff_match import HandoffMatcher
 from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
 from scheduler.timers import Timers
+from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
 
 log = logging.getLogger("nerv.scheduler")
@@ -81,6 +83,7 @@ class SchedulerService:
         limited = [q for q in constants.QUEUES if queue_time_limit(settings, q)]
         self.outbox = Outbox(log, dispatcher, self._sent, limited)
         self.timers = Timers()
+        self.waits = WaitRoom()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
         self.watchdog = Watchdog(log, settings)
@@ -131,6 +134,7 @@ class SchedulerService:
         self.circuits.reload(self.log)
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
+        self.waits.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
         resend = takeover.in_flight_jobs(self.state)
@@ -169,6 +173,7 @@ class SchedulerService:
         self.outbox.clear()
         self.matcher.clear()
         self.timers.clear()
+        self.waits.clear()
         self.caching.clear()
         self.checkpointer.reset({})
         self.leader_since = None
@@ -180,7 +185,7 @@ class SchedulerService:
         self._flush()
         now = self.clock()
         block = self.settings.block_ms
-        due = self.timers.next_due()
+        due = min((d for d in (self.timers.next_due(), self.waits.next_due()) if d is not None), default=None)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
@@ -205,6 +210,7 @@ class SchedulerService:
         self.effects.record_circuits(self.circuits.observe(entries, self.state, self.source))
         now = self.clock()
         self._touched |= self.timers.release(now)
+        self._expire_waits(now)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
             self._sweep(now)
@@ -215,6 +221,16 @@ class SchedulerService:
             self._since_trim = 0
         self.progress.step_done()
         return len(entries)
+
+    def _expire_waits(self, now: float) -> None:
+        """End the durable waits whose deadline passed (see :mod:`scheduler.waits`), fenced."""
+        events = self.waits.expired(now, self.state, self.source)
+        if events:
+            self.effects.write(events)
+            self.state = st.fold(events, self.state)
+            self.metrics.on_decided(events)
+            self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.caching.observe(events, self.state)
 
     def _sweep(self, now: float) -> None:
         """The periodic look around: metrics, capacity, the watchdog's verdicts."""
@@ -274,6 +290,7 @@ class SchedulerService:
                 self._sent(taken)
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
+            self.waits.observe(events, self.state)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
         if cache is not None:
