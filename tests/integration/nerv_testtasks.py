@@ -323,3 +323,13 @@ def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -
     child = Workflow(f"nested-{levels}")
     child.add(spawn_slow_nested, seconds, fan, levels - 1, id="down")
     return child
+
+
+# -- durable waits (issue 11, part "waits") -----------------------------------------------------------------
+
+
+@task(queue="io")
+def deploy(ctx: TaskContext, approval: Any) -> dict[str, Any]:
+    """Count this execution; return the approval (a signal's payload) it was given."""
+    _count(ctx)
+    return {"deployed": True, "approval": approval}
