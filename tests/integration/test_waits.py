@@ -15,9 +15,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import nerv_testtasks as tt
 import pytest
 
-import nerv_testtasks as tt
 from nerv_cluster import Client, Workflow
 from nerv_cluster.errors import (
     PayloadTooLargeError,
