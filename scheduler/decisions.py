@@ -194,8 +194,8 @@ def readies_successor(run: RunState, tid: str) -> bool:
     tasks, defs = run.tasks, run.defs
     for child in run.plan.dependents[tid]:
         cs, cd = tasks[child], defs[child]
-        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING:
-            continue
+        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING or cd.wait is not None:
+            continue  # (a wait node is never handed to a worker: it waits in the scheduler)
         if rule_outcome(cd.trigger, len(cd.dependencies), cs.ok + 1, cs.failed, cs.skipped) is True:
             return True
     return False

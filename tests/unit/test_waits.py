@@ -23,7 +23,7 @@ from nerv_cluster.errors import (
 from nerv_cluster.model import Event, EventType, RunStatus, TaskStatus, WorkflowDef
 from nerv_cluster.state import EMPTY, RunState, State, apply, apply_to_run, fold
 from nerv_cluster.workflow import Workflow, nested_tasks, validate_definition
-from scheduler.decisions import Decisions, decide
+from scheduler.decisions import Decisions, decide, readies_successor
 from scheduler.waits import WaitRoom
 from tests.unit.helpers import RUN, ev, submitted
 
@@ -359,3 +359,15 @@ def test_a_rerun_waits_again_for_a_new_signal_or_takes_one_that_came_late() -> N
     assert set(again.woken) == {"approval"}
     again, out = step(again, 300.1)
     assert kinds(out)[0] == (E.TASK_COMPLETED, "approval") and again.tasks["approval"].result == "late"
+
+
+def test_a_worker_never_waits_for_a_wait_node_to_be_handed_to_it() -> None:
+    wf = Workflow("handoff")
+    first = wf.add("tests.first", id="first")
+    wf.wait_for("go", dependencies=[first])
+    run = run_of([submitted(wf.definition())])
+    assert not readies_successor(run, "first")
+    wf2 = Workflow("handoff")
+    first = wf2.add("tests.first", id="first")
+    wf2.add("tests.next", first, id="next")
+    assert readies_successor(run_of([submitted(wf2.definition())]), "first")
