@@ -204,6 +204,8 @@ class SchedulerService:
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
+        # A TASK_WAITING of an earlier leader that the takeover's refold did not cover comes this way.
+        self.waits.observe((ev for _, ev in entries), state)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
