@@ -34,3 +34,20 @@ def fails_until_fixed(key: str, *args: Any) -> None:
 def cached_noop(i: int) -> None:
     """Do nothing, cached (the ``cached`` shape: one key per ``i``)."""
     return None
+
+
+# -- map (issue 16): the ``map 10,000`` row (bench/map_row.py) -----------------------------------------
+
+
+@task(queue="cpu", name="bench.numbers")
+def numbers(n: int) -> list[int]:
+    """``[0, ..., n - 1]``: the list a map maps over, known only once this has run."""
+    return list(range(n))
+
+
+@task(queue="cpu", name="bench.count")
+def count(*values: Any) -> int:
+    """How many values it got (one list, a map's result, or one value per upstream task)."""
+    if len(values) == 1 and isinstance(values[0], list):
+        return len(values[0])
+    return len(values)

@@ -8,6 +8,7 @@ The public API::
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
+    MapError,
     NervError,
     RerunError,
     RunFinishedError,
@@ -44,6 +45,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "MapError",
     "NervError",
     "ParentRef",
     "RerunError",

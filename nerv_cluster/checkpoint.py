@@ -7,21 +7,26 @@ the events after it. A checkpoint is a cache of the fold, never a second truth: 
 ``run`` exactly, which the unit tests check field by field. A checkpoint that cannot be decoded (an
 older format, a bug) is ignored and the whole log is replayed.
 
-The plan is not stored: it is a pure function of the definition and is recomputed on decode.
+The plan is not stored: it is a pure function of the definition and is recomputed on decode. Nor are
+the elements of expanded maps: only which maps expanded, in order, with their widths; decode grows the
+graph again with the same pure function the fold used (``mapping.grow``), from the decoded state.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pyrsistent import PMap, pmap
 
+from nerv_cluster import mapping
 from nerv_cluster.model import RunStatus, TaskError, TaskStatus, WorkflowDef
 from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-FORMAT = 5  # 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: waits
+#: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map);
+#: 6: waiting, woken, signals (waits, issue 11).
+FORMAT = 6
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -30,7 +35,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "waiting", "woken")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered", "waiting", "woken")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -70,6 +75,7 @@ def encode(run: RunState) -> dict[str, Any]:
         "tasks": {tid: _encode_task(ts) for tid, ts in run.tasks.items() if ts != _DEFAULT_TASK},
         "status": run.status.value,
         "tally": list(run.tally),
+        "maps": [[map_id, len(run.growth.layers[map_id])] for map_id in run.growth.order],
         **{name: list(getattr(run, name)) for name in _ID_SETS},
         **{name: getattr(run, name) for name in _PLAIN},
         "signals": dict(run.signals),
@@ -82,26 +88,26 @@ def decode(data: dict[str, Any]) -> RunState:
         raise ValueError(f"checkpoint format {data.get('format')!r}, expected {FORMAT}")
     definition = WorkflowDef.from_dict(data["definition"])
     defs = {t.id: t for t in definition.tasks}
+    rows = {tid: _decode_task(row) for tid, row in data["tasks"].items()}
+    # A plain dict while the maps grow again (elements join it in order), made a PMap once at the end.
     tasks = dict.fromkeys(defs, _DEFAULT_TASK)
-    for tid, row in data["tasks"].items():
-        if tid not in tasks:
-            raise ValueError(f"checkpoint names task {tid!r} the definition does not have")
-        tasks[tid] = _decode_task(row)
+    tasks.update((t, r) for t, r in rows.items() if t in defs)
     tally = tuple(int(n) for n in data["tally"])
     if len(tally) != len(TaskStatus):
         raise ValueError("checkpoint tally does not match the task statuses")
-    return RunState(
+    run = RunState(
         run_id=str(data["run_id"]),
         definition=definition,
         plan=plan(definition.tasks),
         defs=defs,
-        tasks=pmap(tasks, pre_size=len(tasks) * 2),
+        tasks=cast("PMap[str, TaskState]", tasks),
         status=RunStatus(data["status"]),
         tally=tally,
         ready=_ids(data["ready"]),
         doomed=_ids(data["doomed"]),
         running=_ids(data["running"]),
         queued=_ids(data["queued"]),
+        gathered=_ids(data["gathered"]),
         spawning=_ids(data.get("spawning", [])),
         waiting=_ids(data.get("waiting", [])),
         woken=_ids(data.get("woken", [])),
@@ -117,6 +123,29 @@ def decode(data: dict[str, Any]) -> RunState:
         reruns=int(data.get("reruns", 0)),
         cached=int(data.get("cached", 0)),
     )
+    run = _regrow(run, data["maps"], rows, tasks)
+    for tid in rows:
+        if tid not in run.defs:
+            raise ValueError(f"checkpoint names task {tid!r} the definition does not have")
+    return run._replace(tasks=pmap(tasks, pre_size=len(tasks) * 2))
+
+
+def _regrow(
+    run: RunState, maps: list[list[Any]], rows: dict[str, TaskState], tasks: dict[str, TaskState]
+) -> RunState:
+    """``run`` with the maps of a checkpoint expanded again, in order, as the fold expanded them (the
+    lists they map over are in the decoded state: upstream results, or the maps they follow). Each
+    map's elements join ``tasks`` (``run.tasks``, a dict here) with their decoded states before the
+    next map grows."""
+    for map_id, width in maps:
+        td = run.defs[map_id]
+        src = mapping.source_of(run, map_id)
+        if not isinstance(src, mapping.Source) or src.width != width:
+            raise ValueError(f"checkpoint map {map_id!r} of width {width} cannot be expanded again")
+        grown = mapping.grow(run.defs, run.plan, run.growth, td, src)
+        tasks.update((e.id, rows.get(e.id, _DEFAULT_TASK)) for e in grown.elements)
+        run = run._replace(defs=grown.defs, plan=grown.plan, growth=grown.growth)
+    return run
 
 
 def _ids(ids: list[str]) -> PMap[str, bool]:

@@ -22,6 +22,8 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
 #: Largest number of tasks in one workflow.
 DEFAULT_MAX_TASKS: Final = 200_000
+#: Most elements one map node may expand into (``NERV_MAX_MAP_WIDTH``); a longer list fails the map.
+DEFAULT_MAX_MAP_WIDTH: Final = 100_000
 #: Largest WORKFLOW_SUBMITTED event (its JSON, the whole definition) accepted: the client refuses a
 #: bigger one, the scheduler fails a bigger one written into the log by other means.
 DEFAULT_MAX_SUBMISSION_BYTES: Final = 64 * 1024 * 1024

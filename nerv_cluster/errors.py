@@ -143,6 +143,11 @@ class ChildRunIdTakenError(NervError):
     """The run id a child run derives from its parent attempt is already taken by another run."""
 
 
+class MapError(NervError):
+    """A map node cannot be expanded (what it maps over is not a list, or has too many elements), or
+    an element of it did not complete: the map fails with this error."""
+
+
 class ServiceFailed(NervError):
     """A service the launcher started exited, did not become ready, or left processes behind after
     SIGKILL; ``service`` says which."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nerv_cluster import constants, waits
+from nerv_cluster import constants, mapping, waits
 from nerv_cluster.errors import WorkflowError
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import TaskDef, WorkflowDef
@@ -49,6 +49,12 @@ def _check_task(t: TaskDef) -> None:
     for dep in t.dependencies:
         if not isinstance(dep, str):
             raise WorkflowError(f"{where}: dependency {dep!r:.80} is not a task id")
+    if t.over is not None:  # a map node
+        src = mapping.source(t)
+        if src is None and not isinstance(t.over, list):
+            raise WorkflowError(f"{where}: a map maps over a task reference or a list, not {t.over!r:.80}")
+        if src is not None and src not in t.dependencies:
+            raise WorkflowError(f"{where}: maps over {src!r:.80}, which is not among its dependencies")
     if t.workflow is not None and not isinstance(t.workflow, dict):
         raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 

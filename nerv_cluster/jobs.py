@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nerv_cluster import mapping
 from nerv_cluster.model import RetryPolicy
 from nerv_cluster.state import RunState
 from nerv_cluster.workflow import resolve_refs
@@ -92,7 +93,10 @@ def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:
     td = run.defs[task_id]
     ts = run.tasks[task_id]
     tasks = run.tasks
-    upstream = {d: tasks[d].result for d in td.dependencies}
+    if run.growth.layers:  # a map's result is its elements' results
+        upstream = {d: mapping.result_of(run, d) for d in td.dependencies}
+    else:
+        upstream = {d: tasks[d].result for d in td.dependencies}
     return Job(
         run_id=run.run_id,
         task_id=task_id,

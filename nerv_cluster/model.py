@@ -140,6 +140,8 @@ class EventType(StrEnum):
     # time), and a client's signal (data: ``name``, ``payload``), kept in the run until its node takes it.
     TASK_WAITING = "TASK_WAITING"
     SIGNAL_RECEIVED = "SIGNAL_RECEIVED"
+    # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
+    MAP_EXPANDED = "MAP_EXPANDED"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:
@@ -321,6 +323,10 @@ class TaskDef:
     ``fn`` is the registered name of the function; ``args``/``kwargs`` are JSON where an upstream result
     is written as ``{"__nerv_ref__": task_id}``. ``dependencies`` holds every upstream task id, whether it
     came from a reference in the arguments or was listed explicitly.
+
+    ``over`` makes the task a map node (see :mod:`nerv_cluster.mapping`): what it maps over, a
+    reference marker to a task (or another map) among its dependencies, or a literal JSON list; the
+    task itself never runs, each element of that list becomes a task ``<id>[<i>]`` of its own.
     """
 
     id: str
@@ -346,6 +352,7 @@ class TaskDef:
     #: A durable wait node (``fn`` is ``constants.WAIT_FN``): ``{"signal": name, "timeout": s}``,
     #: ``{"sleep": s}`` or ``{"until": epoch_s}``, see :mod:`nerv_cluster.waits`.
     wait: Mapping[str, Any] | None = None
+    over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; defaults are left out to keep messages lean."""
@@ -382,6 +389,8 @@ class TaskDef:
             out["workflow"] = self.workflow
         if self.wait is not None:
             out["wait"] = self.wait
+        if self.over is not None:
+            out["over"] = self.over
         return out
 
     @classmethod
@@ -407,6 +416,7 @@ class TaskDef:
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
             workflow=data.get("workflow"),
             wait=data.get("wait"),
+            over=data.get("over"),
         )
 
 

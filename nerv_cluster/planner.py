@@ -20,11 +20,12 @@ class Plan:
     dispatch order. ``order`` is every task in dispatch order (levels first, then priority, then the
     longest path still ahead, then the order of definition). ``rank`` maps a task to its position in
     ``order``, the sort key the scheduler uses for ready tasks. ``dependents`` is the reverse graph.
+    (Once a map expands, the run's plan looks its elements up too: see :mod:`nerv_cluster.mapping`.)
     """
 
     levels: tuple[tuple[str, ...], ...]
     order: tuple[str, ...]
-    rank: Mapping[str, int]
+    rank: Mapping[str, float]
     level_of: Mapping[str, int]
     dependents: Mapping[str, tuple[str, ...]]
     critical_path: tuple[str, ...]

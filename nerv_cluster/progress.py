@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from nerv_cluster import mapping
 from nerv_cluster import state as st
 from nerv_cluster.client import Client
 from nerv_cluster.errors import RunNotFoundError
@@ -169,7 +170,10 @@ def watch(
         if r.status.terminal:
             progress.set_outcome(r.status)
         waited = time.monotonic() - began
-        progress.update(bar, completed=r.finished_tasks, description=title or _describe(r, waited))
+        # The total too: a run grows when a map expands.
+        progress.update(
+            bar, completed=r.finished_tasks, total=r.total, description=title or _describe(r, waited)
+        )
         progress.counts = counts_text(r.counts, cached=r.cached)
 
     with progress:
@@ -266,7 +270,9 @@ def outputs(run: st.RunState, limit: int = 5) -> dict[str, Any]:
     sinks = [tid for tid in run.defs if not run.plan.dependents.get(tid)]
     if len(sinks) > limit:
         return {}
-    return {tid: run.tasks[tid].result for tid in sinks if run.tasks[tid].status is TaskStatus.COMPLETED}
+    return {
+        tid: mapping.result_of(run, tid) for tid in sinks if run.tasks[tid].status is TaskStatus.COMPLETED
+    }
 
 
 def result_dict(result: st.RunResult, *, tasks: bool = True) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
-from nerv_cluster import waits
+from nerv_cluster import mapping, waits
 from nerv_cluster.errors import RerunError, RunNotFinishedError
 from nerv_cluster.model import Event, RunStatus, TaskStatus
 from nerv_cluster.state import RunState, TaskState, _moved, rule_outcome
@@ -55,9 +55,31 @@ class Hook:
         (``new``: PENDING or READY by its trigger rule, with a new attempt)."""
         return new
 
+    def after(self, run: RunState, selected: Sequence[str]) -> RunState:
+        """The run once every selected task was reset: what the kind keeps beside the tasks' states
+        (a map node's counts of its elements, the gathered set). Linear in the run's maps."""
+        return run
+
+
+class MapHook(Hook):
+    """Map elements and map nodes (see :mod:`nerv_cluster.mapping`): naming a map reruns its
+    elements; a reset map node waits for its elements again instead of expanding again."""
+
+    def named(self, run: RunState, tid: str) -> Iterable[str]:
+        return mapping.rerun_named(run, tid)
+
+    def downstream(self, run: RunState, tid: str) -> Iterable[str]:
+        return mapping.rerun_downstream(run, tid)
+
+    def reset(self, run: RunState, tid: str, old: TaskState, new: TaskState) -> TaskState:
+        return mapping.rerun_state(run, tid, old, new)
+
+    def after(self, run: RunState, selected: Sequence[str]) -> RunState:
+        return mapping.rerun_after(run, selected)
+
 
 #: The hooks every rerun consults, in order (map and child runs add theirs here).
-HOOKS: tuple[Hook, ...] = ()
+HOOKS: tuple[Hook, ...] = (MapHook(),)
 
 
 # -- which tasks ----------------------------------------------------------------------------------------
@@ -198,7 +220,7 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
         name = waits.signal_of(run.defs[tid])
         if name is not None and before.status is TaskStatus.COMPLETED:
             signals = signals.discard(name)
-    return run._replace(
+    out = run._replace(
         waiting=waiting,
         woken=woken,
         signals=signals,
@@ -214,6 +236,9 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
         cancel_requested=False,
         reruns=run.reruns + 1,
     )
+    for hook in hooks:
+        out = hook.after(out, list(old))
+    return out
 
 
 def _doomed(run: RunState, tid: str, ts: TaskState) -> bool:

@@ -26,6 +26,8 @@ class Settings:
     max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES
     max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
     max_tasks: int = constants.DEFAULT_MAX_TASKS
+    #: Most elements a map node expands into (``Workflow.map``); a longer list fails the map.
+    max_map_width: int = constants.DEFAULT_MAX_MAP_WIDTH
     #: Largest submission (the WORKFLOW_SUBMITTED event's JSON) and largest job message (with the
     #: upstream results in its arguments), in bytes.
     max_submission_bytes: int = constants.DEFAULT_MAX_SUBMISSION_BYTES
@@ -130,6 +132,7 @@ class Settings:
             "lease_ttl_ms",
             "batch_size",
             "max_tasks",
+            "max_map_width",
             "loop_stall_s",
             "max_signal_bytes",
         ):

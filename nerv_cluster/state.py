@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 from pyrsistent import PMap, pmap
 
-from nerv_cluster import intake, waits
+from nerv_cluster import intake, mapping, waits
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
@@ -77,6 +77,16 @@ class _Draft(dict[_K, _V]):
         """Like ``PMap.discard`` (a missing key is no error), but in place."""
         self.pop(key, None)
         return self
+
+
+def _set_all(m: PMap[_K, _V], items: Mapping[_K, _V]) -> PMap[_K, _V]:
+    """``m`` with every entry of ``items`` set: in place for a draft, else one evolver for them all."""
+    if not items:
+        return m
+    if type(m) is _Draft:
+        m.update(items)
+        return m
+    return m.update(items)
 
 
 def _draft(m: Mapping[_K, _V]) -> PMap[_K, _V]:
@@ -141,8 +151,13 @@ class RunState(NamedTuple):
 
     ``ready`` holds READY tasks not yet dispatched (some may wait for ``due_at``); ``doomed`` holds
     PENDING tasks whose trigger rule can no longer be met, to be SKIPPED; ``running`` holds RUNNING
-    tasks, which the scheduler watches for lost workers and timeouts; ``queued`` holds READY tasks already
-    dispatched (their job is in a queue or reserved by a worker).
+    tasks, which the scheduler watches for lost workers and timeouts (not a map node: no worker holds
+    it); ``queued`` holds READY tasks already dispatched (their job is in a queue or reserved by a
+    worker); ``gathered`` holds RUNNING map nodes whose elements have all ended, for the scheduler to
+    end (see :mod:`nerv_cluster.mapping`).
+
+    ``defs`` and ``plan`` are the definition's until a map expands; from then on they look the
+    elements up too, and ``growth`` holds what the graph gained.
     """
 
     run_id: str
@@ -155,6 +170,9 @@ class RunState(NamedTuple):
     doomed: IdSet = _NO_TASKS
     running: IdSet = _NO_TASKS
     queued: IdSet = _NO_TASKS
+    gathered: IdSet = _NO_TASKS
+    #: The elements of expanded maps (``mapping.Growth``; the empty growth for a static run).
+    growth: mapping.Growth = mapping.NO_GROWTH
     #: Tasks per status, indexed like ``_STATUSES`` (a tuple: cheaper to update than a map).
     tally: tuple[int, ...] = _NO_COUNTS
     submitted_at: float = 0.0
@@ -187,7 +205,7 @@ class RunState(NamedTuple):
 
     @property
     def total(self) -> int:
-        """Number of tasks."""
+        """Number of tasks (the elements of expanded maps included)."""
         return len(self.defs)
 
     @property
@@ -270,13 +288,15 @@ def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) 
 
 def _settle(
     run: RunState, tid: str, outcome: TaskStatus
-) -> tuple[PMap[str, TaskState], IdSet, IdSet, tuple[int, ...]]:
-    """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed.
+) -> tuple[PMap[str, TaskState], IdSet, IdSet, tuple[int, ...], IdSet]:
+    """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed,
+    and a map node whose elements have all ended (``tid`` was its last) to gathered.
 
-    Returns the run's new ``tasks``, ``ready``, ``doomed`` and ``tally``, for the caller to store.
+    Returns the run's new ``tasks``, ``ready``, ``doomed``, ``tally`` and ``gathered``, for the caller
+    to store.
     """
-    ready, doomed, tasks, tally = run.ready, run.doomed, run.tasks, run.tally
-    defs, may_start = run.defs, not run.cancel_requested
+    ready, doomed, tasks, tally, gathered = run.ready, run.doomed, run.tasks, run.tally, run.gathered
+    defs, may_start, layers = run.defs, not run.cancel_requested, run.growth.layers
     for child in run.plan.dependents[tid]:
         cs = tasks[child]
         ok, failed, skipped, status = cs.ok, cs.failed, cs.skipped, cs.status
@@ -295,9 +315,16 @@ def _settle(
                 ready = ready.set(child, True)
             elif verdict is False:
                 doomed = doomed.set(child, True)
+        elif layers and status is TaskStatus.RUNNING:  # a map node counts its elements' ends
+            layer = layers.get(child)
+            if layer is not None:
+                if not tid.startswith(child + "["):  # a dependency ending late (after a rerun reset
+                    continue  # it) is no element: nothing to count
+                if ok + failed + skipped == len(layer):
+                    gathered = gathered.set(child, True)
         # One new TaskState per dependent: replacing is most of the cost of a fold.
         tasks = tasks.set(child, cs._replace(status=status, ok=ok, failed=failed, skipped=skipped))
-    return tasks, ready, doomed, tally
+    return tasks, ready, doomed, tally, gathered
 
 
 def event_time(ev: Event) -> float:
@@ -324,9 +351,19 @@ def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatu
     new = ts._replace(status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
     # Dependents first, then the task itself, so that one new RunState holds both: a task is never its
     # own dependent (the planner refuses that), so the order changes nothing.
-    tasks, ready, doomed, tally = _settle(run, tid, status)
+    tasks, ready, doomed, tally, gathered = _settle(run, tid, status)
+    if tid in gathered:
+        gathered = gathered.discard(tid)
     return _put(
-        run, tid, ts, new, tasks=tasks, tally=tally, ready=ready.discard(tid), doomed=doomed.discard(tid)
+        run,
+        tid,
+        ts,
+        new,
+        tasks=tasks,
+        tally=tally,
+        ready=ready.discard(tid),
+        doomed=doomed.discard(tid),
+        gathered=gathered,
     )
 
 
@@ -371,6 +408,8 @@ def _dispatched(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched:
         return run
     tid, ts = cur
+    if run.defs[tid].over is not None:  # a map node is expanded, never sent to a worker
+        return run
     key = ev.data.get("cache_key")
     new = ts._replace(
         dispatched=True,
@@ -460,6 +499,8 @@ def _again(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status not in _ACTIVE or run.cancel_requested:
         return run
     tid, ts = cur
+    if run.growth.layers and tid in run.growth.layers:  # an expanded map node never expands again
+        return run
     err = ev.data.get("error")
     new = ts._replace(
         status=TaskStatus.READY,
@@ -564,6 +605,107 @@ def _rerun_requested(run: RunState, ev: Event) -> RunState:
     return rerun.requested(run, ev)
 
 
+def _outcome_counts(run: RunState, deps: Iterable[str]) -> tuple[int, int, int]:
+    """(ok, failed, skipped) over ended tasks ``deps``, counted as ``_settle`` counts them."""
+    ok = failed = skipped = 0
+    tasks = run.tasks
+    for d in deps:
+        status = tasks[d].status
+        if status is TaskStatus.COMPLETED:
+            ok += 1
+        elif status is TaskStatus.FAILED:
+            failed += 1
+        elif status.terminal:
+            skipped += 1
+    return ok, failed, skipped
+
+
+def _map_expanded(run: RunState, ev: Event) -> RunState:
+    """MAP_EXPANDED: the map node's elements join the run (see :mod:`nerv_cluster.mapping`).
+
+    Only for a READY map node not yet expanded whose list (recomputed from the state, the event only
+    confirms its width) has the logged width: anything else changes nothing. O(width).
+    """
+    cur = _current(run, ev)
+    if cur is None:
+        return run
+    tid, ts = cur
+    td = run.defs[tid]
+    if td.over is None or ts.status is not TaskStatus.READY or ts.dispatched or tid in run.growth.layers:
+        return run
+    src = mapping.source_of(run, tid)
+    if not isinstance(src, mapping.Source) or ev.data.get("width") != src.width:
+        return run
+    grown = mapping.grow(run.defs, run.plan, run.growth, td, src)
+    may_start = not run.cancel_requested
+    base = _outcome_counts(run, src.others)
+    tasks, tally = run.tasks, list(run.tally)
+    states: dict[str, TaskState] = {}
+    ready: dict[str, bool] = {}
+    doomed: dict[str, bool] = {}
+    shared: dict[tuple[TaskStatus, int, int, int], TaskState] = {}  # one TaskState per distinct start
+    for e in grown.elements:
+        ok, failed, skipped = base
+        if src.feed is not None:  # B[i] follows A[i]: count how A[i] ended, if it has
+            up = tasks[e.dependencies[0]].status
+            if up is TaskStatus.COMPLETED:
+                ok += 1
+            elif up is TaskStatus.FAILED:
+                failed += 1
+            elif up.terminal:
+                skipped += 1
+        verdict = rule_outcome(e.trigger, len(e.dependencies), ok, failed, skipped)
+        status = TaskStatus.READY if verdict is True and may_start else TaskStatus.PENDING
+        if status is TaskStatus.READY:
+            ready[e.id] = True
+        elif verdict is False:
+            doomed[e.id] = True
+        key = (status, ok, failed, skipped)
+        state = shared.get(key)
+        if state is None:
+            state = shared[key] = TaskState(status=status, ok=ok, failed=failed, skipped=skipped)
+        states[e.id] = state
+        tally[_AT[status]] += 1
+    # The maps following this one element-wise: its expansion is their dependency met, counted as the
+    # outcome that lets some element run (a failure for one_failed: B[i] runs where A[i] failed), so
+    # such a map is SKIPPED only when no element of it could ever run; each element's own rule decides.
+    new_ready, new_doomed = _set_all(run.ready, ready), _set_all(run.doomed, doomed)
+    for b in grown.followers:
+        bs = tasks[b]
+        bd = grown.defs[b]
+        status, ok, failed = bs.status, bs.ok, bs.failed
+        if bd.trigger is TriggerRule.ONE_FAILED:
+            failed += 1
+        else:
+            ok += 1
+        if status is TaskStatus.PENDING and b not in new_doomed:
+            verdict = rule_outcome(bd.trigger, len(bd.dependencies), ok, failed, bs.skipped)
+            if verdict is True and may_start:
+                tally[_AT[TaskStatus.PENDING]] -= 1
+                tally[_AT[TaskStatus.READY]] += 1
+                status = TaskStatus.READY
+                new_ready = new_ready.set(b, True)
+            elif verdict is False:
+                new_doomed = new_doomed.set(b, True)
+        states[b] = bs._replace(status=status, ok=ok, failed=failed)
+    # The map node runs while its elements do, its counters counting their ends; not in ``running``:
+    # no worker holds it.
+    tally[_AT[TaskStatus.READY]] -= 1
+    tally[_AT[TaskStatus.RUNNING]] += 1
+    states[tid] = ts._replace(status=TaskStatus.RUNNING, started_at=event_time(ev), ok=0, failed=0, skipped=0)
+    gathered = run.gathered.set(tid, True) if not grown.elements else run.gathered
+    return run._replace(
+        defs=grown.defs,
+        plan=grown.plan,
+        growth=grown.growth,
+        tasks=_set_all(tasks, states),
+        ready=new_ready.discard(tid),
+        doomed=new_doomed,
+        gathered=gathered,
+        tally=tuple(tally),
+    )
+
+
 _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.WORKFLOW_STARTED: _wf_started,
     EventType.WORKFLOW_COMPLETED: _wf_end(RunStatus.COMPLETED),
@@ -590,12 +732,15 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     # Durable waits (issue 11, part "waits").
     EventType.TASK_WAITING: _waiting,
     EventType.SIGNAL_RECEIVED: _signal,
+    # -- map (issue 16)
+    EventType.MAP_EXPANDED: _map_expanded,
 }
 
 
 def _tasks_map(tasks: Mapping[str, TaskState]) -> PMap[str, TaskState]:
-    """The PMap of a run's tasks. Sized once for good (a run never gains tasks), and the same way
-    whether built at submit or frozen by fold_run, so both lay it out, and iterate it, alike."""
+    """The PMap of a run's tasks, sized the same way whether built at submit or frozen by fold_run, so
+    both lay a static run out, and iterate it, alike (a map's elements, added later, may lie
+    differently in the two: equal maps, iterated in another order)."""
     return pmap(tasks, pre_size=len(tasks) * 2)
 
 
@@ -635,6 +780,7 @@ def new_run(
             doomed=_draft({}),
             running=_draft({}),
             queued=_draft({}),
+            gathered=_draft({}),
             spawning=_draft({}),
             tally=tally,
             submitted_at=submitted_at,
@@ -715,6 +861,7 @@ def _thaw(run: RunState) -> RunState:
         doomed=_draft(run.doomed),
         running=_draft(run.running),
         queued=_draft(run.queued),
+        gathered=_draft(run.gathered),
         spawning=_draft(run.spawning),
     )
 
@@ -727,6 +874,7 @@ def _freeze(run: RunState) -> RunState:
         doomed=pmap(run.doomed),
         running=pmap(run.running),
         queued=pmap(run.queued),
+        gathered=pmap(run.gathered),
         spawning=pmap(run.spawning),
     )
 
@@ -827,7 +975,7 @@ def task_result(run: RunState, tid: str) -> TaskResult:
         task_id=tid,
         name=run.defs[tid].name,
         status=ts.status,
-        result=ts.result,
+        result=mapping.result_of(run, tid) if run.growth.layers else ts.result,
         error=ts.error,
         attempts=ts.attempt if ts.dispatched else ts.attempt - 1,
         worker=ts.worker,
@@ -943,8 +1091,10 @@ def task_statuses(run: RunState) -> dict[str, TaskStatus]:
 
 
 def results(run: RunState) -> dict[str, Any]:
-    """Task id -> result, for COMPLETED tasks."""
-    return {tid: ts.result for tid, ts in run.tasks.items() if ts.status is TaskStatus.COMPLETED}
+    """Task id -> result, for COMPLETED tasks (a map node's: its elements' results)."""
+    return {
+        tid: mapping.result_of(run, tid) for tid, ts in run.tasks.items() if ts.status is TaskStatus.COMPLETED
+    }
 
 
 def completed(run: RunState) -> list[str]:
@@ -961,13 +1111,14 @@ def run_outcome(run: RunState) -> tuple[RunStatus, str]:
     """How a run whose tasks are all done ends, and why.
 
     A FAILED task is handled when a dependent that runs on failure (``one_failed``/``all_done``) ended
-    COMPLETED; any unhandled failure fails the run.
+    COMPLETED; any unhandled failure fails the run. A map's failed element stands for its map node
+    (which failed with it, naming it): the map's dependents handle it, or not.
     """
     if run.cancel_requested:
         return RunStatus.CANCELLED, run.reason or "cancelled"
     unhandled = []
     for tid, ts in run.tasks.items():
-        if ts.status is not TaskStatus.FAILED:
+        if ts.status is not TaskStatus.FAILED or mapping.is_element(tid):
             continue
         handled = any(
             run.defs[c].trigger in (TriggerRule.ONE_FAILED, TriggerRule.ALL_DONE)

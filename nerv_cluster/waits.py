@@ -87,8 +87,10 @@ def check_definition(wf: WorkflowDef, waits: list[TaskDef]) -> None:
     named: dict[str, str] = {}
     for t in waits:
         check_spec(t.id, t.wait)
-        if t.fn != constants.WAIT_FN or t.retry is not None or t.cache is not None or t.workflow is not None:
-            raise WorkflowError(f"wait node {t.id!r}: a wait takes no function, retry, cache or sub-workflow")
+        if t.fn != constants.WAIT_FN or any(x is not None for x in (t.retry, t.cache, t.workflow, t.over)):
+            raise WorkflowError(
+                f"wait node {t.id!r}: a wait takes no function, retry, cache, sub-workflow or map"
+            )
         name = signal_of(t)
         if name is None:
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -196,6 +196,47 @@ class Workflow:
         self._tasks.append(td)
         self._ids.add(task_id)
         return TaskHandle(id=task_id, name=td.name, workflow=self.name)
+
+    def map(
+        self,
+        fn: TaskFunction | Callable[..., Any] | str,
+        over: TaskHandle | Sequence[Any],
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        id: str | None = None,
+        **options: Any,
+    ) -> TaskHandle:
+        """Add a map node: one task per element of ``over``, made when the list is known, and return
+        its handle.
+
+        ``over`` is a handle whose result is a JSON list, the handle of another map (then element ``i``
+        of this map depends on element ``i`` of that one only), or a plain list (handles in it are
+        dependencies). Element ``i`` is the task ``<id>[<i>]`` calling ``fn(element, *args,
+        **kwargs)``; ``options`` are those of :meth:`add` (queue, priority, timeout, retry, trigger,
+        ...) and hold for every element. The map's handle, as an argument, is the list of its
+        elements' results in order (``[]`` for an empty list, at once). A list that is not one, or
+        longer than ``NERV_MAX_MAP_WIDTH``, fails the map; so does any element that fails.
+        """
+        if not isinstance(over, TaskHandle | list | tuple):
+            raise WorkflowError(
+                f"map over {type(over).__name__} {over!r:.80}: expected a task handle (whose result is a "
+                "list), the handle of another map, or a list"
+            )
+        if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+            raise WorkflowError("map: args= is the list of arguments after the element")
+        if isinstance(fn, Workflow):  # a sub-workflow takes no element: map a task that returns one
+            raise WorkflowError(
+                f"map: cannot map workflow {fn.name!r} (a sub-workflow takes no arguments); map a @task "
+                "that returns a Workflow instead: each element then runs as a child run"
+            )
+        refs: list[str] = []
+        where = f"map {id or getattr(fn, 'name', fn)!r} over"
+        enc_over = _encode(over if isinstance(over, TaskHandle) else list(over), where, refs, self.name)
+        deps = [*refs, *options.pop("dependencies", ())]
+        handle = self.add(fn, args=list(args), kwargs=kwargs, id=id, dependencies=deps, **options)
+        self._tasks[-1] = replace(self._tasks[-1], over=enc_over)
+        return handle
 
     def _add_subworkflow(
         self,
@@ -442,7 +483,8 @@ def validate_definition(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
             )
-        size = len(json.dumps([t.args, t.kwargs], separators=(",", ":")))
+        payload = [t.args, t.kwargs] if t.over is None else [t.args, t.kwargs, t.over]
+        size = len(json.dumps(payload, separators=(",", ":")))
         if size > max_payload_bytes:
             raise PayloadTooLargeError(
                 f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "

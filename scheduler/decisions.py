@@ -10,14 +10,22 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import children, constants, waits
+from nerv_cluster import children, constants, mapping, waits
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
-from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskError, TaskStatus
+from nerv_cluster.model import (
+    WORKFLOW_END_EVENTS,
+    Event,
+    EventType,
+    RunStatus,
+    TaskDef,
+    TaskError,
+    TaskStatus,
+)
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunState, rule_outcome, run_outcome
 
@@ -35,16 +43,19 @@ class Limits:
     #: Child runs: how deep they nest, and the largest output a child hands its parent task.
     max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
     max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
+    #: Most elements a map node may expand into (a longer list fails the map).
+    max_map_width: int = constants.DEFAULT_MAX_MAP_WIDTH
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
         """The limits of these settings."""
         return cls(
-            settings.max_tasks,
-            settings.max_submission_bytes,
-            settings.max_job_bytes,
-            settings.max_child_depth,
-            settings.max_result_bytes,
+            max_tasks=settings.max_tasks,
+            max_submission_bytes=settings.max_submission_bytes,
+            max_job_bytes=settings.max_job_bytes,
+            max_child_depth=settings.max_child_depth,
+            max_result_bytes=settings.max_result_bytes,
+            max_map_width=settings.max_map_width,
         )
 
 
@@ -143,13 +154,23 @@ def _small(value: object) -> bool:
     return value is None or kind is bool or kind is float or (kind is int and -(1 << 63) <= value < 1 << 63)  # type: ignore[operator]
 
 
-def _may_be_too_large(run: RunState, deps: tuple[str, ...], limits: Limits) -> bool:
-    """Whether a job of ``run`` with these dependencies must be measured against the job bound: only
-    upstream results make a job bigger than its part of the submission, and small scalar results
-    (measuring costs a JSON encoding per job) cannot make it much bigger."""
-    tasks = run.tasks
+def _may_be_too_large(run: RunState, td: TaskDef, limits: Limits) -> bool:
+    """Whether a job of ``run`` for ``td`` must be measured against the job bound: only upstream
+    results make a job bigger than its part of the submission, and small scalar results (measuring
+    costs a JSON encoding per job) cannot make it much bigger. A map's result (a list) and a map
+    element's value (a piece of an upstream result) are upstream results too."""
+    tasks, deps = run.tasks, td.dependencies
     if not all(_small(tasks[d].result) for d in deps):
         return True
+    if run.growth.layers:
+        layers = run.growth.layers
+        if any(d in layers for d in deps):
+            return True
+        # An element over a list carries its piece of it (one following a map refers to its element,
+        # an upstream result counted above).
+        first = td.args[0] if mapping.is_element(td.id) else None
+        if not _small(first) and not (type(first) is dict and constants.REF_KEY in first):
+            return True
     return run.submitted_bytes * 2 + 64 * len(deps) + 1024 > limits.max_job_bytes
 
 
@@ -252,7 +273,8 @@ def decide(
             if ts.child is not None:  # waiting for its child run: cancel that, recursively
                 out.events.append(children.cancel_child(run, ts, now, source))
             if ts.dispatched or ts.status is TaskStatus.RUNNING:
-                if ts.spawn is None and ts.child is None:  # a worker may hold it: revoke its job
+                # No job to revoke for an attempt no worker holds: a spawn, a child run, a map node.
+                if ts.spawn is None and ts.child is None and tid not in run.growth.layers:
                     out.revoke.append(job_id(rid, tid, ts.attempt))
                 out.cancels.append(cancel)
             out.events.append(cancel)
@@ -281,6 +303,11 @@ def decide(
                 out.delayed.append((ts.due_at, rid, tid, ts.attempt))
                 continue
             td = run.defs[tid]
+            if td.over is not None:  # a map node: expanded here, never sent to a worker
+                expanded = mapping.expansion(run, tid, limits.max_map_width, limits.max_tasks, now, source)
+                if expanded is not None:
+                    out.events.append(expanded)
+                continue
             if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
                 out.events.append(children.static_spawn(run, tid, ts, now, source))
                 continue
@@ -307,7 +334,7 @@ def decide(
                     continue
             queue = td.queue
             job = build_job(run, tid, handoff and readies_successor(run, tid))
-            if _may_be_too_large(run, td.dependencies, limits):
+            if _may_be_too_large(run, td, limits):
                 size = job_size(job)
                 if size > limits.max_job_bytes:
                     out.events.append(_too_large(job, size, limits.max_job_bytes, now, source))
@@ -320,6 +347,8 @@ def decide(
                 Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, data, ts=now, source=source)
             )
             out.jobs.append((job, queue))
+    for tid in run.gathered:  # map nodes whose elements have all ended
+        out.events.append(mapping.end_event(run, tid, now, source))
     if run.spawning:
         out.spawns.extend(children.spawns(run, limits.max_child_depth, now, source, out.events))
     if run.all_tasks_done and not run.doomed:

@@ -333,3 +333,61 @@ def deploy(ctx: TaskContext, approval: Any) -> dict[str, Any]:
     """Count this execution; return the approval (a signal's payload) it was given."""
     _count(ctx)
     return {"deployed": True, "approval": approval}
+
+
+# -- map (issue 16) ---------------------------------------------------------------------------------------
+
+
+@task(queue="cpu")
+def echo(value: Any) -> Any:
+    """Return ``value``: a run-time list (or anything else) for a map to map over."""
+    return value
+
+
+@task(queue="cpu")
+def numbers(n: int) -> list[int]:
+    """``[0, 1, ..., n - 1]``: a list whose length is known only once this has run."""
+    return list(range(n))
+
+
+@task(queue="cpu")
+def square(ctx: TaskContext, x: int, *, fail_on: int = -1, flaky_below: int = -1) -> int:
+    """Count, then ``x * x``; ValueError for ``x == fail_on``; ConnectionError on the first attempt for
+    ``x < flaky_below`` (a retried element)."""
+    _count(ctx)
+    if x == fail_on:
+        raise ValueError(f"element {x} is bad")
+    if x < flaky_below and ctx.attempt == 1:
+        raise ConnectionError(f"element {x}: attempt {ctx.attempt} fails")
+    return x * x
+
+
+@task(queue="cpu")
+def nap(ctx: TaskContext, seconds: float) -> float:
+    """Count, sleep ``seconds``, return them (a map element of known duration)."""
+    _count(ctx)
+    time.sleep(seconds)
+    return seconds
+
+
+@task(queue="cpu")
+def plus(ctx: TaskContext, x: float, y: float = 1) -> float:
+    """Count, then ``x + y``."""
+    _count(ctx)
+    return x + y
+
+
+@task(queue="cpu")
+def sum_list(values: list[float]) -> float:
+    """The sum of a list (a map's result)."""
+    return sum(values)
+
+
+@task(queue="cpu")
+def fragile(ctx: TaskContext, x: int, bad: int) -> int:
+    """Count, then ``10 * x``; element ``bad`` fails (ValueError) until the test marks it fixed (``HSET
+    test:fixed:<run> <task> 1``): a map element that a rerun runs again."""
+    _count(ctx)
+    if x == bad and not _redis().hexists(f"test:fixed:{ctx.run_id}", ctx.task_id):
+        raise ValueError(f"element {x} is broken")
+    return 10 * x

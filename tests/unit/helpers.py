@@ -124,11 +124,22 @@ def random_dag(
 
 
 def mix(args: Iterable[Any]) -> int:
-    """What the simulated task ``sim.mix`` computes from its (already resolved) arguments."""
+    """What the simulated task ``sim.mix`` computes from its (already resolved) arguments (a list
+    argument, a map's result, is mixed in as the mix of its items)."""
     acc = 7
     for a in args:
+        if isinstance(a, list):
+            a = mix(a)
         acc = (acc * 31 + (a or 0)) % 1_000_003
     return acc
+
+
+def compute(job: Job) -> Any:
+    """What a simulated job returns: ``sim.range`` tasks ``list(range(first argument))``, a list for a
+    map to map over (map tests); every other task :func:`mix` of its arguments."""
+    if job.fn == "sim.range":
+        return list(range(job.args[0]))
+    return mix(job.args)
 
 
 def expected_results(definition: WorkflowDef) -> dict[str, int]:
@@ -232,7 +243,7 @@ class Sim:
             elif job.task_id in self.fail_always:
                 self.event(EventType.TASK_FAILED, job, error=_error(f"{job.task_id} broke"))
             else:
-                self.event(EventType.TASK_COMPLETED, job, result=mix(job.args), worker="w1")
+                self.event(EventType.TASK_COMPLETED, job, result=compute(job), worker="w1")
 
     def run_to_end(self, max_rounds: int = 100_000) -> None:
         for _ in range(max_rounds):
