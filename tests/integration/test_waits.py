@@ -83,7 +83,7 @@ def test_signal_after_the_node_is_reached_completes_it_with_the_payload(cluster:
     assert (
         _first(events, EventType.TASK_WAITING, "approval").logged_at
         < _first(events, EventType.SIGNAL_RECEIVED).logged_at
-    )  # type: ignore[operator]
+    )
 
 
 @pytest.mark.timeout(60)
@@ -103,7 +103,7 @@ def test_a_signal_sent_before_the_node_is_reached_is_kept_until_it_is(cluster: C
     events = _logged(c, run_id)
     signalled = _first(events, EventType.SIGNAL_RECEIVED)
     reached = _first(events, EventType.TASK_WAITING, "approval")
-    assert signalled.logged_at < reached.logged_at  # type: ignore[operator]
+    assert signalled.logged_at < reached.logged_at
     assert cluster.execs(run_id) == {"first": 1, "deploy": 1}
 
 
@@ -125,9 +125,7 @@ def test_a_timeout_fails_the_node_with_task_timeout_error_and_the_fallback_runs(
     events = _logged(c, run_id)
     waited = (
         _first(events, EventType.TASK_FAILED, "approval").logged_at
-        - _first(  # type: ignore[operator]
-            events, EventType.TASK_WAITING, "approval"
-        ).logged_at
+        - _first(events, EventType.TASK_WAITING, "approval").logged_at
     )
     assert 1.0 <= waited < 3.0, waited
     # A signal after the run ended is refused, and nothing is written.
@@ -154,13 +152,11 @@ def test_sleep_and_sleep_until_are_durable_timers(cluster: Cluster) -> None:
         _never_dispatched(events, tid)
     nap_for = (
         _first(events, EventType.TASK_COMPLETED, "nap").logged_at
-        - _first(  # type: ignore[operator]
-            events, EventType.TASK_WAITING, "nap"
-        ).logged_at
+        - _first(events, EventType.TASK_WAITING, "nap").logged_at
     )
     assert 1.0 <= nap_for < 3.0, nap_for
     woke = _first(events, EventType.TASK_COMPLETED, "alarm").logged_at
-    assert until - 0.05 <= woke < until + 2.0  # type: ignore[operator]  # Redis's clock vs this host's
+    assert until - 0.05 <= woke < until + 2.0  # Redis's clock vs this host's
 
 
 @pytest.mark.timeout(60)
@@ -232,12 +228,12 @@ def test_waits_survive_a_scheduler_sigkill(own_cluster: Cluster) -> None:
     assert result.status is RunStatus.COMPLETED, result.reason
     assert result.results["deploy"] == {"deployed": True, "approval": {"by": "ana"}}
     assert result.tasks["never"].status is TaskStatus.FAILED
-    assert result.tasks["never"].error.type == "TaskTimeoutError"  # type: ignore[union-attr]
+    assert result.tasks["never"].error.type == "TaskTimeoutError"
     assert c.execs(run_id) == {"deploy": 1, "fallback": 1, "after-nap": 1}
     events = _logged(c.client, run_id)
     # The deadlines are the logged ones, kept across the restart (not restarted from the new leader).
     for tid, kind, seconds in (("nap", EventType.TASK_COMPLETED, 3.0), ("never", EventType.TASK_FAILED, 4.0)):
-        waited = _first(events, kind, tid).logged_at - _first(events, EventType.TASK_WAITING, tid).logged_at  # type: ignore[operator]
+        waited = _first(events, kind, tid).logged_at - _first(events, EventType.TASK_WAITING, tid).logged_at
         assert seconds <= waited < seconds + 3.0, (tid, waited)
     # Each node ended once, by the one leader that held it (none twice across the failover).
     for tid in ("approval", "never", "nap"):

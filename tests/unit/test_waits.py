@@ -140,7 +140,7 @@ def test_a_signal_after_the_node_is_reached_completes_it_with_the_payload() -> N
     assert set(run.waiting) == {"approval"} and not run.ready and not run.running
     run, out = step(run, 101.0)
     assert out.events == [] and out.jobs == []  # waiting: nothing to do, no worker slot held
-    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload={"by": "ana"}))  # type: ignore[assignment]
+    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload={"by": "ana"}))
     assert set(run.woken) == {"approval"}
     run, out = step(run, 102.0)
     assert kinds(out)[0] == (E.TASK_COMPLETED, "approval")
@@ -213,13 +213,13 @@ def test_a_timeout_fails_the_node_with_task_timeout_error_and_the_fallback_runs(
     assert len(room) == 0
     assert (timeout.type, timeout.task_id) == (E.TASK_FAILED, "approval")
     assert timeout.data["error"]["type"] == "TaskTimeoutError"
-    run = apply_to_run(run, timeout)  # type: ignore[assignment]
+    run = apply_to_run(run, timeout)
     assert run.tasks["approval"].status is TaskStatus.FAILED and not run.waiting
     run, out = step(run, 105.1)
     assert (E.TASK_SKIPPED, "deploy") in kinds(out)
     assert [job.task_id for job, _ in out.jobs] == ["fallback"]
     # A signal after the timeout wakes nothing (its node is over) but is kept, for a rerun.
-    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload="late"))  # type: ignore[assignment]
+    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload="late"))
     assert not run.woken and run.signals["approval"] == "late"
 
 
@@ -230,7 +230,7 @@ def test_a_signal_and_a_deadline_end_the_node_once() -> None:
     room = WaitRoom()
     room.observe(out.events, state)
     waiting = run
-    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload="ok"))  # type: ignore[assignment]
+    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="approval", payload="ok"))
     state = State(runs=EMPTY.runs.set(RUN, run))
     assert room.expired(200.0, state, SRC) == []  # woken: the signal came first, in the log
     run, out = step(run, 200.0)
@@ -255,7 +255,7 @@ def test_sleeps_complete_at_their_deadline_and_the_room_rebuilds_from_the_state(
     assert len(room) == 2 and room.next_due() == 42.0
     (woke,) = room.expired(45.0, state, SRC)
     assert (woke.type, woke.task_id, woke.data["result"]) == (E.TASK_COMPLETED, "nap", None)
-    run = apply_to_run(run, woke)  # type: ignore[assignment]
+    run = apply_to_run(run, woke)
     run, out = step(run, 45.0)
     assert [job.task_id for job, _ in out.jobs] == ["after"]
     assert room.next_due() == 50.0
@@ -276,7 +276,7 @@ def test_cancelling_a_run_cancels_its_waiting_node_and_its_deadline_does_nothing
     state = State(runs=EMPTY.runs.set(RUN, run))
     room = WaitRoom()
     room.observe(out.events, state)
-    run = apply_to_run(run, ev(E.WORKFLOW_CANCEL_REQUESTED, reason="stop"))  # type: ignore[assignment]
+    run = apply_to_run(run, ev(E.WORKFLOW_CANCEL_REQUESTED, reason="stop"))
     run, out = step(run, 100.5)
     assert (E.TASK_CANCELLED, "approval") in kinds(out) and not out.revoke and not out.cancels
     assert run.status is RunStatus.CANCELLED and not run.waiting
@@ -322,7 +322,7 @@ def test_waits_round_trip_through_a_checkpoint() -> None:
     wf.wait_for("c")
     run = run_of([submitted(wf.definition()), ev(E.SIGNAL_RECEIVED, name="b", payload={"x": [1]})])
     run, _ = step(run, 10.0)
-    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="c", payload=None))  # type: ignore[assignment]
+    run = apply_to_run(run, ev(E.SIGNAL_RECEIVED, name="c", payload=None))
     assert set(run.waiting) == {"a", "b", "nap", "c"} and set(run.woken) == {"b", "c"}
     back = checkpoint.decode(json.loads(json.dumps(checkpoint.encode(run))))
     for name in RunState._fields:
@@ -334,12 +334,12 @@ def test_a_rerun_waits_again_for_a_new_signal_or_takes_one_that_came_late() -> N
     run, _ = step(run_of(base), 100.0)
     # Completed with a signal, then rerun by name: it waits for a new signal (the old one is spent).
     done = functools.reduce(
-        lambda r, e: apply_to_run(r, e),  # type: ignore[arg-type, return-value]
+        lambda r, e: apply_to_run(r, e),
         [ev(E.SIGNAL_RECEIVED, name="approval", payload="v1")],
         run,
     )
     done, _ = step(done, 101.0)
-    done = apply_to_run(done, ev(E.WORKFLOW_COMPLETED))  # type: ignore[assignment]
+    done = apply_to_run(done, ev(E.WORKFLOW_COMPLETED))
     again = apply_to_run(done, ev(E.WORKFLOW_RERUN_REQUESTED, n=1, tasks=["approval"]))
     assert again is not None and "approval" not in again.signals and not again.woken
     again, out = step(again, 200.0)
