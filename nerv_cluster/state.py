@@ -568,15 +568,26 @@ def _cancelled(run: RunState, ev: Event) -> RunState:
 
 def _waiting(run: RunState, ev: Event) -> RunState:
     """TASK_WAITING: a READY wait node was reached; WAITING from now, its deadline counted from the
-    event's logged time (see :mod:`nerv_cluster.waits`); woken at once if its signal came first."""
+    event's logged time (see :mod:`nerv_cluster.waits`); woken at once if its signal came first.
+
+    The scheduler folds its own TASK_WAITING at once, before the log dated it (``logged_at`` None: the
+    deadline counts from its ``ts``), then reads the same event back from the log: that copy (the same
+    ``ts``) moves the deadline to the logged time, so the state it holds is the one any refold builds."""
     cur = _current(run, ev)
-    if cur is None or cur[1].status is not TaskStatus.READY or cur[1].dispatched:
+    if cur is None or cur[1].dispatched:
         return run
     tid, ts = cur
     spec = run.defs[tid].wait
     if spec is None:  # only a wait node waits
         return run
     since = event_time(ev)
+    if ts.status is TaskStatus.WAITING:
+        if ev.logged_at is None or ts.started_at != ev.ts or since == ev.ts:
+            return run
+        # The logged copy of the event this node was made WAITING by (in memory): date it by the log.
+        return _put(run, tid, ts, ts._replace(started_at=since, due_at=waits.deadline(spec, since)))
+    if ts.status is not TaskStatus.READY:
+        return run
     new = ts._replace(status=TaskStatus.WAITING, started_at=since, due_at=waits.deadline(spec, since))
     out = _put(run, tid, ts, new, ready=run.ready.discard(tid))
     name = waits.signal_of(run.defs[tid])

@@ -68,6 +68,12 @@ class WaitRoom:
             self._keys.discard((rid, tid, attempt))
             run = runs.get(rid)
             if run is not None and not run.cancel_requested:
+                ts = run.tasks.get(tid)
+                if ts is not None and ts.status is TaskStatus.WAITING and (ts.due_at or 0) > now:
+                    # Its deadline moved later (the log dated the TASK_WAITING after this scheduler
+                    # did): come back then.
+                    self._push(run, tid)
+                    continue
                 ev = waits.expire(run, tid, attempt, now, source)
                 if ev is not None:
                     out.append(ev)

@@ -201,6 +201,32 @@ def test_the_deadline_is_the_logged_time_of_reaching_the_node_plus_the_timeout()
     assert run.tasks["approval"].due_at == 53.0
 
 
+def test_the_scheduler_s_own_copy_takes_the_logged_deadline_once_it_reads_it_back() -> None:
+    sub = submitted(approval_wf(timeout=3))
+    run, out = step(run_of([sub]), 100.0)
+    (mine,) = [e for e in out.events if e.type is E.TASK_WAITING]
+    assert run.tasks["approval"].due_at == 103.0  # folded at once, on the scheduler's clock
+    room = WaitRoom()
+    room.observe(out.events, State(runs=EMPTY.runs.set(RUN, run)))
+    logged = Event(
+        mine.type, RUN, mine.task_id, mine.attempt, dict(mine.data), mine.ts, mine.id, mine.source, 100.02
+    )
+    back = apply_to_run(run, logged)
+    assert (
+        back is not None
+        and back.tasks["approval"].due_at == 103.02
+        and back.tasks["approval"].started_at == 100.02
+    )
+    assert apply_to_run(back, logged) == back and apply_to_run(back, mine) == back
+    # The same as a refold of the log, which only ever sees the logged copy.
+    assert fold([sub, *(logged if e is mine else e for e in out.events)]).runs[RUN] == back
+    state = State(runs=EMPTY.runs.set(RUN, back))
+    assert room.expired(103.01, state, SRC) == []  # the old reminder: come back at the logged deadline
+    assert room.next_due() == 103.02
+    (ended,) = room.expired(103.02, state, SRC)
+    assert ended.type is E.TASK_FAILED
+
+
 def test_a_timeout_fails_the_node_with_task_timeout_error_and_the_fallback_runs() -> None:
     run = run_of([submitted(approval_wf(timeout=5))])
     run, out = step(run, 100.0)
