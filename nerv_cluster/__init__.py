@@ -8,11 +8,14 @@ The public API::
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
+    IdempotencyKeyError,
     MapError,
     NervError,
     RerunError,
     RunFinishedError,
     RunNotFinishedError,
+    ScheduleError,
+    ScheduleNotFoundError,
     SignalError,
     TaskTimeoutError,
     UnknownSignalError,
@@ -33,6 +36,7 @@ from nerv_cluster.model import (
     WorkflowDef,
 )
 from nerv_cluster.registry import TaskContext, TaskFunction, task
+from nerv_cluster.schedules import Schedule, ScheduleSpec
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, StateProjector
 from nerv_cluster.workflow import TaskHandle, Workflow
@@ -45,6 +49,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventType",
+    "IdempotencyKeyError",
     "MapError",
     "NervError",
     "ParentRef",
@@ -54,6 +59,10 @@ __all__ = [
     "RunNotFinishedError",
     "RunResult",
     "RunStatus",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleNotFoundError",
+    "ScheduleSpec",
     "Settings",
     "SignalError",
     "StateProjector",

@@ -29,6 +29,7 @@ from nerv_cluster.errors import (
 )
 from nerv_cluster.logs import setup_logging
 from nerv_cluster.model import RunStatus
+from nerv_cluster.schedule_cli import schedule_app
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import RunResult, RunState, run_result
 from nerv_cluster.workflow import Workflow, nested_tasks
@@ -278,6 +279,9 @@ def submit(
     refresh_cache: bool = typer.Option(
         False, "--refresh-cache", help="Cached tasks compute; their results replace the cached ones."
     ),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="The same key gives the same run (while it is retained)."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Submit the workflow a Python file defines and print its run id.
@@ -292,7 +296,7 @@ def submit(
         # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
         wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
-        run_id = client.submit(wf, refresh_cache=refresh_cache)
+        run_id = client.submit(wf, refresh_cache=refresh_cache, idempotency_key=idempotency_key)
     except NervError:
         client.close()
         raise
@@ -374,6 +378,8 @@ def signal_cmd(
             "this one changes nothing"
         )
 
+
+app.add_typer(schedule_app, name="schedule")  # idem (issue 11): nerv schedule add|list|...
 
 cache_app = typer.Typer(no_args_is_help=True, help="The result cache of tasks with cache=Cache(...).")
 app.add_typer(cache_app, name="cache")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -13,17 +14,20 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from nerv_cluster import constants, idempotency, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
-from nerv_cluster import waits
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
 from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.caching import REFRESH_META
 from nerv_cluster.errors import (
+    IdempotencyKeyError,
     PayloadTooLargeError,
     RunMovedError,
     RunNotFinishedError,
     RunNotFoundError,
+    ScheduleError,
+    ScheduleNotFoundError,
     UnknownTaskError,
     WaitTimeoutError,
 )
@@ -31,6 +35,8 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
 from nerv_cluster.registry import TaskFunction
+from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec, event_run_id, trigger_run_id
+from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from nerv_cluster.workflow import Workflow, nested_tasks, validate_definition
 
@@ -101,8 +107,14 @@ class Client:
         run_id: str | None = None,
         check_names: bool = True,
         refresh_cache: bool = False,
+        idempotency_key: str | None = None,
     ) -> str:
         """Validate and submit a workflow; returns the run id at once.
+
+        ``idempotency_key``: the same key gives the same run. The run id derives from the key, and while
+        that run is retained (until its retention time after it ended) submitting under the key again
+        returns its id and writes nothing, whatever the workflow; two clients submitting one key at once
+        get one run (see :mod:`nerv_cluster.idempotency`). Not together with ``run_id``.
 
         ``refresh_cache``: the run's cached tasks (``cache=Cache(...)``) skip the cache and compute,
         and their results replace the stored entries.
@@ -112,6 +124,10 @@ class Client:
         an oversized payload or submission, too many tasks, or (with
         ``check_names`` and once any worker has registered) a task name no worker knows.
         """
+        if idempotency_key is not None:
+            if run_id is not None:
+                raise IdempotencyKeyError("give run_id or idempotency_key, not both")
+            run_id = idempotency.run_id_for_key(idempotency_key)
         definition = workflow.definition()
         if refresh_cache:
             definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
@@ -145,8 +161,106 @@ class Client:
                 f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "
                 f"{self.settings.max_submission_bytes} (NERV_MAX_SUBMISSION_BYTES)"
             )
-        self.log.submit(event)
+        # Under a key the script's existence check is the claim: the second of two racing submitters
+        # finds the first one's run and returns its id.
+        self.log.submit(event, existing_ok=idempotency_key is not None)
         return run_id
+
+    # -- schedules (issue 11, idem) ------------------------------------------------------------------
+
+    def schedule(
+        self,
+        name: str,
+        factory: TaskFunction | str,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        overlap: str = "skip",
+        catchup: bool | int = False,
+        timezone: str = "UTC",
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Add (or replace) a schedule; returns its name. See :mod:`nerv_cluster.schedules`.
+
+        ``factory`` is a registered task function (or its name) returning a Workflow; each fire calls it
+        with the slot's time (epoch seconds) and ``kwargs``, and the workflow it returns runs as the
+        fire's child run. Give ``cron`` (a cron expression, read in ``timezone``) or ``every`` (seconds;
+        slots are multiples of it since the epoch). ``overlap``: what a slot does while the schedule's
+        previous run still runs: ``"skip"`` it, ``"buffer_one"`` (fire the latest such slot when the run
+        ends) or ``"allow"`` it. ``catchup``: slots missed while no scheduler ran (or it was paused out)
+        fire only the latest one by default; with ``overlap="allow"``, ``True`` fires them all (at most
+        ``SCHEDULE_MAX_CATCHUP``, the latest) and a number fires that many. A replaced schedule goes on
+        from now with its new definition. Raises :class:`ScheduleError` (writing nothing) for an invalid
+        definition, or (once any worker has registered) a factory no worker knows.
+        """
+        fn = factory.name if isinstance(factory, TaskFunction) else factory
+        queue = factory.queue if isinstance(factory, TaskFunction) else None
+        if isinstance(fn, str) and fn:
+            known = self.registered_tasks()
+            if known and fn not in known:
+                raise ScheduleError(
+                    f"schedule {name!r}: the factory {fn!r} is a task no worker has registered; start a "
+                    "worker with the module that defines it (nerv worker --app MODULE)"
+                )
+            queue = queue or known.get(fn)
+        try:
+            args = json.dumps(dict(kwargs or {}), separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ScheduleError(f"schedule {name!r}: kwargs must be JSON: {exc}") from None
+        if len(args) > self.settings.max_payload_bytes:
+            raise ScheduleError(
+                f"schedule {name!r}: kwargs are {len(args)} bytes of JSON; the limit is "
+                f"{self.settings.max_payload_bytes} (NERV_MAX_PAYLOAD_BYTES)"
+            )
+        spec = check_spec(
+            ScheduleSpec(
+                name=name,
+                factory=fn,
+                queue=queue or constants.DEFAULT_QUEUE,
+                cron=cron,
+                every=float(every) if isinstance(every, int) and not isinstance(every, bool) else every,
+                overlap=overlap,
+                catchup=catchup,
+                timezone=timezone,
+                kwargs=json.loads(args),
+            )
+        )
+        self._schedule_command(EventType.SCHEDULE_SET, name, spec=spec.to_dict())
+        return name
+
+    def schedules(self) -> dict[str, Schedule]:
+        """Every schedule, by name, as its log says now."""
+        return dict(ScheduleStore(self.redis, self.keys).schedules())
+
+    def pause_schedule(self, name: str) -> None:
+        """Pause a schedule: no slot fires until it is resumed (triggers still do)."""
+        self._schedule_command(EventType.SCHEDULE_PAUSED, self._require_schedule(name))
+
+    def resume_schedule(self, name: str) -> None:
+        """Resume a paused schedule; the slots that passed while it was paused do not fire."""
+        self._schedule_command(EventType.SCHEDULE_RESUMED, self._require_schedule(name))
+
+    def trigger_schedule(self, name: str) -> str:
+        """Fire a schedule now, once, whatever its overlap and pause; returns the fire's run id (the
+        run exists as soon as the scheduler has read the request)."""
+        event = self._schedule_command(EventType.SCHEDULE_TRIGGERED, self._require_schedule(name))
+        return trigger_run_id(name, event.id)
+
+    def delete_schedule(self, name: str) -> None:
+        """Delete a schedule; runs it fired go on."""
+        self._schedule_command(EventType.SCHEDULE_DELETED, self._require_schedule(name))
+
+    def _require_schedule(self, name: str) -> str:
+        if name not in ScheduleStore(self.redis, self.keys).schedules():
+            raise ScheduleNotFoundError(f"no schedule {name!r}")
+        return name
+
+    def _schedule_command(self, kind: EventType, name: str, **data: Any) -> Event:
+        seconds, micros = self.redis.time()
+        at = int(seconds) + int(micros) / 1e6  # Redis's clock: the one slots are compared with
+        event = Event(kind, event_run_id(name), data={"name": name, "at": at, **data}, source="client")
+        ScheduleStore(self.redis, self.keys).command(event)
+        return event
 
     def clear_cache(self, task: TaskFunction | str | None = None) -> int:
         """Delete cached results (``cache=Cache(...)``): every entry, or those of one task function (a

@@ -144,6 +144,18 @@ DEFAULT_SCHEDULER_MODULES: Final[tuple[str, ...]] = ()
 #: Cache entries the scheduler stores or reads per script call, and keys deleted per round trip by
 #: ``nerv cache clear`` (bounds how long one call holds Redis).
 CACHE_CHUNK: Final = 5_000
+# idem (issue 11, parts 4 and 5): idempotent submission and schedules.
+#: Longest idempotency key accepted (the run id keeps its start and a digest of all of it).
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
+#: Shortest interval of an ``every=`` schedule, in seconds.
+MIN_SCHEDULE_INTERVAL_S: Final = 0.1
+#: Most missed slots one schedule fires at once with ``catchup=True`` (the latest ones).
+SCHEDULE_MAX_CATCHUP: Final = 100
+#: The schedules stream is compacted into one snapshot once it holds this many entries per schedule
+#: (plus a few): it stays bounded however often schedules fire.
+SCHEDULES_COMPACT_PER_SCHEDULE: Final = 8
+#: Longest schedule name (it goes into run ids: ``<name>.<slot>``).
+MAX_SCHEDULE_NAME_CHARS: Final = 64
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -165,6 +177,7 @@ class Keys:
         "registry",
         "registry_seen",
         "runs",
+        "schedules",
         "workers",
     )
 
@@ -180,6 +193,7 @@ class Keys:
         self.workers = f"{prefix}:workers"  # worker id -> JSON description
         self.circuits = f"{prefix}:circuits"  # CIRCUIT_* events of every task function
         self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}
+        self.schedules = f"{prefix}:schedules"  # SCHEDULE_* events (idem, issue 11): the schedules' log
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

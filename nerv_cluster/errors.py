@@ -73,6 +73,20 @@ class RunFinishedError(SignalError):
     """The run is over: no node of it can receive a signal any more."""
 
 
+# idem (issue 11, parts 4 and 5): idempotent submission and schedules.
+class IdempotencyKeyError(WorkflowError):
+    """An idempotency key is not a non-empty string within the length limit."""
+
+
+class ScheduleError(WorkflowError):
+    """A schedule's definition is invalid (cron, interval, overlap, catchup, time zone, factory,
+    arguments); nothing was written."""
+
+
+class ScheduleNotFoundError(ScheduleError):
+    """No schedule of that name exists (never added, or deleted)."""
+
+
 class MalformedEventError(NervError):
     """A log entry is not a valid event (bad JSON, a missing or mistyped field); it is skipped."""
 

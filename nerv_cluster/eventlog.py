@@ -156,8 +156,10 @@ class EventLog:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    def submit(self, event: Event) -> None:
-        """Record a WORKFLOW_SUBMITTED event: the run exists from here on."""
+    def submit(self, event: Event, *, existing_ok: bool = False) -> bool:
+        """Record a WORKFLOW_SUBMITTED event: the run exists from here on. True when this call created
+        the run; with ``existing_ok`` (an idempotent submission) a run of that id already there is
+        False, else an error."""
         k = self.keys
         try:
             self.scripts.submit(
@@ -174,10 +176,13 @@ class EventLog:
         except redis.ResponseError as exc:
             if "RUN_EXISTS" not in str(exc):
                 raise
+            if existing_ok:
+                return False
             # A retry after a lost reply finds its own first try: that is success, not a clash.
             first = self.redis.xrange(k.log(event.run_id), count=1)
             if not (first and Event.from_json(first[0][1][constants.EVENT_FIELD]).id == event.id):
                 raise NervError(str(exc).removeprefix("RUN_EXISTS ")) from exc
+        return True
 
     def append(self, events: Sequence[Event]) -> None:
         """Append events (of any runs) to their run logs and the feed, one script call per run, pipelined."""

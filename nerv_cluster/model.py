@@ -142,6 +142,18 @@ class EventType(StrEnum):
     SIGNAL_RECEIVED = "SIGNAL_RECEIVED"
     # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
     MAP_EXPANDED = "MAP_EXPANDED"
+    # idem (issue 11, part 5): schedules, in the cluster-wide schedules stream (see
+    # nerv_cluster/schedules.py; their run id is ``schedule:<name>``, which no run has). Clients write
+    # SET (data: spec, at), PAUSED / RESUMED (name, at), TRIGGERED (name, at), DELETED (name); the
+    # leader writes FIRED (name, slot, run, trigger), SKIPPED (name, upto) and SNAPSHOT (schedules).
+    SCHEDULE_SET = "SCHEDULE_SET"
+    SCHEDULE_PAUSED = "SCHEDULE_PAUSED"
+    SCHEDULE_RESUMED = "SCHEDULE_RESUMED"
+    SCHEDULE_TRIGGERED = "SCHEDULE_TRIGGERED"
+    SCHEDULE_DELETED = "SCHEDULE_DELETED"
+    SCHEDULE_FIRED = "SCHEDULE_FIRED"
+    SCHEDULE_SKIPPED = "SCHEDULE_SKIPPED"
+    SCHEDULES_SNAPSHOT = "SCHEDULES_SNAPSHOT"
 
     @classmethod
     def parse(cls, value: EventType | str) -> EventType:

@@ -339,6 +339,42 @@ class Spawn(LuaScript):
         return list(self._run([lease, active, runs], [token], tail_keys, tail_args))
 
 
+class ScheduleFire(LuaScript):
+    """Fire schedule slots (fenced by the lease): per fire the run's submission unless a run of that id
+    exists, with SCHEDULE_FIRED in the schedules stream in the same step, then the notes; per fire 1
+    (created) or 0 (existed). ``LEASE_LOST`` (a ResponseError) when not leader."""
+
+    name = "schedule_fire"
+    keys = ("lease", "schedules", "active", "runs")
+    args = ("token", "n_fires")
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        schedules: str,
+        active: str,
+        runs: str,
+        token: str,
+        n_fires: int,
+        tail_keys: Sequence[str],
+        tail_args: Sequence[Any],
+    ) -> list[Any]:
+        return list(self._run([lease, schedules, active, runs], [token, n_fires], tail_keys, tail_args))
+
+
+class SchedulesCompact(LuaScript):
+    """Replace the schedules stream by a snapshot (fenced), only if it still ends at ``last_id``;
+    1 when compacted, 0 when the stream moved. ``LEASE_LOST`` (a ResponseError) when not leader."""
+
+    name = "schedules_compact"
+    keys = ("lease", "schedules")
+    args = ("token", "last_id", "snapshot")
+
+    def __call__(self, *, lease: str, schedules: str, token: str, last_id: str, snapshot: str) -> Any:
+        return self._run([lease, schedules], [token, last_id, snapshot])
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -356,6 +392,9 @@ ALL: tuple[type[LuaScript], ...] = (
     Close,
     CacheExchange,
     Spawn,
+    # idem (issue 11): schedules
+    ScheduleFire,
+    SchedulesCompact,
 )
 
 
@@ -376,3 +415,6 @@ class Scripts:
         self.rerun = Rerun(client)
         self.close = Close(client)
         self.spawn = Spawn(client)
+        # idem (issue 11): schedules
+        self.schedule_fire = ScheduleFire(client)
+        self.schedules_compact = SchedulesCompact(client)

@@ -735,6 +735,15 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.CIRCUIT_OPENED: lambda run, ev: run,
     EventType.CIRCUIT_HALF_OPENED: lambda run, ev: run,
     EventType.CIRCUIT_CLOSED: lambda run, ev: run,
+    # idem (issue 11): schedule events concern a schedule, never a run (see nerv_cluster.schedules).
+    EventType.SCHEDULE_SET: lambda run, ev: run,
+    EventType.SCHEDULE_PAUSED: lambda run, ev: run,
+    EventType.SCHEDULE_RESUMED: lambda run, ev: run,
+    EventType.SCHEDULE_TRIGGERED: lambda run, ev: run,
+    EventType.SCHEDULE_DELETED: lambda run, ev: run,
+    EventType.SCHEDULE_FIRED: lambda run, ev: run,
+    EventType.SCHEDULE_SKIPPED: lambda run, ev: run,
+    EventType.SCHEDULES_SNAPSHOT: lambda run, ev: run,
     # rerun (issue 16)
     EventType.WORKFLOW_RERUN_REQUESTED: _rerun_requested,
     # Child runs (issue 16, part "child").

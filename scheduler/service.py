@@ -13,6 +13,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.circuit_watch`: workers' outcomes fed to the circuit breakers;
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
+- :mod:`scheduler.schedules`: schedules' slots fired, each once (issue 11, idem);
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
 
@@ -33,6 +34,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import EventType
+from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
 from scheduler.caching import CacheRoom, import_modules
@@ -43,6 +45,7 @@ from scheduler.effects import Effects
 from scheduler.handoff_match import HandoffMatcher
 from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
+from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
 from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
@@ -86,6 +89,7 @@ class SchedulerService:
         self.waits = WaitRoom()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
+        self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys))
         self.watchdog = Watchdog(log, settings)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
@@ -132,6 +136,7 @@ class SchedulerService:
         self.checkpointer.reset(found.positions)
         self.caching.rebuild(self.state)
         self.circuits.reload(self.log)
+        self.schedules.reload(self.clock())
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
         self.waits.rebuild(self.state)
@@ -174,6 +179,7 @@ class SchedulerService:
         self.matcher.clear()
         self.timers.clear()
         self.waits.clear()
+        self.schedules.clear()
         self.caching.clear()
         self.checkpointer.reset({})
         self.leader_since = None
@@ -185,7 +191,8 @@ class SchedulerService:
         self._flush()
         now = self.clock()
         block = self.settings.block_ms
-        due = min((d for d in (self.timers.next_due(), self.waits.next_due()) if d is not None), default=None)
+        dues = (self.timers.next_due(), self.waits.next_due(), self.schedules.next_due())
+        due = min((d for d in dues if d is not None), default=None)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
@@ -213,6 +220,11 @@ class SchedulerService:
         now = self.clock()
         self._touched |= self.timers.release(now)
         self._expire_waits(now)
+        self.schedules.observe((ev for _, ev in entries), now)
+        fired = self.schedules.act(now, self.state, self.effects.token, self.source)
+        if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
+            self.state = st.fold(fired, self.state)
+            self._touched.update(ev.run_id for ev in fired)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
             self._sweep(now)
@@ -335,6 +347,7 @@ class SchedulerService:
             self.checkpointer.forget(rid)
         self.state = state
         self._touched |= self.caching.forget(run_ids)
+        self.schedules.run_ended(run_ids, self.clock())
 
     # -- the loop -------------------------------------------------------------------------------------
 

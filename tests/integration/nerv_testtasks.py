@@ -391,3 +391,34 @@ def fragile(ctx: TaskContext, x: int, bad: int) -> int:
     if x == bad and not _redis().hexists(f"test:fixed:{ctx.run_id}", ctx.task_id):
         raise ValueError(f"element {x} is broken")
     return 10 * x
+
+
+# -- idem (issue 11): schedule factories ---------------------------------------------------------------
+
+_PEAK = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+return n
+"""
+
+
+@task(queue="io")
+def scheduled(slot: float, label: str = "sched", seconds: float = 0.0) -> Workflow:
+    """A schedule's factory: a workflow of one task that counts the slot it was fired for."""
+    wf = Workflow(f"scheduled-{label}")
+    wf.add(scheduled_body, label, slot, seconds, id="body")
+    return wf
+
+
+@task(queue="io")
+def scheduled_body(label: str, slot: float, seconds: float) -> float:
+    """Count the slot's execution (``test:sched:<label>:slots``) and the peak of bodies running at once
+    (``test:sched:<label>:peak``), running ``seconds``."""
+    r = _redis()
+    r.eval(_PEAK, 2, f"test:sched:{label}:running", f"test:sched:{label}:peak")
+    r.hincrby(f"test:sched:{label}:slots", repr(slot), 1)
+    try:
+        time.sleep(seconds)
+    finally:
+        r.decr(f"test:sched:{label}:running")
+    return slot

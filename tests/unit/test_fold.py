@@ -111,6 +111,8 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data.update(cached=True, cached_from="other-run/t0")
     if rng.random() < 0.3:  # part "waits": a signal's name and payload
         data.update(name=rng.choice(["go", "stop", "t0"]), payload=rng.choice([None, 1, {"by": "ana"}]))
+    if rng.random() < 0.2:  # idem (issue 11): schedule events' fields (they never change a run)
+        data.update(name="nightly", slot=now, upto=now, run=run_id, at=now)
     return Event(kind, run_id, task, rng.choice([None, 1, 1, 2, 3]), data, ts=now + rng.random())
 
 
