@@ -24,8 +24,9 @@ from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
-#: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map).
-FORMAT = 5
+#: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map);
+#: 6: waiting, woken, signals (waits, issue 11).
+FORMAT = 6
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -34,7 +35,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered", "waiting", "woken")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -78,6 +79,7 @@ def encode(run: RunState) -> dict[str, Any]:
         "maps": [[map_id, len(run.growth.layers[map_id])] for map_id in run.growth.order],
         **{name: list(getattr(run, name)) for name in _ID_SETS},
         **{name: getattr(run, name) for name in _PLAIN},
+        "signals": dict(run.signals),
     }
 
 
@@ -108,6 +110,9 @@ def decode(data: dict[str, Any]) -> RunState:
         queued=_ids(data["queued"]),
         gathered=_ids(data["gathered"]),
         spawning=_ids(data.get("spawning", [])),
+        waiting=_ids(data.get("waiting", [])),
+        woken=_ids(data.get("woken", [])),
+        signals=pmap(data.get("signals", {})),
         submitted_at=float(data["submitted_at"]),
         started_at=data["started_at"],
         finished_at=data["finished_at"],

@@ -26,6 +26,9 @@ class TaskStatus(StrEnum):
     PENDING = "PENDING"  # waiting for its dependencies (or for a retry delay)
     READY = "READY"  # dependencies satisfied; dispatched or about to be
     RUNNING = "RUNNING"  # a worker started the current attempt
+    #: A durable wait (``wait_for``, ``sleep``): held in the scheduler's state for a signal or a
+    #: timer, in no worker slot (issue 11, part "waits").
+    WAITING = "WAITING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"  # its trigger rule can no longer be met
@@ -132,6 +135,11 @@ class EventType(StrEnum):
     # its run id). See nerv_cluster/children.py.
     TASK_SPAWNED = "TASK_SPAWNED"
     CHILD_STARTED = "CHILD_STARTED"
+    # Durable waits (issue 11, part "waits"; see nerv_cluster/waits.py): the scheduler's record that a
+    # wait node was reached (it is WAITING from then on: its deadline counts from this event's logged
+    # time), and a client's signal (data: ``name``, ``payload``), kept in the run until its node takes it.
+    TASK_WAITING = "TASK_WAITING"
+    SIGNAL_RECEIVED = "SIGNAL_RECEIVED"
     # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
     MAP_EXPANDED = "MAP_EXPANDED"
     # idem (issue 11, part 5): schedules, in the cluster-wide schedules stream (see
@@ -353,6 +361,9 @@ class TaskDef:
     #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
     #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
     workflow: Mapping[str, Any] | None = None
+    #: A durable wait node (``fn`` is ``constants.WAIT_FN``): ``{"signal": name, "timeout": s}``,
+    #: ``{"sleep": s}`` or ``{"until": epoch_s}``, see :mod:`nerv_cluster.waits`.
+    wait: Mapping[str, Any] | None = None
     over: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -388,6 +399,8 @@ class TaskDef:
             out["cache"] = self.cache.to_dict()
         if self.workflow is not None:
             out["workflow"] = self.workflow
+        if self.wait is not None:
+            out["wait"] = self.wait
         if self.over is not None:
             out["over"] = self.over
         return out
@@ -414,6 +427,7 @@ class TaskDef:
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
             workflow=data.get("workflow"),
+            wait=data.get("wait"),
             over=data.get("over"),
         )
 

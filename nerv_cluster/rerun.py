@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
-from nerv_cluster import children, mapping
+from nerv_cluster import children, mapping, waits
 from nerv_cluster.errors import RerunError, RunNotFinishedError
 from nerv_cluster.model import Event, RunStatus, TaskStatus
 from nerv_cluster.state import RunState, TaskState, _moved, rule_outcome
@@ -236,7 +236,19 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
     uncached = sum(
         1 for tid, fresh in new.items() if old[tid].cached_from is not None and fresh.cached_from is None
     )
+    # Durable waits (nerv_cluster/waits.py): a reset node waits no more, and a signal node that had
+    # completed with its signal waits for a new one (a signal that came after a timeout stays, for the
+    # node to take when it is reached again).
+    waiting, woken, signals = run.waiting, run.woken, run.signals
+    for tid, before in old.items():
+        waiting, woken = waiting.discard(tid), woken.discard(tid)
+        name = waits.signal_of(run.defs[tid])
+        if name is not None and before.status is TaskStatus.COMPLETED:
+            signals = signals.discard(name)
     out = run._replace(
+        waiting=waiting,
+        woken=woken,
+        signals=signals,
         tasks=tasks,
         ready=ready,
         doomed=doomed,

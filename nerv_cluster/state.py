@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 from pyrsistent import PMap, pmap
 
-from nerv_cluster import intake, mapping
+from nerv_cluster import intake, mapping, waits
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
@@ -38,6 +38,8 @@ from nerv_cluster.model import (
 from nerv_cluster.planner import Plan, plan
 
 _ACTIVE = (TaskStatus.READY, TaskStatus.RUNNING)
+#: Statuses an outcome (TASK_COMPLETED/TASK_FAILED) can end: the active ones and a durable wait's.
+_OPEN = (TaskStatus.READY, TaskStatus.RUNNING, TaskStatus.WAITING)
 # Immutable empties shared as defaults. The states are NamedTuples: ``_replace`` is several times
 # faster than ``dataclasses.replace``, and the fold does little else.
 #: A set of task ids, kept as a pmap to True: pyrsistent's pset pays for an evolver on every add and
@@ -193,6 +195,12 @@ class RunState(NamedTuple):
     #: A child run rerun for a rerun of its parent task: the parent attempt its end is for now (0: the
     #: one its definition names). See :func:`parent_of`.
     parent_attempt: int = 0
+    #: Durable waits (nerv_cluster/waits.py): WAITING tasks; those of them whose signal has arrived (the
+    #: scheduler completes them); and the signals received, name -> payload (the first of a name wins),
+    #: kept whether or not their node was reached yet.
+    waiting: IdSet = _NO_TASKS
+    woken: IdSet = _NO_TASKS
+    signals: PMap[str, Any] = pmap()
 
     @property
     def name(self) -> str:
@@ -253,6 +261,11 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
             changes["running"] = run.running.set(tid, True)
         elif old.status is TaskStatus.RUNNING:
             changes["running"] = run.running.discard(tid)
+        if new.status is TaskStatus.WAITING:
+            changes["waiting"] = run.waiting.set(tid, True)
+        elif old.status is TaskStatus.WAITING:
+            changes["waiting"] = run.waiting.discard(tid)
+            changes["woken"] = run.woken.discard(tid)
     if old.spawn is not None and new.status is not TaskStatus.RUNNING:
         # The attempt ended (cancelled, failed) before its child run was created: none will be.
         changes["spawning"] = run.spawning.discard(tid)
@@ -446,7 +459,7 @@ def _started(run: RunState, ev: Event) -> RunState:
 
 def _completed(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status not in _ACTIVE:
+    if cur is None or cur[1].status not in _OPEN:
         return run
     tid, ts = cur
     # A completion from the cache (the scheduler's, see nerv_cluster.caching) names its source.
@@ -467,7 +480,7 @@ def _completed(run: RunState, ev: Event) -> RunState:
 
 def _failed(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status not in _ACTIVE:
+    if cur is None or cur[1].status not in _OPEN:
         return run
     tid, ts = cur
     err = ev.data.get("error")
@@ -557,6 +570,48 @@ def _cancelled(run: RunState, ev: Event) -> RunState:
     if tid is None or ts is None or ts.status.terminal:
         return run
     return _finish(run, ev, tid, ts, TaskStatus.CANCELLED, reason=str(ev.data.get("reason", "cancelled")))
+
+
+def _waiting(run: RunState, ev: Event) -> RunState:
+    """TASK_WAITING: a READY wait node was reached; WAITING from now, its deadline counted from the
+    event's logged time (see :mod:`nerv_cluster.waits`); woken at once if its signal came first.
+
+    The scheduler folds its own TASK_WAITING at once, before the log dated it (``logged_at`` None: the
+    deadline counts from its ``ts``), then reads the same event back from the log: that copy (the same
+    ``ts``) moves the deadline to the logged time, so the state it holds is the one any refold builds."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].dispatched:
+        return run
+    tid, ts = cur
+    spec = run.defs[tid].wait
+    if spec is None:  # only a wait node waits
+        return run
+    since = event_time(ev)
+    if ts.status is TaskStatus.WAITING:
+        if ev.logged_at is None or ts.started_at != ev.ts or since == ev.ts:
+            return run
+        # The logged copy of the event this node was made WAITING by (in memory): date it by the log.
+        return _put(run, tid, ts, ts._replace(started_at=since, due_at=waits.deadline(spec, since)))
+    if ts.status is not TaskStatus.READY:
+        return run
+    new = ts._replace(status=TaskStatus.WAITING, started_at=since, due_at=waits.deadline(spec, since))
+    out = _put(run, tid, ts, new, ready=run.ready.discard(tid))
+    name = waits.signal_of(run.defs[tid])
+    if name is not None and name in out.signals:
+        out = out._replace(woken=out.woken.set(tid, True))
+    return out
+
+
+def _signal(run: RunState, ev: Event) -> RunState:
+    """SIGNAL_RECEIVED: keep the payload (the first signal of a name wins); wake its node if it waits."""
+    name = ev.data.get("name")
+    if not isinstance(name, str) or name in run.signals:
+        return run
+    out = run._replace(signals=run.signals.set(name, ev.data.get("payload")))
+    tid = waits.task_for(run, name)
+    if tid is not None and run.tasks[tid].status is TaskStatus.WAITING:
+        out = out._replace(woken=out.woken.set(tid, True))
+    return out
 
 
 def _rerun_requested(run: RunState, ev: Event) -> RunState:
@@ -700,6 +755,9 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     # Child runs (issue 16, part "child").
     EventType.TASK_SPAWNED: _spawned,
     EventType.CHILD_STARTED: _child_started,
+    # Durable waits (issue 11, part "waits").
+    EventType.TASK_WAITING: _waiting,
+    EventType.SIGNAL_RECEIVED: _signal,
     # -- map (issue 16)
     EventType.MAP_EXPANDED: _map_expanded,
 }

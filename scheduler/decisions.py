@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import children, constants, mapping
+from nerv_cluster import children, constants, mapping, waits
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
@@ -218,8 +218,8 @@ def readies_successor(run: RunState, tid: str) -> bool:
     tasks, defs = run.tasks, run.defs
     for child in run.plan.dependents[tid]:
         cs, cd = tasks[child], defs[child]
-        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING:
-            continue
+        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING or cd.wait is not None:
+            continue  # (a wait node is never handed to a worker: it waits in the scheduler)
         if rule_outcome(cd.trigger, len(cd.dependencies), cs.ok + 1, cs.failed, cs.skipped) is True:
             return True
     return False
@@ -296,6 +296,8 @@ def decide(
                 source=source,
             )
         )
+    for tid in run.woken:  # durable waits whose signal arrived: complete them with its payload
+        out.events.append(waits.wake(run, tid, now, source))
     if run.ready:
         rank = run.plan.rank
         for tid in sorted(run.ready, key=rank.__getitem__):
@@ -311,6 +313,9 @@ def decide(
                 continue
             if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
                 out.events.append(children.static_spawn(run, tid, ts, now, source))
+                continue
+            if td.wait is not None:  # a durable wait: WAITING in the scheduler's state, no worker
+                out.events.append(waits.enter(run, tid, ts.attempt, now, source))
                 continue
             cache_key = None
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing

@@ -9,6 +9,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, with the pack-hold;
 - :mod:`scheduler.handoff_match`: waiting workers matched with the dependents they ready;
 - :mod:`scheduler.timers`: due times (retry delays);
+- :mod:`scheduler.waits`: deadlines of durable waits (``wait_for`` timeouts, sleeps);
 - :mod:`scheduler.circuit_watch`: workers' outcomes fed to the circuit breakers;
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
@@ -47,6 +48,7 @@ from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.metrics import SchedulerMetrics
 from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
+from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
 
 log = logging.getLogger("nerv.scheduler")
@@ -85,6 +87,7 @@ class SchedulerService:
         limited = [q for q in constants.QUEUES if queue_time_limit(settings, q)]
         self.outbox = Outbox(log, dispatcher, self._sent, limited)
         self.timers = Timers()
+        self.waits = WaitRoom()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
         self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys))
@@ -138,6 +141,7 @@ class SchedulerService:
         self.schedules.reload(self.clock())
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
+        self.waits.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
         self.child_reruns.clear()
@@ -177,6 +181,7 @@ class SchedulerService:
         self.outbox.clear()
         self.matcher.clear()
         self.timers.clear()
+        self.waits.clear()
         self.schedules.clear()
         self.caching.clear()
         self.child_reruns.clear()
@@ -190,7 +195,7 @@ class SchedulerService:
         self._flush()
         now = self.clock()
         block = self.settings.block_ms
-        dues = (self.timers.next_due(), self.schedules.next_due())
+        dues = (self.timers.next_due(), self.waits.next_due(), self.schedules.next_due())
         due = min((d for d in dues if d is not None), default=None)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
@@ -211,12 +216,15 @@ class SchedulerService:
         self.state = state
         self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
+        # A TASK_WAITING of an earlier leader that the takeover's refold did not cover comes this way.
+        self.waits.observe((ev for _, ev in entries), state)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
         self.effects.record_circuits(self.circuits.observe(entries, self.state, self.source))
         now = self.clock()
         self._touched |= self.timers.release(now)
+        self._expire_waits(now)
         self.schedules.observe((ev for _, ev in entries), now)
         fired = self.schedules.act(now, self.state, self.effects.token, self.source)
         if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
@@ -232,6 +240,16 @@ class SchedulerService:
             self._since_trim = 0
         self.progress.step_done()
         return len(entries)
+
+    def _expire_waits(self, now: float) -> None:
+        """End the durable waits whose deadline passed (see :mod:`scheduler.waits`), fenced."""
+        events = self.waits.expired(now, self.state, self.source)
+        if events:
+            self.effects.write(events)
+            self.state = st.fold(events, self.state)
+            self.metrics.on_decided(events)
+            self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.caching.observe(events, self.state)
 
     def _sweep(self, now: float) -> None:
         """The periodic look around: metrics, capacity, the watchdog's verdicts."""
@@ -291,6 +309,7 @@ class SchedulerService:
                 self._sent(taken)
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
+            self.waits.observe(events, self.state)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.child_reruns.ended(events)
             self._touched |= self.caching.observe(events, self.state)

@@ -325,6 +325,16 @@ def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -
     return child
 
 
+# -- durable waits (issue 11, part "waits") -----------------------------------------------------------------
+
+
+@task(queue="io")
+def deploy(ctx: TaskContext, approval: Any) -> dict[str, Any]:
+    """Count this execution; return the approval (a signal's payload) it was given."""
+    _count(ctx)
+    return {"deployed": True, "approval": approval}
+
+
 # -- map (issue 16) ---------------------------------------------------------------------------------------
 
 
