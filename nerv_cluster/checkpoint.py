@@ -25,8 +25,8 @@ from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
 #: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map);
-#: 6: limits (TaskState.held, .slot; RunState.held).
-FORMAT = 6
+#: 6: waiting, woken, signals (waits, issue 11); 7: limits (TaskState.held, .slot; RunState.held).
+FORMAT = 7
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -35,7 +35,7 @@ _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
 #: The id sets of a run, stored as lists of task ids.
-_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered", "held")
+_ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered", "waiting", "woken", "held")
 #: RunState fields stored as they are (JSON scalars).
 _PLAIN = (
     "submitted_at",
@@ -47,6 +47,7 @@ _PLAIN = (
     "submitted_bytes",
     "reruns",
     "cached",
+    "parent_attempt",
 )
 
 
@@ -78,6 +79,7 @@ def encode(run: RunState) -> dict[str, Any]:
         "maps": [[map_id, len(run.growth.layers[map_id])] for map_id in run.growth.order],
         **{name: list(getattr(run, name)) for name in _ID_SETS},
         **{name: getattr(run, name) for name in _PLAIN},
+        "signals": dict(run.signals),
     }
 
 
@@ -108,6 +110,9 @@ def decode(data: dict[str, Any]) -> RunState:
         queued=_ids(data["queued"]),
         gathered=_ids(data["gathered"]),
         spawning=_ids(data.get("spawning", [])),
+        waiting=_ids(data.get("waiting", [])),
+        woken=_ids(data.get("woken", [])),
+        signals=pmap(data.get("signals", {})),
         held=_ids(data.get("held", [])),
         submitted_at=float(data["submitted_at"]),
         started_at=data["started_at"],
@@ -119,6 +124,7 @@ def decode(data: dict[str, Any]) -> RunState:
         submitted_bytes=int(data.get("submitted_bytes", 0)),
         reruns=int(data.get("reruns", 0)),
         cached=int(data.get("cached", 0)),
+        parent_attempt=int(data.get("parent_attempt", 0)),
     )
     run = _regrow(run, data["maps"], rows, tasks)
     for tid in rows:

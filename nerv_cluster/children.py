@@ -16,6 +16,9 @@ The life of a child run, every step an event (so a refold rebuilds the same grap
    retry policy; a retried task starts a new child, as the attempt is part of the child's id.
 5. Cancelling a run cancels the child runs of its unfinished tasks (WORKFLOW_CANCEL_REQUESTED into
    each), and so on down.
+6. A rerun of the parent run reruns the failed child run of a task instead of calling the task again
+   (same child id: its completed tasks keep their results), recursively; see "rerun" below and
+   ``scheduler/child_reruns.py``.
 
 Invariants: a child's run id is a pure function of its parent attempt (:func:`child_run_id`), and
 ``spawn.lua`` creates it at most once (the parent's outcomes hash records the creation), so no crash
@@ -28,9 +31,10 @@ outcome again; the fold ignores a duplicate, as the attempt is over by then); ru
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +54,7 @@ from nerv_cluster.model import (
     TaskError,
     TaskStatus,
 )
-from nerv_cluster.state import RunState, TaskState, run_output
+from nerv_cluster.state import RunState, TaskState, parent_of, run_output
 
 if TYPE_CHECKING:
     from nerv_cluster.settings import Settings
@@ -145,6 +149,8 @@ def spawns(run: RunState, max_depth: int, now: float, source: str, events: list[
     depth = run.definition.depth + 1
     for tid in run.spawning:
         ts = run.tasks[tid]
+        if ts.child is not None:  # an old child to rerun, not a new one to create (see ChildRerun)
+            continue
         raw = ts.spawn
         if depth > max_depth:
             exc = ChildDepthError(
@@ -198,7 +204,7 @@ def parent_outcome(
     """The outcome of the parent attempt of ``child``, which ``end`` (its WORKFLOW_* event) ends; None
     when ``child`` has no parent or its parent attempt is not waiting for it any more (cancelled, or
     an outcome written already)."""
-    ref = child.definition.parent
+    ref = parent_of(child)
     if ref is None:
         return None
     parent = runs.get(ref.run_id)
@@ -226,7 +232,7 @@ def parent_outcome(
         what = "was cancelled" if end.type is EventType.WORKFLOW_CANCELLED else "failed"
         exc = ChildRunFailedError(f"child run {cid!r} {what}: {reason}".rstrip(": "))
     kind, data = failure_outcome(
-        parent.defs[ref.task_id].retry, ref.attempt, TaskError.from_exception(exc), now
+        parent.defs[ref.task_id].retry, ref.attempt, TaskError.from_exception(exc), now, first=ts.first
     )
     data.update(child=cid, reason=f"child run {cid} did not complete")
     return Event(kind, ref.run_id, ref.task_id, ref.attempt, data, ts=now, source=source)
@@ -252,3 +258,144 @@ def with_parent_outcome(
             if outcome is not None:
                 events.insert(i, outcome)
             return
+
+
+# -- rerun (issue 16 part 4: a task whose child run failed has that child rerun) ----------------------
+#
+# A rerun of the parent run resets a task whose attempt ended because of its child run (FAILED or
+# CANCELLED with ``child`` set) to a new attempt that does not call the task's function again: it is
+# RUNNING, in ``spawning`` with ``spawn`` a marker ``{"rerun": child}`` beside ``child`` (a pair no other
+# state has), dispatched, off ``running``. The scheduler then reruns that child run (``rerun.lua``,
+# fenced by its lease), its WORKFLOW_RERUN_REQUESTED carrying ``parent_attempt``: the parent's new
+# attempt, which the child's fold keeps (``RunState.parent_attempt``), so its next end is the outcome of
+# that attempt (:func:`parent_outcome` matches attempt and child) and nothing else's; then it records
+# CHILD_STARTED in the parent's log, and the task waits for the child as after a spawn.
+#
+# Crash safety: the rerun of the child is decided from the child's own log: it is due only while the
+# child's parent attempt is not the task's current one, and the event that makes it so is the rerun
+# itself, written atomically by rerun.lua (which also refuses a second rerun judged on the same log).
+# So a new leader that finds the task still waiting for its child's rerun (it died between the two
+# writes) finds the child rerun already and only writes CHILD_STARTED: no child is rerun twice.
+#
+# Only when the task's arguments are what they were: if any of its dependencies is reset too, its
+# function runs again (a new child); likewise a COMPLETED task named in the rerun. A child that cannot
+# be rerun (expired after the retention time, or refused as invalid) is no error of the rerun: the task
+# starts a new attempt instead, which calls its function again and creates a new child.
+
+#: The key of the ``TaskState.spawn`` marker of a task waiting for its child run's rerun.
+RERUN_KEY = "rerun"
+
+
+def awaits_rerun(ts: TaskState) -> bool:
+    """True for a task waiting for the scheduler to rerun its child run (see above)."""
+    return ts.child is not None and ts.spawn is not None
+
+
+def rerun_state(run: RunState, tid: str, old: TaskState, new: TaskState) -> TaskState:
+    """The state of ``tid`` after a rerun reset it: waiting for its old child run to be rerun, if its
+    attempt ended because that child failed or was cancelled and none of its dependencies is reset
+    (``new``, the default reset state, counts every dependency then); else ``new``."""
+    if old.child is None or old.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        return new
+    if new.ok + new.failed + new.skipped != len(run.defs[tid].dependencies):
+        return new  # an upstream task runs again: its arguments may change, so its function runs again
+    if new.status is not TaskStatus.READY:
+        return new  # its trigger rule is not met as things stand: not run at all
+    return new._replace(
+        status=TaskStatus.RUNNING,
+        dispatched=True,
+        child=old.child,
+        spawn={RERUN_KEY: old.child},
+    )
+
+
+def rerun_after(run: RunState, selected: Sequence[str]) -> RunState:
+    """``run`` after a rerun reset ``selected``: each task waiting for its child's rerun is in
+    ``spawning`` and off the watchdog's ``running``. Uses the run's maps linearly (they may be drafts)."""
+    tasks, spawning, running = run.tasks, run.spawning, run.running
+    changed = False
+    for tid in selected:
+        if awaits_rerun(tasks[tid]):
+            spawning = spawning.set(tid, True)
+            running = running.discard(tid)
+            changed = True
+    return run._replace(spawning=spawning, running=running) if changed else run
+
+
+def rerun_requested(run: RunState, data: Mapping[str, Any]) -> RunState:
+    """``run`` (reset by a rerun whose event has ``data``) taking the parent attempt the scheduler
+    reran it for, if the data names one (a client's rerun names none)."""
+    attempt = data.get("parent_attempt")
+    if run.definition.parent is None or type(attempt) is not int or attempt < 1:
+        return run
+    return run._replace(parent_attempt=attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRerun:
+    """A child run to rerun for the current attempt of its parent task (``parent``)."""
+
+    parent: ParentRef
+    child_id: str
+
+
+def child_reruns(run: RunState) -> list[ChildRerun]:
+    """The child runs to rerun for ``run``'s tasks waiting for that (O(spawning tasks))."""
+    tasks = run.tasks
+    return [
+        ChildRerun(ParentRef(run.run_id, tid, tasks[tid].attempt), str(tasks[tid].child))
+        for tid in run.spawning
+        if awaits_rerun(tasks[tid])
+    ]
+
+
+class Rerun(enum.Enum):
+    """What to do for a :class:`ChildRerun`, given the child run as its log has it (:func:`judge`)."""
+
+    #: Rerun the child (its failed part; nothing when it completed: it ends again, handing its output).
+    RERUN = "rerun"
+    #: The child was rerun for this attempt already (a crash came between): record CHILD_STARTED only.
+    RECORD = "record"
+    #: The child is still going (its cancel not done yet, a rerun by hand): wait for its end.
+    WAIT = "wait"
+    #: The child is gone (expired) or was refused: the task starts a new attempt, i.e. a new child.
+    ANEW = "anew"
+
+
+def judge(intent: ChildRerun, child: RunState | None) -> Rerun:
+    """What to do for ``intent``, given the child run (None: its log is gone)."""
+    if child is None or child.rejected:
+        return Rerun.ANEW
+    ref = parent_of(child)
+    if ref is None or (ref.run_id, ref.task_id) != (intent.parent.run_id, intent.parent.task_id):
+        return Rerun.ANEW  # not that task's child at all (a log under that id, but another run's)
+    if ref.attempt == intent.parent.attempt:
+        return Rerun.RECORD
+    return Rerun.RERUN if child.status.terminal else Rerun.WAIT
+
+
+def rerun_event(intent: ChildRerun, child: RunState, now: float, source: str) -> Event:
+    """The WORKFLOW_RERUN_REQUESTED that reruns ``child`` for ``intent``'s parent attempt: every task
+    that did not complete (its completed tasks keep their results)."""
+    data = {"n": child.reruns + 1, "parent_attempt": intent.parent.attempt}
+    return Event(EventType.WORKFLOW_RERUN_REQUESTED, child.run_id, data=data, ts=now, source=source)
+
+
+def rerun_recorded(intent: ChildRerun, now: float, source: str) -> Event:
+    """CHILD_STARTED in the parent's log: the child was rerun, the task waits for its end."""
+    p = intent.parent
+    data = {"child": intent.child_id, "rerun": True}
+    return Event(EventType.CHILD_STARTED, p.run_id, p.task_id, p.attempt, data, ts=now, source=source)
+
+
+def rerun_anew(intent: ChildRerun, why: str, now: float, source: str) -> Event:
+    """TASK_PENDING that gives the task a new attempt (its function runs again, a new child) when its
+    old child cannot be rerun; not counted as a lost worker."""
+    p = intent.parent
+    data = {
+        "next_attempt": p.attempt + 1,
+        "counted": False,
+        "fresh": True,
+        "reason": f"child run {intent.child_id} cannot be rerun ({why}): a new attempt",
+    }
+    return Event(EventType.TASK_PENDING, p.run_id, p.task_id, p.attempt, data, ts=now, source=source)

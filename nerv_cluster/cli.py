@@ -23,6 +23,7 @@ from nerv_cluster.errors import (
     ConfigurationError,
     NervError,
     RunNotFoundError,
+    SerializationError,
     UnknownTaskError,
     WaitTimeoutError,
 )
@@ -349,6 +350,33 @@ def cancel(
     finally:
         client.close()
     console.print(f"cancel requested for [bold]{run_id}[/] (follow it with `nerv watch {run_id}`)")
+
+
+@app.command("signal")
+def signal_cmd(
+    run_id: str = RunArg,
+    name: str = typer.Argument(..., help="The signal name a wait_for node of the run waits for."),
+    data: str = typer.Option("null", "--data", "-d", help="The payload, as JSON (the node's result)."),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Send a signal to a run: its wait_for(NAME) node completes with the payload (now if it waits,
+    else as soon as it is reached)."""
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise SerializationError(f"--data is not JSON: {exc}") from None
+    client = _client(redis_url)
+    try:
+        first = client.signal(run_id, name, payload)
+    finally:
+        client.close()
+    if first:
+        console.print(f"signal [bold]{escape(name)}[/] sent to [bold]{run_id}[/]")
+    else:
+        console.print(
+            f"signal [bold]{escape(name)}[/] was already received by [bold]{run_id}[/]: "
+            "this one changes nothing"
+        )
 
 
 app.add_typer(schedule_app, name="schedule")  # idem (issue 11): nerv schedule add|list|...

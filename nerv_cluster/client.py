@@ -14,7 +14,7 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nerv_cluster import constants, idempotency, limits
+from nerv_cluster import constants, idempotency, limits, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -329,6 +329,23 @@ class Client:
                 continue  # the log moved under us (a late outcome, another rerun): judge it again
             return run_id
         raise RunNotFinishedError(f"run {run_id}: its log kept moving; it is not finished, try again")
+
+    def signal(self, run_id: str, name: str, payload: Any = None) -> bool:
+        """Send signal ``name`` with a JSON ``payload`` to a run: its ``wait_for(name)`` node completes
+        with the payload as its result, now if it is WAITING, else as soon as it is reached (the signal
+        is kept in the run's log until then). Returns True when this is the first signal of that name
+        for the run (the one its node receives), False when one came before (this one changes nothing).
+
+        Raises (and writes nothing) :class:`RunNotFoundError` for an unknown or expired run,
+        :class:`RunFinishedError` for a finished one, :class:`UnknownSignalError` for a name no node of
+        the run waits for, :class:`SerializationError` / :class:`PayloadTooLargeError` for a payload that
+        is not JSON or is over ``NERV_MAX_SIGNAL_BYTES``. See :mod:`nerv_cluster.waits`.
+        """
+        check_id(run_id, "run id")
+        run, _ = self._fold(run_id)
+        event = waits.signal_event(run, name, payload, self.settings.max_signal_bytes)
+        self.log.append([event])
+        return name not in run.signals
 
     # -- read -----------------------------------------------------------------------------------------
 

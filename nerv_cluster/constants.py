@@ -100,6 +100,12 @@ DEFAULT_MAX_CHILD_DEPTH: Final = 64
 CHILD_ID_HEX: Final = 12
 SUBWORKFLOW_FN: Final = "<workflow>"
 
+#: Durable waits (issue 11, part "waits"; nerv_cluster/waits.py): the ``fn`` of a wait node
+#: (``wait_for``, ``sleep``, ``sleep_until``), which no ``@task`` can be registered under and no worker
+#: runs, and the largest signal payload (``NERV_MAX_SIGNAL_BYTES``, bytes of JSON).
+WAIT_FN: Final = "<wait>"
+DEFAULT_MAX_SIGNAL_BYTES: Final = 64 * 1024
+
 #: The marker that stands for an upstream task's result inside args/kwargs on the wire.
 REF_KEY: Final = "__nerv_ref__"
 

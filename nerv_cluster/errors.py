@@ -61,6 +61,18 @@ class RunNotFinishedError(RerunError):
     """Only a finished run can be rerun: this one is still going."""
 
 
+class SignalError(WorkflowError):
+    """A signal cannot be delivered (issue 11, part "waits"): nothing was written."""
+
+
+class UnknownSignalError(SignalError):
+    """The run has no ``wait_for`` node of that signal name."""
+
+
+class RunFinishedError(SignalError):
+    """The run is over: no node of it can receive a signal any more."""
+
+
 # idem (issue 11, parts 4 and 5): idempotent submission and schedules.
 class IdempotencyKeyError(WorkflowError):
     """An idempotency key is not a non-empty string within the length limit."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nerv_cluster import constants, mapping
+from nerv_cluster import constants, mapping, waits
 from nerv_cluster.errors import WorkflowError
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import TaskDef, WorkflowDef
@@ -71,6 +71,11 @@ def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
         raise WorkflowError("the workflow name must be a string")
     if not definition.tasks:
         raise WorkflowError(f"workflow {definition.name!r:.80} has no tasks")
+    waiting = []
     for t in definition.tasks:
         _check_task(t)
+        if t.wait is not None or t.fn == constants.WAIT_FN:
+            waiting.append(t)
+    if waiting or definition.meta.get(waits.SIGNALS_META):
+        waits.check_definition(definition, waiting)
     return definition, plan(definition.tasks), size

@@ -27,6 +27,9 @@ class TaskStatus(StrEnum):
     PENDING = "PENDING"  # waiting for its dependencies (or for a retry delay)
     READY = "READY"  # dependencies satisfied; dispatched or about to be
     RUNNING = "RUNNING"  # a worker started the current attempt
+    #: A durable wait (``wait_for``, ``sleep``): held in the scheduler's state for a signal or a
+    #: timer, in no worker slot (issue 11, part "waits").
+    WAITING = "WAITING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"  # its trigger rule can no longer be met
@@ -133,6 +136,11 @@ class EventType(StrEnum):
     # its run id). See nerv_cluster/children.py.
     TASK_SPAWNED = "TASK_SPAWNED"
     CHILD_STARTED = "CHILD_STARTED"
+    # Durable waits (issue 11, part "waits"; see nerv_cluster/waits.py): the scheduler's record that a
+    # wait node was reached (it is WAITING from then on: its deadline counts from this event's logged
+    # time), and a client's signal (data: ``name``, ``payload``), kept in the run until its node takes it.
+    TASK_WAITING = "TASK_WAITING"
+    SIGNAL_RECEIVED = "SIGNAL_RECEIVED"
     # Limits (issue 11, part "limits"; see nerv_cluster/limits.py): a READY task the scheduler holds
     # back for a concurrency key or a rate limit (data: ``reason``), and a limit set
     # at run time (``client.set_limit``; data ``key``, ``limit``), in the cluster-wide limits stream.
@@ -359,6 +367,9 @@ class TaskDef:
     #: A static sub-workflow (``Workflow.add(other_workflow)``): its definition's JSON form, run as a
     #: child run when the task is ready, without any worker (``fn`` is ``constants.SUBWORKFLOW_FN``).
     workflow: Mapping[str, Any] | None = None
+    #: A durable wait node (``fn`` is ``constants.WAIT_FN``): ``{"signal": name, "timeout": s}``,
+    #: ``{"sleep": s}`` or ``{"until": epoch_s}``, see :mod:`nerv_cluster.waits`.
+    wait: Mapping[str, Any] | None = None
     #: Limits (issue 11): a concurrency key (its template bound to this task's arguments) and a rate
     #: limit, see :mod:`nerv_cluster.limits`.
     concurrency: Concurrency | None = None
@@ -398,6 +409,8 @@ class TaskDef:
             out["cache"] = self.cache.to_dict()
         if self.workflow is not None:
             out["workflow"] = self.workflow
+        if self.wait is not None:
+            out["wait"] = self.wait
         if self.concurrency is not None:
             out["concurrency"] = self.concurrency.to_dict()
         if self.rate_limit is not None:
@@ -428,6 +441,7 @@ class TaskDef:
             circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
             cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
             workflow=data.get("workflow"),
+            wait=data.get("wait"),
             concurrency=Concurrency.from_dict(data["concurrency"]) if data.get("concurrency") else None,
             rate_limit=RateLimit.from_dict(data["rate_limit"]) if data.get("rate_limit") else None,
             over=data.get("over"),

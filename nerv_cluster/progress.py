@@ -45,6 +45,7 @@ STATUS_STYLE: dict[str, str] = {
     "PENDING": "dim",
     "READY": "cyan",
     "RUNNING": "yellow",
+    "WAITING": "blue",
     "COMPLETED": "green",
     "FAILED": "red",
     "SKIPPED": "magenta",

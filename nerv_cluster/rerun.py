@@ -17,11 +17,12 @@ Without task ids the selection is every task that did not complete (FAILED, CANC
 whatever a run failed by the scheduler left unfinished); with task ids it is those tasks and all their
 descendants, whatever their status.
 
-Run-time tasks hook in through :data:`HOOKS` (a map's elements, a task waiting for its child run): a
-:class:`Hook` can widen the selection (naming a map reruns its elements; rerunning an element reruns
-its map node) and choose a task's state after the reset (a map node goes back to waiting for its
-elements instead of being expanded again; a task whose child run failed waits for that child, rerun,
-instead of starting a new one).
+Run-time tasks hook in through :data:`HOOKS` (:class:`MapHook`: a map's elements; :class:`ChildHook`:
+a task waiting for its child run): a :class:`Hook` can widen the selection (naming a map reruns its
+elements; rerunning an element reruns its map node) and choose a task's state after the reset (a map
+node goes back to waiting for its elements instead of being expanded again; a task whose child run
+failed waits for that child, rerun, instead of starting a new one), and take what a request's data
+says for its kind (a child run rerun for its parent: the parent's new attempt).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
-from nerv_cluster import mapping
+from nerv_cluster import children, mapping, waits
 from nerv_cluster.errors import RerunError, RunNotFinishedError
 from nerv_cluster.model import Event, RunStatus, TaskStatus
 from nerv_cluster.state import RunState, TaskState, _moved, rule_outcome
@@ -60,6 +61,11 @@ class Hook:
         (a map node's counts of its elements, the gathered set). Linear in the run's maps."""
         return run
 
+    def request(self, run: RunState, data: Any) -> RunState:
+        """The reset ``run`` taking what the request's ``data`` says for the kind (a child run: the
+        parent attempt the scheduler reran it for)."""
+        return run
+
 
 class MapHook(Hook):
     """Map elements and map nodes (see :mod:`nerv_cluster.mapping`): naming a map reruns its
@@ -78,8 +84,23 @@ class MapHook(Hook):
         return mapping.rerun_after(run, selected)
 
 
-#: The hooks every rerun consults, in order (map and child runs add theirs here).
-HOOKS: tuple[Hook, ...] = (MapHook(),)
+class ChildHook(Hook):
+    """Tasks whose child run failed (see :mod:`nerv_cluster.children`): such a task, its arguments
+    unchanged, waits for that child run to be rerun (same id, its completed tasks kept) instead of
+    calling its function again; a child run rerun for its parent takes the parent's new attempt."""
+
+    def reset(self, run: RunState, tid: str, old: TaskState, new: TaskState) -> TaskState:
+        return children.rerun_state(run, tid, old, new)
+
+    def after(self, run: RunState, selected: Sequence[str]) -> RunState:
+        return children.rerun_after(run, selected)
+
+    def request(self, run: RunState, data: Any) -> RunState:
+        return children.rerun_requested(run, data)
+
+
+#: The hooks every rerun consults, in order.
+HOOKS: tuple[Hook, ...] = (MapHook(), ChildHook())
 
 
 # -- which tasks ----------------------------------------------------------------------------------------
@@ -211,7 +232,23 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
             doomed = doomed.discard(tid)
     for tid, counted in recount.items():
         tasks = tasks.set(tid, counted)
+    # Reset tasks that had completed from the cache count no more as cached (progress shows the rest).
+    uncached = sum(
+        1 for tid, fresh in new.items() if old[tid].cached_from is not None and fresh.cached_from is None
+    )
+    # Durable waits (nerv_cluster/waits.py): a reset node waits no more, and a signal node that had
+    # completed with its signal waits for a new one (a signal that came after a timeout stays, for the
+    # node to take when it is reached again).
+    waiting, woken, signals = run.waiting, run.woken, run.signals
+    for tid, before in old.items():
+        waiting, woken = waiting.discard(tid), woken.discard(tid)
+        name = waits.signal_of(run.defs[tid])
+        if name is not None and before.status is TaskStatus.COMPLETED:
+            signals = signals.discard(name)
     out = run._replace(
+        waiting=waiting,
+        woken=woken,
+        signals=signals,
         tasks=tasks,
         ready=ready,
         doomed=doomed,
@@ -223,6 +260,7 @@ def reset(run: RunState, selected: Iterable[str], hooks: Sequence[Hook] = HOOKS)
         reason="",
         cancel_requested=False,
         reruns=run.reruns + 1,
+        cached=max(0, run.cached - uncached),
     )
     for hook in hooks:
         out = hook.after(out, list(old))
@@ -259,7 +297,10 @@ def requested(run: RunState, ev: Event, hooks: Sequence[Hook] = HOOKS) -> RunSta
         named = _named(ev.data)
     except ValueError:
         return run
-    return reset(run, select(run, named, hooks), hooks)
+    out = reset(run, select(run, named, hooks), hooks)
+    for hook in hooks:
+        out = hook.request(out, ev.data)
+    return out
 
 
 def event_data(run: RunState, tasks: Sequence[str] | None) -> dict[str, Any]:
@@ -302,4 +343,15 @@ def check(run: RunState, tasks: Iterable[str] | None, hooks: Sequence[Hook] = HO
     return named
 
 
-__all__ = ["HOOKS", "Hook", "check", "event_data", "requested", "reset", "select", "unfinished"]
+__all__ = [
+    "HOOKS",
+    "ChildHook",
+    "Hook",
+    "MapHook",
+    "check",
+    "event_data",
+    "requested",
+    "reset",
+    "select",
+    "unfinished",
+]

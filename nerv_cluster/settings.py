@@ -70,6 +70,8 @@ class Settings:
     loop_stall_s: float = constants.DEFAULT_LOOP_STALL_S
     #: How deep child runs may nest (a task returning a Workflow past it fails; 0: no child runs).
     max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
+    #: Largest payload of a signal (``Client.signal``), in bytes of JSON (issue 11, part "waits").
+    max_signal_bytes: int = constants.DEFAULT_MAX_SIGNAL_BYTES
 
     @property
     def broker(self) -> str:
@@ -132,6 +134,7 @@ class Settings:
             "max_tasks",
             "max_map_width",
             "loop_stall_s",
+            "max_signal_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")

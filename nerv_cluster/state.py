@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 from pyrsistent import PMap, pmap
 
-from nerv_cluster import intake, mapping
+from nerv_cluster import intake, mapping, waits
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
@@ -38,6 +38,8 @@ from nerv_cluster.model import (
 from nerv_cluster.planner import Plan, plan
 
 _ACTIVE = (TaskStatus.READY, TaskStatus.RUNNING)
+#: Statuses an outcome (TASK_COMPLETED/TASK_FAILED) can end: the active ones and a durable wait's.
+_OPEN = (TaskStatus.READY, TaskStatus.RUNNING, TaskStatus.WAITING)
 # Immutable empties shared as defaults. The states are NamedTuples: ``_replace`` is several times
 # faster than ``dataclasses.replace``, and the fold does little else.
 #: A set of task ids, kept as a pmap to True: pyrsistent's pset pays for an evolver on every add and
@@ -192,8 +194,18 @@ class RunState(NamedTuple):
     reruns: int = 0
     #: Tasks completed from the cache (for progress).
     cached: int = 0
-    #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create.
+    #: RUNNING tasks whose attempt returned a workflow whose child run the scheduler has yet to create
+    #: (or, after a rerun, whose failed child run it has yet to rerun: see :mod:`nerv_cluster.children`).
     spawning: IdSet = _NO_TASKS
+    #: A child run rerun for a rerun of its parent task: the parent attempt its end is for now (0: the
+    #: one its definition names). See :func:`parent_of`.
+    parent_attempt: int = 0
+    #: Durable waits (nerv_cluster/waits.py): WAITING tasks; those of them whose signal has arrived (the
+    #: scheduler completes them); and the signals received, name -> payload (the first of a name wins),
+    #: kept whether or not their node was reached yet.
+    waiting: IdSet = _NO_TASKS
+    woken: IdSet = _NO_TASKS
+    signals: PMap[str, Any] = pmap()
     #: READY tasks held back for a concurrency key or a rate limit (see nerv_cluster/limits.py): the
     #: scheduler's gate releases them; deciding for the run does not look at them.
     held: IdSet = _NO_TASKS
@@ -257,6 +269,11 @@ def _put(run: RunState, tid: str, old: TaskState, new: TaskState, **changes: Any
             changes["running"] = run.running.set(tid, True)
         elif old.status is TaskStatus.RUNNING:
             changes["running"] = run.running.discard(tid)
+        if new.status is TaskStatus.WAITING:
+            changes["waiting"] = run.waiting.set(tid, True)
+        elif old.status is TaskStatus.WAITING:
+            changes["waiting"] = run.waiting.discard(tid)
+            changes["woken"] = run.woken.discard(tid)
     if old.spawn is not None and new.status is not TaskStatus.RUNNING:
         # The attempt ended (cancelled, failed) before its child run was created: none will be.
         changes["spawning"] = run.spawning.discard(tid)
@@ -468,7 +485,7 @@ def _started(run: RunState, ev: Event) -> RunState:
 
 def _completed(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status not in _ACTIVE:
+    if cur is None or cur[1].status not in _OPEN:
         return run
     tid, ts = cur
     # A completion from the cache (the scheduler's, see nerv_cluster.caching) names its source.
@@ -489,7 +506,7 @@ def _completed(run: RunState, ev: Event) -> RunState:
 
 def _failed(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
-    if cur is None or cur[1].status not in _ACTIVE:
+    if cur is None or cur[1].status not in _OPEN:
         return run
     tid, ts = cur
     err = ev.data.get("error")
@@ -521,6 +538,8 @@ def _again(run: RunState, ev: Event) -> RunState:
         # attempt was only claimed in a batch: see TaskState.batch).
         lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING and ev.data.get("counted", True) else 0),
         attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
+        # A new attempt that is no retry (a child run a rerun could not rerun): its round starts there.
+        first=int(ev.data.get("next_attempt", ts.attempt + 1)) if ev.data.get("fresh") is True else ts.first,
         dispatched=False,
         due_at=_due_at(ev),
         error=TaskError.from_dict(err) if err else ts.error,
@@ -577,6 +596,48 @@ def _cancelled(run: RunState, ev: Event) -> RunState:
     if tid is None or ts is None or ts.status.terminal:
         return run
     return _finish(run, ev, tid, ts, TaskStatus.CANCELLED, reason=str(ev.data.get("reason", "cancelled")))
+
+
+def _waiting(run: RunState, ev: Event) -> RunState:
+    """TASK_WAITING: a READY wait node was reached; WAITING from now, its deadline counted from the
+    event's logged time (see :mod:`nerv_cluster.waits`); woken at once if its signal came first.
+
+    The scheduler folds its own TASK_WAITING at once, before the log dated it (``logged_at`` None: the
+    deadline counts from its ``ts``), then reads the same event back from the log: that copy (the same
+    ``ts``) moves the deadline to the logged time, so the state it holds is the one any refold builds."""
+    cur = _current(run, ev)
+    if cur is None or cur[1].dispatched:
+        return run
+    tid, ts = cur
+    spec = run.defs[tid].wait
+    if spec is None:  # only a wait node waits
+        return run
+    since = event_time(ev)
+    if ts.status is TaskStatus.WAITING:
+        if ev.logged_at is None or ts.started_at != ev.ts or since == ev.ts:
+            return run
+        # The logged copy of the event this node was made WAITING by (in memory): date it by the log.
+        return _put(run, tid, ts, ts._replace(started_at=since, due_at=waits.deadline(spec, since)))
+    if ts.status is not TaskStatus.READY:
+        return run
+    new = ts._replace(status=TaskStatus.WAITING, started_at=since, due_at=waits.deadline(spec, since))
+    out = _put(run, tid, ts, new, ready=run.ready.discard(tid))
+    name = waits.signal_of(run.defs[tid])
+    if name is not None and name in out.signals:
+        out = out._replace(woken=out.woken.set(tid, True))
+    return out
+
+
+def _signal(run: RunState, ev: Event) -> RunState:
+    """SIGNAL_RECEIVED: keep the payload (the first signal of a name wins); wake its node if it waits."""
+    name = ev.data.get("name")
+    if not isinstance(name, str) or name in run.signals:
+        return run
+    out = run._replace(signals=run.signals.set(name, ev.data.get("payload")))
+    tid = waits.task_for(run, name)
+    if tid is not None and run.tasks[tid].status is TaskStatus.WAITING:
+        out = out._replace(woken=out.woken.set(tid, True))
+    return out
 
 
 def _rerun_requested(run: RunState, ev: Event) -> RunState:
@@ -720,6 +781,9 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     # Child runs (issue 16, part "child").
     EventType.TASK_SPAWNED: _spawned,
     EventType.CHILD_STARTED: _child_started,
+    # Durable waits (issue 11, part "waits").
+    EventType.TASK_WAITING: _waiting,
+    EventType.SIGNAL_RECEIVED: _signal,
     # Limits (issue 11, part "limits"). LIMIT_SET belongs to no run (the gate folds it).
     EventType.TASK_HELD: _held,
     EventType.LIMIT_SET: lambda run, ev: run,
@@ -1048,10 +1112,19 @@ def run_result(run: RunState) -> RunResult:
         submitted_at=run.submitted_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        parent=run.definition.parent,
+        parent=parent_of(run),
         depth=run.definition.depth,
         output=run_output(run),
     )
+
+
+def parent_of(run: RunState) -> ParentRef | None:
+    """The task attempt a child run belongs to now: its definition's, with the attempt a rerun of the
+    parent task moved it to (``RunState.parent_attempt``); None for a run without a parent."""
+    ref = run.definition.parent
+    if ref is None or not run.parent_attempt:
+        return ref
+    return ParentRef(ref.run_id, ref.task_id, run.parent_attempt)
 
 
 def sinks(run: RunState) -> list[str]:

@@ -6,11 +6,13 @@ Validation happens here, before anything reaches Redis: ids, dependencies, cycle
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
-from nerv_cluster import constants, limits
+from nerv_cluster import constants, limits, waits
 from nerv_cluster.errors import (
     DuplicateTaskError,
     PayloadTooLargeError,
@@ -75,6 +77,11 @@ def _encode(value: Any, where: str, refs: list[str], wf_name: str) -> Any:
     )
 
 
+def _finite(value: Any) -> bool:
+    """True for a finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def resolve_refs(value: Any, results: Mapping[str, Any]) -> Any:
     """Replace reference markers by the referenced task's result (the inverse of handle encoding)."""
     if isinstance(value, list):
@@ -100,6 +107,8 @@ class Workflow:
         self._counter = 0
         #: The task whose result is this workflow's output (``output``); None: the sink rule.
         self._output: str | None = None
+        #: Durable waits: signal name -> the id of the node that waits for it.
+        self._signals: dict[str, str] = {}
 
     def add(
         self,
@@ -292,6 +301,103 @@ class Workflow:
         self._ids.add(task_id)
         return TaskHandle(id=task_id, name=td.name, workflow=self.name)
 
+    # -- durable waits (issue 11, part "waits"; see nerv_cluster/waits.py) ---------------------------------
+
+    def wait_for(
+        self,
+        name: str,
+        timeout: float | None = None,
+        *,
+        id: str | None = None,
+        dependencies: Iterable[TaskHandle | str] = (),
+        description: str = "",
+        tags: Iterable[str] = (),
+    ) -> TaskHandle:
+        """A node that waits, in status WAITING and in no worker slot, for the signal ``name``
+        (``Client.signal(run, name, payload)``, ``nerv signal RUN NAME --data JSON``), and completes
+        with its payload as result. A signal sent before the node is reached (its ``dependencies`` met)
+        is kept until it is. With ``timeout`` (seconds from being reached) the node fails with
+        ``TaskTimeoutError`` if no signal came, so trigger rules apply (a ``one_failed`` fallback runs).
+        The task id is ``id``, else the signal name; each signal name is waited for by one node."""
+        check_id(name, "signal name")
+        if name in self._signals:
+            raise DuplicateTaskError(
+                f"signal {name!r} is already waited for by node {self._signals[name]!r} of workflow "
+                f"{self.name!r}"
+            )
+        spec: dict[str, Any] = {"signal": name}
+        if timeout is not None:
+            if not _finite(timeout) or timeout <= 0:
+                raise WorkflowError(f"wait_for {name!r}: timeout must be a positive number of seconds")
+            spec["timeout"] = float(timeout)
+        handle = self._add_wait(id or name, spec, dependencies, description, tags)
+        self._signals[name] = handle.id
+        return handle
+
+    def sleep(
+        self,
+        seconds: float,
+        *,
+        id: str | None = None,
+        dependencies: Iterable[TaskHandle | str] = (),
+        tags: Iterable[str] = (),
+    ) -> TaskHandle:
+        """A node that completes (result None) ``seconds`` after it is reached: a durable timer of the
+        scheduler (no worker waits, and a scheduler restart keeps its deadline)."""
+        if not _finite(seconds) or seconds < 0:
+            raise WorkflowError(f"sleep takes 0 or more seconds, got {seconds!r:.80}")
+        return self._add_wait(id or self._auto_id("sleep"), {"sleep": float(seconds)}, dependencies, "", tags)
+
+    def sleep_until(
+        self,
+        timestamp: float | datetime,
+        *,
+        id: str | None = None,
+        dependencies: Iterable[TaskHandle | str] = (),
+        tags: Iterable[str] = (),
+    ) -> TaskHandle:
+        """A node that completes (result None) at ``timestamp`` (epoch seconds, or a timezone-aware
+        ``datetime``), measured on Redis's clock; at once when reached later than that."""
+        if isinstance(timestamp, datetime):
+            if timestamp.tzinfo is None:
+                raise WorkflowError("sleep_until: give a timezone-aware datetime (or epoch seconds)")
+            timestamp = timestamp.timestamp()
+        if not _finite(timestamp) or timestamp < 0:
+            raise WorkflowError(f"sleep_until takes epoch seconds or a datetime, got {timestamp!r:.80}")
+        return self._add_wait(
+            id or self._auto_id("sleep_until"), {"until": float(timestamp)}, dependencies, "", tags
+        )
+
+    def _add_wait(
+        self,
+        task_id: str,
+        spec: dict[str, Any],
+        dependencies: Iterable[TaskHandle | str],
+        description: str,
+        tags: Iterable[str],
+    ) -> TaskHandle:
+        check_id(task_id, "task id")
+        if task_id in self._ids:
+            raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
+        deps = []
+        for d in dependencies:
+            dep = d.id if isinstance(d, TaskHandle) else d
+            if not isinstance(dep, str):
+                raise WorkflowError(f"task {task_id!r}: dependencies must be handles or task ids, got {d!r}")
+            deps.append(dep)
+        td = TaskDef(
+            id=task_id,
+            fn=constants.WAIT_FN,
+            name=task_id,
+            description=description,
+            dependencies=tuple(dict.fromkeys(deps)),
+            tags=tuple(tags),
+            wait=spec,
+        )
+        self._tasks.append(td)
+        self._ids.add(task_id)
+        return TaskHandle(id=task_id, name=task_id, workflow=self.name)
+
     def output(self, handle: TaskHandle | str) -> TaskHandle:
         """Name the task whose result is this workflow's output: what a task that returns this
         workflow (or embeds it with ``add``) completes with, and ``RunResult.output``. Without it, the
@@ -338,6 +444,8 @@ class Workflow:
         meta: dict[str, Any] = {"description": self.description} if self.description else {}
         if self._output is not None:
             meta["output"] = self._output
+        if self._signals:
+            meta[waits.SIGNALS_META] = dict(self._signals)
         return WorkflowDef(name=self.name, tasks=tuple(self._tasks), meta=meta)
 
     def plan(self) -> Plan:
@@ -386,8 +494,11 @@ def validate_definition(
             )
     if len(wf.tasks) > max_tasks:
         raise WorkflowError(f"workflow {wf.name!r} has {len(wf.tasks)} tasks; the limit is {max_tasks}")
+    waiting = [t for t in wf.tasks if t.wait is not None or t.fn == constants.WAIT_FN]
+    if waiting or wf.meta.get(waits.SIGNALS_META):
+        waits.check_definition(wf, waiting)
     for t in wf.tasks:
-        if known_names is not None and t.workflow is None and t.fn not in known_names:
+        if known_names is not None and t.workflow is None and t.wait is None and t.fn not in known_names:
             raise UnknownTaskError(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
@@ -406,6 +517,8 @@ def nested_tasks(wf: WorkflowDef) -> Iterator[TaskDef]:
     """Every task of ``wf`` that a worker runs: its own, and those of its static sub-workflows (and
     theirs), not the sub-workflow tasks themselves (the scheduler spawns those)."""
     for t in wf.tasks:
+        if t.wait is not None:  # a durable wait: the scheduler's, no worker runs it
+            continue
         if t.workflow is None:
             yield t
         else:

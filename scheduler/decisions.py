@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import children, constants, mapping
+from nerv_cluster import children, constants, mapping, waits
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
@@ -78,6 +78,8 @@ class Decisions:
     cancels: list[Event] = field(default_factory=list)
     #: Child runs to create (after ``events`` are written), see :mod:`nerv_cluster.children`.
     spawns: list[children.Spawn] = field(default_factory=list)
+    #: Child runs to rerun for their parent tasks (a rerun of the parent), see ``scheduler.child_reruns``.
+    child_reruns: list[children.ChildRerun] = field(default_factory=list)
 
     def cancelled_attempts(self) -> list[tuple[str, str, int]]:
         """(run, task, attempt) of each of ``cancels``, whose outcome slots the scheduler takes."""
@@ -92,6 +94,7 @@ class Decisions:
         self.finished.extend(other.finished)
         self.cancels.extend(other.cancels)
         self.spawns.extend(other.spawns)
+        self.child_reruns.extend(other.child_reruns)
 
 
 #: Outcomes a worker records that end its task: an attempt that has one keeps it over a cancel.
@@ -216,8 +219,8 @@ def readies_successor(run: RunState, tid: str) -> bool:
     tasks, defs = run.tasks, run.defs
     for child in run.plan.dependents[tid]:
         cs, cd = tasks[child], defs[child]
-        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING:
-            continue
+        if cd.queue != td.queue or cd.timeout or cs.status is not TaskStatus.PENDING or cd.wait is not None:
+            continue  # (a wait node is never handed to a worker: it waits in the scheduler)
         if rule_outcome(cd.trigger, len(cd.dependencies), cs.ok + 1, cs.failed, cs.skipped) is True:
             return True
     return False
@@ -297,6 +300,8 @@ def decide(
                 source=source,
             )
         )
+    for tid in run.woken:  # durable waits whose signal arrived: complete them with its payload
+        out.events.append(waits.wake(run, tid, now, source))
     released = gate.take_released(rid) if gate is not None else []
     if run.ready or released:
         rank = run.plan.rank
@@ -313,6 +318,9 @@ def decide(
                 continue
             if td.workflow is not None:  # a static sub-workflow: spawned as a child, no worker
                 out.events.append(children.static_spawn(run, tid, ts, now, source))
+                continue
+            if td.wait is not None:  # a durable wait: WAITING in the scheduler's state, no worker
+                out.events.append(waits.enter(run, tid, ts.attempt, now, source))
                 continue
             cache_key = None
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
@@ -363,6 +371,7 @@ def decide(
         out.events.append(mapping.end_event(run, tid, now, source))
     if run.spawning:
         out.spawns.extend(children.spawns(run, limits.max_child_depth, now, source, out.events))
+        out.child_reruns.extend(children.child_reruns(run))
     if run.all_tasks_done and not run.doomed:
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED

@@ -9,6 +9,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, with the pack-hold;
 - :mod:`scheduler.handoff_match`: waiting workers matched with the dependents they ready;
 - :mod:`scheduler.timers`: due times (retry delays);
+- :mod:`scheduler.waits`: deadlines of durable waits (``wait_for`` timeouts, sleeps);
 - :mod:`scheduler.circuit_watch`: workers' outcomes fed to the circuit breakers;
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
@@ -38,6 +39,7 @@ from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
 from scheduler.caching import CacheRoom, import_modules
+from scheduler.child_reruns import ChildReruns
 from scheduler.circuit_watch import CircuitWatch
 from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cancels
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
@@ -48,6 +50,7 @@ from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
 from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
+from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
 
 log = logging.getLogger("nerv.scheduler")
@@ -86,6 +89,7 @@ class SchedulerService:
         limited = [q for q in constants.QUEUES if queue_time_limit(settings, q)]
         self.outbox = Outbox(log, dispatcher, self._sent, limited)
         self.timers = Timers()
+        self.waits = WaitRoom()
         self.matcher = HandoffMatcher(self.handoff)
         self.circuits = CircuitWatch()
         #: Concurrency keys and rate limits (issue 11, nerv_cluster/limits.py).
@@ -93,6 +97,7 @@ class SchedulerService:
         self.limit_watch = LimitWatch(self.gate)
         self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys))
         self.watchdog = Watchdog(log, settings)
+        self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
         self.checkpointer = checkpointer.Checkpointer(
@@ -143,8 +148,10 @@ class SchedulerService:
         self.schedules.reload(self.clock())
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
+        self.waits.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
+        self.child_reruns.clear()
         resend = takeover.in_flight_jobs(self.state)
         self.outbox.add(resend)
         self.leader_since = time.time()
@@ -181,9 +188,11 @@ class SchedulerService:
         self.outbox.clear()
         self.matcher.clear()
         self.timers.clear()
+        self.waits.clear()
         self.schedules.clear()
         self.caching.clear()
         self.gate.clear()
+        self.child_reruns.clear()
         self.checkpointer.reset({})
         self.leader_since = None
 
@@ -194,7 +203,13 @@ class SchedulerService:
         self._flush()
         now = self.clock()
         block = self.settings.block_ms
-        dues = (self.timers.next_due(), self.schedules.next_due(), self.gate.next_due(now))
+        dues = (
+            self.timers.next_due(),
+            self.waits.next_due(),
+            self.schedules.next_due(),
+            self.gate.next_due(now),
+        )
+        due = min((d for d in dues if d is not None), default=None)
         due = min((d for d in dues if d is not None), default=None)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
@@ -213,15 +228,19 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
+        self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self.gate.observe((ev for _, ev in entries), state)
         self.limit_watch.observe(self.log, entries)
+        # A TASK_WAITING of an earlier leader that the takeover's refold did not cover comes this way.
+        self.waits.observe((ev for _, ev in entries), state)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
         self.effects.record_circuits(self.circuits.observe(entries, self.state, self.source))
         now = self.clock()
         self._touched |= self.timers.release(now)
+        self._expire_waits(now)
         self.schedules.observe((ev for _, ev in entries), now)
         fired = self.schedules.act(now, self.state, self.effects.token, self.source)
         if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
@@ -237,6 +256,16 @@ class SchedulerService:
             self._since_trim = 0
         self.progress.step_done()
         return len(entries)
+
+    def _expire_waits(self, now: float) -> None:
+        """End the durable waits whose deadline passed (see :mod:`scheduler.waits`), fenced."""
+        events = self.waits.expired(now, self.state, self.source)
+        if events:
+            self.effects.write(events)
+            self.state = st.fold(events, self.state)
+            self.metrics.on_decided(events)
+            self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.caching.observe(events, self.state)
 
     def _sweep(self, now: float) -> None:
         """The periodic look around: metrics, capacity, the watchdog's verdicts."""
@@ -319,7 +348,9 @@ class SchedulerService:
                 self._sent(taken)
             self.state = st.fold(events, self.state)
             self.metrics.on_decided(events)
+            self.waits.observe(events, self.state)
             self._touched.update(ev.run_id for ev in events)
+            self._touched |= self.child_reruns.ended(events)
             self._touched |= self.caching.observe(events, self.state)
             self.gate.observe(events, self.state)
         if cache is not None:
@@ -329,6 +360,15 @@ class SchedulerService:
             self.state = st.fold(spawned, self.state)
             self._touched.update(ev.run_id for ev in spawned)
             self.gate.observe(spawned, self.state)
+        if out.child_reruns:  # a rerun of their parents: after the events, as spawns (see the room)
+            recorded = self.child_reruns.act(
+                out.child_reruns, self.state, self.effects.token(), now, self.source
+            )
+            if recorded:
+                self.effects.write(recorded)
+                self.state = st.fold(recorded, self.state)
+                self._touched.update(ev.run_id for ev in recorded)
+                self.gate.observe(recorded, self.state)
         if out.revoke:
             self.effects.cancel_jobs(out.revoke, self.state)
         self.timers.add(out.delayed)

@@ -325,6 +325,16 @@ def spawn_slow_nested(ctx: TaskContext, seconds: float, fan: int, levels: int) -
     return child
 
 
+# -- durable waits (issue 11, part "waits") -----------------------------------------------------------------
+
+
+@task(queue="io")
+def deploy(ctx: TaskContext, approval: Any) -> dict[str, Any]:
+    """Count this execution; return the approval (a signal's payload) it was given."""
+    _count(ctx)
+    return {"deployed": True, "approval": approval}
+
+
 # -- limits (issue 11, part "limits"): tasks that count how many of them run at once, and when they start --
 
 #: Counts the running executions of a label, and keeps the peak (one atomic step).
@@ -463,3 +473,29 @@ def scheduled_body(label: str, slot: float, seconds: float) -> float:
     finally:
         r.decr(f"test:sched:{label}:running")
     return slot
+
+
+# -- rerun of child runs (issue 16 part 4, "child runs likewise") ------------------------------------------
+
+
+@task(queue="cpu")
+def broken_until_flag(ctx: TaskContext, flag: str, *args: Any) -> str:
+    """Count; fail (ValueError) until the test sets ``test:flag:<flag>`` in Redis."""
+    _count(ctx)
+    if not _redis().exists(f"test:flag:{flag}"):
+        raise ValueError(f"{ctx.task_id} is broken until {flag} is set")
+    return f"{ctx.task_id} fixed"
+
+
+@task(queue="cpu")
+def spawn_broken_child(ctx: TaskContext, flag: str, levels: int, *args: Any) -> Workflow:
+    """Count; return a child run: ``ok`` (counted), then ``bad`` (broken until ``flag`` is set) as its
+    output; with ``levels > 1`` the child's second task is ``down``, another such spawn a level deeper."""
+    _count(ctx)
+    child = Workflow(f"broken-child-{levels}")
+    ok = child.add(counted, id="ok")
+    if levels > 1:
+        child.output(child.add(spawn_broken_child, flag, levels - 1, ok, id="down"))
+    else:
+        child.output(child.add(broken_until_flag, flag, ok, id="bad"))
+    return child

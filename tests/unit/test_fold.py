@@ -27,6 +27,7 @@ from nerv_cluster.state import (
     fold_run,
     run_result,
 )
+from nerv_cluster.workflow import Workflow
 from tests.unit.helpers import RUN, Sim, completes, diamond, ev, random_dag, submitted, td, wdef
 
 E = EventType
@@ -108,6 +109,8 @@ def _noise(rng: random.Random, run_id: str, ids: list[str], now: float) -> Event
         data["cache_key"] = rng.choice(["k1", "k2"])
     if rng.random() < 0.2:
         data.update(cached=True, cached_from="other-run/t0")
+    if rng.random() < 0.3:  # part "waits": a signal's name and payload
+        data.update(name=rng.choice(["go", "stop", "t0"]), payload=rng.choice([None, 1, {"by": "ana"}]))
     if rng.random() < 0.2:  # limits (issue 11): a dispatch's concurrency slot (TASK_HELD comes as any type)
         data["slot"] = rng.choice(["api", "tenant:a"])
     if rng.random() < 0.2:  # idem (issue 11): schedule events' fields (they never change a run)
@@ -136,8 +139,54 @@ def _random_log(seed: int) -> list[Event]:
         if rng.random() < 0.3:
             log.insert(rng.randint(1, len(log)), submitted(wdef(td("other")), run_id=f"run-{k}"))
         streams.append(log)
+    if rng.random() < 0.6:
+        streams.append(_wait_log(rng, "run-waits"))
     streams.append([_noise(rng, "never-submitted", ["t0"], 1.0) for _ in range(rng.randint(0, 5))])
     return _interleave(rng, streams)
+
+
+_WAIT_KINDS = [
+    *(E.TASK_WAITING, E.TASK_WAITING, E.SIGNAL_RECEIVED, E.TASK_COMPLETED, E.TASK_FAILED, E.TASK_CANCELLED),
+    *(E.TASK_DISPATCHED, E.TASK_STARTED, E.WORKFLOW_COMPLETED, E.WORKFLOW_RERUN_REQUESTED),
+]
+
+
+def _wait_log(rng: random.Random, run_id: str) -> list[Event]:
+    """Part "waits": a run with signal waits and timers, in random order with duplicates: waits reached
+    (or not), signals before and after, ends by signal, by deadline, by cancel, stale attempts, reruns."""
+    wf = Workflow("waits")
+    first = wf.add("tests.first", id="first")
+    wf.wait_for("go", timeout=rng.choice([None, 2.0]), dependencies=[first])
+    wf.wait_for("stop")
+    wf.sleep(1.0, id="nap")
+    wf.sleep_until(5.0, id="alarm", dependencies=["go"])
+    wf.add(
+        "tests.after",
+        dependencies=["go", "nap"],
+        trigger=rng.choice(["all_success", "one_failed"]),
+        id="after",
+    )
+    ids = [t.id for t in wf.definition().tasks]
+    log = [submitted(wf.definition(), run_id=run_id)]
+    for _ in range(rng.randint(5, 30)):
+        tid = rng.choice(ids)
+        kind = rng.choice(_WAIT_KINDS)
+        data: dict[str, Any] = {"result": rng.randint(0, 3)}
+        if kind is E.SIGNAL_RECEIVED:
+            data = {"name": rng.choice(["go", "stop", "nope"]), "payload": rng.randint(0, 3)}
+        elif kind is E.WORKFLOW_RERUN_REQUESTED:
+            data = {"n": rng.randint(1, 2)}
+        elif kind is E.TASK_FAILED:
+            data = {"error": {"type": "TaskTimeoutError", "message": "no signal"}, "reason": "timeout"}
+        task = None if kind in (E.SIGNAL_RECEIVED, E.WORKFLOW_COMPLETED, E.WORKFLOW_RERUN_REQUESTED) else tid
+        at = float(len(log))
+        event = Event(kind, run_id, task, rng.choice([1, 1, 2]) if task else None, data, ts=at)
+        if rng.random() < 0.5:  # read from the log: deadlines count from the logged time
+            event = Event(kind, run_id, task, event.attempt, data, ts=at, id=event.id, logged_at=at + 0.5)
+        log.append(event)
+        if rng.random() < 0.2:
+            log.append(log[rng.randrange(1, len(log))])
+    return log
 
 
 def _interleave(rng: random.Random, streams: list[list[Event]]) -> list[Event]:
