@@ -18,6 +18,7 @@ from typing import Any
 
 from nerv_cluster import constants, ids
 from nerv_cluster.errors import MalformedEventError, UnknownEventTypeError, WorkflowError
+from nerv_cluster.jsonform import compact
 
 
 class TaskStatus(StrEnum):
@@ -71,6 +72,9 @@ class TaskPriority(IntEnum):
         if isinstance(value, TaskPriority):
             return value
         if isinstance(value, str):
+            known = _PRIORITY_NAMES.get(value)  # the wire form's exact name: no upper(), no enum lookup
+            if known is not None:
+                return known
             try:
                 return cls[value.upper()]
             except KeyError:
@@ -94,12 +98,21 @@ class TriggerRule(StrEnum):
     @classmethod
     def parse(cls, value: TriggerRule | str) -> TriggerRule:
         """Accept a member or its value."""
+        if isinstance(value, str):  # a member is one too: one dict lookup instead of the enum call
+            known = _TRIGGERS.get(value)
+            if known is not None:
+                return known
         try:
             return cls(value)
         except ValueError:
             raise WorkflowError(
                 f"unknown trigger rule {value!r}; expected one of {', '.join(m.value for m in cls)}"
             ) from None
+
+
+#: Member by exact name and by value: the parsers' fast paths (every task of every submission is parsed).
+_PRIORITY_NAMES: dict[str, TaskPriority] = {m.name: m for m in TaskPriority}
+_TRIGGERS: dict[str, TriggerRule] = {m.value: m for m in TriggerRule}
 
 
 class EventType(StrEnum):
@@ -383,26 +396,29 @@ class TaskDef:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskDef:
         """Inverse of :meth:`to_dict`."""
-        retry = data.get("retry")
+        # Positional, in field order, with one bound ``get``: a submission parses thousands of these
+        # (in the scheduler and in every client that waits), and keyword passing is a good part of it.
+        get = data.get
+        retry, circuit, cache = get("retry"), get("circuit"), get("cache")
         return cls(
-            id=data["id"],
-            fn=data["fn"],
-            name=data.get("name") or data["id"],
-            description=data.get("description", ""),
-            dependencies=tuple(dict.fromkeys(data.get("deps", ()))),
-            args=tuple(data.get("args", ())),
-            kwargs=dict(data.get("kwargs", {})),
-            priority=TaskPriority.parse(data.get("priority", "MEDIUM")),
-            timeout=data.get("timeout"),
-            retry=RetryPolicy.from_dict(retry) if retry else None,
-            queue=data.get("queue", constants.DEFAULT_QUEUE),
-            tags=tuple(data.get("tags", ())),
-            trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
-            context=bool(data.get("context", False)),
-            circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
-            cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
-            workflow=data.get("workflow"),
-            over=data.get("over"),
+            data["id"],
+            data["fn"],
+            get("name") or data["id"],
+            get("description", ""),
+            tuple(dict.fromkeys(get("deps", ()))),
+            tuple(get("args", ())),
+            dict(get("kwargs", {})),
+            TaskPriority.parse(get("priority", "MEDIUM")),
+            get("timeout"),
+            RetryPolicy.from_dict(retry) if retry else None,
+            get("queue", constants.DEFAULT_QUEUE),
+            tuple(get("tags", ())),
+            TriggerRule.parse(get("trigger", TriggerRule.ALL_SUCCESS)),
+            bool(get("context", False)),
+            CircuitBreaker.from_dict(circuit) if circuit else None,
+            Cache.from_dict(cache) if cache is not None else None,
+            get("workflow"),
+            get("over"),
         )
 
 
@@ -605,7 +621,7 @@ class Event:
 
     def to_json(self) -> str:
         """Compact JSON."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return compact(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], logged_at: float | None = None) -> Event:
