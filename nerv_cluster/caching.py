@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from nerv_cluster import jsonform
 from nerv_cluster.errors import CacheKeyError
 from nerv_cluster.model import Cache, Event, EventType, TaskError, TaskStatus
 
@@ -45,7 +46,7 @@ TaskRef = tuple[str, str]
 
 def canonical(value: Any) -> str:
     """The canonical JSON of ``value``: sorted keys, no spaces, no NaN (equal data, equal text)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return jsonform.canonical(value)
 
 
 def digest(parts: Any) -> str:
@@ -98,7 +99,7 @@ class Entry:
     def to_json(self) -> str:
         """The stored form."""
         body = {"r": self.result, "run": self.run_id, "task": self.task_id, "a": self.attempt, "at": self.at}
-        return json.dumps(body, separators=(",", ":"))
+        return jsonform.compact(body)
 
     @classmethod
     def parse(cls, raw: str | bytes | None) -> Entry | None:

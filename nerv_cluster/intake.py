@@ -9,12 +9,12 @@ scheduler fails with the reason. It is a pure function of the event, so a refold
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from nerv_cluster import constants, mapping, waits
 from nerv_cluster.errors import WorkflowError
 from nerv_cluster.ids import check_id
+from nerv_cluster.jsonform import compact
 from nerv_cluster.model import TaskDef, WorkflowDef
 from nerv_cluster.planner import Plan, plan
 
@@ -65,7 +65,7 @@ def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
     check_id(run_id, "run id")
     if not isinstance(raw, dict):
         raise WorkflowError("the submission carries no workflow definition")
-    size = len(json.dumps(raw, separators=(",", ":")))
+    size = len(compact(raw))
     definition = WorkflowDef.from_dict(raw)
     if not isinstance(definition.name, str):
         raise WorkflowError("the workflow name must be a string")

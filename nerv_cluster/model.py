@@ -18,6 +18,7 @@ from typing import Any
 
 from nerv_cluster import constants, ids
 from nerv_cluster.errors import MalformedEventError, UnknownEventTypeError, WorkflowError
+from nerv_cluster.jsonform import compact
 from nerv_cluster.limits import Concurrency, RateLimit
 
 
@@ -75,6 +76,9 @@ class TaskPriority(IntEnum):
         if isinstance(value, TaskPriority):
             return value
         if isinstance(value, str):
+            known = _PRIORITY_NAMES.get(value)  # the wire form's exact name: no upper(), no enum lookup
+            if known is not None:
+                return known
             try:
                 return cls[value.upper()]
             except KeyError:
@@ -98,12 +102,21 @@ class TriggerRule(StrEnum):
     @classmethod
     def parse(cls, value: TriggerRule | str) -> TriggerRule:
         """Accept a member or its value."""
+        if isinstance(value, str):  # a member is one too: one dict lookup instead of the enum call
+            known = _TRIGGERS.get(value)
+            if known is not None:
+                return known
         try:
             return cls(value)
         except ValueError:
             raise WorkflowError(
                 f"unknown trigger rule {value!r}; expected one of {', '.join(m.value for m in cls)}"
             ) from None
+
+
+#: Member by exact name and by value: the parsers' fast paths (every task of every submission is parsed).
+_PRIORITY_NAMES: dict[str, TaskPriority] = {m.name: m for m in TaskPriority}
+_TRIGGERS: dict[str, TriggerRule] = {m.value: m for m in TriggerRule}
 
 
 class EventType(StrEnum):
@@ -647,7 +660,7 @@ class Event:
 
     def to_json(self) -> str:
         """Compact JSON."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return compact(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], logged_at: float | None = None) -> Event:

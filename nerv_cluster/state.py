@@ -363,8 +363,17 @@ def _due_at(ev: Event) -> float | None:
     return None if due is None else float(due)
 
 
-def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatus, **fields: Any) -> RunState:
-    """End task ``tid`` with a terminal ``status`` and settle its dependents."""
+def _finish(
+    run: RunState,
+    ev: Event,
+    tid: str,
+    ts: TaskState,
+    status: TaskStatus,
+    run_changes: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> RunState:
+    """End task ``tid`` with a terminal ``status`` and settle its dependents (``run_changes``: other
+    RunState fields to set in the same new RunState; ``fields``: the task's)."""
     new = ts._replace(status=status, finished_at=ev.ts, dispatched=ts.dispatched, **fields)
     # Dependents first, then the task itself, so that one new RunState holds both: a task is never its
     # own dependent (the planner refuses that), so the order changes nothing.
@@ -381,6 +390,7 @@ def _finish(run: RunState, ev: Event, tid: str, ts: TaskState, status: TaskStatu
         ready=ready.discard(tid),
         doomed=doomed.discard(tid),
         gathered=gathered,
+        **(run_changes or {}),
     )
 
 
@@ -489,19 +499,21 @@ def _completed(run: RunState, ev: Event) -> RunState:
         return run
     tid, ts = cur
     # A completion from the cache (the scheduler's, see nerv_cluster.caching) names its source.
-    cached_from = str(ev.data.get("cached_from", "")) if ev.data.get("cached") is True else None
-    done = _finish(
+    data = ev.data
+    cached_from = str(data.get("cached_from", "")) if data.get("cached") is True else None
+    return _finish(
         run,
         ev,
         tid,
         ts,
         TaskStatus.COMPLETED,
-        result=ev.data.get("result"),
-        worker=ev.data.get("worker", ts.worker),
-        started_at=ev.data.get("started_at", ts.started_at),
+        # The run's count of hits in the same new RunState (a run of hits is nearly all such events).
+        None if cached_from is None else {"cached": run.cached + 1},
+        result=data.get("result"),
+        worker=data.get("worker", ts.worker),
+        started_at=data.get("started_at", ts.started_at),
         cached_from=cached_from,
     )
-    return done if cached_from is None else done._replace(cached=done.cached + 1)
 
 
 def _failed(run: RunState, ev: Event) -> RunState:

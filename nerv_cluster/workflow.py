@@ -5,7 +5,6 @@ Validation happens here, before anything reaches Redis: ids, dependencies, cycle
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from nerv_cluster.errors import (
     WorkflowError,
 )
 from nerv_cluster.ids import check_id, slug
+from nerv_cluster.jsonform import compact
 from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
     Cache,
@@ -504,7 +504,7 @@ def validate_definition(
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
             )
         payload = [t.args, t.kwargs] if t.over is None else [t.args, t.kwargs, t.over]
-        size = len(json.dumps(payload, separators=(",", ":")))
+        size = len(compact(payload))
         if size > max_payload_bytes:
             raise PayloadTooLargeError(
                 f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "

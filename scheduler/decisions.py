@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
 from nerv_cluster.failures import failure_outcome, job_failed
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job, build_job, job_id
+from nerv_cluster.jsonform import compact
 from nerv_cluster.limits import Gate
 from nerv_cluster.model import (
     WORKFLOW_END_EVENTS,
@@ -180,7 +180,7 @@ def _may_be_too_large(run: RunState, td: TaskDef, limits: Limits) -> bool:
 
 def job_size(job: Job) -> int:
     """Bytes of a job's JSON (what the job bound counts)."""
-    return len(json.dumps(job.to_dict(), separators=(",", ":")))
+    return len(compact(job.to_dict()))
 
 
 def _why_skipped(run: RunState, tid: str) -> str:

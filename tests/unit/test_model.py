@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -10,7 +11,10 @@ import pytest
 
 from nerv_cluster import constants
 from nerv_cluster.errors import WorkflowError
+from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
+    Cache,
+    CircuitBreaker,
     Event,
     EventType,
     RetryPolicy,
@@ -238,6 +242,38 @@ def test_task_def_full_round_trip_through_json():
     assert d["deps"] == ["fetch-1", "fetch-2"]
     wire = json.loads(json.dumps(d))
     assert TaskDef.from_dict(wire) == t
+
+
+def test_task_def_from_dict_sets_every_field_in_place():
+    # Each field set to a value other than its default: a field from_dict forgets, or reads into
+    # another's place, cannot round-trip.
+    t = TaskDef(
+        id="t",
+        fn="mod.f",
+        name="T",
+        description="d",
+        dependencies=("a",),
+        args=(1,),
+        kwargs={"k": 2},
+        priority=TaskPriority.HIGH,
+        timeout=5.0,
+        retry=RetryPolicy(max_retries=3),
+        queue="io",
+        tags=("x",),
+        trigger=TriggerRule.ALL_DONE,
+        context=True,
+        circuit=CircuitBreaker(failures=2, cooldown=1.0),
+        cache=Cache(ttl=60, version="2", key="mod.key"),
+        workflow={"name": "sub", "tasks": [{"id": "s", "fn": "mod.g"}]},
+        over=[1, 2],
+        wait={"signal": "approval", "timeout": 5.0},
+        concurrency=Concurrency("crm-api", 4),
+        rate_limit=RateLimit("github", 10, per=1.0),
+    )
+    defaults = TaskDef(id="other", fn="other.fn")
+    for f in dataclasses.fields(TaskDef):
+        assert getattr(t, f.name) != getattr(defaults, f.name), f.name
+    assert TaskDef.from_dict(json.loads(json.dumps(t.to_dict()))) == t
 
 
 def test_workflow_def_round_trip():
