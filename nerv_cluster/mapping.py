@@ -481,7 +481,7 @@ def _refollow(run: RunState, selected: Sequence[str], reset: set[str]) -> RunSta
     """``run`` with each reset map among ``selected`` that follows an expanded map element-wise counted
     again: the followed map's expansion met that dependency (as when it expanded, see the fold), not
     its end, whether or not the rerun reset it too; ready, doomed and the tally follow."""
-    from nerv_cluster.state import rule_outcome  # the fold's rule (state imports this module)
+    from nerv_cluster.state import outcome_counts, rule_outcome  # state imports this module
 
     layers, defs = run.growth.layers, run.defs
     tasks, ready, doomed, tally = run.tasks, run.ready, run.doomed, list(run.tally)
@@ -493,21 +493,14 @@ def _refollow(run: RunState, selected: Sequence[str], reset: set[str]) -> RunSta
         cs = tasks[tid]
         if feed is None or feed not in layers or cs.status not in (TaskStatus.PENDING, TaskStatus.READY):
             continue
-        ok = failed = skipped = 0
-        for d in td.dependencies:
-            if d == feed:
-                if td.trigger is TriggerRule.ONE_FAILED:
-                    failed += 1
-                else:
-                    ok += 1
-            elif d not in reset:
-                status = tasks[d].status
-                if status is TaskStatus.COMPLETED:
-                    ok += 1
-                elif status is TaskStatus.FAILED:
-                    failed += 1
-                elif status.terminal:
-                    skipped += 1
+        ok, failed, skipped = outcome_counts(
+            run, (d for d in td.dependencies if d != feed and d not in reset)
+        )
+        if feed in td.dependencies:  # met by the followed map's expansion, as in the fold
+            if td.trigger is TriggerRule.ONE_FAILED:
+                failed += 1
+            else:
+                ok += 1
         verdict = rule_outcome(td.trigger, len(td.dependencies), ok, failed, skipped)
         status = TaskStatus.READY if verdict is True else TaskStatus.PENDING
         if status is not cs.status:

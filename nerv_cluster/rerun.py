@@ -33,7 +33,7 @@ from typing import Any
 from nerv_cluster import children, mapping, waits
 from nerv_cluster.errors import RerunError, RunNotFinishedError
 from nerv_cluster.model import Event, RunStatus, TaskStatus
-from nerv_cluster.state import RunState, TaskState, _moved, rule_outcome
+from nerv_cluster.state import RunState, TaskState, _moved, outcome_counts, rule_outcome
 
 #: How many named task ids an error message lists before "and N more".
 _SHOWN = 5
@@ -149,19 +149,7 @@ def _builds_on(run: RunState, tid: str, hooks: Sequence[Hook]) -> Iterator[str]:
 def _counts(run: RunState, tid: str, reset: Container[str]) -> tuple[int, int, int]:
     """How ``tid``'s dependencies stand once the tasks in ``reset`` are reset (and so not ended):
     ok, failed and skipped, counted as the fold settles them (CANCELLED counts as skipped)."""
-    ok = failed = skipped = 0
-    tasks = run.tasks
-    for dep in run.defs[tid].dependencies:
-        if dep in reset:
-            continue
-        status = tasks[dep].status
-        if status is TaskStatus.COMPLETED:
-            ok += 1
-        elif status is TaskStatus.FAILED:
-            failed += 1
-        elif status.terminal:
-            skipped += 1
-    return ok, failed, skipped
+    return outcome_counts(run, (dep for dep in run.defs[tid].dependencies if dep not in reset))
 
 
 def _fresh(run: RunState, tid: str, old: TaskState, reset: Container[str]) -> TaskState:

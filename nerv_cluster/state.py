@@ -660,8 +660,9 @@ def _rerun_requested(run: RunState, ev: Event) -> RunState:
     return rerun.requested(run, ev)
 
 
-def _outcome_counts(run: RunState, deps: Iterable[str]) -> tuple[int, int, int]:
-    """(ok, failed, skipped) over ended tasks ``deps``, counted as ``_settle`` counts them."""
+def outcome_counts(run: RunState, deps: Iterable[str]) -> tuple[int, int, int]:
+    """(ok, failed, skipped) over ``deps`` that ended, counted as ``_settle`` counts them (CANCELLED
+    counts as skipped; a task not ended counts for none)."""
     ok = failed = skipped = 0
     tasks = run.tasks
     for d in deps:
@@ -693,7 +694,7 @@ def _map_expanded(run: RunState, ev: Event) -> RunState:
         return run
     grown = mapping.grow(run.defs, run.plan, run.growth, td, src)
     may_start = not run.cancel_requested
-    base = _outcome_counts(run, src.others)
+    base = outcome_counts(run, src.others)
     tasks, tally = run.tasks, list(run.tally)
     states: dict[str, TaskState] = {}
     ready: dict[str, bool] = {}
