@@ -82,6 +82,17 @@ def _finite(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
+def _dependency_ids(dependencies: Iterable[TaskHandle | str], where: str) -> list[str]:
+    """The task ids of explicit dependencies (handles or ids); :class:`WorkflowError` for anything else."""
+    ids = []
+    for d in dependencies:
+        dep = d.id if isinstance(d, TaskHandle) else d
+        if not isinstance(dep, str):
+            raise WorkflowError(f"{where}: dependencies must be handles or task ids, got {d!r}")
+        ids.append(dep)
+    return ids
+
+
 def resolve_refs(value: Any, results: Mapping[str, Any]) -> Any:
     """Replace reference markers by the referenced task's result (the inverse of handle encoding)."""
     if isinstance(value, list):
@@ -170,10 +181,7 @@ class Workflow:
         refs: list[str] = []
         enc_args = _encode(list(args if args is not None else call_args), f"{where} args", refs, self.name)
         enc_kwargs = _encode(dict(kwargs or {}), f"{where} kwargs", refs, self.name)
-        explicit = [d.id if isinstance(d, TaskHandle) else d for d in dependencies]
-        for d in explicit:
-            if not isinstance(d, str):
-                raise WorkflowError(f"{where}: dependencies must be handles or task ids, got {d!r}")
+        explicit = _dependency_ids(dependencies, where)
         deps = tuple(dict.fromkeys([*refs, *explicit]))
         queue = queue or (tf.queue if tf else constants.DEFAULT_QUEUE)
         check_queue(queue)
@@ -278,12 +286,7 @@ class Workflow:
             raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
         if not sub.tasks:
             raise WorkflowError(f"task {task_id!r}: sub-workflow {sub.name!r} has no tasks")
-        deps = []
-        for d in dependencies:
-            dep = d.id if isinstance(d, TaskHandle) else d
-            if not isinstance(dep, str):
-                raise WorkflowError(f"task {task_id!r}: dependencies must be handles or task ids, got {d!r}")
-            deps.append(dep)
+        deps = _dependency_ids(dependencies, f"task {task_id!r}")
         sub.plan()  # its cycles and unknown dependencies now, not when it is spawned
         td = TaskDef(
             id=task_id,
@@ -379,12 +382,7 @@ class Workflow:
         check_id(task_id, "task id")
         if task_id in self._ids:
             raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
-        deps = []
-        for d in dependencies:
-            dep = d.id if isinstance(d, TaskHandle) else d
-            if not isinstance(dep, str):
-                raise WorkflowError(f"task {task_id!r}: dependencies must be handles or task ids, got {d!r}")
-            deps.append(dep)
+        deps = _dependency_ids(dependencies, f"task {task_id!r}")
         td = TaskDef(
             id=task_id,
             fn=constants.WAIT_FN,
