@@ -91,6 +91,16 @@ class Cluster(LocalCluster):
         if sig == signal.SIGKILL:
             proc.wait(timeout=10)
 
+    def kill_after_checkpoint(self, sched: Service, run_id: str, timeout: float = 30) -> None:
+        """Wait until ``sched`` wrote a checkpoint of ``run_id``, then SIGKILL it (the run is still in
+        flight: the next leader must start from that checkpoint)."""
+        key = self.client.keys.checkpoint(run_id)
+        deadline = time.monotonic() + timeout
+        while not self.redis.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.redis.exists(key), f"no checkpoint was written; scheduler log:\n{self.tail(sched)}"
+        self.kill(sched, signal.SIGKILL)
+
     def execs(self, run_id: str) -> dict[str, int]:
         """Task id -> number of times a counted task ran."""
         return {k: int(v) for k, v in self.redis.hgetall(f"test:execs:{run_id}").items()}

@@ -414,14 +414,6 @@ def square(ctx: TaskContext, x: int, *, fail_on: int = -1, flaky_below: int = -1
 
 
 @task(queue="cpu")
-def nap(ctx: TaskContext, seconds: float) -> float:
-    """Count, sleep ``seconds``, return them (a map element of known duration)."""
-    _count(ctx)
-    time.sleep(seconds)
-    return seconds
-
-
-@task(queue="cpu")
 def plus(ctx: TaskContext, x: float, y: float = 1) -> float:
     """Count, then ``x + y``."""
     _count(ctx)

@@ -67,7 +67,7 @@ def test_a_map_with_retries_and_one_failing_element(cluster: Cluster) -> None:
 def test_a_map_over_a_map_goes_element_wise(cluster: Cluster) -> None:
     wf = Workflow("map-of-map")
     durations = wf.add(tt.echo, [1.5, 0.05, 0.05, 0.05], id="durations")
-    naps = wf.map(tt.nap, durations, id="naps")
+    naps = wf.map(tt.slow, durations, id="naps")
     more = wf.map(tt.plus, naps, kwargs={"y": 10}, id="more")
     wf.add(tt.sum_list, more, id="total")
     run_id = cluster.client.submit(wf)
@@ -136,7 +136,7 @@ def test_scheduler_sigkill_mid_map_runs_no_element_twice(own_cluster: Cluster) -
     c.worker("cpu", 2)
     wf = Workflow("map-kill")
     durations = wf.add(tt.echo, [0.1] * 40, id="durations")
-    naps = wf.map(tt.nap, durations, id="naps")
+    naps = wf.map(tt.slow, durations, id="naps")
     more = wf.map(tt.plus, naps, id="more")
     wf.add(tt.sum_list, more, id="total")
     run_id = c.client.submit(wf)
@@ -176,15 +176,10 @@ def test_a_restarted_scheduler_resumes_a_map_from_its_checkpoint(own_cluster: Cl
     c.wait_leader()
     c.worker("cpu", 2)
     wf = Workflow("map-checkpoint")
-    naps = wf.map(tt.nap, wf.add(tt.echo, [0.25] * 80, id="durations"), id="naps")
+    naps = wf.map(tt.slow, wf.add(tt.echo, [0.25] * 80, id="durations"), id="naps")
     wf.add(tt.sum_list, wf.map(tt.plus, naps, id="more"), id="total")
     run_id = c.client.submit(wf)
-    key = c.client.keys.checkpoint(run_id)
-    deadline = time.monotonic() + 30
-    while not c.redis.exists(key) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c.redis.exists(key), f"no checkpoint was written; scheduler log:\n{c.tail(sched)}"
-    c.kill(sched, signal.SIGKILL)
+    c.kill_after_checkpoint(sched, run_id)
     assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
 
     sched = c.scheduler()

@@ -116,12 +116,7 @@ def test_restarted_scheduler_resumes_from_the_checkpoint_and_survives_a_bad_one(
     c.worker("cpu", 2)
     wf, parents = _layered(levels=40, width=20, seconds=0.04)  # 800 tasks, about 16 s on 2 processes
     run_id = c.client.submit(wf)
-    key = c.client.keys.checkpoint(run_id)
-    deadline = time.monotonic() + 30
-    while not c.redis.exists(key) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c.redis.exists(key), f"no checkpoint was written; scheduler log:\n{c.tail(sched)}"
-    c.kill(sched, signal.SIGKILL)
+    c.kill_after_checkpoint(sched, run_id)
     assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
 
     # A new leader starts from the checkpoint and replays only the log after it.
@@ -132,7 +127,7 @@ def test_restarted_scheduler_resumes_from_the_checkpoint_and_survives_a_bad_one(
     assert c.client.status(run_id).status is RunStatus.RUNNING, "the run must still be in flight"
 
     # A checkpoint that cannot be read is ignored: the whole log is replayed.
-    c.redis.set(key, '{"upto": "0-0", "count": 0, "state": {"format": -1}}')
+    c.redis.set(c.client.keys.checkpoint(run_id), '{"upto": "0-0", "count": 0, "state": {"format": -1}}')
     sched = c.scheduler()
     c.wait_log(sched, "ignoring the checkpoint of run")
     res = c.client.wait(run_id, timeout=90)
