@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from blinker import ANY, Namespace, Signal
 
-from nerv_cluster import constants
+from nerv_cluster import caching, constants
 from nerv_cluster.model import Event, EventType
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ class RedisBridge:
         except Exception:
             log.warning("ignoring malformed message on %s", message.get("channel"))
             return
-        self._bus.publish(event)
+        for ev in caching.expand(event):  # a CACHE_HITS: one TASK_COMPLETED per hit, as in the log's readers
+            self._bus.publish(ev)
 
     def _on_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
         # redis-py reconnects and resubscribes on the next read; pause so a Redis outage is not a busy loop.

@@ -9,7 +9,9 @@ what the registered ``Cache.key`` function returned for those arguments. An **en
 The scheduler (``scheduler/caching.py``) reads the entries of the cacheable READY tasks in one round trip
 per step and hands them to ``decide`` as a :class:`CacheView`; ``decide`` then, per task:
 
-- **hit**: writes TASK_COMPLETED with the entry's result and ``"cached": true`` (no worker, no job);
+- **hit**: completes the task with the entry's result, marked cached (no worker, no job): the hits of
+  one run in one step are one CACHE_HITS event in the log (:func:`hit_events`), which readers of
+  events see as one TASK_COMPLETED ``"cached": true`` per task (:func:`expand`);
 - **hold**: another task (of any run) computes the same key now, so this one waits, READY and unsent,
   until that one ends (single flight): it is decided again then, and hits the entry that one stored, or
   runs itself when that one failed (the next held one waits for it in turn);
@@ -27,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from nerv_cluster import jsonform
+from nerv_cluster import constants, jsonform
 from nerv_cluster.errors import CacheKeyError
 from nerv_cluster.model import Cache, Event, EventType, TaskError, TaskStatus
 
@@ -90,6 +91,8 @@ class Entry:
     attempt: int
     #: When it was stored (the scheduler's clock, which follows Redis's).
     at: float
+    #: Bytes of its stored JSON (0 when made in memory): what a hit adds to its CACHE_HITS event.
+    size: int = field(default=0, compare=False)
 
     @property
     def source(self) -> str:
@@ -109,7 +112,9 @@ class Entry:
             return None
         try:
             data = json.loads(raw)
-            entry = cls(data["r"], str(data["run"]), str(data["task"]), int(data["a"]), float(data["at"]))
+            entry = cls(
+                data["r"], str(data["run"]), str(data["task"]), int(data["a"]), float(data["at"]), len(raw)
+            )
         except (ValueError, TypeError, KeyError):
             return None
         return entry
@@ -225,22 +230,11 @@ class Verdict:
     entry: Entry | None = None
     error: TaskError | None = None
 
-    def event(
-        self, run_id: str, task_id: str, attempt: int, now: float, source: str, event_id: str = ""
-    ) -> Event | None:
-        """The event a hit (TASK_COMPLETED from the cache) or a failure (TASK_FAILED: no key) writes
-        (``event_id``: its id, when the caller makes them; else a fresh uuid4)."""
-        eid = event_id or uuid.uuid4().hex
-        if self.kind is Kind.HIT and self.entry is not None:
-            # No key: it is not this task's to own, and a hit's event stays small (a run of hits is
-            # nearly all such events, folded by the scheduler and every client that follows it).
-            data = {"result": self.entry.result, "cached": True, "cached_from": self.entry.source}
-            return Event(
-                EventType.TASK_COMPLETED, run_id, task_id, attempt, data, ts=now, source=source, id=eid
-            )
+    def failure(self, run_id: str, task_id: str, attempt: int, now: float, source: str) -> Event | None:
+        """The TASK_FAILED a task with no key gets (None for any other verdict)."""
         if self.kind is Kind.FAIL and self.error is not None:
             data = {"error": self.error.to_dict(), "reason": "cache key"}
-            return Event(EventType.TASK_FAILED, run_id, task_id, attempt, data, ts=now, source=source, id=eid)
+            return Event(EventType.TASK_FAILED, run_id, task_id, attempt, data, ts=now, source=source)
         return None
 
 
@@ -263,15 +257,6 @@ class CacheView:
     refresh: frozenset[str]
     flights: Flights
     missing: set[str]
-    #: Ids of the events of this step's hits: a random part of the view's and a counter (a uuid4 per
-    #: event reads the OS's random source each time, a tenth of deciding a hit).
-    _id_base: str = field(default_factory=lambda: uuid.uuid4().hex[:20])
-    _made: int = 0
-
-    def event_id(self) -> str:
-        """A fresh event id, unique like a uuid4's (80 random bits per step, then a counter)."""
-        self._made += 1
-        return f"{self._id_base}{self._made:x}"
 
     def verdict(self, run_id: str, task_id: str) -> Verdict:
         """Hit, hold, miss or fail for a cacheable READY task about to be dispatched."""
@@ -294,6 +279,86 @@ class CacheView:
     def claim(self, key: str, run_id: str, task_id: str) -> None:
         """The task is dispatched with ``key``: it computes it now."""
         self.flights.claim(key, run_id, task_id)
+
+
+#: A hit as its CACHE_HITS event carries it: [task id, attempt, result, where it was computed].
+Hit = tuple[str, int, Entry]
+
+
+def hit_events(
+    run_id: str,
+    hits: Sequence[Hit],
+    now: float,
+    source: str,
+    per_event: int = constants.CACHE_HITS_PER_EVENT,
+    max_bytes: int = constants.CACHE_HITS_EVENT_BYTES,
+) -> list[Event]:
+    """The CACHE_HITS events of one run's hits in one step: at most ``per_event`` hits and about
+    ``max_bytes`` of results each (a hit bigger than that goes alone).
+
+    Why one event for many hits: a run of hits is nearly all such events, and each event costs its
+    writer, the log and every reader that follows the run (parsing, folding) far more than one more
+    row of a list; a 2,000-task run from the cache spent most of its time on 2,000 TASK_COMPLETEDs.
+    """
+    events: list[Event] = []
+    rows: list[list[Any]] = []
+    size = 0
+    for tid, attempt, entry in hits:
+        if rows and (len(rows) >= per_event or size + entry.size > max_bytes):
+            events.append(_hits_event(run_id, rows, now, source))
+            rows, size = [], 0
+        rows.append([tid, attempt, entry.result, entry.source])
+        size += entry.size
+    if rows:
+        events.append(_hits_event(run_id, rows, now, source))
+    return events
+
+
+def _hits_event(run_id: str, rows: list[list[Any]], now: float, source: str) -> Event:
+    return Event(EventType.CACHE_HITS, run_id, data={"hits": rows}, ts=now, source=source)
+
+
+def hit_rows(ev: Event) -> list[tuple[str, int, Any, str]]:
+    """The hits of a CACHE_HITS event as (task id, attempt, result, cached from); ValueError for a
+    malformed one (the fold then rejects the run, as for any event it cannot apply)."""
+    rows = ev.data.get("hits")
+    if not isinstance(rows, list):
+        raise ValueError("CACHE_HITS without a list of hits")
+    out = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4):
+            raise ValueError(f"a malformed cache hit {row!r:.80}")
+        tid, attempt, result, source = row
+        if not isinstance(tid, str) or isinstance(attempt, bool) or not isinstance(attempt, int):
+            raise ValueError(f"a malformed cache hit {row!r:.80}")
+        out.append((tid, attempt, result, str(source)))
+    return out
+
+
+def expand(ev: Event) -> list[Event]:
+    """``ev`` as readers of events see it: a CACHE_HITS as one TASK_COMPLETED (``"cached": true``,
+    ``"cached_from"``) per hit, in order, with ids derived from its own; any other event as itself.
+    A malformed CACHE_HITS expands to nothing (the fold rejects its run)."""
+    if ev.type is not EventType.CACHE_HITS:
+        return [ev]
+    try:
+        rows = hit_rows(ev)
+    except ValueError:
+        return []
+    return [
+        Event(
+            EventType.TASK_COMPLETED,
+            ev.run_id,
+            tid,
+            attempt,
+            {"result": result, "cached": True, "cached_from": source},
+            ts=ev.ts,
+            id=f"{ev.id}.{i}",
+            source=ev.source,
+            logged_at=ev.logged_at,
+        )
+        for i, (tid, attempt, result, source) in enumerate(rows)
+    ]
 
 
 def is_refresh(meta: Mapping[str, Any]) -> bool:

@@ -14,7 +14,7 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nerv_cluster import constants, idempotency, limits, waits
+from nerv_cluster import caching, constants, idempotency, limits, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -414,13 +414,15 @@ class Client:
 
         A rerun goes on past an end: the logged part runs to its last end (if no rerun request follows
         that end, the run is over). With ``follow=False`` it stops at the end of what is logged now.
+        The cache hits the scheduler logs together (one CACHE_HITS) come as one TASK_COMPLETED
+        (``"cached": true``) per task.
         """
         self.log.require_run(run_id)
         last = after
         ended = False
         for entry_id, ev in self.log.read_run(run_id, after=after):
             last = entry_id
-            yield ev
+            yield from caching.expand(ev)
             if ev.type in WORKFLOW_END_EVENTS:
                 ended = True
             elif ev.type is EventType.WORKFLOW_RERUN_REQUESTED:
@@ -430,7 +432,7 @@ class Client:
         while follow:
             batch = self.log.follow_run(run_id, last, _FOLLOW_BLOCK_MS)
             for _, ev in batch:
-                yield ev
+                yield from caching.expand(ev)
                 if ev.type in WORKFLOW_END_EVENTS:
                     return
             last = batch.upto or last  # past skipped entries too

@@ -144,6 +144,10 @@ DEFAULT_SCHEDULER_MODULES: Final[tuple[str, ...]] = ()
 #: Cache entries the scheduler stores or reads per script call, and keys deleted per round trip by
 #: ``nerv cache clear`` (bounds how long one call holds Redis).
 CACHE_CHUNK: Final = 5_000
+#: Cache hits per CACHE_HITS event, and about how many bytes of results one carries (a hit bigger than
+#: that goes alone): one event per run and step for a fan-out of hits, each a bounded log entry.
+CACHE_HITS_PER_EVENT: Final = 5_000
+CACHE_HITS_EVENT_BYTES: Final = 1024 * 1024
 #: Limits (issue 11, part "limits"): the longest concurrency key or rate limit name (a resolved key
 #: past it keeps its start and a digest), the LIMIT_SET events kept in the limits stream (each key's
 #: latest matters; set_limit is an operator's command, rare), and the run id those events carry (they

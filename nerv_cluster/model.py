@@ -11,7 +11,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -159,6 +159,10 @@ class EventType(StrEnum):
     # at run time (``client.set_limit``; data ``key``, ``limit``), in the cluster-wide limits stream.
     TASK_HELD = "TASK_HELD"
     LIMIT_SET = "LIMIT_SET"
+    # Caching (issue 16): the cache hits of one run in one scheduler step, as one event (data ``hits``:
+    # [task id, attempt, result, where it was computed] each). Readers of events see one
+    # TASK_COMPLETED (``cached``: true) per hit (see nerv_cluster/caching.py, ``expand``).
+    CACHE_HITS = "CACHE_HITS"
     # -- map (issue 16): a map node's list became known; its elements joined the run (data: width).
     MAP_EXPANDED = "MAP_EXPANDED"
     # idem (issue 11, part 5): schedules, in the cluster-wide schedules stream (see
@@ -435,30 +439,53 @@ class TaskDef:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskDef:
         """Inverse of :meth:`to_dict`."""
-        retry = data.get("retry")
-        return cls(
-            id=data["id"],
-            fn=data["fn"],
-            name=data.get("name") or data["id"],
-            description=data.get("description", ""),
-            dependencies=tuple(dict.fromkeys(data.get("deps", ()))),
-            args=tuple(data.get("args", ())),
-            kwargs=dict(data.get("kwargs", {})),
-            priority=TaskPriority.parse(data.get("priority", "MEDIUM")),
-            timeout=data.get("timeout"),
-            retry=RetryPolicy.from_dict(retry) if retry else None,
-            queue=data.get("queue", constants.DEFAULT_QUEUE),
-            tags=tuple(data.get("tags", ())),
-            trigger=TriggerRule.parse(data.get("trigger", TriggerRule.ALL_SUCCESS)),
-            context=bool(data.get("context", False)),
-            circuit=CircuitBreaker.from_dict(data["circuit"]) if data.get("circuit") else None,
-            cache=Cache.from_dict(data["cache"]) if data.get("cache") is not None else None,
-            workflow=data.get("workflow"),
-            wait=data.get("wait"),
-            concurrency=Concurrency.from_dict(data["concurrency"]) if data.get("concurrency") else None,
-            rate_limit=RateLimit.from_dict(data["rate_limit"]) if data.get("rate_limit") else None,
-            over=data.get("over"),
-        )
+        # Only what the form holds is passed (the rest keep their defaults): every task of every
+        # submission comes this way, in the scheduler and in each client that folds the run, and a
+        # fan-out's tasks hold little beyond an id, a function and arguments.
+        get = data.get
+        tid = data["id"]
+        fields: dict[str, Any] = {"id": tid, "fn": data["fn"], "name": get("name") or tid}
+        for key, value in data.items():
+            convert = _TASK_FIELDS.get(key)
+            if convert is not None:
+                name, make = convert
+                made = make(value)
+                if made is not None:
+                    fields[name] = made
+        return cls(**fields)
+
+
+def _deps(value: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(value))
+
+
+def _or_none(make: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``make`` for a value that is there; None (the field keeps its default) for a falsy one."""
+    return lambda value: make(value) if value else None
+
+
+#: TaskDef's JSON keys (beyond id, fn and name) -> (field, how the field is made from the value; None
+#: keeps the field's default). Keys not listed are ignored, as they always were.
+_TASK_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "description": ("description", lambda v: v),
+    "deps": ("dependencies", _deps),
+    "args": ("args", tuple),
+    "kwargs": ("kwargs", dict),
+    "priority": ("priority", lambda v: TaskPriority.parse(v)),
+    "timeout": ("timeout", lambda v: v),
+    "retry": ("retry", _or_none(lambda v: RetryPolicy.from_dict(v))),
+    "queue": ("queue", lambda v: v),
+    "tags": ("tags", tuple),
+    "trigger": ("trigger", lambda v: TriggerRule.parse(v)),
+    "context": ("context", bool),
+    "circuit": ("circuit", _or_none(lambda v: CircuitBreaker.from_dict(v))),
+    "cache": ("cache", lambda v: None if v is None else Cache.from_dict(v)),
+    "workflow": ("workflow", lambda v: v),
+    "wait": ("wait", lambda v: v),
+    "concurrency": ("concurrency", _or_none(lambda v: Concurrency.from_dict(v))),
+    "rate_limit": ("rate_limit", _or_none(lambda v: RateLimit.from_dict(v))),
+    "over": ("over", lambda v: v),
+}
 
 
 @dataclass(frozen=True, slots=True)

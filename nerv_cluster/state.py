@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 from pyrsistent import PMap, pmap
 
-from nerv_cluster import intake, mapping, waits
+from nerv_cluster import caching, intake, mapping, waits
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
@@ -516,6 +516,28 @@ def _completed(run: RunState, ev: Event) -> RunState:
     )
 
 
+def _cache_hits(run: RunState, ev: Event) -> RunState:
+    """CACHE_HITS: each hit as a TASK_COMPLETED from the cache of its task's current attempt (see
+    :func:`nerv_cluster.caching.expand`, which gives readers exactly those events)."""
+    tasks = run.tasks
+    for tid, attempt, result, source in caching.hit_rows(ev):
+        ts = tasks.get(tid)
+        if ts is None or attempt != ts.attempt or ts.status not in _OPEN:
+            continue
+        run = _finish(
+            run,
+            ev,
+            tid,
+            ts,
+            TaskStatus.COMPLETED,
+            {"cached": run.cached + 1},
+            result=result,
+            cached_from=source,
+        )
+        tasks = run.tasks
+    return run
+
+
 def _failed(run: RunState, ev: Event) -> RunState:
     cur = _current(run, ev)
     if cur is None or cur[1].status not in _OPEN:
@@ -771,6 +793,7 @@ _HANDLERS: dict[EventType, Callable[[RunState, Event], RunState]] = {
     EventType.TASK_DISPATCHED: _dispatched,
     EventType.TASK_STARTED: _started,
     EventType.TASK_COMPLETED: _completed,
+    EventType.CACHE_HITS: _cache_hits,
     EventType.TASK_FAILED: _failed,
     EventType.TASK_RETRYING: _again,
     EventType.TASK_PENDING: _again,
@@ -1009,17 +1032,22 @@ def fold(events: Iterable[Event], state: State = EMPTY) -> State:
     Events of a run neither known nor submitted among them change nothing, as in :func:`apply`.
     """
     by_run: dict[str, list[Event]] = {}
+    weight: dict[str, int] = {}  # changes per run: a CACHE_HITS counts as its hits
     for ev in events:
-        evs = by_run.get(ev.run_id)
+        rid = ev.run_id
+        evs = by_run.get(rid)
         if evs is None:
-            by_run[ev.run_id] = [ev]
+            by_run[rid] = [ev]
+            weight[rid] = 0
         else:
             evs.append(ev)
+        hits = ev.data.get("hits") if ev.type is EventType.CACHE_HITS else None
+        weight[rid] += len(hits) if isinstance(hits, list) else 1
     runs = state.runs
     changed: dict[str, RunState] = {}
     for run_id, evs in by_run.items():
         old = runs.get(run_id)
-        if _bulk_pays(old, len(evs)):
+        if _bulk_pays(old, weight[run_id]):
             new = fold_run(old, evs)
         else:
             new = old

@@ -176,6 +176,13 @@ class CacheRoom:
         for ev in events:
             tid = ev.task_id
             if tid is None:
+                if ev.type is EventType.CACHE_HITS:  # completed: their keys are spent
+                    memo = self._keys.get(ev.run_id)
+                    rows = ev.data.get("hits")
+                    if memo and isinstance(rows, list):
+                        for row in rows:  # as the fold reads them: a malformed one drops nothing
+                            if isinstance(row, list) and row and isinstance(row[0], str):
+                                memo.pop(row[0], None)
                 continue
             rid = ev.run_id
             owned = flights.key_of(rid, tid)

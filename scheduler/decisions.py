@@ -9,7 +9,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from nerv_cluster import children, constants, mapping, waits
+from nerv_cluster import caching, children, constants, mapping, waits
 from nerv_cluster.caching import CacheView, Kind
 from nerv_cluster.circuits import Breakers, Circuit
 from nerv_cluster.errors import CircuitOpenError, PayloadTooLargeError
@@ -303,6 +303,7 @@ def decide(
     for tid in run.woken:  # durable waits whose signal arrived: complete them with its payload
         out.events.append(waits.wake(run, tid, now, source))
     released = gate.take_released(rid) if gate is not None else []
+    hits: list[caching.Hit] = []
     if run.ready or released:
         rank = run.plan.rank
         for tid in [*sorted(run.ready, key=rank.__getitem__), *released]:
@@ -325,10 +326,13 @@ def decide(
             cache_key = None
             if td.cache is not None and cache is not None:  # before the circuit: a hit calls nothing
                 verdict = cache.verdict(rid, tid)
+                if verdict.kind is Kind.HIT and verdict.entry is not None:
+                    hits.append((tid, ts.attempt, verdict.entry))
+                    continue
                 if verdict.kind is not Kind.MISS:
-                    done = verdict.event(rid, tid, ts.attempt, now, source, cache.event_id())  # None: held
-                    if done is not None:
-                        out.events.append(done)
+                    failed = verdict.failure(rid, tid, ts.attempt, now, source)  # None: held
+                    if failed is not None:
+                        out.events.append(failed)
                     continue
                 cache_key = verdict.key
             slot = rate = None
@@ -367,6 +371,8 @@ def decide(
                 Event(EventType.TASK_DISPATCHED, rid, tid, ts.attempt, data, ts=now, source=source)
             )
             out.jobs.append((job, queue))
+    if hits:  # after the ready loop: each hit is another task's business than the dispatches
+        out.events.extend(caching.hit_events(rid, hits, now, source))
     for tid in run.gathered:  # map nodes whose elements have all ended
         out.events.append(mapping.end_event(run, tid, now, source))
     if run.spawning:

@@ -103,8 +103,8 @@ class SchedulerMetrics:
             status = _RUN_END.get(ev.type)
             if status is not None:
                 self.runs_finished.labels(status=status).inc()
-            elif ev.type is EventType.TASK_COMPLETED and ev.data.get("cached") is True:
-                self.cache.labels(result="hit").inc()
+            elif ev.type is EventType.CACHE_HITS:
+                self.cache.labels(result="hit").inc(len(ev.data["hits"]))
             elif ev.type is EventType.TASK_DISPATCHED and "cache_key" in ev.data:
                 self.cache.labels(result="miss").inc()
 

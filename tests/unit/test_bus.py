@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from nerv_cluster.bus import ALL, EventBus
+from nerv_cluster.bus import ALL, EventBus, RedisBridge
+from nerv_cluster.constants import Keys
 from nerv_cluster.model import Event, EventType
 
 E = EventType
@@ -238,3 +239,19 @@ def test_publish_without_subscribers_still_records_history():
     bus = EventBus()
     e = bus.publish(event())
     assert bus.history() == [e]
+
+
+def test_the_bridge_hands_a_cache_hits_event_on_as_one_completion_per_task():
+    bus = EventBus()
+    got: list[Event] = []
+    bus.subscribe(EventType.TASK_COMPLETED, got.append, weak=False)
+    bridge = RedisBridge(None, Keys(), bus)  # type: ignore[arg-type]  # no connection needed to hand on
+    hits = Event(EventType.CACHE_HITS, "r1", data={"hits": [["a", 1, 3, "r0/a"], ["b", 2, None, "r0/b"]]})
+    bridge._on_message({"data": hits.to_json(), "channel": "c"})
+    assert [
+        (e.task_id, e.attempt, e.data["result"], e.data["cached"], e.data["cached_from"]) for e in got
+    ] == [
+        ("a", 1, 3, True, "r0/a"),
+        ("b", 2, None, True, "r0/b"),
+    ]
+    assert len({e.id for e in got}) == 2 and all(e.run_id == "r1" for e in got)

@@ -148,6 +148,11 @@ def test_flights_claim_hold_release() -> None:
 # -- decide with a cache view --------------------------------------------------------------------------------
 
 
+def _expanded(events: list[Any]) -> list[Any]:
+    """Events as readers see them: a CACHE_HITS as its completions."""
+    return [one for e in events for one in caching.expand(e)]
+
+
 def _cached_run(*tasks: TaskDef, meta: dict[str, Any] | None = None) -> RunState:
     definition = wdef(*tasks)
     if meta:
@@ -177,7 +182,8 @@ def test_decide_hits_holds_misses_and_fails() -> None:
     )
     out = Decisions()
     decide(run, 10.0, SOURCE, out, cache=view)
-    by_task = {e.task_id: e for e in out.events if e.task_id}
+    assert [e.type for e in out.events if e.task_id is None] == [E.WORKFLOW_STARTED, E.CACHE_HITS]
+    by_task = {e.task_id: e for e in _expanded(out.events) if e.task_id}
     hit = by_task["hit"]
     assert hit.type is E.TASK_COMPLETED and hit.data["result"] == 42 and hit.data["cached"] is True
     assert hit.data["cached_from"] == "old-run/x"
@@ -213,7 +219,7 @@ def test_decide_hits_holds_misses_and_fails() -> None:
         out,
         cache=_view(after, {"twin": "km", "busy": "kb"}, {"km": Entry(5, RUN, "miss", 1, 2.0)}, flights),
     )
-    twin = [e for e in out.events if e.task_id == "twin"]
+    twin = [e for e in _expanded(out.events) if e.task_id == "twin"]
     assert [e.type for e in twin] == [E.TASK_COMPLETED] and twin[0].data["result"] == 5
 
 
@@ -302,7 +308,7 @@ def test_the_room_computes_once_across_runs_and_stores_the_result() -> None:
     assert view is not None and store.calls[-1] == (1, 1)  # the store first, then the read
     out = Decisions()
     decide(state.runs["rb"], 2.0, SOURCE, out, cache=view)
-    hit = [e for e in out.events if e.task_id]
+    hit = [e for e in _expanded(out.events) if e.task_id]
     assert [(e.type, e.data["result"], e.data["cached_from"]) for e in hit] == [(E.TASK_COMPLETED, 9, "ra/s")]
     key = state.runs["ra"].tasks["s"].cache_key
     assert key is not None and json.loads(store.data[store.keys.cache_entry("c.square", key)])["r"] == 9
@@ -386,13 +392,13 @@ def test_the_scheduler_counts_hits_and_misses() -> None:
     metrics = SchedulerMetrics()
     metrics.on_decided(
         [
-            ev(E.TASK_COMPLETED, "a", 1, result=1, cached=True, cached_from="r/a"),
+            ev(E.CACHE_HITS, hits=[["a", 1, 1, "r/a"], ["d", 1, 2, "r/d"]]),
             ev(E.TASK_DISPATCHED, "b", 1, queue="cpu", cache_key="k"),
             ev(E.TASK_DISPATCHED, "c", 1, queue="cpu"),
         ]
     )
     value = metrics.registry.get_sample_value
-    assert value("nerv_cache_lookups_total", {"result": "hit"}) == 1
+    assert value("nerv_cache_lookups_total", {"result": "hit"}) == 2
     assert value("nerv_cache_lookups_total", {"result": "miss"}) == 1
 
 
@@ -437,7 +443,7 @@ def test_an_owner_cancelled_or_forgotten_wakes_the_runs_waiting_for_its_key() ->
     assert room.forget(["ra"]) == {"rb"}
 
 
-def test_hit_event_ids_are_unique_within_and_across_steps() -> None:
+def test_hits_of_a_step_are_one_event_and_expand_to_unique_completions() -> None:
     run = _cached_run(*[td(f"t{i}", cache=C) for i in range(50)])
     entries = {f"k{i}": Entry(i, "r0", f"t{i}", 1, 0.0) for i in range(50)}
     ids: set[str] = set()
@@ -445,10 +451,57 @@ def test_hit_event_ids_are_unique_within_and_across_steps() -> None:
         out = Decisions()
         view = _view(run, {f"t{i}": f"k{i}" for i in range(50)}, entries, Flights())
         decide(run, 1.0, SOURCE, out, cache=view)
-        hits = [e for e in out.events if e.type is E.TASK_COMPLETED]
-        assert len(hits) == 50
+        assert [e.type for e in out.events] == [E.WORKFLOW_STARTED, E.CACHE_HITS]
+        hits = [e for e in _expanded(out.events) if e.type is E.TASK_COMPLETED]
+        assert [e.data["result"] for e in hits] == list(range(50))
         ids.update(e.id for e in hits)
     assert len(ids) == 150
+
+
+def test_hit_events_are_bounded_by_count_and_by_bytes() -> None:
+    hits = [(f"t{i}", 1, Entry("x" * 90, "r0", f"t{i}", 1, 0.0, size=100)) for i in range(10)]
+    by_count = caching.hit_events(RUN, hits, 1.0, SOURCE, per_event=4, max_bytes=10**6)
+    assert [len(e.data["hits"]) for e in by_count] == [4, 4, 2]
+    by_bytes = caching.hit_events(RUN, hits, 1.0, SOURCE, per_event=100, max_bytes=350)
+    assert [len(e.data["hits"]) for e in by_bytes] == [3, 3, 3, 1]
+    big = [(f"t{i}", 1, Entry("y", "r0", "t", 1, 0.0, size=1000)) for i in range(2)]  # each over the bound
+    assert [len(e.data["hits"]) for e in caching.hit_events(RUN, big, 1.0, SOURCE, max_bytes=10)] == [1, 1]
+    assert [t.task_id for e in by_bytes for t in caching.expand(e)] == [f"t{i}" for i in range(10)]
+    assert Entry.parse(Entry(1, "r", "t", 1, 0.0).to_json()) is not None
+    raw = Entry([1, 2], "r", "t", 1, 0.0).to_json()
+    assert Entry.parse(raw).size == len(raw)  # type: ignore[union-attr]
+
+
+def test_the_fold_of_cache_hits_equals_the_fold_of_their_completions() -> None:
+    tasks = [td(f"t{i}", cache=C) for i in range(40)] + [td("sink", *[f"t{i}" for i in range(40)])]
+    run = _cached_run(*tasks)
+    entries = {f"k{i}": Entry({"i": i}, "r0", f"t{i}", 1, 0.0) for i in range(40)}
+    out = Decisions()
+    decide(run, 1.0, SOURCE, out, cache=_view(run, {f"t{i}": f"k{i}" for i in range(40)}, entries, Flights()))
+    base = fold([submitted(run.definition)])
+    batched = run_of(fold(out.events, base))  # the bulk path (fold_run)
+    one_by_one = base.runs[RUN]
+    for e in out.events:  # the persistent-map path, event by event
+        one_by_one = apply_to_run(one_by_one, e)  # type: ignore[assignment]
+    completions = run_of(fold(_expanded(out.events), base))
+    for folded in (one_by_one, completions):
+        assert folded.tasks == batched.tasks and folded.cached == batched.cached == 40
+        assert folded.tally == batched.tally and set(folded.ready) == set(batched.ready) == {"sink"}
+    # Idempotent, and a hit of an older attempt changes nothing.
+    assert fold(out.events, fold(out.events, base)).runs[RUN].tasks == batched.tasks
+    stale = ev(E.CACHE_HITS, hits=[["sink", 0, 1, "r/x"], ["t0", 5, 1, "r/x"]])
+    assert apply_to_run(batched, stale) is batched
+
+
+@pytest.mark.parametrize(
+    "hits", [None, 3, "x", [["t", 1, 2]], [[1, 1, 2, "s"]], [["t", "1", 2, "s"]], [["t", True, 2, "s"]]]
+)
+def test_a_malformed_cache_hits_event_rejects_its_run_and_expands_to_nothing(hits: Any) -> None:
+    run = _cached_run(td("t", cache=C))
+    bad = ev(E.CACHE_HITS, hits=hits)
+    after = run_of(fold([bad], fold([submitted(run.definition)])))
+    assert "could not be applied" in after.rejected
+    assert caching.expand(bad) == []
 
 
 @pytest.mark.parametrize("bad", [{"version": "1"}, {"ttl": 0}, {"ttl": "60"}, {"ttl": 1, "version": 2}, [1]])
