@@ -303,18 +303,27 @@ def rule_outcome(rule: TriggerRule, n: int, ok: int, failed: int, skipped: int) 
     return False if failed else (True if done == n else None)
 
 
-def _settle(
-    run: RunState, tid: str, outcome: TaskStatus
-) -> tuple[PMap[str, TaskState], IdSet, IdSet, tuple[int, ...], IdSet]:
+#: What settling a task's end changes: the run's ``tasks``, ``ready``, ``doomed``, ``tally`` and
+#: ``gathered``.
+Settled = tuple[PMap[str, TaskState], IdSet, IdSet, tuple[int, ...], IdSet]
+
+
+def _settle(run: RunState, tid: str, outcome: TaskStatus, current: Settled | None = None) -> Settled:
     """Tell ``tid``'s dependents how it ended; move those whose rule is decided to ready or doomed,
     and a map node whose elements have all ended (``tid`` was its last) to gathered.
 
     Returns the run's new ``tasks``, ``ready``, ``doomed``, ``tally`` and ``gathered``, for the caller
-    to store.
+    to store; built on ``current`` (the same five, changed since ``run`` was made) when given.
     """
-    ready, doomed, tasks, tally, gathered = run.ready, run.doomed, run.tasks, run.tally, run.gathered
+    if current is None:
+        tasks, ready, doomed, tally, gathered = run.tasks, run.ready, run.doomed, run.tally, run.gathered
+    else:
+        tasks, ready, doomed, tally, gathered = current
     defs, may_start, layers = run.defs, not run.cancel_requested, run.growth.layers
-    for child in run.plan.dependents[tid]:
+    dependents = run.plan.dependents[tid]
+    if not dependents:
+        return tasks, ready, doomed, tally, gathered
+    for child in dependents:
         cs = tasks[child]
         ok, failed, skipped, status = cs.ok, cs.failed, cs.skipped, cs.status
         if outcome is TaskStatus.COMPLETED:
@@ -518,24 +527,48 @@ def _completed(run: RunState, ev: Event) -> RunState:
 
 def _cache_hits(run: RunState, ev: Event) -> RunState:
     """CACHE_HITS: each hit as a TASK_COMPLETED from the cache of its task's current attempt (see
-    :func:`nerv_cluster.caching.expand`, which gives readers exactly those events)."""
-    tasks = run.tasks
+    :func:`nerv_cluster.caching.expand`, which gives readers exactly those events).
+
+    A hit of a READY task no worker was sent (every hit the scheduler decides) changes only the run's
+    tasks, counts and settled dependents, so those are carried from hit to hit and the run is rebuilt
+    once; any other hit (a crafted or replayed one) goes through :func:`_finish` like a TASK_COMPLETED.
+    """
+    settled: Settled = (run.tasks, run.ready, run.doomed, run.tally, run.gathered)
+    cached = run.cached
     for tid, attempt, result, source in caching.hit_rows(ev):
+        tasks = settled[0]
         ts = tasks.get(tid)
         if ts is None or attempt != ts.attempt or ts.status not in _OPEN:
             continue
-        run = _finish(
-            run,
-            ev,
-            tid,
-            ts,
-            TaskStatus.COMPLETED,
-            {"cached": run.cached + 1},
-            result=result,
-            cached_from=source,
+        if ts.status is not TaskStatus.READY or ts.dispatched or ts.held or ts.spawn is not None:
+            run = _carry(run, settled, cached)
+            run = _finish(
+                run, ev, tid, ts, TaskStatus.COMPLETED, {"cached": cached + 1}, result=result, cached_from=source
+            )
+            settled, cached = (run.tasks, run.ready, run.doomed, run.tally, run.gathered), run.cached
+            continue
+        # As _finish and _put do for READY -> COMPLETED: no running, waiting, held or queued change.
+        new = ts._replace(status=TaskStatus.COMPLETED, finished_at=ev.ts, result=result, cached_from=source)
+        tasks, ready, doomed, tally, gathered = _settle(run, tid, TaskStatus.COMPLETED, settled)
+        if tid in gathered:
+            gathered = gathered.discard(tid)
+        settled = (
+            tasks.set(tid, new),
+            ready.discard(tid),
+            doomed.discard(tid),
+            _moved(tally, TaskStatus.READY, TaskStatus.COMPLETED),
+            gathered,
         )
-        tasks = run.tasks
-    return run
+        cached += 1
+    return _carry(run, settled, cached)
+
+
+def _carry(run: RunState, settled: Settled, cached: int) -> RunState:
+    """``run`` with what :func:`_cache_hits` carried (itself when nothing changed)."""
+    tasks, ready, doomed, tally, gathered = settled
+    if tasks is run.tasks and cached == run.cached:
+        return run
+    return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tally, gathered=gathered, cached=cached)
 
 
 def _failed(run: RunState, ev: Event) -> RunState:

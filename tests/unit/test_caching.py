@@ -487,6 +487,19 @@ def test_the_fold_of_cache_hits_equals_the_fold_of_their_completions() -> None:
     for folded in (one_by_one, completions):
         assert folded.tasks == batched.tasks and folded.cached == batched.cached == 40
         assert folded.tally == batched.tally and set(folded.ready) == set(batched.ready) == {"sink"}
+    # Hits of tasks a worker was sent, or that run, or that are held, go the general way: the same.
+    odd = [
+        ev(E.TASK_DISPATCHED, "t1", 1, queue="cpu"),
+        ev(E.TASK_DISPATCHED, "t2", 1, queue="cpu"),
+        ev(E.TASK_STARTED, "t2", 1, worker="w"),
+        ev(E.TASK_HELD, "t3", 1, reason="key k"),
+    ]
+    mixed = fold(odd, base)
+    assert run_of(fold(out.events, mixed)).tasks == run_of(fold(_expanded(out.events), mixed)).tasks
+    one = mixed.runs[RUN]
+    for e in out.events:
+        one = apply_to_run(one, e)  # type: ignore[assignment]
+    assert one.tasks == run_of(fold(_expanded(out.events), mixed)).tasks and one.cached == 40
     # Idempotent, and a hit of an older attempt changes nothing.
     assert fold(out.events, fold(out.events, base)).runs[RUN].tasks == batched.tasks
     stale = ev(E.CACHE_HITS, hits=[["sink", 0, 1, "r/x"], ["t0", 5, 1, "r/x"]])
