@@ -543,7 +543,14 @@ def _cache_hits(run: RunState, ev: Event) -> RunState:
         if ts.status is not TaskStatus.READY or ts.dispatched or ts.held or ts.spawn is not None:
             run = _carry(run, settled, cached)
             run = _finish(
-                run, ev, tid, ts, TaskStatus.COMPLETED, {"cached": cached + 1}, result=result, cached_from=source
+                run,
+                ev,
+                tid,
+                ts,
+                TaskStatus.COMPLETED,
+                {"cached": cached + 1},
+                result=result,
+                cached_from=source,
             )
             settled, cached = (run.tasks, run.ready, run.doomed, run.tally, run.gathered), run.cached
             continue
@@ -568,7 +575,9 @@ def _carry(run: RunState, settled: Settled, cached: int) -> RunState:
     tasks, ready, doomed, tally, gathered = settled
     if tasks is run.tasks and cached == run.cached:
         return run
-    return run._replace(tasks=tasks, ready=ready, doomed=doomed, tally=tally, gathered=gathered, cached=cached)
+    return run._replace(
+        tasks=tasks, ready=ready, doomed=doomed, tally=tally, gathered=gathered, cached=cached
+    )
 
 
 def _failed(run: RunState, ev: Event) -> RunState:
