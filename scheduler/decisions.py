@@ -373,6 +373,10 @@ def decide(
             out.jobs.append((job, queue))
     if hits:  # after the ready loop: each hit is another task's business than the dispatches
         out.events.extend(caching.hit_events(rid, hits, now, source))
+        if _completed_by(run, len(hits)):
+            # Ended in the same write: a run of hits needs no second step (fold, decide, write) to end.
+            out.events.append(Event(EventType.WORKFLOW_COMPLETED, rid, ts=now, source=source))
+            return
     for tid in run.gathered:  # map nodes whose elements have all ended
         out.events.append(mapping.end_event(run, tid, now, source))
     if run.spawning:
@@ -382,6 +386,18 @@ def decide(
         status, reason = run_outcome(run)
         kind = EventType.WORKFLOW_COMPLETED if status is RunStatus.COMPLETED else EventType.WORKFLOW_FAILED
         out.events.append(Event(kind, rid, data={"reason": reason} if reason else {}, ts=now, source=source))
+
+
+def _completed_by(run: RunState, hits: int) -> bool:
+    """Whether ``run`` is COMPLETED once ``hits`` of its READY tasks complete from the cache: every
+    other task has ended, none FAILED (whether a failure is handled is left to the usual end), nothing
+    is cancelled or waits to be skipped."""
+    return (
+        not run.cancel_requested
+        and not run.doomed
+        and run.count(TaskStatus.FAILED) == 0
+        and run.finished_tasks + hits == run.total
+    )
 
 
 def _held(run: RunState, tid: str, attempt: int, reason: str, now: float, source: str) -> Event:

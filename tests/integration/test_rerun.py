@@ -77,6 +77,10 @@ def test_a_rerun_after_a_failure_runs_only_the_failed_part(cluster: Cluster) -> 
     kinds = [e.type for e in c.client.events(run_id)]
     assert kinds[-1] is EventType.WORKFLOW_COMPLETED and EventType.WORKFLOW_FAILED in kinds
     assert [e.type for e in events].count(EventType.WORKFLOW_STARTED) == 1, "the same run went on"
+    # Closing follows the end it is decided on (the scheduler's next step): not before wait returns.
+    deadline = time.monotonic() + 10
+    while c.redis.sismember(c.client.keys.active, run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not c.redis.sismember(c.client.keys.active, run_id), "closed again once finished"
     assert c.redis.ttl(c.client.keys.log(run_id)) > 0, "its keys expire again"
 

@@ -9,14 +9,15 @@ import math
 from typing import Any
 
 import pytest
+from pyrsistent import pmap
 
 from nerv_cluster import caching, checkpoint
 from nerv_cluster.caching import CacheView, Entry, Flights, Kind
 from nerv_cluster.constants import Keys
 from nerv_cluster.errors import CacheKeyError, WorkflowError
-from nerv_cluster.model import Cache, EventType, TaskDef, TaskError, TaskStatus
+from nerv_cluster.model import Cache, EventType, RunStatus, TaskDef, TaskError, TaskStatus
 from nerv_cluster.registry import Registry, task
-from nerv_cluster.state import RunState, apply_to_run, fold, fold_run, run_result
+from nerv_cluster.state import RunState, State, apply_to_run, fold, fold_run, run_result
 from nerv_cluster.workflow import Workflow
 from scheduler.caching import CacheRoom
 from scheduler.decisions import Decisions, decide
@@ -451,11 +452,46 @@ def test_hits_of_a_step_are_one_event_and_expand_to_unique_completions() -> None
         out = Decisions()
         view = _view(run, {f"t{i}": f"k{i}" for i in range(50)}, entries, Flights())
         decide(run, 1.0, SOURCE, out, cache=view)
-        assert [e.type for e in out.events] == [E.WORKFLOW_STARTED, E.CACHE_HITS]
+        # Every task a hit: the run ends in the same write.
+        assert [e.type for e in out.events] == [E.WORKFLOW_STARTED, E.CACHE_HITS, E.WORKFLOW_COMPLETED]
         hits = [e for e in _expanded(out.events) if e.type is E.TASK_COMPLETED]
         assert [e.data["result"] for e in hits] == list(range(50))
         ids.update(e.id for e in hits)
     assert len(ids) == 150
+
+
+def test_a_run_ends_with_its_hits_only_when_nothing_else_is_left() -> None:
+    tasks = [td("a", cache=C), td("b", cache=C), td("c", "a", cache=C), td("f")]
+    run = _cached_run(*tasks)
+    entries = {"ka": Entry(1, "r0", "a", 1, 0.0), "kb": Entry(2, "r0", "b", 1, 0.0)}
+
+    def step(run: RunState, now: float) -> tuple[RunState, list[EventType]]:
+        out = Decisions()
+        ready = {t: f"k{t}" for t in run.ready if run.defs[t].cache is not None}
+        decide(run, now, SOURCE, out, cache=_view(run, ready, entries, Flights()))
+        return run_of(fold(out.events, State(runs=pmap({RUN: run})))), [e.type for e in out.events]
+
+    # a and b hit, but f is dispatched and c waits for a: no end yet.
+    after, kinds = step(run, 1.0)
+    assert kinds == [E.WORKFLOW_STARTED, E.TASK_DISPATCHED, E.CACHE_HITS]
+    after = fold(
+        [ev(E.TASK_STARTED, "f", 1, worker="w"), ev(E.TASK_FAILED, "f", 1, error=None)],
+        State(runs=pmap({RUN: after})),
+    ).runs[RUN]
+    # c hits next, but f FAILED: the usual end decides (here: the run fails, in the next step).
+    entries["kc"] = Entry(3, "r0", "c", 1, 0.0)
+    after, kinds = step(after, 2.0)
+    assert kinds == [E.CACHE_HITS] and after.status is RunStatus.RUNNING
+    after, kinds = step(after, 3.0)
+    assert kinds == [E.WORKFLOW_FAILED]
+    # Without the failure, the last hits end the run at once, COMPLETED.
+    run = _cached_run(td("a", cache=C), td("c", "a", cache=C))
+    entries["kc"] = Entry(3, "r0", "c", 1, 0.0)
+    after, kinds = step(run, 1.0)
+    assert kinds == [E.WORKFLOW_STARTED, E.CACHE_HITS] and after.status is RunStatus.RUNNING
+    after, kinds = step(after, 2.0)
+    assert kinds == [E.CACHE_HITS, E.WORKFLOW_COMPLETED] and after.status is RunStatus.COMPLETED
+    assert run_result(after).results == {"a": 1, "c": 3}
 
 
 def test_hit_events_are_bounded_by_count_and_by_bytes() -> None:
