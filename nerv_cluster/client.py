@@ -131,9 +131,21 @@ class Client:
         definition = workflow.definition()
         if refresh_cache:
             definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
-        # Structure first (cycles, payloads), then names: the first error is the most basic one.
+        run_id = check_id(run_id, "run id") if run_id is not None else new_run_id(workflow.name)
+        event = Event(
+            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
+        )
+        try:  # the whole submission's size bounds each task's arguments (Workflow made them JSON)
+            size: int | None = len(event.to_json())
+        except (TypeError, ValueError):  # a hand-made definition that is no JSON: validation says where
+            size = None
+        # Structure first (cycles, payloads), then names, then the submission's size: the first error
+        # is the most basic one.
         validate_definition(
-            definition, max_payload_bytes=self.settings.max_payload_bytes, max_tasks=self.settings.max_tasks
+            definition,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            max_tasks=self.settings.max_tasks,
+            total_bytes=size,
         )
         runnable = list(nested_tasks(definition))  # static sub-workflows' tasks too
         main_names = sorted({t.fn for t in runnable if t.fn.startswith("__main__.")})
@@ -151,11 +163,7 @@ class Client:
                         f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                         "start a worker with the module that defines it (nerv worker --app MODULE)"
                     )
-        run_id = check_id(run_id, "run id") if run_id is not None else new_run_id(workflow.name)
-        event = Event(
-            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
-        )
-        size = len(event.to_json())
+        size = len(event.to_json()) if size is None else size
         if size > self.settings.max_submission_bytes:
             raise PayloadTooLargeError(
                 f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "

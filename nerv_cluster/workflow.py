@@ -47,6 +47,10 @@ class TaskHandle:
         return f"<TaskHandle {self.id}>"
 
 
+#: Types kept as they are by :func:`_encode` (exactly these: a subclass, such as an enum, is checked).
+_PLAIN = frozenset({str, int, bool})
+
+
 def _encode(value: Any, where: str, refs: list[str], wf_name: str) -> Any:
     """Replace handles by reference markers, checking that everything else is plain JSON."""
     if isinstance(value, TaskHandle):
@@ -61,7 +65,11 @@ def _encode(value: Any, where: str, refs: list[str], wf_name: str) -> Any:
             raise SerializationError(f"{where}: {value!r} is not valid JSON")
         return value
     if isinstance(value, list | tuple):
-        return [_encode(v, f"{where}[{i}]", refs, wf_name) for i, v in enumerate(value)]
+        # A plain str, int or bool element is kept as it is without a call (or its path's text).
+        return [
+            v if type(v) in _PLAIN or v is None else _encode(v, f"{where}[{i}]", refs, wf_name)
+            for i, v in enumerate(value)
+        ]
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -476,8 +484,12 @@ def validate_definition(
     max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
     max_tasks: int = constants.DEFAULT_MAX_TASKS,
     known_names: set[str] | None = None,
+    total_bytes: int | None = None,
 ) -> Plan:
-    """Validate a wire-form workflow (as ``Workflow.validate`` does) and return its plan."""
+    """Validate a wire-form workflow (as ``Workflow.validate`` does) and return its plan.
+
+    ``total_bytes``: the size of the whole definition's JSON, when the caller knows it: no task's
+    arguments can be bigger, so within ``max_payload_bytes`` they are not measured one by one."""
     if not wf.tasks:
         raise WorkflowError(f"workflow {wf.name!r} has no tasks")
     for t in wf.tasks:
@@ -495,12 +507,15 @@ def validate_definition(
     waiting = [t for t in wf.tasks if t.wait is not None or t.fn == constants.WAIT_FN]
     if waiting or wf.meta.get(waits.SIGNALS_META):
         waits.check_definition(wf, waiting)
+    measure = total_bytes is None or total_bytes > max_payload_bytes
     for t in wf.tasks:
         if known_names is not None and t.workflow is None and t.wait is None and t.fn not in known_names:
             raise UnknownTaskError(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
             )
+        if not measure:
+            continue
         payload = [t.args, t.kwargs] if t.over is None else [t.args, t.kwargs, t.over]
         size = len(compact(payload))
         if size > max_payload_bytes:
