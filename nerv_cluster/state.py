@@ -13,7 +13,7 @@ by one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self, TypeVar, cast
 
@@ -1130,6 +1130,37 @@ def task_result(run: RunState, tid: str) -> TaskResult:
     )
 
 
+class TaskResults(Mapping[str, TaskResult]):
+    """Task id -> :class:`TaskResult` of a run, in the order the tasks were added, each made when first
+    read: ``client.wait`` on a big run returns without building a result per task nobody reads."""
+
+    __slots__ = ("_made", "_run")
+
+    def __init__(self, run: RunState) -> None:
+        self._run = run
+        self._made: dict[str, TaskResult] = {}
+
+    def __getitem__(self, tid: str) -> TaskResult:
+        made = self._made.get(tid)
+        if made is None:
+            if tid not in self._run.defs:
+                raise KeyError(tid)
+            made = self._made[tid] = task_result(self._run, tid)
+        return made
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.defs)
+
+    def __len__(self) -> int:
+        return len(self._run.defs)
+
+    def __contains__(self, tid: object) -> bool:
+        return tid in self._run.defs
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class RunResult:
     """A run as the client sees it: its status, every task's :class:`TaskResult`, and timings."""
@@ -1190,7 +1221,7 @@ def run_result(run: RunState) -> RunResult:
         run_id=run.run_id,
         name=run.name,
         status=run.status,
-        tasks={tid: task_result(run, tid) for tid in run.defs},
+        tasks=TaskResults(run),
         reason=run.reason,
         submitted_at=run.submitted_at,
         started_at=run.started_at,
