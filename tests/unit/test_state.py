@@ -147,6 +147,17 @@ def test_results_projection():
     assert not rr.done and rr.duration is None
 
 
+def test_run_result_tasks_are_a_mapping_made_as_read():
+    run = run_after(diamond(), completes(A, 1), completes(C, [3]))
+    tasks = run_result(run).tasks
+    assert list(tasks) == [t.id for t in run.definition.tasks] and len(tasks) == 4
+    assert tasks == {tid: task_result(run, tid) for tid in run.defs}  # equal to the dict of them
+    assert tasks[A] is tasks[A] and tasks.get("nope") is None and "nope" not in tasks and A in tasks
+    with pytest.raises(KeyError):
+        tasks["nope"]
+    assert repr(tasks).startswith("{") and "TaskResult" in repr(tasks)
+
+
 def test_run_result_of_a_finished_run():
     run = run_after(
         diamond(),
