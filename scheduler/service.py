@@ -14,6 +14,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
 - :mod:`scheduler.schedules`: schedules' slots fired, each once (issue 11, idem);
+- :mod:`scheduler.tracing`: runs as OpenTelemetry traces, from the feed (issue 12; None when off);
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
 
@@ -50,6 +51,8 @@ from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
 from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
+from scheduler.tracing import Tracing
+from scheduler.tracing import from_settings as tracing_from_settings
 from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
 
@@ -72,6 +75,7 @@ class SchedulerService:
         dispatcher: Dispatcher,
         clock: Callable[[], float] = time.time,
         handoffs: Handoffs | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
@@ -100,6 +104,8 @@ class SchedulerService:
         self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
+        #: OpenTelemetry spans of runs and attempts (None when tracing is off: one check per batch).
+        self.tracing = tracing if tracing is not None else tracing_from_settings(settings)
         self.checkpointer = checkpointer.Checkpointer(
             log, settings.checkpoint_events, lambda: self.state.runs
         )
@@ -149,6 +155,8 @@ class SchedulerService:
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
         self.waits.rebuild(self.state)
+        if self.tracing is not None:
+            self.tracing.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
         self.child_reruns.clear()
@@ -194,6 +202,8 @@ class SchedulerService:
         self.gate.clear()
         self.child_reruns.clear()
         self.checkpointer.reset({})
+        if self.tracing is not None:
+            self.tracing.clear()
         self.leader_since = None
 
     # -- one iteration --------------------------------------------------------------------------------
@@ -228,6 +238,8 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
+        if self.tracing is not None and entries:  # before act(): a run that ends now is still in state
+            self.tracing.observe((ev for _, ev in entries), state)
         self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self.gate.observe((ev for _, ev in entries), state)
@@ -450,6 +462,8 @@ class SchedulerService:
         finally:
             keeper.stop()
             self.checkpointer.stop()
+            if self.tracing is not None:
+                self.tracing.shutdown()
             try:
                 self.lease.release()
             except redis.RedisError:
