@@ -35,7 +35,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.limits import Gate
-from nerv_cluster.model import EventType
+from nerv_cluster.model import Event, EventType
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
@@ -122,6 +122,13 @@ class SchedulerService:
     def source(self) -> str:
         """How this scheduler signs its events."""
         return f"scheduler:{self.lease.token}"
+
+    def _fold(self, events: Sequence[Event]) -> None:
+        """Fold the scheduler's own events (written to the run logs, never to the feed) into the state,
+        and show them to the tracing, which sees the feed's events in :meth:`step`."""
+        self.state = st.fold(events, self.state)
+        if self.tracing is not None:
+            self.tracing.observe(events, self.state)
 
     def _sent(self, jobs: Sequence[tuple[Job, str]]) -> None:
         """Count sent jobs (through Celery or handed over) in the dispatch metrics."""
@@ -238,7 +245,7 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
-        if self.tracing is not None and entries:  # before act(): a run that ends now is still in state
+        if self.tracing is not None and entries:  # workers' and clients' events; ours: _fold
             self.tracing.observe((ev for _, ev in entries), state)
         self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
@@ -256,7 +263,7 @@ class SchedulerService:
         self.schedules.observe((ev for _, ev in entries), now)
         fired = self.schedules.act(now, self.state, self.effects.token, self.source)
         if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
-            self.state = st.fold(fired, self.state)
+            self._fold(fired)
             self._touched.update(ev.run_id for ev in fired)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
@@ -274,7 +281,7 @@ class SchedulerService:
         events = self.waits.expired(now, self.state, self.source)
         if events:
             self.effects.write(events)
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
@@ -286,7 +293,7 @@ class SchedulerService:
         verdicts = self.watchdog.sweep(self.state, now, self.source)
         events = self.effects.end_attempts(verdicts)
         if events:
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
             self.gate.observe(events, self.state)
@@ -358,7 +365,7 @@ class SchedulerService:
             events = out.events + claims if claims else out.events
             if taken:  # sent, as far as the metrics go: counted like the jobs that go through Celery
                 self._sent(taken)
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self.metrics.on_decided(events)
             self.waits.observe(events, self.state)
             self._touched.update(ev.run_id for ev in events)
@@ -369,7 +376,7 @@ class SchedulerService:
             self._touched |= cache.missing
         if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
             spawned = self.effects.spawn(out.spawns, self.state, now)
-            self.state = st.fold(spawned, self.state)
+            self._fold(spawned)
             self._touched.update(ev.run_id for ev in spawned)
             self.gate.observe(spawned, self.state)
         if out.child_reruns:  # a rerun of their parents: after the events, as spawns (see the room)
@@ -378,7 +385,7 @@ class SchedulerService:
             )
             if recorded:
                 self.effects.write(recorded)
-                self.state = st.fold(recorded, self.state)
+                self._fold(recorded)
                 self._touched.update(ev.run_id for ev in recorded)
                 self.gate.observe(recorded, self.state)
         if out.revoke:
@@ -395,7 +402,7 @@ class SchedulerService:
         if refused:
             failed = unsendable_events(refused, self.clock(), self.source)
             self.effects.write(failed)
-            self.state = st.fold(failed, self.state)
+            self._fold(failed)
             self._touched.update(ev.run_id for ev in failed)
             self._touched |= self.caching.observe(failed, self.state)
             self.gate.observe(failed, self.state)

@@ -7,9 +7,11 @@ its root run's trace.
 
 Invariants:
 
-- **From the log, by the scheduler.** Spans are made from feed events (a worker's and the
-  scheduler's own alike), so a trace is whole even when a worker died mid-task: the attempt it lost
-  ends with the watchdog's TASK_PENDING (status ``LOST``) and its retry is a span of its own.
+- **From the log, by the scheduler.** Spans are made from the events the scheduler folds: the feed's
+  (workers', clients') and its own (which go to the run logs only), so a trace is whole even when a
+  worker died mid-task: the attempt it lost ends with the watchdog's TASK_PENDING (status ``LOST``)
+  and its retry is a span of its own. Times are the events': the log's clock for what was read from
+  it, the scheduler's (Redis's) for its own events.
 - **Deterministic ids.** The trace id is a hash of the root run's id, a run span's id a hash of the run
   id and its rerun number, an attempt span's id a hash of (run, task, attempt); times are those of the
   events. A new leader (a restart, a failover) rebuilds the open attempts from the refolded state
@@ -18,8 +20,9 @@ Invariants:
   builder keeps at most one open attempt per task (the current one); an end event of any other attempt
   (late, duplicate) emits nothing.
 - **Bounded and cheap.** The builder holds the open attempts and runs of the active runs only (a run's
-  records go with its end); the scheduler calls it once per feed batch and only when tracing is on
-  (``SchedulerService.tracing`` is None otherwise: a None check per batch is all it costs).
+  records go with its end); the scheduler calls it once per feed batch and per batch of its own
+  events, only when tracing is on (``SchedulerService.tracing`` is None otherwise: a None check per
+  batch is all it costs).
 
 :class:`SpanBuilder` is pure (events and the folded state in, :class:`SpanRecord` out, no I/O, no
 OpenTelemetry); :class:`Tracing` hands its records to an OpenTelemetry SDK ``TracerProvider`` (an OTLP
