@@ -96,6 +96,41 @@ def test_a_worker_sigkilled_mid_task_leaves_the_span_of_the_lost_attempt_and_of_
     assert by_id[ids["after"]].links == ((trace, ids["retry"]),)
 
 
+def test_a_new_leader_ends_the_spans_the_dead_one_opened_with_the_same_ids_and_times(
+    own_cluster: Cluster,
+) -> None:
+    c = own_cluster
+    with OtlpReceiver() as rx:
+        first = c.scheduler(**_otel_env(rx))
+        c.wait_leader()
+        c.worker("cpu", 1)
+        wf = Workflow("failover")
+        long = wf.add(tt.slow, 6.0, id="long")  # outlasts the takeover (lease TTL 2 s)
+        wf.add(tt.add, long, 1, id="next")
+        run_id = c.client.submit(wf)
+        started = _wait_running(c, run_id, "long")
+        c.kill(first, signal.SIGKILL)  # the leader dies while "long" runs: its span is open
+        c.scheduler(**_otel_env(rx))  # the next leader takes over once the lease lapses
+        res = c.client.wait(run_id, timeout=60)
+        assert res.status is RunStatus.COMPLETED, res.reason
+        assert res.tasks["long"].attempts == 1, "the attempt went on across the failover"
+        ids = [run_span_id(run_id), attempt_span_id(run_id, "long", 1), attempt_span_id(run_id, "next", 1)]
+        spans = rx.wait_for(lambda got: set(ids) <= {s.span_id for s in got})
+    assert len(spans) == 3 and {s.trace_id for s in spans} == {trace_id_of(run_id)}
+    by_id = {s.span_id: s for s in spans}
+    run, span = by_id[ids[0]], by_id[ids[1]]
+    # The new leader knew the open attempt only from the refolded log: the same start as the dead
+    # leader had seen (the worker's TASK_STARTED as the log dated it), the run's from its submission.
+    assert started.logged_at is not None and span.start_ns == int(started.logged_at * 1e9)
+    submitted = log_of(c.client, run_id)[0]
+    assert submitted.type is EventType.WORKFLOW_SUBMITTED and run.start_ns == int(submitted.ts * 1e9)
+    assert (
+        span.attributes["nerv.status"] == "COMPLETED"
+        and span.attributes["nerv.worker"] == started.data["worker"]
+    )
+    assert span.parent_id == run.span_id and by_id[ids[2]].links == ((trace_id_of(run_id), ids[1]),)
+
+
 def _wait_running(c: Cluster, run_id: str, task_id: str, timeout: float = 30):
     """The TASK_STARTED of ``task_id``, once its function itself runs (past the claim)."""
     deadline = time.monotonic() + timeout
