@@ -41,7 +41,7 @@ def test_a_worker_sigkilled_mid_task_leaves_the_span_of_the_lost_attempt_and_of_
         c.worker("cpu", 1)
         wf = Workflow("traced")
         first = wf.add(tt.add, 1, 2, id="first")
-        victim = wf.add(tt.slow, 2.0, id="victim", dependencies=[first])
+        victim = wf.add(tt.slow, 1.0, id="victim", dependencies=[first])
         wf.add(tt.add, victim, 1, id="after")
         run_id = c.client.submit(wf)
         started = _wait_running(c, run_id, "victim")
