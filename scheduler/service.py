@@ -425,6 +425,8 @@ class SchedulerService:
         self.state = state
         self._touched |= self.caching.forget(run_ids)
         self.schedules.run_ended(run_ids, self.clock())
+        if self.tracing is not None:
+            self.tracing.forget(run_ids)
 
     # -- the loop -------------------------------------------------------------------------------------
 

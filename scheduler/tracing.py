@@ -165,6 +165,12 @@ class SpanBuilder:
         """Forget everything (stepping down: the next leader rebuilds)."""
         self.runs.clear()
 
+    def forget(self, run_ids: Iterable[str]) -> None:
+        """Drop the records of runs the scheduler forgets (closed): their end event was seen before,
+        so this only bounds what a run closed without one would leave."""
+        for rid in run_ids:
+            self.runs.pop(rid, None)
+
     def rebuild(self, state: State) -> None:
         """Open the runs and attempts the refolded ``state`` holds, with the ids and times they were
         opened with (a new leader then ends them as the old one would have)."""
@@ -448,6 +454,10 @@ class Tracing:
     def clear(self) -> None:
         """Forget the open spans (stepping down)."""
         self.builder.clear()
+
+    def forget(self, run_ids: Iterable[str]) -> None:
+        """Closed runs: see :meth:`SpanBuilder.forget`."""
+        self.builder.forget(run_ids)
 
     def emit(self, rec: SpanRecord) -> None:
         """Hand one finished span to the provider, with its own ids and times."""

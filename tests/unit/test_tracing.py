@@ -157,6 +157,15 @@ def test_a_cache_hit_is_a_span_of_no_length_and_an_unended_attempt_ends_with_its
     assert attempts["slow", 1].end == events[-1].ts
 
 
+def test_a_closed_run_leaves_no_record():
+    builder = SpanBuilder()
+    events = [submitted(wdef(td("a"))), ev(E.WORKFLOW_STARTED), ev(E.TASK_DISPATCHED, "a", 1)]
+    _build(events, builder=builder)
+    assert RUN in builder.runs and "a" in builder.runs[RUN].open
+    builder.forget([RUN])
+    assert builder.runs == {}
+
+
 def test_a_child_run_is_in_its_root_runs_trace_under_the_attempt_that_returned_it():
     child = wdef(td("x"), name="child")
     child = dataclasses.replace(
@@ -248,3 +257,28 @@ def test_tracing_is_off_unless_asked_for_and_then_exports_over_otlp():
     on = tracing.from_settings(Settings(otel=True), {})
     assert on is not None
     on.shutdown()
+
+
+def test_odd_worker_data_and_a_failing_builder_never_reach_the_loop(caplog: pytest.LogCaptureFixture):
+    wf = wdef(td("a"))
+    events = [
+        submitted(wf),
+        ev(E.WORKFLOW_STARTED),
+        ev(E.TASK_DISPATCHED, "a", 1),
+        ev(E.TASK_STARTED, "a", 1, worker=["not", "a", "name"]),
+        ev(E.TASK_FAILED, "a", 1, error="not a dict", worker={"x": 1}, reason=7),
+    ]
+    records, _ = _build(events)
+    assert [r.attributes["nerv.status"] for r in records] == ["FAILED"]
+    assert records[0].attributes["nerv.worker"] == "{'x': 1}" and records[0].attributes["nerv.reason"] == "7"
+
+    exporter = InMemorySpanExporter()
+    tr = tracing.Tracing(tracing.provider(exporter, batch=False))
+
+    def broken(events, state):
+        raise RuntimeError("a bug")
+
+    tr.builder.observe = broken  # type: ignore[method-assign]
+    tr.observe(events, fold(events))  # logged, not raised
+    assert "tracing: could not build or emit spans" in caplog.text
+    tr.shutdown()
