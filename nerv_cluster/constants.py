@@ -95,7 +95,7 @@ LAUNCH_REAP_TIMEOUT_S: Final = 10.0
 
 #: ``nerv dev`` (nerv_cluster/dev.py): how often it looks at the app's files' modification times, how
 #: long a file must stay unchanged before the services reload (an editor saving in several writes
-#: reloads once), and how long a reloading worker gets to finish its tasks before it is killed.
+#: reloads once), and how long a reloading service gets after SIGTERM before SIGKILL.
 DEV_POLL_S: Final = 0.3
 DEV_SETTLE_S: Final = 0.2
 DEV_RELOAD_STOP_TIMEOUT_S: Final = 3.0

@@ -5,7 +5,8 @@ embedded Redis (unless ``--redis-url``), a scheduler (``--app MODULE``, for cust
 ``cpu`` and an ``io`` worker running ``MODULE``'s tasks; with ``--ui``, the console (``nerv ui``) too.
 It prints the Redis URL to submit to, then watches the module's files: when one changes (its
 modification time or size; a package's ``.py`` files, added and removed ones included), the scheduler
-and the workers are replaced by new processes, which import the new code. A module that no longer
+and the workers are replaced by new processes, which import the new code (a task running old code is
+stopped, and runs again as a new attempt on the new workers). A module that no longer
 imports (a syntax error) leaves the services down with the error shown, until the next change. Ctrl-C
 (or SIGTERM) stops the services, then Redis, and leaves nothing behind.
 
@@ -204,16 +205,23 @@ def run_dev(
         watcher = Watcher(app)
         watched = ", ".join(str(p) for p in app.files()[:5])
         console.print(f"watching {watched} for changes; Ctrl-C stops everything", soft_wrap=True)
-        _ready(console, stack, client)
+        up = _ready(console, stack, client)
         while not stop_when():
             time.sleep(constants.DEV_POLL_S)
             changed = watcher.changed()
             if changed:
                 names = ", ".join(p.name for p in changed[:5])
                 console.print(f"{names} changed: reloading the scheduler and the workers", soft_wrap=True)
-                stack.restart_app(constants.DEV_RELOAD_STOP_TIMEOUT_S)
-                if _ready(console, stack, client):
+                # Not warm: a running task is old code; the new workers run it again (a new attempt).
+                stack.restart_app(constants.DEV_RELOAD_STOP_TIMEOUT_S, warm=False)
+                up = _ready(console, stack, client)
+                if up:
                     console.print(constants.DEV_RELOADED_LINE, highlight=False)
+            elif up:  # a service that dies later (the app's code crashed it) is shown once
+                dead = next((s for s in stack.app_services if not s.alive), None)
+                if dead is not None:
+                    _failure(console, ServiceFailed(f"{dead.name} exited with code {dead.returncode}", dead))
+                    up = False
             if ui is not None and not ui.alive:
                 console.print(f"[red]the console exited with code {ui.returncode}[/]:")
                 console.print(ui.log_tail(20), markup=False, highlight=False)

@@ -492,11 +492,12 @@ class LocalStack:
             c.worker("io", self.io, app=self.app),
         ]
 
-    def restart_app(self, timeout: float = LAUNCH_STOP_TIMEOUT_S) -> None:
-        """Stop the scheduler and the workers (warm: tasks get ``timeout`` to finish, then are killed
-        and the next scheduler runs them again) and start new ones."""
+    def restart_app(self, timeout: float = LAUNCH_STOP_TIMEOUT_S, *, warm: bool = True) -> None:
+        """Stop the scheduler and the workers and start new ones. ``warm``: running tasks get
+        ``timeout`` to finish; not ``warm``: they stop at once. Either way a task that did not finish
+        runs again, as a new attempt on the new workers (the scheduler sees its worker gone)."""
         assert self.cluster is not None
-        self.cluster.stop_services(self.app_services, timeout)
+        self.cluster.stop_services(self.app_services, timeout, warm=warm)
         self._start_app()
 
     def wait_ready(self, client: Client, task_names: Iterable[str] = ()) -> float:

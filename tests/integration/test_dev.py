@@ -1,6 +1,6 @@
 """``nerv dev --app MODULE`` as a user runs it (issue 12, part 8): a subprocess that brings up Redis, a
 scheduler and workers for a module in a directory of its own, reloads them when the module's file
-changes, and leaves nothing running after Ctrl-C."""
+changes (also past a version that does not import), and leaves nothing running after Ctrl-C."""
 
 from __future__ import annotations
 
@@ -118,6 +118,15 @@ def test_nerv_dev_serves_a_module_reloads_it_on_change_and_leaves_nothing_after_
         assert len(new) == 3 and not new & pids, "new processes for the scheduler and the workers"
         pids |= new
         assert _answer_run(client) == {"a": 2, "b": 20}, "the reloaded workers run the new code"
+
+        mark = len(out.lines)
+        module.write_text("def broken(:\n")  # a syntax error: the services cannot start
+        out.wait_for(r"waiting for a change to the app's files", 60, after=mark)
+        mark = len(out.lines)
+        module.write_text(APP.format(value=3))  # fixed: up again
+        again = out.wait_for(r"^ready after .*: (.*)$", 60, after=mark).group(1)
+        pids |= {int(p) for p in re.findall(r"pid (\d+)", again)}
+        assert _answer_run(client) == {"a": 3, "b": 30}
     finally:
         if client is not None:
             client.close()
