@@ -194,6 +194,10 @@ class SpanBuilder:
                         _links(run, tid),
                         ts.child or "",
                     )
+            if run.reruns and rec.open:
+                # The state keeps no time of the rerun request: the rerun's span starts with its
+                # earliest open attempt (the one inexact time after a failover).
+                rec.start = min(a.dispatched for a in rec.open.values())
 
     def _run(self, run: RunState, start: float) -> _Run:
         """The open record of ``run`` (made now, starting at ``start``, if there is none)."""
