@@ -69,7 +69,7 @@ def core_once(n: int, traced: bool, batch: int = 64) -> float:
     from nerv_cluster import Workflow
     from nerv_cluster import state as st
     from nerv_cluster.model import Event, EventType
-    from scheduler import tracing
+    from scheduler import otel_export
     from scheduler.decisions import Decisions, decide
 
     rid = "bench-otel-core"
@@ -78,7 +78,7 @@ def core_once(n: int, traced: bool, batch: int = 64) -> float:
         wf.add("bench.noop", id=f"n{i}")
     sub = Event(EventType.WORKFLOW_SUBMITTED, rid, data={"workflow": wf.definition().to_dict()}, ts=1.0)
     exporter = InMemorySpanExporter()
-    tr = tracing.Tracing(tracing.provider(exporter, batch=False)) if traced else None
+    tr = otel_export.Tracing(otel_export.provider(exporter, batch=False)) if traced else None
     started = time.process_time()
     state = st.fold([sub])
     if tr is not None:

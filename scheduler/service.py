@@ -14,7 +14,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
 - :mod:`scheduler.schedules`: schedules' slots fired, each once (issue 11, idem);
-- :mod:`scheduler.tracing`: runs as OpenTelemetry traces, from the feed (issue 12; None when off);
+- :mod:`scheduler.tracing`: runs as OpenTelemetry traces, from the events folded (issue 12; None when off);
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
 
@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -51,10 +52,12 @@ from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
 from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
-from scheduler.tracing import Tracing
 from scheduler.tracing import from_settings as tracing_from_settings
 from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from scheduler.otel_export import Tracing
 
 log = logging.getLogger("nerv.scheduler")
 

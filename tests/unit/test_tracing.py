@@ -14,7 +14,7 @@ from opentelemetry.trace import StatusCode
 from nerv_cluster.model import Event, EventType
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import EMPTY, State, apply, fold
-from scheduler import tracing
+from scheduler import otel_export, tracing
 from scheduler.tracing import SpanBuilder, SpanRecord, attempt_span_id, run_span_id, trace_id_of
 from tests.unit.helpers import RUN, Sim, diamond, ev, random_dag, submitted, td, wdef
 
@@ -220,7 +220,7 @@ def _cpu_run() -> list[Event]:
 
 def test_tracing_hands_the_spans_to_the_sdk_with_their_ids_times_links_and_status():
     exporter = InMemorySpanExporter()
-    tr = tracing.Tracing(tracing.provider(exporter, batch=False, service_name="nerv-test"))
+    tr = otel_export.Tracing(otel_export.provider(exporter, batch=False, service_name="nerv-test"))
     log = _cpu_run()
     state = EMPTY
     for e in log:
@@ -273,7 +273,7 @@ def test_odd_worker_data_and_a_failing_builder_never_reach_the_loop(caplog: pyte
     assert records[0].attributes["nerv.worker"] == "{'x': 1}" and records[0].attributes["nerv.reason"] == "7"
 
     exporter = InMemorySpanExporter()
-    tr = tracing.Tracing(tracing.provider(exporter, batch=False))
+    tr = otel_export.Tracing(otel_export.provider(exporter, batch=False))
 
     def broken(events, state):
         raise RuntimeError("a bug")
