@@ -1,7 +1,8 @@
 """The one launcher: nerv services (schedulers, workers) as subprocesses of this process.
 
-``nerv demo``, the benchmarks and the integration tests start their services through
-:class:`LocalCluster`. What it guarantees:
+``nerv demo``, ``nerv dev``, the benchmarks and the integration tests start their services through
+:class:`LocalCluster` (``nerv demo`` and ``nerv dev`` through :class:`LocalStack`, Redis and the
+standard services on it). What it guarantees:
 
 - **Its own process group.** Every service runs in its own session, so its process group id is the
   pid of its main process (:attr:`Service.pid`). A Ctrl-C in the terminal reaches only the caller, which
