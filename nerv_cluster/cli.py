@@ -537,6 +537,53 @@ def demo(
     raise typer.Exit(run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url))
 
 
+def has_command(name: str) -> bool:
+    """Whether this ``nerv`` has the command ``name`` (``nerv dev --ui`` needs the console's ``ui``)."""
+    for info in app.registered_commands:
+        callback = info.callback
+        named = info.name or (callback.__name__.replace("_", "-") if callback is not None else None)
+        if named == name:
+            return True
+    return False
+
+
+@app.command()
+def dev(
+    app_module: str = typer.Option(
+        ..., "--app", "-A", help="Your module with @task functions: a module name or a .py file."
+    ),
+    ui: bool = typer.Option(False, "--ui", help="Also serve the web console (nerv ui)."),
+    ui_port: int = typer.Option(8765, "--ui-port", help="The console's port, with --ui."),
+    cpu: int = typer.Option(2, "--cpu", min=1, help="Processes of the cpu worker."),
+    io: int = typer.Option(4, "--io", min=1, help="Threads of the io worker."),
+    keep_logs: bool = typer.Option(False, "--keep-logs", help="Keep the services' log files."),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", help="Use this Redis instead of an embedded one."
+    ),
+) -> None:
+    """A local cluster for your own tasks until Ctrl-C: Redis, a scheduler, cpu and io workers.
+
+    Starts Redis (embedded unless --redis-url), a scheduler and a cpu and an io worker for the module,
+    prints the Redis URL to submit to, and restarts the scheduler and the workers whenever the module's
+    file changes. Ctrl-C stops everything, Redis last.
+    """
+    from nerv_cluster.dev import run_dev
+
+    if ui and not has_command("ui"):
+        console.print("[red]error:[/] the console is not installed: this nerv has no `nerv ui` command")
+        raise typer.Exit(2)
+    code = run_dev(
+        console,
+        app_module,
+        redis_url=redis_url,
+        ui_port=ui_port if ui else None,
+        cpu=cpu,
+        io=io,
+        keep_logs=keep_logs,
+    )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Console-script entry point: NervError (and an unreachable Redis) become one red line and exit 2."""
     try:
@@ -549,4 +596,4 @@ def main() -> None:
         sys.exit(2)
 
 
-__all__ = ["app", "load_module", "load_workflow", "main"]
+__all__ = ["app", "has_command", "load_module", "load_workflow", "main"]

@@ -93,6 +93,20 @@ LAUNCH_START_TIMEOUT_S: Final = 90.0
 LAUNCH_STOP_TIMEOUT_S: Final = 10.0
 LAUNCH_REAP_TIMEOUT_S: Final = 10.0
 
+#: ``nerv dev`` (nerv_cluster/dev.py): how often it looks at the app's files' modification times, how
+#: long a file must stay unchanged before the services reload (an editor saving in several writes
+#: reloads once), and how long a reloading service gets after SIGTERM before SIGKILL.
+DEV_POLL_S: Final = 0.3
+DEV_SETTLE_S: Final = 0.2
+DEV_RELOAD_STOP_TIMEOUT_S: Final = 3.0
+#: What ``nerv dev`` prints once its services are up again after a reload (tests wait for it).
+DEV_RELOADED_LINE: Final = "reloaded"
+
+#: OpenTelemetry traces (scheduler/tracing.py): the standard variables whose setting turns tracing on
+#: (besides ``NERV_OTEL=1``), and the ``service.name`` of the spans unless ``OTEL_SERVICE_NAME`` says.
+OTEL_ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+OTEL_SERVICE_NAME: Final = "nerv-scheduler"
+
 #: Child runs (nerv_cluster/children.py): how deep runs may nest (``NERV_MAX_CHILD_DEPTH``), the hex
 #: digits of the hash in a child's run id, and the ``fn`` of a static sub-workflow's task (``Workflow.add
 #: (other_workflow)``), which no ``@task`` can be registered under (names start with a letter or '_').

@@ -7,7 +7,8 @@ checks the answer against a local computation, and shuts everything down: SIGTER
 SIGKILL for stragglers, Redis last, the temporary directory removed. Ctrl-C (or SIGTERM) at any
 point still shuts everything down.
 
-The services are started and stopped by :class:`nerv_cluster.launcher.LocalCluster` (re-exported here).
+Redis and the services are started and stopped by :class:`nerv_cluster.launcher.LocalStack`, as for
+``nerv dev`` (:class:`nerv_cluster.launcher.LocalCluster` is re-exported here).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from rich.table import Table
 from nerv_cluster import progress
 from nerv_cluster.client import Client
 from nerv_cluster.constants import WORKER_READY_LINE
-from nerv_cluster.embedded import EmbeddedRedis, EmbeddedRedisError
+from nerv_cluster.embedded import EmbeddedRedisError
 from nerv_cluster.errors import NervError, ServiceFailed, WaitTimeoutError
-from nerv_cluster.launcher import LocalCluster, Service
+from nerv_cluster.launcher import LocalCluster, LocalStack, Service
 from nerv_cluster.model import RunStatus
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import run_result
@@ -43,7 +44,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _probe(url: str) -> None:
+def probe(url: str) -> None:
     """Fail fast, before starting anything, when a given Redis does not answer."""
     probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, retry=None)
     try:
@@ -54,14 +55,16 @@ def _probe(url: str) -> None:
         probe.close()
 
 
-def _services_table(redis_desc: str, cluster: LocalCluster) -> Table:
+def services_table(stack: LocalStack) -> Table:
+    """Redis, each service with its pid, and the log directory."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("redis", redis_desc)
-    for s in cluster:
+    table.add_row("redis", stack.redis_desc)
+    assert stack.cluster is not None
+    for s in stack.cluster:
         table.add_row(s.name, f"pid {s.proc.pid}")
-    table.add_row("logs", str(cluster.logdir))
+    table.add_row("logs", str(stack.cluster.logdir))
     return table
 
 
@@ -76,27 +79,16 @@ def run_demo(
     from nerv_cluster.examples import wordcount
 
     if redis_url is not None:
-        _probe(redis_url)
+        probe(redis_url)
     workdir = Path(tempfile.mkdtemp(prefix="nerv-demo-"))
-    embedded: EmbeddedRedis | None = None
-    cluster: LocalCluster | None = None
+    stack = LocalStack(workdir, app=(DEMO_MODULE,), redis_url=redis_url, cpu=2, io=8)
     client: Client | None = None
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` shuts down as Ctrl-C does
     code = 1
     try:
-        env = {"NERV_WORKER_MODULES": DEMO_MODULE}
-        if redis_url is None:
-            embedded = EmbeddedRedis(dir=workdir / "redis", die_with_parent=True).start()
-            url = embedded.url
-            redis_desc = f"{url} (embedded, pid {embedded.pid})"
-            env["NERV_BROKER_URL"] = ""  # broker = this Redis, whatever the environment says
-        else:
-            url = redis_url
-            redis_desc = f"{url} (given)"
-        cluster = LocalCluster(url, workdir / "logs", env)
-        cluster.scheduler()
-        cluster.worker("cpu", 2)
-        cluster.worker("io", 8)
+        stack.start()
+        cluster = stack.cluster
+        assert cluster is not None
         client = Client(settings=Settings.from_env(cluster.env))
 
         wf = wordcount.build(pages=pages)
@@ -104,7 +96,7 @@ def run_demo(
         console.print(
             f"[bold]nerv demo[/]: word count over {pages} pages, {len(wf)} tasks on the cpu and io queues"
         )
-        console.print(_services_table(redis_desc, cluster))
+        console.print(services_table(stack))
         with console.status("starting the scheduler and the workers…"):
             waited = cluster.wait_ready(client, names)
         console.print(f"ready after {waited:.1f}s; submitting")
@@ -143,7 +135,7 @@ def run_demo(
         console.print(f"[red]embedded Redis failed:[/] {exc}", markup=True, highlight=False)
         code = 1
     finally:
-        _shutdown(console, client, cluster, embedded)
+        shutdown(console, client, stack)
         signal.signal(signal.SIGTERM, previous)
         if keep_logs:
             console.print(f"logs kept in {workdir / 'logs'}")
@@ -152,29 +144,27 @@ def run_demo(
     return code
 
 
-def _shutdown(
-    console: Console, client: Client | None, cluster: LocalCluster | None, embedded: EmbeddedRedis | None
-) -> None:
-    """Stop everything, gracefully; a second Ctrl-C makes it immediate."""
+def shutdown(console: Console, client: Client | None, stack: LocalStack) -> None:
+    """Stop everything, gracefully, Redis last; a second Ctrl-C makes it immediate."""
     started = time.monotonic()
-    try:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            with console.status("stopping the services…"):
-                cluster.stop()
-        if embedded is not None:
-            embedded.stop()
-    except KeyboardInterrupt:
-        if cluster is not None:
-            cluster.stop(force=True)
-        if embedded is not None:
-            embedded.kill()
-    n = len(cluster.services) if cluster is not None else 0
+    if client is not None:
+        client.close()
+    with console.status("stopping the services…"):
+        stack.stop()
+    n = len(stack.cluster.services) if stack.cluster is not None else 0
     console.print(
-        f"stopped {n} services{' and Redis' if embedded is not None else ''} "
+        f"stopped {n} services{' and Redis' if stack.embedded is not None else ''} "
         f"in {time.monotonic() - started:.1f}s"
     )
 
 
-__all__ = ["LocalCluster", "Service", "ServiceFailed", "run_demo"]
+__all__ = [
+    "LocalCluster",
+    "LocalStack",
+    "Service",
+    "ServiceFailed",
+    "probe",
+    "run_demo",
+    "services_table",
+    "shutdown",
+]

@@ -1,7 +1,8 @@
 """The one launcher: nerv services (schedulers, workers) as subprocesses of this process.
 
-``nerv demo``, the benchmarks and the integration tests start their services through
-:class:`LocalCluster`. What it guarantees:
+``nerv demo``, ``nerv dev``, the benchmarks and the integration tests start their services through
+:class:`LocalCluster` (``nerv demo`` and ``nerv dev`` through :class:`LocalStack`, Redis and the
+standard services on it). What it guarantees:
 
 - **Its own process group.** Every service runs in its own session, so its process group id is the
   pid of its main process (:attr:`Service.pid`). A Ctrl-C in the terminal reaches only the caller, which
@@ -32,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +45,7 @@ from nerv_cluster.constants import (
     LAUNCH_STOP_TIMEOUT_S,
     WORKER_READY_LINE,
 )
-from nerv_cluster.embedded import parent_death_signal, tail
+from nerv_cluster.embedded import EmbeddedRedis, parent_death_signal, tail
 from nerv_cluster.errors import ServiceFailed
 
 #: How a service is started: the ``nerv`` command line of the running interpreter.
@@ -96,6 +97,21 @@ def group_members(pgid: int) -> set[int]:
     except PermissionError:
         pass  # it exists, but is not ours to signal
     return {pgid}
+
+
+def _app_args(app: Sequence[str]) -> tuple[str, ...]:
+    """``--app a,b`` for a service command, nothing for no modules."""
+    return ("--app", ",".join(app)) if app else ()
+
+
+def _leftovers(services: Sequence[Service]) -> dict[Service, set[int]]:
+    """Service -> the live processes of its group, for those of ``services`` that have any (a service
+    whose main process is reaped and whose group is empty is marked ``gone``)."""
+    found = {s: s.members() for s in services}
+    for s, pids in found.items():
+        if not pids and s.poll() is not None:
+            s.gone = True
+    return {s: pids for s, pids in found.items() if pids}
 
 
 def _exe(pid: int) -> str | None:
@@ -285,15 +301,18 @@ class LocalCluster:
             candidate = f"{name}-{n}"
         return candidate
 
-    def scheduler(self, *, wrapper: Sequence[str] = ()) -> Service:
-        """Start a scheduler."""
-        return self.spawn("scheduler", "scheduler", wrapper=wrapper)
+    def scheduler(self, *, wrapper: Sequence[str] = (), app: Sequence[str] = ()) -> Service:
+        """Start a scheduler (``app``: modules it imports, as ``nerv scheduler --app``)."""
+        return self.spawn("scheduler", "scheduler", *_app_args(app), wrapper=wrapper)
 
-    def worker(self, queues: str, concurrency: int, *, wrapper: Sequence[str] = ()) -> Service:
+    def worker(
+        self, queues: str, concurrency: int, *, wrapper: Sequence[str] = (), app: Sequence[str] = ()
+    ) -> Service:
         """Start a worker for ``queues`` (``cpu``, ``io`` or ``cpu,io``), behind ``wrapper`` if given (a
-        command prefix such as ``("faketime", "-f", "-45s")``)."""
+        command prefix such as ``("faketime", "-f", "-45s")``), running the tasks of ``app`` (modules,
+        as ``nerv worker --app``; default: ``NERV_WORKER_MODULES``)."""
         name = f"worker-{queues.replace(',', '-')}"
-        args = ("worker", "--queues", queues, "--concurrency", str(concurrency))
+        args = ("worker", "--queues", queues, "--concurrency", str(concurrency), *_app_args(app))
         return self.spawn(name, *args, wrapper=wrapper)
 
     def workers(self) -> list[Service]:
@@ -343,27 +362,47 @@ class LocalCluster:
         all, then SIGKILL to every process group; with ``force``, SIGKILL at once. Returns once no live
         process is left in any group; raises :class:`ServiceFailed` if one outlives SIGKILL.
         """
+        self._stop(self.services, timeout, force=force, warm=warm)
+
+    def stop_services(
+        self,
+        services: Sequence[Service],
+        timeout: float = LAUNCH_STOP_TIMEOUT_S,
+        *,
+        force: bool = False,
+        warm: bool = True,
+    ) -> None:
+        """Stop some of the services as :meth:`stop` stops them all, and forget them (``nerv dev``
+        restarts its scheduler and workers so; their names, and log files, are free again)."""
+        try:
+            self._stop(list(services), timeout, force=force, warm=warm)
+        finally:
+            self.services = [s for s in self.services if s not in services or not s.gone]
+
+    @staticmethod
+    def _stop(services: Sequence[Service], timeout: float, *, force: bool, warm: bool) -> None:
         try:
             if not force:
-                for s in self.services:
+                for s in services:
                     if s.alive:
                         s.terminate(group=not warm)
                 deadline = time.monotonic() + timeout
-                for s in self.services:
+                for s in services:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         s.wait(timeout=max(0.1, deadline - time.monotonic()))
         finally:
             # Also when interrupted: a Ctrl-C during the grace period makes the stop immediate.
-            self._kill_all()
+            LocalCluster._kill_all(services)
 
-    def _kill_all(self) -> None:
-        for s in self.services:
+    @staticmethod
+    def _kill_all(services: Sequence[Service]) -> None:
+        for s in services:
             s.killpg(signal.SIGKILL)  # also pool children a main process left (none, after a clean exit)
-        for s in self.services:
+        for s in services:
             s.wait()
         # Orphaned group members are init's children, not ours: wait until the kernel has taken them.
         deadline = time.monotonic() + LAUNCH_REAP_TIMEOUT_S
-        while left := self.leftovers():
+        while left := _leftovers(services):
             if time.monotonic() > deadline:
                 s, pids = next(iter(left.items()))
                 raise ServiceFailed(f"processes {sorted(pids)} of {s.name}'s group outlived SIGKILL", s)
@@ -374,11 +413,7 @@ class LocalCluster:
     def leftovers(self) -> dict[Service, set[int]]:
         """Service -> the live processes of its group, for every service that has any (a service whose
         main process is reaped and whose group is empty is marked ``gone``)."""
-        found = {s: s.members() for s in self.services}
-        for s, pids in found.items():
-            if not pids and s.poll() is not None:
-                s.gone = True
-        return {s: pids for s, pids in found.items() if pids}
+        return _leftovers(self.services)
 
     def __iter__(self) -> Iterator[Service]:
         return iter(self.services)
@@ -392,4 +427,105 @@ class LocalCluster:
         self.stop()
 
 
-__all__ = ["NERV_COMMAND", "LocalCluster", "Service", "ServiceFailed", "group_members", "parse_stat"]
+class LocalStack:
+    """A whole cluster on this machine: Redis (the embedded one unless ``redis_url`` is given) and a
+    :class:`LocalCluster` on it running a scheduler, a ``cpu`` and an ``io`` worker for ``app``
+    (modules; default: ``NERV_WORKER_MODULES``). What ``nerv demo`` and ``nerv dev`` bring up.
+
+    :meth:`start` starts Redis, then the services; :meth:`restart_app` replaces the scheduler and the
+    workers (new processes import the app's code afresh); :meth:`stop` stops every service, then
+    Redis last, and a second Ctrl-C during it makes it immediate.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        app: Sequence[str] = (),
+        redis_url: str | None = None,
+        cpu: int = 2,
+        io: int = 8,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.app = tuple(app)
+        self.given_url = redis_url
+        self.cpu, self.io = cpu, io
+        self.env = dict(env or {})
+        self.embedded: EmbeddedRedis | None = None
+        self.cluster: LocalCluster | None = None
+        #: The services :meth:`restart_app` replaces (others, e.g. a console, stay up).
+        self.app_services: list[Service] = []
+
+    @property
+    def redis_url(self) -> str:
+        """The URL of the Redis everything runs on."""
+        if self.cluster is None:
+            raise RuntimeError("the stack is not started")
+        return self.cluster.redis_url
+
+    @property
+    def redis_desc(self) -> str:
+        """The Redis URL and where it comes from, for people."""
+        if self.embedded is not None:
+            return f"{self.redis_url} (embedded, pid {self.embedded.pid})"
+        return f"{self.redis_url} (given)"
+
+    def start(self) -> LocalStack:
+        """Start Redis (unless given) and the scheduler and workers (not waiting for them)."""
+        env = dict(self.env)
+        if self.given_url is None:
+            self.embedded = EmbeddedRedis(dir=self.workdir / "redis", die_with_parent=True).start()
+            url = self.embedded.url
+            env["NERV_BROKER_URL"] = ""  # broker = this Redis, whatever the environment says
+        else:
+            url = self.given_url
+        self.cluster = LocalCluster(url, self.workdir / "logs", env)
+        self._start_app()
+        return self
+
+    def _start_app(self) -> None:
+        assert self.cluster is not None
+        c = self.cluster
+        self.app_services = [
+            c.scheduler(app=self.app),
+            c.worker("cpu", self.cpu, app=self.app),
+            c.worker("io", self.io, app=self.app),
+        ]
+
+    def restart_app(self, timeout: float = LAUNCH_STOP_TIMEOUT_S, *, warm: bool = True) -> None:
+        """Stop the scheduler and the workers and start new ones. ``warm``: running tasks get
+        ``timeout`` to finish; not ``warm``: they stop at once. Either way a task that did not finish
+        runs again, as a new attempt on the new workers (the scheduler sees its worker gone)."""
+        assert self.cluster is not None
+        self.cluster.stop_services(self.app_services, timeout, warm=warm)
+        self._start_app()
+
+    def wait_ready(self, client: Client, task_names: Iterable[str] = ()) -> float:
+        """Wait until the workers registered ``task_names`` and a scheduler leads (seconds waited)."""
+        assert self.cluster is not None
+        return self.cluster.wait_ready(client, set(task_names))
+
+    def stop(self) -> None:
+        """Stop every service, then Redis; a Ctrl-C meanwhile makes it immediate. Idempotent."""
+        try:
+            if self.cluster is not None:
+                self.cluster.stop()
+            if self.embedded is not None:
+                self.embedded.stop()
+        except KeyboardInterrupt:
+            if self.cluster is not None:
+                self.cluster.stop(force=True)
+            if self.embedded is not None:
+                self.embedded.kill()
+
+
+__all__ = [
+    "NERV_COMMAND",
+    "LocalCluster",
+    "LocalStack",
+    "Service",
+    "ServiceFailed",
+    "group_members",
+    "parse_stat",
+]

@@ -72,6 +72,9 @@ class Settings:
     max_child_depth: int = constants.DEFAULT_MAX_CHILD_DEPTH
     #: Largest payload of a signal (``Client.signal``), in bytes of JSON (issue 11, part "waits").
     max_signal_bytes: int = constants.DEFAULT_MAX_SIGNAL_BYTES
+    #: Export runs as OpenTelemetry traces from the scheduler (also on when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    #: is set; see scheduler/tracing.py).
+    otel: bool = False
 
     @property
     def broker(self) -> str:

@@ -14,6 +14,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
 - :mod:`scheduler.schedules`: schedules' slots fired, each once (issue 11, idem);
+- :mod:`scheduler.tracing`: runs as OpenTelemetry traces, from the events folded (issue 12; None when off);
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
 
@@ -23,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -34,7 +36,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.limits import Gate
-from nerv_cluster.model import EventType
+from nerv_cluster.model import Event, EventType
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from scheduler import checkpointer, reruns, takeover
@@ -50,8 +52,12 @@ from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
 from scheduler.schedules import ScheduleRoom
 from scheduler.timers import Timers
+from scheduler.tracing import from_settings as tracing_from_settings
 from scheduler.waits import WaitRoom
 from scheduler.watchdog import Watchdog, queue_time_limit
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from scheduler.otel_export import Tracing
 
 log = logging.getLogger("nerv.scheduler")
 
@@ -72,6 +78,7 @@ class SchedulerService:
         dispatcher: Dispatcher,
         clock: Callable[[], float] = time.time,
         handoffs: Handoffs | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
@@ -100,6 +107,8 @@ class SchedulerService:
         self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
+        #: OpenTelemetry spans of runs and attempts (None when tracing is off: one check per batch).
+        self.tracing = tracing if tracing is not None else tracing_from_settings(settings)
         self.checkpointer = checkpointer.Checkpointer(
             log, settings.checkpoint_events, lambda: self.state.runs
         )
@@ -116,6 +125,13 @@ class SchedulerService:
     def source(self) -> str:
         """How this scheduler signs its events."""
         return f"scheduler:{self.lease.token}"
+
+    def _fold(self, events: Sequence[Event]) -> None:
+        """Fold the scheduler's own events (written to the run logs, never to the feed) into the state,
+        and show them to the tracing, which sees the feed's events in :meth:`step`."""
+        self.state = st.fold(events, self.state)
+        if self.tracing is not None:
+            self.tracing.observe(events, self.state)
 
     def _sent(self, jobs: Sequence[tuple[Job, str]]) -> None:
         """Count sent jobs (through Celery or handed over) in the dispatch metrics."""
@@ -149,6 +165,8 @@ class SchedulerService:
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
         self.waits.rebuild(self.state)
+        if self.tracing is not None:
+            self.tracing.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
         self.child_reruns.clear()
@@ -194,6 +212,8 @@ class SchedulerService:
         self.gate.clear()
         self.child_reruns.clear()
         self.checkpointer.reset({})
+        if self.tracing is not None:
+            self.tracing.clear()
         self.leader_since = None
 
     # -- one iteration --------------------------------------------------------------------------------
@@ -228,6 +248,8 @@ class SchedulerService:
             self.matcher.observe(ev)
         self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
         self.state = state
+        if self.tracing is not None and entries:  # workers' and clients' events; ours: _fold
+            self.tracing.observe((ev for _, ev in entries), state)
         self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self.gate.observe((ev for _, ev in entries), state)
@@ -244,7 +266,7 @@ class SchedulerService:
         self.schedules.observe((ev for _, ev in entries), now)
         fired = self.schedules.act(now, self.state, self.effects.token, self.source)
         if fired:  # the fires' runs, created by the scheduler itself: folded here, like child runs
-            self.state = st.fold(fired, self.state)
+            self._fold(fired)
             self._touched.update(ev.run_id for ev in fired)
         if now >= self._next_sweep:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
@@ -262,7 +284,7 @@ class SchedulerService:
         events = self.waits.expired(now, self.state, self.source)
         if events:
             self.effects.write(events)
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self.metrics.on_decided(events)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
@@ -274,7 +296,7 @@ class SchedulerService:
         verdicts = self.watchdog.sweep(self.state, now, self.source)
         events = self.effects.end_attempts(verdicts)
         if events:
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
             self.gate.observe(events, self.state)
@@ -346,7 +368,7 @@ class SchedulerService:
             events = out.events + claims if claims else out.events
             if taken:  # sent, as far as the metrics go: counted like the jobs that go through Celery
                 self._sent(taken)
-            self.state = st.fold(events, self.state)
+            self._fold(events)
             self.metrics.on_decided(events)
             self.waits.observe(events, self.state)
             self._touched.update(ev.run_id for ev in events)
@@ -357,7 +379,7 @@ class SchedulerService:
             self._touched |= cache.missing
         if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
             spawned = self.effects.spawn(out.spawns, self.state, now)
-            self.state = st.fold(spawned, self.state)
+            self._fold(spawned)
             self._touched.update(ev.run_id for ev in spawned)
             self.gate.observe(spawned, self.state)
         if out.child_reruns:  # a rerun of their parents: after the events, as spawns (see the room)
@@ -366,7 +388,7 @@ class SchedulerService:
             )
             if recorded:
                 self.effects.write(recorded)
-                self.state = st.fold(recorded, self.state)
+                self._fold(recorded)
                 self._touched.update(ev.run_id for ev in recorded)
                 self.gate.observe(recorded, self.state)
         if out.revoke:
@@ -383,7 +405,7 @@ class SchedulerService:
         if refused:
             failed = unsendable_events(refused, self.clock(), self.source)
             self.effects.write(failed)
-            self.state = st.fold(failed, self.state)
+            self._fold(failed)
             self._touched.update(ev.run_id for ev in failed)
             self._touched |= self.caching.observe(failed, self.state)
             self.gate.observe(failed, self.state)
@@ -406,6 +428,8 @@ class SchedulerService:
         self.state = state
         self._touched |= self.caching.forget(run_ids)
         self.schedules.run_ended(run_ids, self.clock())
+        if self.tracing is not None:
+            self.tracing.forget(run_ids)
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -450,6 +474,8 @@ class SchedulerService:
         finally:
             keeper.stop()
             self.checkpointer.stop()
+            if self.tracing is not None:
+                self.tracing.shutdown()
             try:
                 self.lease.release()
             except redis.RedisError:

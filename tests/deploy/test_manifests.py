@@ -458,7 +458,7 @@ def test_dockerfile_builds_a_non_root_image_with_nerv_as_entrypoint() -> None:
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the runtime stage runs as non-root"
     assert nerv_argv(dockerfile_entrypoint()) == []
-    assert re.search(r"pip install \.", text)
+    assert re.search(r'pip install "\.\[otel\]"', text), "the package, with the OTLP exporter for tracing"
     # Every package that pyproject ships is copied into the build.
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     for pattern in find["include"]:
