@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nerv_cluster import constants
+from nerv_cluster import caching, constants
 from nerv_cluster.errors import ConfigurationError
 from nerv_cluster.model import Event, EventType, TaskStatus
 from nerv_cluster.settings import Settings
@@ -221,7 +221,8 @@ class SpanBuilder:
         tasks' queues and their dependencies' attempts are read from it)."""
         out: list[SpanRecord] = []
         runs = state.runs
-        for ev in events:
+        # A CACHE_HITS is each hit's completion: one span of no length per hit.
+        for ev in (one for logged in events for one in caching.expand(logged)):
             kind = ev.type
             tid = ev.task_id
             if tid is None:

@@ -143,7 +143,7 @@ def test_a_cache_hit_is_a_span_of_no_length_and_an_unended_attempt_ends_with_its
     events = [
         submitted(wf),
         ev(E.WORKFLOW_STARTED),
-        ev(E.TASK_COMPLETED, "hit", 1, result=1, cached=True, cached_from="r0"),
+        ev(E.CACHE_HITS, hits=[["hit", 1, 1, "r0/hit"]]),  # as the scheduler logs hits
         ev(E.TASK_DISPATCHED, "slow", 1),
         ev(E.TASK_STARTED, "slow", 1, worker="w1"),
         ev(E.WORKFLOW_CANCEL_REQUESTED),
