@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 from rich.console import Console
 from rich.markup import escape
 
-from nerv_cluster import progress
+from nerv_cluster import history, progress
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
     ConfigurationError,
@@ -322,12 +322,21 @@ def watch(
 def status(
     run_id: str = RunArg,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output, every task included."),
+    at: str | None = typer.Option(
+        None,
+        "--at",
+        help="Time travel: the state after the first N events of the run's log (or up to a cursor, "
+        "a log entry id).",
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """A run's status: counts per task status, failed tasks with their errors, duration."""
     client = _client(redis_url)
     try:
-        run = progress.load_run(client, run_id)
+        if at is None:
+            run = progress.load_run(client, run_id)
+        else:
+            run = history.read_state(client.log, run_id, history.parse_position(at))
     finally:
         client.close()
     result = run_result(run)
