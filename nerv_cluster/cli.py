@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 from rich.console import Console
 from rich.markup import escape
 
-from nerv_cluster import history, progress
+from nerv_cluster import constants, history, progress
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
     ConfigurationError,
@@ -526,6 +526,28 @@ def runs(
         print(json.dumps(out, indent=2, default=str))
         return
     console.print(progress.runs_renderable(rows))
+
+
+@app.command()
+def ui(
+    host: str = typer.Option(
+        constants.UI_DEFAULT_HOST, "--host", help="Address to listen on (not loopback: needs auth)."
+    ),
+    port: int = typer.Option(
+        constants.UI_DEFAULT_PORT, "--port", min=0, max=65535, help="Port to listen on."
+    ),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Serve the web console: runs, their DAG live, a timeline, time travel, actions, a JSON API.
+
+    Credentials come from NERV_UI_TOKEN (a bearer token) or NERV_UI_USER and NERV_UI_PASSWORD (basic
+    auth); without them it listens on a loopback address only.
+    """
+    from nerv_cluster.console import serve
+
+    setup_logging()
+    console.print(f"nerv console on [bold]http://{host}:{port}/[/] (Ctrl-C to stop)")
+    serve(host, port, settings=_settings(redis_url))
 
 
 @app.command()

@@ -486,6 +486,10 @@ class EventLog:
                 return
             start = f"({chunk[-1][0]}"
 
+    def tail_run(self, run_id: str, count: int) -> Batch:
+        """The last ``count`` entries of a run's log, oldest first."""
+        return _decode(list(reversed(self.redis.xrevrange(self.keys.log(run_id), count=count))))
+
     def read_runs(
         self, run_ids: Sequence[str], after: Mapping[str, str] | None = None, per_trip: int = 200
     ) -> Iterator[tuple[str, list[Entry]]]:
