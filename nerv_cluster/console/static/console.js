@@ -89,7 +89,8 @@ const nerv = (() => {
       logCursors: new Set(),
     };
     // What the stream delivered, for the tests: every SSE id in order, and how many came twice.
-    const stats = (window.nervStream = { ids: [], seen: new Set(), duplicates: 0, opens: 0, errors: 0 });
+    // lags: milliseconds from each entry's logging (its id's time part, Redis's clock) to its arrival.
+    const stats = (window.nervStream = { ids: [], seen: new Set(), duplicates: 0, opens: 0, errors: 0, lags: [], start: null });
 
     function node(tid) {
       const status = state.statuses.get(tid) || "PENDING";
@@ -319,6 +320,7 @@ const nerv = (() => {
       if (stats.seen.has(ev.lastEventId)) stats.duplicates++;
       stats.seen.add(ev.lastEventId);
       stats.ids.push(ev.lastEventId);
+      stats.lags.push(Date.now() - Number(ev.lastEventId.split("-")[0]));
       const msg = JSON.parse(ev.data);
       state.events++;
       slider.max = String(state.events);
@@ -335,6 +337,7 @@ const nerv = (() => {
     }
 
     function follow(after) {
+      stats.start = after;
       const es = new EventSource(`${api}/events?after=${encodeURIComponent(after)}`);
       es.onopen = () => { stats.opens++; };
       es.onerror = () => { stats.errors++; }; // the browser reconnects by itself, with Last-Event-ID
