@@ -557,6 +557,12 @@ def demo(
     redis_url: str | None = typer.Option(
         None, "--redis-url", envvar="NERV_REDIS_URL", help="Use this Redis instead of an embedded one."
     ),
+    ui: bool = typer.Option(
+        False, "--ui", help="Also serve the web console, and keep everything up after the run until Ctrl-C."
+    ),
+    ui_port: int = typer.Option(
+        constants.UI_DEFAULT_PORT, "--ui-port", help="The console's port (with --ui)."
+    ),
 ) -> None:
     """Run a word-count workflow on a throw-away local cluster: nothing to install beyond this package.
 
@@ -565,7 +571,9 @@ def demo(
     """
     from nerv_cluster.demo import run_demo
 
-    raise typer.Exit(run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url))
+    raise typer.Exit(
+        run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url, ui=ui, ui_port=ui_port)
+    )
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ that reconnects sends it back as ``Last-Event-ID`` and the stream goes on right 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -145,10 +144,11 @@ def create_app(
     :class:`~nerv_cluster.console.auth.AuthConfig`). ``stream_seconds``: how long one event stream
     lasts before the server ends it and the browser resumes it (default ``NERV_UI_STREAM_SECONDS``,
     0 = for as long as the client stays)."""
-    client = client or Client(settings=settings or Settings.from_env())
-    auth = auth if auth is not None else AuthConfig.from_env()
+    settings = settings or (client.settings if client is not None else Settings.from_env())
+    client = client or Client(settings=settings)
+    auth = auth if auth is not None else AuthConfig.from_settings(settings)
     if stream_seconds is None:
-        stream_seconds = float(os.environ.get(constants.UI_STREAM_SECONDS_ENV) or 0)
+        stream_seconds = settings.ui_stream_seconds
     con = Console(client, auth, stream_seconds)
     store = con.store
 
@@ -543,7 +543,8 @@ def serve(
 
     from nerv_cluster.console.auth import check_bind
 
-    auth = auth if auth is not None else AuthConfig.from_env()
+    settings = settings or Settings.from_env()
+    auth = auth if auth is not None else AuthConfig.from_settings(settings)
     check_bind(host, auth)
     app = create_app(settings=settings, auth=auth)
     try:

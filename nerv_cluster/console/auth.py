@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from nerv_cluster import constants
 from nerv_cluster.errors import ConfigurationError
+from nerv_cluster.settings import Settings
 
 #: Paths served to anyone: the probe and the sign-in page (and what that page needs).
 OPEN_PATHS = ("/healthz", "/login", "/static/")
@@ -47,10 +48,14 @@ class AuthConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthConfig:
         """Read ``NERV_UI_TOKEN``, ``NERV_UI_USER`` and ``NERV_UI_PASSWORD`` (empty means unset);
         :class:`ConfigurationError` for a user without a password or the other way round."""
-        env = os.environ if environ is None else environ
-        token = env.get(constants.UI_TOKEN_ENV) or None
-        user = env.get(constants.UI_USER_ENV) or None
-        password = env.get(constants.UI_PASSWORD_ENV) or None
+        return cls.from_settings(Settings.from_env(os.environ if environ is None else environ))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuthConfig:
+        """The credentials of ``settings`` (``ui_token``, ``ui_user``, ``ui_password``)."""
+        token = settings.ui_token or None
+        user = settings.ui_user or None
+        password = settings.ui_password or None
         if (user is None) != (password is None):
             raise ConfigurationError(
                 f"set both {constants.UI_USER_ENV} and {constants.UI_PASSWORD_ENV} for basic auth, or neither"
