@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nerv_cluster import mapping
+from nerv_cluster import constants, mapping
 from nerv_cluster import state as st
 from nerv_cluster.model import Event, EventType, TaskStatus
 
@@ -27,6 +27,18 @@ MAX_BARS = 3_000
 RELOAD_EVENTS = frozenset(
     {EventType.WORKFLOW_SUBMITTED, EventType.MAP_EXPANDED, EventType.WORKFLOW_RERUN_REQUESTED}
 )
+
+
+def readable(value: Any) -> Any:
+    """``value`` with each upstream reference (``{"__nerv_ref__": id}``) written as ``<id>``: what the
+    task receives there is that task's result."""
+    if isinstance(value, dict):
+        if set(value) == {constants.REF_KEY} and isinstance(value[constants.REF_KEY], str):
+            return f"<{value[constants.REF_KEY]}>"
+        return {k: readable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [readable(v) for v in value]
+    return value
 
 
 def shorten(value: Any, limit: int = SHORT_CHARS) -> str:
@@ -197,12 +209,21 @@ def timeline(run: st.RunState, max_bars: int = MAX_BARS) -> dict[str, Any]:
         bars.sort(reverse=True)
         bars = bars[:max_bars]
     lanes: dict[str, list[list[Any]]] = {}
+    rows: dict[str, list[float]] = {}  # per lane: where each of its rows is free from
     for _, worker, tid, start, end, status in sorted(bars, key=lambda b: b[3]):
-        lanes.setdefault(worker, []).append([tid, round(start, 4), round(end, 4), status])
+        # A thread pool runs several tasks in one process at once: overlapping bars of one worker go
+        # on rows of their own within its lane (the first row free by then).
+        free = rows.setdefault(worker, [])
+        row = next((i for i, until in enumerate(free) if until <= start), len(free))
+        if row == len(free):
+            free.append(end)
+        else:
+            free[row] = end
+        lanes.setdefault(worker, []).append([tid, round(start, 4), round(end, 4), status, row])
     return {
         "run_id": run.run_id,
         "span": round(latest - t0, 4),
-        "lanes": [{"worker": w, "bars": lanes[w]} for w in sorted(lanes)],
+        "lanes": [{"worker": w, "rows": len(rows[w]), "bars": lanes[w]} for w in sorted(lanes)],
         "critical": critical_path(run),
         "dropped": dropped,
     }
@@ -221,8 +242,8 @@ def task_detail(run: st.RunState, tid: str, limit: int = SHORT_CHARS) -> dict[st
         "fn": td.fn,
         "queue": td.queue,
         "status": ts.status.value,
-        "args": [shorten(a, limit) for a in td.args],
-        "kwargs": {k: shorten(v, limit) for k, v in td.kwargs.items()},
+        "args": [shorten(readable(a), limit) for a in td.args],
+        "kwargs": {k: shorten(readable(v), limit) for k, v in td.kwargs.items()},
         "result": shorten(result, limit) if ts.status is TaskStatus.COMPLETED else None,
         "error": None
         if error is None

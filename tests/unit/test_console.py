@@ -63,7 +63,7 @@ def test_timeline_has_a_lane_per_worker_and_bounds_its_bars() -> None:
     assert [lane["worker"] for lane in t["lanes"]] == ["w1", "w2"]
     assert [bar[0] for bar in t["lanes"][0]["bars"]] == ["a", "b"]
     for lane in t["lanes"]:
-        for _, start, end, status in lane["bars"]:
+        for _, start, end, status, _row in lane["bars"]:
             assert 0 <= start <= end <= t["span"] and status == "COMPLETED"
     assert t["critical"] == ["a", "b", "d"]
     small = views.timeline(_diamond_done(), max_bars=2)
@@ -156,3 +156,29 @@ def test_csrf_double_submit_and_origin() -> None:
     assert not csrf_ok(_scope(cookie=cookie, x_csrf_token="other", host="h:1"))
     assert not csrf_ok(_scope(cookie=cookie, x_csrf_token="tok123", host="h:1", origin="http://evil.example"))
     assert csrf_ok(_scope(cookie=cookie, x_csrf_token="tok123", host="h:1", origin="http://h:1"))
+
+
+def test_overlapping_tasks_of_one_worker_get_rows_of_their_own() -> None:
+    # b and c run at once on one thread-pool worker: two rows in its lane; d after them reuses row 0.
+    run = _run(
+        submitted(diamond()),
+        ev(EventType.WORKFLOW_STARTED),
+        *completes("a", 1, worker="pool"),
+        ev(EventType.TASK_DISPATCHED, "b", 1, queue="io"),
+        ev(EventType.TASK_DISPATCHED, "c", 1, queue="io"),
+        ev(EventType.TASK_STARTED, "b", 1, worker="pool"),
+        ev(EventType.TASK_STARTED, "c", 1, worker="pool"),
+        ev(EventType.TASK_COMPLETED, "b", 1, result=2, worker="pool"),
+        ev(EventType.TASK_COMPLETED, "c", 1, result=3, worker="pool"),
+        *completes("d", 4, worker="pool"),
+    )
+    (lane,) = views.timeline(run)["lanes"]
+    rows = {bar[0]: bar[4] for bar in lane["bars"]}
+    assert lane["rows"] == 2 and rows["b"] != rows["c"] and rows["a"] == rows["d"] == 0
+
+
+def test_references_to_upstream_results_read_as_task_ids() -> None:
+    ref = {constants.REF_KEY: "clean-0"}
+    assert views.readable([1, ref, {"k": ref}]) == [1, "<clean-0>", {"k": "<clean-0>"}]
+    run = _run(submitted(wdef(td("a"), td("b", "a", args=(ref | {constants.REF_KEY: "a"},)))))
+    assert views.task_detail(run, "b")["args"] == ['"<a>"']

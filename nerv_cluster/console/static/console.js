@@ -413,23 +413,33 @@ const nerv = (() => {
       box.textContent = "";
       if (!t.lanes.length) { box.append(el("p", { class: "empty" }, "nothing has started yet")); return; }
       const crit = new Set(t.critical);
-      const laneH = 18, labelW = 190, W = 1000, span = t.span || 1;
+      const laneH = 18, rowH = 8, labelW = 190, W = 1000, span = t.span || 1;
       const svgNS = "http://www.w3.org/2000/svg";
       const svg = document.createElementNS(svgNS, "svg");
-      svg.setAttribute("viewBox", `0 0 ${labelW + W} ${t.lanes.length * laneH + 16}`);
+      // A lane per worker; a worker running several tasks at once (threads) gets a thin row each.
+      const heights = t.lanes.map((lane) => (lane.rows > 1 ? Math.max(laneH, lane.rows * rowH + 4) : laneH));
+      const total = heights.reduce((a, b) => a + b, 0);
+      svg.setAttribute("viewBox", `0 0 ${labelW + W} ${total + 16}`);
       svg.setAttribute("class", "gantt");
+      let y = 0;
       t.lanes.forEach((lane, i) => {
-        const y = i * laneH;
+        const h = heights[i];
+        const rh = lane.rows > 1 ? rowH : laneH;
         const label = document.createElementNS(svgNS, "text");
         label.setAttribute("x", 2); label.setAttribute("y", y + 13);
         label.textContent = lane.worker.length > 30 ? "…" + lane.worker.slice(-29) : lane.worker;
         svg.append(label);
-        for (const [tid, start, end, status] of lane.bars) {
+        const line = document.createElementNS(svgNS, "line");
+        line.setAttribute("x1", labelW); line.setAttribute("x2", labelW + W);
+        line.setAttribute("y1", y + h); line.setAttribute("y2", y + h);
+        line.setAttribute("class", "lane-line");
+        svg.append(line);
+        for (const [tid, start, end, status, row] of lane.bars) {
           const r = document.createElementNS(svgNS, "rect");
           r.setAttribute("x", labelW + (start / span) * W);
-          r.setAttribute("y", y + 2);
+          r.setAttribute("y", y + 2 + (lane.rows > 1 ? row * rowH : 0));
           r.setAttribute("width", Math.max(1, ((end - start) / span) * W));
-          r.setAttribute("height", laneH - 4);
+          r.setAttribute("height", rh - (lane.rows > 1 ? 1 : 4));
           r.setAttribute("class", `s-${status}${crit.has(tid) ? " critical" : ""}`);
           r.setAttribute("data-task-id", tid);
           const tip = document.createElementNS(svgNS, "title");
@@ -437,9 +447,10 @@ const nerv = (() => {
           r.append(tip);
           svg.append(r);
         }
+        y += h;
       });
       const axis = document.createElementNS(svgNS, "text");
-      axis.setAttribute("x", labelW + W - 2); axis.setAttribute("y", t.lanes.length * laneH + 13);
+      axis.setAttribute("x", labelW + W - 2); axis.setAttribute("y", total + 13);
       axis.setAttribute("text-anchor", "end");
       axis.textContent = `${fmtSeconds(span)}${t.dropped ? ` (${t.dropped} shortest bars not drawn)` : ""}`;
       svg.append(axis);
