@@ -183,9 +183,13 @@ UI_CSRF_HEADER: Final = "x-csrf-token"
 #: its log on every view; and the newest runs its runs list looks at.
 UI_RUN_CACHE: Final = 32
 UI_RUNS_LIMIT: Final = 200
+#: Runs list lines kept (small: a summary each), each with the log entry it was folded up to.
+UI_SUMMARY_CACHE: Final = 10_000
 #: Milliseconds a Server-Sent Events stream waits on the log per read, and the retry it tells browsers.
 UI_STREAM_BLOCK_MS: Final = 500
 UI_STREAM_RETRY_MS: Final = 500
+#: Threads the console's handlers and open event streams share (each stream holds one while it waits).
+UI_THREADS: Final = 200
 #: What ``nerv ui`` logs once it listens (uvicorn's line).
 UI_READY_LINE: Final = "Uvicorn running on"
 

@@ -13,12 +13,14 @@ that reconnects sends it back as ``Last-Event-ID`` and the stream goes on right 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
+import anyio.to_thread
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -479,10 +481,19 @@ def create_app(
             return _error(code, getattr(exc, "detail", "") or "error")
         return HTMLResponse(f"<h1>{code}</h1>", status_code=code)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Each open event stream waits on Redis in a worker thread (half a second at a time): make room
+        # for many of them beside the page and API handlers, which run in the same pool.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, constants.UI_THREADS)
+        yield
+
     app = Starlette(
         routes=routes,
         middleware=[Middleware(AuthMiddleware, auth=auth)],
         exception_handlers={404: not_found, 405: not_found},
+        lifespan=lifespan,
     )
     app.state.console = con
     return app

@@ -40,6 +40,7 @@ class RunStore:
         self.log = client.log
         self.capacity = capacity
         self._runs: OrderedDict[str, Folded] = OrderedDict()
+        self._summaries: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def folded(self, run_id: str) -> Folded:
@@ -92,13 +93,36 @@ class RunStore:
             self._runs.pop(run_id, None)
 
     def runs(self, limit: int = constants.UI_RUNS_LIMIT) -> list[dict[str, Any]]:
-        """Summaries of the newest runs, newest first (expired ones left out)."""
+        """Summaries of the newest runs, newest first (expired ones left out).
+
+        A summary is kept with the id of the log entry it was folded up to: a run whose log has not
+        grown since (every finished run) costs one ``XREVRANGE`` in a pipeline, not a fold, so the runs
+        list refreshing every few seconds stays cheap however big its runs are.
+        """
+        ids = [run_id for run_id, _ in self.client.runs(limit)]
+        pipe = self.client.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.xrevrange(self.client.keys.log(run_id), count=1)
         out: list[dict[str, Any]] = []
-        for run_id, _ in self.client.runs(limit):
+        for run_id, tail in zip(ids, pipe.execute(), strict=True):
+            if not tail:
+                continue  # expired
+            last = str(tail[0][0])
+            with self._lock:
+                known = self._summaries.get(run_id)
+            if known is not None and known[0] == last:
+                out.append(known[1])
+                continue
             try:
-                out.append(views.run_summary(self.folded(run_id).run))
+                summary = views.run_summary(self.folded(run_id).run)
             except RunNotFoundError:
                 continue
+            with self._lock:
+                self._summaries[run_id] = (last, summary)
+                self._summaries.move_to_end(run_id)
+                while len(self._summaries) > constants.UI_SUMMARY_CACHE:
+                    self._summaries.popitem(last=False)
+            out.append(summary)
         return out
 
     def log_page(self, run_id: str, after: str = "-", limit: int = 500) -> list[dict[str, Any]]:

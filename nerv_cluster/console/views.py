@@ -187,8 +187,8 @@ def critical_path(run: st.RunState) -> list[str]:
 
 
 def timeline(run: st.RunState, max_bars: int = MAX_BARS) -> dict[str, Any]:
-    """A Gantt chart: one lane per worker, a bar per task attempt that started (its last attempt, as
-    the fold keeps it), times relative to the run's submission; ``critical`` marks the critical path.
+    """A Gantt chart: one lane per worker, a bar per task attempt a worker started (its last attempt,
+    as the fold keeps it), times relative to the run's submission; ``critical`` marks the critical path.
     A task still running ends at ``now`` (the latest time seen). At most ``max_bars`` bars (the longest
     kept) so a huge run stays drawable; ``dropped`` says how many were left out."""
     t0 = run.submitted_at
@@ -198,12 +198,11 @@ def timeline(run: st.RunState, max_bars: int = MAX_BARS) -> dict[str, Any]:
     )
     bars: list[tuple[float, str, str, float, float, str]] = []
     for tid, ts in run.tasks.items():
-        if ts.started_at is None:
+        # Only what a worker ran: a map node, a wait or a sub-workflow's node runs in no worker.
+        if ts.started_at is None or ts.worker is None:
             continue
         end = ts.finished_at if ts.finished_at is not None else latest
-        bars.append(
-            (end - ts.started_at, ts.worker or "?", tid, ts.started_at - t0, end - t0, ts.status.value)
-        )
+        bars.append((end - ts.started_at, ts.worker, tid, ts.started_at - t0, end - t0, ts.status.value))
     dropped = max(0, len(bars) - max_bars)
     if dropped:
         bars.sort(reverse=True)

@@ -182,3 +182,20 @@ def test_references_to_upstream_results_read_as_task_ids() -> None:
     assert views.readable([1, ref, {"k": ref}]) == [1, "<clean-0>", {"k": "<clean-0>"}]
     run = _run(submitted(wdef(td("a"), td("b", "a", args=(ref | {constants.REF_KEY: "a"},)))))
     assert views.task_detail(run, "b")["args"] == ['"<a>"']
+
+
+def test_a_maps_elements_are_drawn_under_it_and_grouped_when_wide() -> None:
+    from tests.unit.test_mapping import crawl, expanded_run, fold_in
+
+    before = _run(submitted(crawl()))
+    assert views.graph(before)["maps"] == {}
+    run, decisions = expanded_run(list(range(100)))
+    run = fold_in(run, list(decisions.events))  # MAP_EXPANDED: the elements exist from here on
+    g = views.graph(run, group_limit=60)
+    assert [lv["tasks"] for lv in g["levels"]] == [["src"], ["m"], ["total"]]
+    assert g["maps"]["m"]["group"] is True and len(g["maps"]["m"]["tasks"]) == 100
+    assert g["maps"]["m"]["tasks"][0] == "m[0]" and g["tasks"]["m[0]"][1] == "READY"
+    # An element's end moves it and its map node in the live delta, nothing else is scanned.
+    e0 = completes("m[0]", 1)
+    after = fold_in(run, e0)
+    assert views.changes(fold_in(run, e0[:2]), after, e0[2]) == {"m[0]": "COMPLETED"}

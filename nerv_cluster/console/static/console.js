@@ -87,6 +87,7 @@ const nerv = (() => {
       events: Number(root.dataset.events) || 0,
       selected: null,
       logCursors: new Set(),
+      opened: new Set(), // labels of the groups opened by a click: kept open when the graph is redrawn
     };
     // What the stream delivered, for the tests: every SSE id in order, and how many came twice.
     // lags: milliseconds from each entry's logging (its id's time part, Redis's clock) to its arrival.
@@ -110,8 +111,9 @@ const nerv = (() => {
         if (ev.target.closest("[data-task-id]") || ev.target.closest(".more")) return;
         if (!g.open) openGroup(g);
       });
-      drawGroup(g);
       state.groups.push(g);
+      if (state.opened.has(label)) openGroup(g);
+      else drawGroup(g);
       return g.el;
     }
 
@@ -129,6 +131,7 @@ const nerv = (() => {
 
     function openGroup(g) {
       g.open = true;
+      state.opened.add(g.label);
       g.el.classList.add("open");
       g.el.textContent = "";
       g.el.append(el("div", { class: "group-label" }, `${g.label} · ${g.ids.length} tasks`));
