@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio.to_thread
 import jinja2
@@ -174,9 +175,10 @@ def create_app(
         return con.page(request, "login.html", failed=False)
 
     async def login(request: Request) -> Response:
-        form = await request.form()
-        token = str(form.get("token") or "")
-        if not csrf_ok(request.scope, str(form.get("csrf") or "")):
+        # The one form: parsed here (urlencoded), so the console needs no multipart parser.
+        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=10)
+        token = (form.get("token") or [""])[0]
+        if not csrf_ok(request.scope, (form.get("csrf") or [""])[0]):
             return _error(403, "the form's CSRF token does not match; reload the page")
         if not auth.bearer_ok(token):
             return con.page(request, "login.html", failed=True)
