@@ -356,7 +356,9 @@ def create_app(
                 history.parse_cursor(after)
             await run_in_threadpool(client.log.require_run, run_id)
             start = (
-                None if after in ("0-0", "-", "0") else await run_in_threadpool(store.state, run_id, after)
+                None
+                if after in ("0-0", "-", "0")
+                else await run_in_threadpool(store.state_after, run_id, after)
             )
         except RunNotFoundError as exc:
             return _error(404, str(exc))

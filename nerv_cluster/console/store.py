@@ -87,6 +87,15 @@ class RunStore:
             return self.folded(run_id).run
         return history.read_state(self.log, run_id, history.parse_position(at))
 
+    def state_after(self, run_id: str, cursor: str) -> st.RunState:
+        """The run right after entry ``cursor``: where an event stream resumes. The folded run when that
+        is where it stands (a page opening its stream at the cursor it was drawn at: no refold), else
+        the fold up to the cursor."""
+        folded = self.folded(run_id)
+        if folded.cursor == cursor:
+            return folded.run
+        return history.read_state(self.log, run_id, cursor)
+
     def forget(self, run_id: str) -> None:
         """Drop a run from memory (it expired)."""
         with self._lock:
