@@ -76,7 +76,9 @@ def run_summary(run: st.RunState) -> dict[str, Any]:
         "started_at": run.started_at,
         "finished_at": run.finished_at,
         "duration": duration(run.submitted_at, run.finished_at),
-        "parent": parent.to_dict() if parent is not None else None,
+        "parent": None
+        if parent is None
+        else {"run_id": parent.run_id, "task_id": parent.task_id, "attempt": parent.attempt},
         "depth": run.definition.depth,
     }
 

@@ -48,6 +48,21 @@ def test_runs_list_shows_a_finished_run(console: Console, page: Any) -> None:
     assert page.locator(f"tr[data-run-id='{run_id}']").count() == 0
     page.goto("/?name=listed")
     assert page.locator(f"tr[data-run-id='{run_id}']").count() == 1
+    # Child runs come right under their parents, indented.
+    wf = Workflow("parent")
+    wf.add(tt.fib, 3, id="fib")
+    parent = console.client.submit(wf)
+    assert console.client.wait(parent, timeout=30).results == {"fib": 2}
+    page.goto("/")
+    rows = page.eval_on_selector_all(
+        "tr.run-row", "rs => rs.map(r => [r.dataset.runId, r.dataset.parent || null, +r.dataset.indent])"
+    )
+    ids = [r[0] for r in rows]
+    children = [r for r in rows if r[1] == parent]
+    assert children and all(indent == 1 for _, _, indent in children)
+    for child, _, _ in children:  # each under its parent (after it, before the next top-level run)
+        assert ids.index(parent) < ids.index(child)
+        assert all(r[2] > 0 for r in rows[ids.index(parent) + 1 : ids.index(child) + 1])
 
 
 def test_run_page_draws_every_node_of_a_50_task_dag(console: Console, page: Any) -> None:
