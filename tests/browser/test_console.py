@@ -183,8 +183,42 @@ def test_cancel_from_the_page(console: Console, page: Any) -> None:
     page.wait_for_selector("[data-task-id='long'].s-RUNNING", timeout=10_000)
     page.click("#cancel")
     page.wait_for_selector("#action-result:text('cancel: requested')", timeout=5_000)
-    assert console.client.wait(run_id, timeout=20).status is RunStatus.CANCELLED
+    end = console.client.wait(run_id, timeout=20)
+    assert end.status is RunStatus.CANCELLED
     page.wait_for_selector("#run-status:text('CANCELLED')", timeout=5_000)
+    # The live deltas arrived at the fold's truth: every node as client.status has it.
+    want = {tid: t.status.value for tid, t in end.tasks.items()}
+    page.wait_for_function(
+        "want => Object.entries(want).every(([t, s]) =>"
+        " document.querySelector(`[data-task-id='${t}']`).classList.contains('s-' + s))",
+        arg=want,
+        timeout=5_000,
+    )
+    assert want["long"] == "CANCELLED"
+
+
+def test_signal_and_rerun_from_the_page(console: Console, page: Any) -> None:
+    wf = Workflow("page-actions")
+    approval = wf.wait_for("go", timeout=30, id="gate")
+    wf.add(tt.echo, approval, id="echo")
+    wf.add(tt.boom, "bad", id="bad")
+    run_id = console.client.submit(wf)
+    _open_run(page, run_id)
+    page.wait_for_selector("[data-task-id='gate'].s-WAITING", timeout=10_000)
+    page.fill("#signal-form [name=name]", "go")
+    page.fill("#signal-form [name=payload]", '{"by": "browser"}')
+    page.click("#signal-form button")
+    page.wait_for_selector("#action-result:text('signal: requested')", timeout=5_000)
+    end = console.client.wait(run_id, timeout=20)
+    assert end.status is RunStatus.FAILED and end.results["echo"] == {"by": "browser"}
+    page.wait_for_selector("#run-status:text('FAILED')", timeout=5_000)
+    page.click("#rerun")
+    page.wait_for_selector("#action-result:text('rerun: requested')", timeout=5_000)
+    assert console.client.wait(run_id, timeout=20).tasks["bad"].attempts == 2
+    # A refused action says why on the page.
+    page.fill("#signal-form [name=name]", "nobody-waits-for-this")
+    page.click("#signal-form button")
+    page.wait_for_selector("#action-result.error", timeout=5_000)
 
 
 def test_unauthenticated_requests_are_refused(console: Console, browser: Any) -> None:
