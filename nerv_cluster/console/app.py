@@ -113,16 +113,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _guard(fn: Callable[..., Response]) -> Callable[..., Response]:
-    """Map the library's errors on a handler to HTTP answers: 404 for an unknown run or task, 400 for a
-    bad position or request, 409 for an action the run's state refuses."""
+    """Map the library's errors on a handler to HTTP answers: 404 for an unknown run, 400 for a bad
+    position or request, 409 for an action the run's state refuses."""
 
     def handler(*args: Any) -> Response:
         try:
             return fn(*args)
         except RunNotFoundError as exc:
             return _error(404, str(exc))
-        except KeyError as exc:
-            return _error(404, f"no task {exc.args[0]!r} in this run")
         except CursorError as exc:
             return _error(400, str(exc))
         except (RerunError, SignalError) as exc:
@@ -303,7 +301,10 @@ def create_app(
           404: {description: no such run or task}
         """
         run = store.state(request.path_params["run_id"], con.at(request))
-        return JSONResponse(views.task_detail(run, request.path_params["task_id"]))
+        task_id = request.path_params["task_id"]
+        if task_id not in run.tasks:
+            return _error(404, f"no task {task_id!r} in run {run.run_id} (at this point of its log)")
+        return JSONResponse(views.task_detail(run, task_id))
 
     @_guard
     def api_log(request: Request) -> Response:

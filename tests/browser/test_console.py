@@ -284,6 +284,7 @@ def test_json_api_sse_resume_and_actions(console: Console) -> None:
         bad = http.get(f"/api/runs/{run_id}/tasks/bad").json()
         assert bad["error"]["message"] == "bad" and "Traceback" in bad["error"]["traceback"]
         assert http.get(f"/api/runs/{run_id}/timeline").json()["lanes"]
+        assert http.get(f"/api/runs/{run_id}/tasks/no-such-task").status_code == 404
         assert set(http.get("/api/openapi.json").json()["paths"]) >= {
             "/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/graph", "/api/runs/{run_id}/events",
         }  # fmt: skip
