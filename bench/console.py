@@ -203,15 +203,40 @@ def main(argv: list[str] | None = None) -> int:
         reader.start()
         while "open" not in got:
             time.sleep(0.01)
-        batch = max(1, args.rate // 100)  # every 10 ms
-        start = time.perf_counter()
-        for i in range(0, len(events), batch):
-            log.append(events[i : i + batch])
-            ahead = start + (i + batch) / args.rate - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-        wrote = time.perf_counter()
+        # The run page in chromium follows the same stream: does the page keep up too?
+        from playwright.sync_api import sync_playwright
+
+        pw = sync_playwright().start()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{ui}/runs/{sse_run}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.wait_for_function("window.nervStream.opens > 0", timeout=30_000)
+        timing: dict[str, float] = {}
+
+        def write() -> None:
+            batch = max(1, args.rate // 100)  # every 10 ms
+            timing["start"] = start = time.perf_counter()
+            for i in range(0, len(events), batch):
+                log.append(events[i : i + batch])
+                ahead = start + (i + batch) / args.rate - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            timing["wrote"] = time.perf_counter()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join()
+        start, wrote = timing["start"], timing["wrote"]
         reader.join(timeout=120)
+        try:
+            page.wait_for_function(f"window.nervStream.ids.length >= {len(events)}", timeout=60_000)
+            page_done = time.perf_counter()
+            in_page = page.evaluate("({n: window.nervStream.ids.length, dups: window.nervStream.duplicates,"
+                                    " lags: window.nervStream.lags})")  # fmt: skip
+        finally:
+            browser.close()
+            pw.stop()
         arrivals = got.get("arrivals", [])
         written_rate = len(events) / (wrote - start)
         print(f"  SSE live: wrote {len(events):,} events at {written_rate:,.0f}/s; the stream delivered "
@@ -225,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"after the writer's last write; lag log->client median {lags[len(lags) // 2]:.0f} ms, "
                   f"p99 {lags[int(len(lags) * 0.99)]:.0f} ms (goal: keep up with 5,000/s: "
                   f"{'met' if kept_up else 'MISSED'})")  # fmt: skip
+        page_lags = sorted(in_page["lags"])
+        median, p99 = page_lags[len(page_lags) // 2], page_lags[int(len(page_lags) * 0.99)]
+        print(f"    the run page in chromium: {in_page['n']:,} events, {in_page['dups']} twice, all in "
+              f"{max(0.0, page_done - wrote) * 1000:.0f} ms after the last write; lag log->page median "
+              f"{median:.0f} ms, p99 {p99:.0f} ms")  # fmt: skip
         # Top speed: the whole log from the start, against the Redis floor.
         got = {}
         t0 = time.perf_counter()

@@ -235,7 +235,6 @@ const nerv = (() => {
     }
 
     const dirtyGroups = new Set();
-    let groupFrame = 0;
     function setStatus(tid, status) {
       const old = state.statuses.get(tid);
       if (old === status) return;
@@ -250,7 +249,7 @@ const nerv = (() => {
         if (old) g.counts[old] = (g.counts[old] || 1) - 1;
         g.counts[status] = (g.counts[status] || 0) + 1;
         dirtyGroups.add(g);
-        if (!groupFrame) groupFrame = requestAnimationFrame(() => { groupFrame = 0; for (const d of dirtyGroups) drawGroup(d); dirtyGroups.clear(); });
+        flushSoon();
       }
     }
 
@@ -270,20 +269,44 @@ const nerv = (() => {
       $("#progress-text").textContent = `${msg.finished}/${total}`;
     }
 
-    function logRow(e) {
-      if (!e.cursor || state.logCursors.has(e.cursor)) return;
-      state.logCursors.add(e.cursor);
-      const tr = el("tr", { "data-cursor": e.cursor, class: `t-${e.type}` });
-      tr.append(el("td", { class: "mono" }, e.cursor), el("td", {}, e.type), el("td", { class: "mono" }, e.task || ""), el("td", {}, e.attempt ?? ""), el("td", { class: "mono data" }, e.data));
-      if (e.task) tr.dataset.task = e.task;
+    // Log rows and the header are drawn at most every FLUSH_MS, in one batch: a stream of thousands
+    // of events a second then costs a few DOM updates a second, not one per event.
+    const FLUSH_MS = 50;
+    const pendingRows = [];
+    let pendingHeader = null;
+    let flushTimer = 0;
+    function flushSoon() {
+      if (!flushTimer) flushTimer = setTimeout(flush, FLUSH_MS);
+    }
+    function flush() {
+      flushTimer = 0;
+      if (pendingHeader) { header(pendingHeader); pendingHeader = null; }
+      for (const d of dirtyGroups) drawGroup(d);
+      dirtyGroups.clear();
+      sliderText();
+      if (!pendingRows.length) return;
       const wrap = logBody.parentElement.parentElement;
       const atBottom = wrap.scrollTop + wrap.clientHeight >= wrap.scrollHeight - 4;
-      logBody.append(tr);
+      const frag = document.createDocumentFragment();
+      for (const e of pendingRows.splice(0).slice(-LOG_ROWS)) {
+        const tr = el("tr", { "data-cursor": e.cursor, class: `t-${e.type}` });
+        tr.append(el("td", { class: "mono" }, e.cursor), el("td", {}, e.type), el("td", { class: "mono" }, e.task || ""), el("td", {}, e.attempt ?? ""), el("td", { class: "mono data" }, e.data));
+        if (e.task) tr.dataset.task = e.task;
+        frag.append(tr);
+      }
+      logBody.append(frag);
       while (logBody.rows.length > LOG_ROWS) {
         state.logCursors.delete(logBody.rows[0].dataset.cursor);
         logBody.deleteRow(0);
       }
       if (atBottom) wrap.scrollTop = wrap.scrollHeight;
+    }
+
+    function logRow(e) {
+      if (!e.cursor || state.logCursors.has(e.cursor)) return;
+      state.logCursors.add(e.cursor);
+      pendingRows.push(e);
+      flushSoon();
     }
 
     function sliderText() {
@@ -331,12 +354,12 @@ const nerv = (() => {
         slider.value = String(state.events);
         if (msg.reload) reloadSoon();
         for (const [tid, status] of Object.entries(msg.changes)) setStatus(tid, status);
-        header(msg);
+        pendingHeader = msg;
         timelineSoon();
         if (state.selected && msg.event.task === state.selected) showTask(state.selected);
       }
-      sliderText();
       logRow(msg.event);
+      flushSoon();
     }
 
     function follow(after) {
