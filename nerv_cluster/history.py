@@ -7,15 +7,16 @@ entry) or a **count** (``N``: the first N events). Cursors are what every event 
 (``Event.cursor``), what ``client.events(run_id, after=cursor)`` resumes after, and what the console's
 Server-Sent Events carry as their ``id:``; counts are what a person types (``nerv status RUN --at 5``).
 
-The pure part (:func:`parse_cursor`, :func:`is_cursor`, :func:`up_to`, :func:`state_at`) is tested
-without Redis; :func:`read_state` reads only the part of the log it needs (``XRANGE`` bounded by the
-cursor, or stopped after N events).
+The pure part (:func:`parse_cursor`, :func:`is_cursor`, :func:`up_to`, :func:`point_at`) is tested
+without Redis; :func:`read_point` and :func:`read_state` read only the part of the log they need
+(``XRANGE`` bounded by the cursor, or stopped after N events).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from nerv_cluster import state as st
 from nerv_cluster.errors import CursorError, RunNotFoundError
@@ -77,19 +78,44 @@ def up_to(entries: Iterable[Entry], at: Position) -> Iterator[Event]:
         yield ev
 
 
-def state_at(run_id: str, entries: Iterable[Entry], at: Position) -> st.RunState:
-    """The run after the events of its log up to position ``at``: the pure fold of that prefix.
+class Point(NamedTuple):
+    """A run as it was at a point of its log: its state, the last event folded into it, and how many
+    events that is (the point as a count: ``status(run_id, at=events)`` is the same state)."""
+
+    run: st.RunState
+    event: Event
+    events: int
+
+
+def point_at(run_id: str, entries: Iterable[Entry], at: Position) -> Point:
+    """The run after the events of its log up to position ``at``: the pure fold of that prefix, with
+    the prefix's last event and length.
 
     :class:`CursorError` when the prefix holds no submission of the run (a cursor before it).
     """
-    run = st.fold_run(None, (ev for ev in up_to(entries, at) if ev.run_id == run_id))
-    if run is None:
+    last: Event | None = None
+    count = 0
+
+    def taken() -> Iterator[Event]:
+        nonlocal last, count
+        for ev in up_to(entries, at):
+            last, count = ev, count + 1
+            if ev.run_id == run_id:
+                yield ev
+
+    run = st.fold_run(None, taken())
+    if run is None or last is None:
         raise CursorError(f"run {run_id}: nothing of it is logged at or before {at}")
-    return run
+    return Point(run, last, count)
 
 
-def read_state(log: EventLog, run_id: str, at: Position) -> st.RunState:
-    """:func:`state_at` over the run's log in Redis, reading no entry past the position.
+def state_at(run_id: str, entries: Iterable[Entry], at: Position) -> st.RunState:
+    """:func:`point_at`'s state: the run after the events of its log up to position ``at``."""
+    return point_at(run_id, entries, at).run
+
+
+def read_point(log: EventLog, run_id: str, at: Position) -> Point:
+    """:func:`point_at` over the run's log in Redis, reading no entry past the position.
 
     :class:`RunNotFoundError` for an unknown or expired run, :class:`CursorError` for a position that
     names no point of its log.
@@ -102,30 +128,26 @@ def read_state(log: EventLog, run_id: str, at: Position) -> st.RunState:
         # Read in chunks no bigger than needed: the first 5 events of a 40,000-event log cost 5 entries.
         entries = log.read_run(run_id, count=max(1, min(at, 10_000)))
     try:
-        return state_at(run_id, entries, at)
+        return point_at(run_id, entries, at)
     except CursorError:
         if not log.run_exists(run_id):
             raise RunNotFoundError(f"no run {run_id!r} (expired while it was read)") from None
         raise
 
 
-def cursors(log: EventLog, run_id: str, after: str = "-", limit: int | None = None) -> list[str]:
-    """The entry ids of a run's log after ``after`` (at most ``limit``): the positions a slider moves
-    over. Malformed entries, which the fold skips, are left out."""
-    out: list[str] = []
-    for entry_id, _ in log.read_run(run_id, after=after):
-        out.append(entry_id)
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+def read_state(log: EventLog, run_id: str, at: Position) -> st.RunState:
+    """:func:`read_point`'s state: the run as it was at position ``at`` of its log in Redis."""
+    return read_point(log, run_id, at).run
 
 
 __all__ = [
+    "Point",
     "Position",
-    "cursors",
     "is_cursor",
     "parse_cursor",
     "parse_position",
+    "point_at",
+    "read_point",
     "read_state",
     "state_at",
     "up_to",

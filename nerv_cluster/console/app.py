@@ -231,7 +231,10 @@ def create_app(
             schema: {type: string}
           - {name: tasks, in: query, description: 0 leaves the tasks out, schema: {type: integer}}
         responses:
-          200: {description: "the summary, cursor, events (how many were folded) and tasks"}
+          200:
+            description: >
+              the summary and tasks; now: cursor and events (how far the fold went); at a point:
+              position (its count of events) and event (the last one folded)
           400: {description: bad position}
           404: {description: no such run}
         """
@@ -243,8 +246,9 @@ def create_app(
             out = views.run_detail(folded.run, tasks=with_tasks)
             out.update(cursor=folded.cursor, events=folded.events, at=None)
         else:
-            out = views.run_detail(store.state(run_id, at), tasks=with_tasks)
-            out["at"] = at
+            point = store.point(run_id, at)
+            out = views.run_detail(point.run, tasks=with_tasks)
+            out.update(at=at, position=point.events, event=views.event_dict(point.event))
         return JSONResponse(out)
 
     @_guard
@@ -267,7 +271,9 @@ def create_app(
             folded = store.folded(run_id)
             run, extra = folded.run, {"cursor": folded.cursor, "events": folded.events}
         else:
-            run, extra = store.state(run_id, at), {"at": at}
+            point = store.point(run_id, at)
+            run = point.run
+            extra = {"at": at, "position": point.events, "event": views.event_dict(point.event)}
         out = views.graph(run)
         out.update(
             extra, status=run.status.value, counts=run.counts, finished=run.finished_tasks, total=run.total

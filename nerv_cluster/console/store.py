@@ -87,6 +87,11 @@ class RunStore:
             return self.folded(run_id).run
         return history.read_state(self.log, run_id, history.parse_position(at))
 
+    def point(self, run_id: str, at: str) -> history.Point:
+        """The run as it was at ``at`` (a cursor or a count of events), with the last event folded and
+        its count."""
+        return history.read_point(self.log, run_id, history.parse_position(at))
+
     def state_after(self, run_id: str, cursor: str) -> st.RunState:
         """The run right after entry ``cursor``: where an event stream resumes. The folded run when that
         is where it stands (a page opening its stream at the cursor it was drawn at: no refold), else

@@ -165,6 +165,16 @@ def test_the_slider_shows_an_earlier_state(console: Console, page: Any) -> None:
     shown = slide(k + 1)
     assert shown == {tid: t.status.value for tid, t in want.tasks.items()}
     assert shown["step0"] == "COMPLETED" and shown["step2"] == "PENDING"
+    assert f"state after event {k + 1} of {len(events)}: TASK_COMPLETED step0" in page.inner_text(
+        "#slider-label"
+    )
+    # A click on an event of the log goes to the state right after it, and moves the slider there.
+    first_start = next(i for i, e in enumerate(events) if e.type.value == "TASK_STARTED")
+    page.click(f"#log-body tr[data-cursor='{events[first_start].cursor}']")
+    page.wait_for_selector(f"#dag[data-at='{events[first_start].cursor}']", timeout=5_000)
+    assert _node_statuses(page)["step0"] == "RUNNING"
+    assert page.eval_on_selector("#slider", "e => e.value") == str(first_start + 1)
+    assert page.locator("#log-body tr.at").get_attribute("data-cursor") == events[first_start].cursor
     # Back to the end: live again.
     slide_end = len(events)
     page.eval_on_selector(

@@ -101,3 +101,12 @@ def test_events_read_from_a_stream_carry_their_cursor() -> None:
     assert batch[0][1].cursor == "1700-4"
     assert batch[0][1] == e  # the cursor is no part of the event's identity
     assert "cursor" not in e.to_json()
+
+
+def test_a_point_names_its_last_event_and_its_count() -> None:
+    log = _diamond_log()
+    by_cursor = history.point_at(RUN, log, log[6][0])
+    assert by_cursor.events == 7 and by_cursor.event is log[6][1]
+    by_count = history.point_at(RUN, log, 7)
+    assert by_count == by_cursor
+    assert history.point_at(RUN, log, 10_000).events == len(log)

@@ -311,7 +311,11 @@ const nerv = (() => {
 
     function sliderText() {
       if (state.live) sliderLabel.textContent = `event ${state.events} of ${state.events} (now)`;
-      else sliderLabel.textContent = `state after event ${state.at} of ${state.events}`;
+      else {
+        const e = state.atEvent;
+        const what = e ? `: ${e.type}${e.task ? " " + e.task : ""}` : "";
+        sliderLabel.textContent = `state after event ${state.at} of ${state.events}${what}`;
+      }
       $("#live").textContent = state.live ? "live" : "time travel";
       $("#live").className = state.live ? "live" : "live paused";
     }
@@ -486,23 +490,47 @@ const nerv = (() => {
 
     // -- time travel ---------------------------------------------------------------------------------
 
+    function markLogRow(cursor) {
+      for (const r of logBody.querySelectorAll("tr.at")) r.classList.remove("at");
+      const row = cursor && logBody.querySelector(`tr[data-cursor="${cursor}"]`);
+      if (row) row.classList.add("at");
+    }
+
+    // To a point of the log: a count of events (the slider) or a cursor (a click on the event log).
+    async function travel(at) {
+      state.live = false;
+      state.at = at;
+      state.atEvent = null;
+      sliderText();
+      const g = await showGraph(at);
+      state.at = g.position;
+      state.atEvent = g.event;
+      slider.value = String(g.position);
+      markLogRow(g.event && g.event.cursor);
+      sliderText();
+    }
+
+    async function goLive() {
+      state.live = true;
+      state.at = null;
+      state.atEvent = null;
+      sliderText();
+      markLogRow(null);
+      await showGraph(null);
+    }
+
     let slideTimer = 0;
     slider.addEventListener("input", () => {
       clearTimeout(slideTimer);
-      slideTimer = setTimeout(async () => {
+      slideTimer = setTimeout(() => {
         const v = Number(slider.value);
-        if (v >= state.events) {
-          state.live = true;
-          state.at = null;
-          sliderText();
-          await showGraph(null);
-        } else {
-          state.live = false;
-          state.at = v;
-          sliderText();
-          await showGraph(v);
-        }
+        if (v >= state.events) goLive();
+        else travel(v);
       }, 120);
+    });
+    logBody.addEventListener("click", (ev) => {
+      const row = ev.target.closest("tr[data-cursor]");
+      if (row) travel(row.dataset.cursor);
     });
 
     // -- actions -------------------------------------------------------------------------------------
