@@ -9,6 +9,7 @@ ids, no per-task markup), long values are shortened, the timeline keeps at most 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,12 +30,17 @@ RELOAD_EVENTS = frozenset(
 )
 
 
+#: How :func:`readable` marks a reference inside the JSON text, for :func:`shorten` to unquote.
+_REF_MARK = "\x00ref:"
+_REF_TEXT = re.compile(r'"\\u0000ref:((?:[^"\\]|\\.)*)"')
+
+
 def readable(value: Any) -> Any:
-    """``value`` with each upstream reference (``{"__nerv_ref__": id}``) written as ``<id>``: what the
-    task receives there is that task's result."""
+    """``value`` with each upstream reference (``{"__nerv_ref__": id}``) standing for ``<id>`` (what
+    the task receives there is that task's result); :func:`shorten` writes it so, unquoted."""
     if isinstance(value, dict):
         if set(value) == {constants.REF_KEY} and isinstance(value[constants.REF_KEY], str):
-            return f"<{value[constants.REF_KEY]}>"
+            return f"{_REF_MARK}{value[constants.REF_KEY]}"
         return {k: readable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [readable(v) for v in value]
@@ -48,6 +54,8 @@ def shorten(value: Any, limit: int = SHORT_CHARS) -> str:
         text = json.dumps(value, separators=(",", ":"), default=repr)
     except (TypeError, ValueError):
         text = repr(value)
+    if "\\u0000ref:" in text:
+        text = _REF_TEXT.sub(lambda m: f"<{json.loads(chr(34) + m.group(1) + chr(34))}>", text)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}… ({len(text) - limit} more characters)"
