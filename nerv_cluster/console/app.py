@@ -92,6 +92,15 @@ class Console:
         response = self.templates.TemplateResponse(request, template, context)
         response.set_cookie(constants.UI_CSRF_COOKIE, token, httponly=False, samesite="strict", path="/")
         response.headers["cache-control"] = "no-store"
+        # Scripts and styles from the console only (no inline script; style attributes allowed), and
+        # never in another site's frame: no clicking the cancel button through a disguise.
+        response.headers["content-security-policy"] = (
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        )
+        response.headers["x-frame-options"] = "DENY"
+        response.headers["x-content-type-options"] = "nosniff"
+        response.headers["referrer-policy"] = "same-origin"
         return response
 
     def at(self, request: Request) -> str | None:

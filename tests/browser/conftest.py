@@ -96,6 +96,8 @@ def page(browser: object, console: Console) -> Iterator[object]:
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # And what the Content-Security-Policy refused (an inline script, a foreign asset): logged only.
+    pg.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     try:
         yield pg
     finally:

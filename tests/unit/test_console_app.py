@@ -39,6 +39,8 @@ def test_a_token_guards_every_page_and_a_browser_signs_in_once() -> None:
         assert page.status_code == 303 and page.headers["location"] == "/login"
         login = http.get("/login")
         assert login.status_code == 200 and http.get("/static/console.js").status_code == 200
+        csp = login.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "<script>" not in login.text
         csrf = http.cookies[constants.UI_CSRF_COOKIE]
         assert csrf in login.text
         # Signing in without the form's CSRF token is refused; with a wrong token it fails.

@@ -582,3 +582,10 @@ const nerv = (() => {
   return { runsPage, runPage, post, getJSON };
 })();
 window.nerv = nerv;
+
+// Start whichever page this is (no inline script: the pages' Content-Security-Policy forbids them).
+(() => {
+  const run = document.getElementById("run");
+  if (run) nerv.runPage(run);
+  else if (document.getElementById("runs-body")) nerv.runsPage();
+})();
