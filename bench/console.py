@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         only_console.stop()
         client.close()
+        shutil.rmtree(logdir, ignore_errors=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         if embedded is not None:
             embedded.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
