@@ -8,6 +8,7 @@ The public API::
 from nerv_cluster.bus import EventBus
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
+    CursorError,
     IdempotencyKeyError,
     MapError,
     NervError,
@@ -48,6 +49,7 @@ __all__ = [
     "Cache",
     "Client",
     "Concurrency",
+    "CursorError",
     "Event",
     "EventBus",
     "EventType",

@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 from rich.console import Console
 from rich.markup import escape
 
-from nerv_cluster import progress
+from nerv_cluster import constants, history, progress
 from nerv_cluster.client import Client
 from nerv_cluster.errors import (
     ConfigurationError,
@@ -322,12 +322,21 @@ def watch(
 def status(
     run_id: str = RunArg,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output, every task included."),
+    at: str | None = typer.Option(
+        None,
+        "--at",
+        help="Time travel: the state after the first N events of the run's log (or up to a cursor, "
+        "a log entry id).",
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """A run's status: counts per task status, failed tasks with their errors, duration."""
     client = _client(redis_url)
     try:
-        run = progress.load_run(client, run_id)
+        if at is None:
+            run = progress.load_run(client, run_id)
+        else:
+            run = history.read_state(client.log, run_id, history.parse_position(at))
     finally:
         client.close()
     result = run_result(run)
@@ -520,11 +529,39 @@ def runs(
 
 
 @app.command()
+def ui(
+    host: str = typer.Option(
+        constants.UI_DEFAULT_HOST, "--host", help="Address to listen on (not loopback: needs auth)."
+    ),
+    port: int = typer.Option(
+        constants.UI_DEFAULT_PORT, "--port", min=0, max=65535, help="Port to listen on."
+    ),
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Serve the web console: runs, their DAG live, a timeline, time travel, actions, a JSON API.
+
+    Credentials come from NERV_UI_TOKEN (a bearer token) or NERV_UI_USER and NERV_UI_PASSWORD (basic
+    auth); without them it listens on a loopback address only.
+    """
+    from nerv_cluster.console import serve
+
+    setup_logging()
+    console.print(f"nerv console on [bold]http://{host}:{port}/[/] (Ctrl-C to stop)")
+    serve(host, port, settings=_settings(redis_url))
+
+
+@app.command()
 def demo(
     pages: int = typer.Option(200, "--pages", min=1, help="Pages to fetch and count (2 x pages + 1 tasks)."),
     keep_logs: bool = typer.Option(False, "--keep-logs", help="Keep the services' log files."),
     redis_url: str | None = typer.Option(
         None, "--redis-url", envvar="NERV_REDIS_URL", help="Use this Redis instead of an embedded one."
+    ),
+    ui: bool = typer.Option(
+        False, "--ui", help="Also serve the web console, and keep everything up after the run until Ctrl-C."
+    ),
+    ui_port: int = typer.Option(
+        constants.UI_DEFAULT_PORT, "--ui-port", help="The console's port (with --ui)."
     ),
 ) -> None:
     """Run a word-count workflow on a throw-away local cluster: nothing to install beyond this package.
@@ -534,7 +571,9 @@ def demo(
     """
     from nerv_cluster.demo import run_demo
 
-    raise typer.Exit(run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url))
+    raise typer.Exit(
+        run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url, ui=ui, ui_port=ui_port)
+    )
 
 
 def has_command(name: str) -> bool:
@@ -553,7 +592,9 @@ def dev(
         ..., "--app", "-A", help="Your module with @task functions: a module name or a .py file."
     ),
     ui: bool = typer.Option(False, "--ui", help="Also serve the web console (nerv ui)."),
-    ui_port: int = typer.Option(8765, "--ui-port", help="The console's port, with --ui."),
+    ui_port: int = typer.Option(
+        constants.UI_DEFAULT_PORT, "--ui-port", help="The console's port, with --ui."
+    ),
     cpu: int = typer.Option(2, "--cpu", min=1, help="Processes of the cpu worker."),
     io: int = typer.Option(4, "--io", min=1, help="Threads of the io worker."),
     keep_logs: bool = typer.Option(False, "--keep-logs", help="Keep the services' log files."),

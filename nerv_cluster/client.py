@@ -14,7 +14,7 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nerv_cluster import caching, constants, idempotency, limits, waits
+from nerv_cluster import caching, constants, history, idempotency, limits, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -375,9 +375,17 @@ class Client:
             )
         return run, last
 
-    def status(self, run_id: str) -> st.RunResult:
-        """The run as of now: its status and every task's status, result, error and timings."""
-        return st.run_result(self._fold(run_id)[0])
+    def status(self, run_id: str, *, at: history.Position | None = None) -> st.RunResult:
+        """The run as of now: its status and every task's status, result, error and timings.
+
+        ``at``: the run as it was instead, after the events of its log up to and including the entry
+        with that cursor (an ``Event.cursor``, a stream entry id), or after its first ``at`` events (an
+        int): the fold of that part of the log (see :mod:`nerv_cluster.history`). Raises
+        :class:`CursorError` for a position that names no point of the log.
+        """
+        if at is None:
+            return st.run_result(self._fold(run_id)[0])
+        return st.run_result(history.read_state(self.log, run_id, history.parse_position(at)))
 
     def follow(
         self, run_id: str, timeout: float | None = None, *, block_ms: int = _FOLLOW_BLOCK_MS
@@ -419,6 +427,10 @@ class Client:
 
     def events(self, run_id: str, *, follow: bool = True, after: str = "0-0") -> Iterator[Event]:
         """The run's events from the log (after entry id ``after``), then live ones until the run ends.
+
+        Each event carries its cursor (``ev.cursor``, its stream entry id): ``events(run_id,
+        after=ev.cursor)`` goes on right after it, missing nothing, and ``status(run_id, at=ev.cursor)``
+        is the run as it was right after it.
 
         A rerun goes on past an end: the logged part runs to its last end (if no rerun request follows
         that end, the run is over). With ``follow=False`` it stops at the end of what is logged now.

@@ -184,6 +184,33 @@ MAX_SCHEDULE_NAME_CHARS: Final = 64
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
+# The console (issue 12; nerv_cluster/console/): where ``nerv ui`` listens by default, the variables
+# holding its credentials (a bearer token, or a user and a password for basic auth: without either it
+# serves only a loopback address), its cookies, and how long one Server-Sent Events stream lasts before
+# the server ends it and the browser resumes it with Last-Event-ID (0: until the client goes away).
+UI_DEFAULT_HOST: Final = "127.0.0.1"
+UI_DEFAULT_PORT: Final = 8765
+UI_TOKEN_ENV: Final = "NERV_UI_TOKEN"
+UI_USER_ENV: Final = "NERV_UI_USER"
+UI_PASSWORD_ENV: Final = "NERV_UI_PASSWORD"
+UI_STREAM_SECONDS_ENV: Final = "NERV_UI_STREAM_SECONDS"
+UI_TOKEN_COOKIE: Final = "nerv_ui_token"
+UI_CSRF_COOKIE: Final = "nerv_ui_csrf"
+UI_CSRF_HEADER: Final = "x-csrf-token"
+#: Runs the console keeps folded in memory (the most recently viewed), each brought up to date from
+#: its log on every view; and the newest runs its runs list looks at.
+UI_RUN_CACHE: Final = 32
+UI_RUNS_LIMIT: Final = 200
+#: Runs list lines kept (small: a summary each), each with the log entry it was folded up to.
+UI_SUMMARY_CACHE: Final = 10_000
+#: Milliseconds a Server-Sent Events stream waits on the log per read, and the retry it tells browsers.
+UI_STREAM_BLOCK_MS: Final = 500
+UI_STREAM_RETRY_MS: Final = 500
+#: Threads the console's handlers and open event streams share (each stream holds one while it waits).
+UI_THREADS: Final = 200
+#: What ``nerv ui`` logs once it listens (uvicorn's line).
+UI_READY_LINE: Final = "Uvicorn running on"
+
 
 class Keys:
     """Every Redis key and channel name, built from one prefix.

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from nerv_cluster import progress
 from nerv_cluster.client import Client
-from nerv_cluster.constants import WORKER_READY_LINE
+from nerv_cluster.constants import UI_DEFAULT_HOST, UI_DEFAULT_PORT, UI_READY_LINE, WORKER_READY_LINE
 from nerv_cluster.embedded import EmbeddedRedisError
 from nerv_cluster.errors import NervError, ServiceFailed, WaitTimeoutError
 from nerv_cluster.launcher import LocalCluster, LocalStack, Service
@@ -74,8 +74,13 @@ def run_demo(
     pages: int = 200,
     keep_logs: bool = False,
     redis_url: str | None = None,
+    ui: bool = False,
+    ui_port: int = UI_DEFAULT_PORT,
 ) -> int:
-    """Run the demo; returns the exit code (0: the run COMPLETED with the right answer)."""
+    """Run the demo; returns the exit code (0: the run COMPLETED with the right answer).
+
+    ``ui``: also start the web console (``nerv ui``) on ``127.0.0.1:ui_port`` before the run, and keep
+    the cluster and the console up after it until Ctrl-C (or SIGTERM)."""
     from nerv_cluster.examples import wordcount
 
     if redis_url is not None:
@@ -100,6 +105,7 @@ def run_demo(
         with console.status("starting the scheduler and the workers…"):
             waited = cluster.wait_ready(client, names)
         console.print(f"ready after {waited:.1f}s; submitting")
+        ui_url = _start_console(console, cluster, ui_port) if ui else None
 
         expected = wordcount.expected_total(pages)
         started = time.perf_counter()
@@ -124,6 +130,9 @@ def run_demo(
         rate = len(wf) / wall
         console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{rate:.0f} tasks/s[/]")
         code = 0 if ok else 1
+        if ui_url is not None:
+            console.print(f"the run: [bold]{ui_url}runs/{run_id}[/]")
+            _stay_up(console, cluster)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: shutting down")
         code = 130
@@ -142,6 +151,24 @@ def run_demo(
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return code
+
+
+def _start_console(console: Console, cluster: LocalCluster, port: int) -> str:
+    """Start the console on the demo's cluster and wait until it listens; returns its URL."""
+    service = cluster.console(UI_DEFAULT_HOST, port)
+    service.wait_log(UI_READY_LINE, timeout=30)
+    url = f"http://{UI_DEFAULT_HOST}:{port}/"
+    console.print(f"console: [bold]{url}[/] (pid {service.proc.pid})")
+    return url
+
+
+def _stay_up(console: Console, cluster: LocalCluster) -> None:
+    """Keep the cluster and the console up until Ctrl-C (KeyboardInterrupt, SIGTERM too); a service
+    that dies ends the wait with :class:`ServiceFailed`."""
+    console.print("the cluster and the console stay up: [bold]Ctrl-C[/] to stop")
+    while True:
+        cluster.check_alive()
+        time.sleep(0.5)
 
 
 def shutdown(console: Console, client: Client | None, stack: LocalStack) -> None:

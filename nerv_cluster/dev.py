@@ -186,7 +186,7 @@ def run_dev(
         assert stack.cluster is not None
         ui: Service | None = None
         if ui_port is not None:
-            ui = stack.cluster.spawn("ui", "ui", "--port", str(ui_port))
+            ui = stack.cluster.console(constants.UI_DEFAULT_HOST, ui_port)
         client = Client(settings=Settings.from_env(stack.cluster.env))
         url = stack.redis_url
         console.print(
@@ -201,7 +201,8 @@ def run_dev(
             markup=False,
         )
         if ui is not None:
-            console.print(f"console: http://127.0.0.1:{ui_port}", soft_wrap=True)
+            ui.wait_log(constants.UI_READY_LINE, timeout=30)
+            console.print(f"console: http://{constants.UI_DEFAULT_HOST}:{ui_port}/", soft_wrap=True)
         watcher = Watcher(app)
         watched = ", ".join(str(p) for p in app.files()[:5])
         console.print(f"watching {watched} for changes; Ctrl-C stops everything", soft_wrap=True)

@@ -103,6 +103,11 @@ class RunNotFoundError(NervError):
     """No run with this id exists in the event log."""
 
 
+class CursorError(NervError):
+    """A time-travel position names no point of the run's log: not a stream entry id, before the
+    run's submission, or an event count below one."""
+
+
 class RunMovedError(NervError):
     """A run's log gained entries (or the run was rerun) after the caller read it: read it again."""
 

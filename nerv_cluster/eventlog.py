@@ -78,7 +78,7 @@ def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
         out.upto = str(entries[-1][0])
     for eid, fields in entries:
         try:
-            out.append((eid, Event.parse(fields[constants.EVENT_FIELD], logged_at(eid))))
+            out.append((eid, Event.parse(fields[constants.EVENT_FIELD], logged_at(eid), eid)))
         except Exception as exc:  # a missing field, bad JSON, a wrong type: this entry only
             _skip(eid, fields, exc)
     return out
@@ -472,16 +472,23 @@ class EventLog:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    def read_run(self, run_id: str, after: str = "-", count: int = 10_000) -> Iterator[Entry]:
-        """Every event of a run after entry id ``after`` (exclusive; ``'-'`` for the start), in order."""
+    def read_run(
+        self, run_id: str, after: str = "-", count: int = 10_000, upto: str = "+"
+    ) -> Iterator[Entry]:
+        """Every event of a run after entry id ``after`` (exclusive; ``'-'`` for the start) up to entry
+        id ``upto`` (inclusive; ``'+'`` for the end), in order."""
         key = self.keys.log(run_id)
         start = "-" if after in ("-", "0", "0-0") else f"({after}"
         while True:
-            chunk = self.redis.xrange(key, min=start, max="+", count=count)
+            chunk = self.redis.xrange(key, min=start, max=upto, count=count)
             yield from _decode(chunk)
             if len(chunk) < count:
                 return
             start = f"({chunk[-1][0]}"
+
+    def tail_run(self, run_id: str, count: int) -> Batch:
+        """The last ``count`` entries of a run's log, oldest first."""
+        return _decode(list(reversed(self.redis.xrevrange(self.keys.log(run_id), count=count))))
 
     def read_runs(
         self, run_ids: Sequence[str], after: Mapping[str, str] | None = None, per_trip: int = 200

@@ -43,6 +43,8 @@ from nerv_cluster.constants import (
     LAUNCH_REAP_TIMEOUT_S,
     LAUNCH_START_TIMEOUT_S,
     LAUNCH_STOP_TIMEOUT_S,
+    UI_DEFAULT_HOST,
+    UI_DEFAULT_PORT,
     WORKER_READY_LINE,
 )
 from nerv_cluster.embedded import EmbeddedRedis, parent_death_signal, tail
@@ -314,6 +316,11 @@ class LocalCluster:
         name = f"worker-{queues.replace(',', '-')}"
         args = ("worker", "--queues", queues, "--concurrency", str(concurrency), *_app_args(app))
         return self.spawn(name, *args, wrapper=wrapper)
+
+    def console(self, host: str = UI_DEFAULT_HOST, port: int = UI_DEFAULT_PORT) -> Service:
+        """Start the web console (``nerv ui``) on ``host:port``; :meth:`Service.wait_log` for
+        :data:`~nerv_cluster.constants.UI_READY_LINE` tells when it listens."""
+        return self.spawn("console", "ui", "--host", host, "--port", str(port))
 
     def workers(self) -> list[Service]:
         """The worker services."""

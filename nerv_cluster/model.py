@@ -660,6 +660,8 @@ class Event:
     ``ts`` is the writer's clock, for display: clocks of different hosts disagree. ``logged_at`` is
     Redis's clock when the event entered the log (its stream entry id), filled in when it is read from
     a stream (None for an event made in memory, and never serialized): deadlines are measured on it.
+    ``cursor`` is the stream entry id it was read from (None likewise): a reader resumes after it
+    (``client.events(run_id, after=ev.cursor)``) and time travel folds up to it (:mod:`nerv_cluster.history`).
     """
 
     type: EventType
@@ -671,6 +673,7 @@ class Event:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     source: str = ""
     logged_at: float | None = field(default=None, compare=False)
+    cursor: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, with short keys: this is the hottest thing on the wire."""
@@ -710,11 +713,11 @@ class Event:
         return cls.from_dict(json.loads(raw), logged_at)
 
     @classmethod
-    def parse(cls, raw: str | bytes, logged_at: float | None = None) -> Event:
+    def parse(cls, raw: str | bytes, logged_at: float | None = None, cursor: str | None = None) -> Event:
         """:meth:`from_json` for untrusted input: every field checked for its type, so what it returns
         cannot make the fold raise; :class:`UnknownEventTypeError` for a type this version does not
         know, :class:`MalformedEventError` for anything else wrong. ``logged_at``: as for
-        :meth:`from_dict`."""
+        :meth:`from_dict`; ``cursor``: the stream entry id it was read from."""
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -736,7 +739,7 @@ class Event:
             raise MalformedEventError("no timestamp")
         if not isinstance(eid, str) or not isinstance(body, dict) or not isinstance(source, str):
             raise MalformedEventError("no event id, or a mistyped data or source field")
-        return cls(kind, run_id, task_id, attempt, body, ts, eid, source, logged_at)
+        return cls(kind, run_id, task_id, attempt, body, ts, eid, source, logged_at, cursor)
 
 
 _EVENT_TYPES: dict[str, EventType] = {t.value: t for t in EventType}

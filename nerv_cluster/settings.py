@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from nerv_cluster import constants
@@ -75,6 +75,15 @@ class Settings:
     #: Export runs as OpenTelemetry traces from the scheduler (also on when ``OTEL_EXPORTER_OTLP_ENDPOINT``
     #: is set; see scheduler/tracing.py).
     otel: bool = False
+    #: The web console's credentials (``nerv ui``, issue 12): a bearer token, or a user and password
+    #: for basic auth; without either it serves only a loopback address. Kept out of the repr.
+    ui_token: str = field(default="", repr=False)
+    ui_user: str = ""
+    ui_password: str = field(default="", repr=False)
+    #: Seconds one Server-Sent Events stream of the console lasts before the server ends it and the
+    #: browser resumes it with Last-Event-ID (0: as long as the browser stays; set it behind a proxy
+    #: that cuts long requests).
+    ui_stream_seconds: float = 0.0
 
     @property
     def broker(self) -> str:

@@ -288,7 +288,11 @@ def test_secret_references(name: str) -> None:
                     referenced.add((ref["name"], ref["key"]))
     for auth in by_kind(objs, "TriggerAuthentication").values():
         referenced |= {(r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
-    assert referenced == {("nerv-redis", "password"), ("nerv-flower", "basic-auth")}
+    assert referenced == {
+        ("nerv-redis", "password"),
+        ("nerv-flower", "basic-auth"),
+        ("nerv-console", "token"),
+    }
     secrets = by_kind(objs, "Secret")
     if name == "prod":
         assert not secrets, "prod secrets are created out of band, never committed"
@@ -309,6 +313,31 @@ def test_flower_has_basic_auth_and_a_closed_api() -> None:
     assert env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == "nerv-flower"
     assert "FLOWER_UNAUTHENTICATED_API" not in env
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthcheck"
+
+
+def test_console_listens_behind_its_token_probed_and_reaches_redis() -> None:
+    objs = render("base")
+    console = one(objs, "Deployment", "nerv-console")
+    (c,) = containers(console)
+    argv = nerv_argv([*(c.get("command") or dockerfile_entrypoint()), *c["args"]])
+    assert argv is not None and argv[0] == "ui"
+    assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "8765"
+    env = {e["name"]: e for e in c["env"]}
+    # Not on loopback: it starts only with credentials, here the bearer token from its Secret.
+    assert env["NERV_UI_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "nerv-console", "key": "token"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"name": "http", "containerPort": 8765} in c["ports"]
+    svc = one(objs, "Service", "nerv-console")
+    assert svc["spec"]["selector"].items() <= console["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    # The Redis NetworkPolicy admits the console's pods.
+    (policy,) = by_kind(objs, "NetworkPolicy").values()
+    labels = console["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        "namespaceSelector" not in peer and peer["podSelector"]["matchLabels"].items() <= labels.items()
+        for peer in policy["spec"]["ingress"][0]["from"]
+    )
 
 
 @pytest.mark.parametrize("name", list(RENDERS))
@@ -444,6 +473,14 @@ def test_compose_nerv_services() -> None:
     assert "FLOWER_BASIC_AUTH" in flower["environment"]
     assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
     assert any(str(p).endswith(":5555") for p in flower["ports"])
+    console = svcs["console"]
+    argv = nerv_argv(compose_argv(console)) or []
+    assert argv[:1] == ["ui"] and argv[argv.index("--port") + 1] == "8765"
+    assert {"NERV_UI_USER", "NERV_UI_PASSWORD"} <= console["environment"].keys(), (
+        "not on loopback: needs auth"
+    )
+    assert console["ports"] == ["127.0.0.1:8765:8765"]
+    assert "/healthz" in " ".join(console["healthcheck"]["test"])
     demo = svcs["demo"]
     assert demo["profiles"] == ["demo"] and nerv_argv(compose_argv(demo)) == ["demo"]
 

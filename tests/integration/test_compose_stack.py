@@ -61,6 +61,8 @@ COMPOSE_VARS = {
     "REDIS_PASSWORD": f"pw-{secrets.token_hex(8)}",
     "FLOWER_USER": "ops",
     "FLOWER_PASSWORD": f"fl-{secrets.token_hex(8)}",
+    "NERV_UI_USER": "viewer",
+    "NERV_UI_PASSWORD": f"ui-{secrets.token_hex(8)}",
 }
 #: The compose service name and port the services reach Redis at.
 REDIS_HOST, REDIS_PORT = "redis", 6379
@@ -529,7 +531,9 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
     )
 
     up, oneshot = stack.plan()
-    assert sorted(s.name for s in up) == ["flower", "scheduler-1", "scheduler-2", "worker-cpu", "worker-io"]
+    assert sorted(s.name for s in up) == [
+        "console", "flower", "scheduler-1", "scheduler-2", "worker-cpu", "worker-io",
+    ]  # fmt: skip
     assert [s.name for s in oneshot] == ["demo"]
     for svc in up:
         stack.spawn(svc)
@@ -553,7 +557,7 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
         probes = [s for s in up if s.health is not None]
         if stack.redis_health is not None:
             probes.append(stack.redis_health)
-        assert {s.service for s in probes} >= {"scheduler", "worker-cpu", "worker-io", "flower"}
+        assert {s.service for s in probes} >= {"scheduler", "worker-cpu", "worker-io", "flower", "console"}
         with ThreadPoolExecutor(len(probes)) as pool:
             outputs = dict(
                 zip(probes, pool.map(lambda s: stack.healthy(s, HEALTH_TIMEOUT_S), probes), strict=True)
@@ -568,6 +572,12 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
         user_pass = f"{COMPOSE_VARS['FLOWER_USER']}:{COMPOSE_VARS['FLOWER_PASSWORD']}"
         assert _http(flower + "/api/workers") == 401
         assert _http(flower + "/api/workers", "Basic " + base64.b64encode(user_pass.encode()).decode()) == 200
+        # The console took its basic auth from NERV_UI_USER / NERV_UI_PASSWORD likewise.
+        console = f"http://127.0.0.1:{by_name['console'].published[8765]}"
+        ui_pass = f"{COMPOSE_VARS['NERV_UI_USER']}:{COMPOSE_VARS['NERV_UI_PASSWORD']}"
+        ui_auth = "Basic " + base64.b64encode(ui_pass.encode()).decode()
+        assert _http(console + "/api/runs") == 401
+        assert _http(console + "/api/runs", ui_auth) == 200
 
         # -- a workflow ----------------------------------------------------------------------------------
         started = time.monotonic()
@@ -576,6 +586,12 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
         assert result.status is RunStatus.COMPLETED, result.reason
         assert result.results["total"] == wordcount.expected_total(PAGES)
         print(f"workflow: {2 * PAGES + 1} tasks in {time.monotonic() - started:.2f}s")
+        # The console serves the run, as its log folds it.
+        req = urllib.request.Request(
+            f"{console}/api/runs/{run_id}?tasks=0", headers={"Authorization": ui_auth}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["status"] == "COMPLETED"
 
         events = list(client.events(run_id, follow=False))
         ran_on: dict[str, set[str | None]] = {}

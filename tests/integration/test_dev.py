@@ -4,13 +4,16 @@ changes (also past a version that does not import), and leaves nothing running a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,11 @@ class Output:
             time.sleep(0.05)
 
 
+def _pids(ready: str) -> dict[str, int]:
+    """Service name -> pid, from a ``ready after ...`` line."""
+    return {name: int(pid) for name, pid in re.findall(r"([\w-]+) pid (\d+)", ready)}
+
+
 def _answer_run(client: Client) -> dict:
     wf = Workflow("dev-app")
     a = wf.add("devapp.answer", id="a")
@@ -88,8 +96,12 @@ def test_nerv_dev_serves_a_module_reloads_it_on_change_and_leaves_nothing_after_
         "NERV_LEASE_TTL_MS": "2000",
         "COLUMNS": "200",
     }
+    with socket.socket() as sock:  # a free port for the console
+        sock.bind(("127.0.0.1", 0))
+        ui_port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "nerv_cluster", "dev", "--app", "devapp", "--cpu", "1", "--io", "2"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nerv_cluster", "dev", "--app", "devapp", "--cpu", "1", "--io", "2"],
+        [*command, "--ui", "--ui-port", str(ui_port)],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -103,18 +115,23 @@ def test_nerv_dev_serves_a_module_reloads_it_on_change_and_leaves_nothing_after_
     try:
         url = out.wait_for(r"^NERV_REDIS_URL=(redis://\S+)$", 30).group(1)
         redis_pid = int(out.wait_for(r"redis\s+redis://\S+ \(embedded, pid (\d+)\)", 5).group(1))
-        ready = out.wait_for(r"^ready after .*: (.*)$", 60).group(1)
-        pids |= {int(p) for p in re.findall(r"pid (\d+)", ready)}
-        assert len(pids) == 3, ready  # the scheduler and the two workers
+        ready = _pids(out.wait_for(r"^ready after .*: (.*)$", 60).group(1))
+        assert sorted(ready) == ["console", "scheduler", "worker-cpu", "worker-io"], ready
+        pids |= set(ready.values())
         client = Client(url)
         assert _answer_run(client) == {"a": 1, "b": 10}
+        console = out.wait_for(r"^console: (http://\S+)$", 5).group(1)
+        with urllib.request.urlopen(f"{console}api/runs", timeout=10) as answer:  # loopback: no login
+            runs = json.load(answer)
+        assert any(r["name"] == "dev-app" for r in runs["runs"]), runs
 
         mark = len(out.lines)
         module.write_text(APP.format(value=2))  # the user edits a task's return value
         out.wait_for(r"devapp\.py changed: reloading", 10, after=mark)
-        again = out.wait_for(r"^ready after .*: (.*)$", 60, after=mark).group(1)
+        again = _pids(out.wait_for(r"^ready after .*: (.*)$", 60, after=mark).group(1))
         out.wait_for(f"^{DEV_RELOADED_LINE}$", 5, after=mark)
-        new = {int(p) for p in re.findall(r"pid (\d+)", again)}
+        assert again.pop("console") == ready["console"], "the console is not restarted"
+        new = set(again.values())
         assert len(new) == 3 and not new & pids, "new processes for the scheduler and the workers"
         pids |= new
         assert _answer_run(client) == {"a": 2, "b": 20}, "the reloaded workers run the new code"
@@ -124,8 +141,7 @@ def test_nerv_dev_serves_a_module_reloads_it_on_change_and_leaves_nothing_after_
         out.wait_for(r"waiting for a change to the app's files", 60, after=mark)
         mark = len(out.lines)
         module.write_text(APP.format(value=3))  # fixed: up again
-        again = out.wait_for(r"^ready after .*: (.*)$", 60, after=mark).group(1)
-        pids |= {int(p) for p in re.findall(r"pid (\d+)", again)}
+        pids |= set(_pids(out.wait_for(r"^ready after .*: (.*)$", 60, after=mark).group(1)).values())
         assert _answer_run(client) == {"a": 3, "b": 30}
     finally:
         if client is not None:
