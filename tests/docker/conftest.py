@@ -68,6 +68,10 @@ def image(engine: Engine) -> Image:
     for name, how in bases.items():
         print(f"[docker] base image {name}: {how}")
     steps.done("base images")
+    previous = engine("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     engine.build_image(ROOT, DOCKERFILE, IMAGE)
+    if previous and previous != engine("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip():
+        # The previous build, untagged now: not left to pile up (the build cache keeps its layers).
+        engine("rmi", previous, check=False)
     steps.done(f"docker build -f deploy/Dockerfile -t {IMAGE} .")
     return Image(IMAGE, bases, steps)

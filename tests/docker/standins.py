@@ -378,7 +378,18 @@ def ensure(engine: Engine, names: Iterable[str], log: Callable[[str], None] = pr
         for s in wanted:
             engine("tag", r.tag(s), s.name)
             how[s.name] = f"stand-in {r.hash} (built)"
+        _drop_stale(engine, r)
     return how
+
+
+def _drop_stale(engine: Engine, r: Recipe) -> None:
+    """Untag stand-ins of earlier recipes (only ours: the ``nerv-standin/`` repositories)."""
+    current = {r.rootfs_tag, *(r.tag(s) for s in STAND_INS.values())}
+    for repo in ["nerv-standin/debian", *(s.repo for s in STAND_INS.values())]:
+        tags = engine("images", "--format", "{{.Repository}}:{{.Tag}}", repo).stdout.split()
+        for tag in tags:
+            if tag not in current:
+                engine("rmi", tag, check=False)
 
 
 def base_images(dockerfile: Path, compose_file: Path) -> list[str]:
