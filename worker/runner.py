@@ -255,7 +255,11 @@ class TaskRunner:
                     self.held.release(done)
                     mine.difference_update(done)
                     pending, flushed = [], time.monotonic()
-            waits = wait and bool(pending) and pending[-1].type is EventType.TASK_COMPLETED
+            waits = (
+                bool(pending)
+                and pending[-1].type is EventType.TASK_COMPLETED
+                and "handoff" in pending[-1].data
+            )
             recorded = self.log.finish_attempts(pending, self.worker_id if waits else "")
             return outcomes, waits and bool(recorded) and recorded[-1]
         finally:
@@ -294,7 +298,9 @@ class TaskRunner:
         except Exception as exc:
             return self._failure(job, TaskError.from_exception(exc, traceback.format_exc()), started)
         data = {"result": value, "worker": self.worker_id, "started_at": started}
-        if waiting:
+        # Asked again now, not only when the job started: a warm shutdown that began while it ran (the
+        # usual case: `docker stop` mid-task) must not take the next job of the chain into this process.
+        if waiting and not self.stopping():
             data["handoff"] = self.worker_id
             if via:  # the message a job handed to this process runs in
                 data["via"] = via

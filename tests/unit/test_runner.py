@@ -146,3 +146,33 @@ def test_no_handoff_wait_once_shutdown_began():
     runner = _runner(log, handoffs=Handoffs(), stopping=lambda: False)  # type: ignore[arg-type]
     assert runner.serve([job]) == 1
     assert Handoffs.taken == 1
+
+
+def test_no_handoff_wait_when_shutdown_began_during_the_job():
+    """SIGTERM while a job runs (``docker stop`` mid-task): its outcome offers this process no hand-off."""
+
+    class Handoffs:
+        taken = 0
+
+        def take(self, worker_id: str, timeout: float) -> None:
+            Handoffs.taken += 1
+
+    stopping = [False]
+
+    @task(name="u.sigterm_midway", registry=REG)
+    def sigterm_midway() -> int:
+        stopping[0] = True
+        return 1
+
+    class WaitingLog(FakeLog):
+        waiting: list[str] = []
+
+        def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
+            self.waiting.append(waiting)
+            return super().finish_attempts(events, waiting)
+
+    log = WaitingLog()
+    job = Job("r", "a", 1, "u.sigterm_midway", [], {}, handoff=True)
+    runner = _runner(log, handoffs=Handoffs(), stopping=lambda: stopping[0])  # type: ignore[arg-type]
+    assert runner.serve([job]) == 1
+    assert Handoffs.taken == 0 and set(log.waiting) == {""}, "a stopping worker waited for a hand-off"
