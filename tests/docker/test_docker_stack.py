@@ -58,6 +58,7 @@ class Compose:
         self.project = f"nerv-test-{os.getpid()}-{secrets.token_hex(2)}"
         self.password = f"pw-{secrets.token_hex(8)}"
         self.flower_user, self.flower_password = "ops", f"fl-{secrets.token_hex(8)}"
+        self.ui_user, self.ui_password = "viewer", f"ui-{secrets.token_hex(8)}"
         module = tmp / f"{tasks.MODULE}.py"
         shutil.copyfile(Path(tasks.__file__), module)
         module.chmod(0o644)  # the image's user (10001) reads it
@@ -69,6 +70,7 @@ class Compose:
             # Any free port: 5555 may be taken on a shared host. NERV_WORKER_MODULES is every nerv
             # service's (x-nerv-env), so each of them gets the module.
             f'  flower:\n    ports: !override ["127.0.0.1::5555"]\n{mount}'
+            '  console:\n    ports: !override ["127.0.0.1::8765"]\n'
             + "".join(f"  {svc}:\n{mount}" for svc in ("scheduler", "worker-cpu", "worker-io", "demo"))
         )
         self.files = [COMPOSE_FILE, override]
@@ -78,6 +80,8 @@ class Compose:
             REDIS_PASSWORD=self.password,
             FLOWER_USER=self.flower_user,
             FLOWER_PASSWORD=self.flower_password,
+            NERV_UI_USER=self.ui_user,
+            NERV_UI_PASSWORD=self.ui_password,
             NERV_IMAGE_TAG=IMAGE_TAG,
             NERV_WORKER_MODULES=f"nerv_cluster.examples.wordcount,{tasks.MODULE}",
         )
@@ -123,7 +127,7 @@ class Compose:
 
 
 class Flower:
-    """HTTP to the stack's Flower on its published port."""
+    """HTTP with basic auth to a service of the stack on its published port (Flower, the console)."""
 
     def __init__(self, port: int, user: str, password: str) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -229,6 +233,12 @@ def test_docker_stack(engine: Engine, image: Image, stack: Compose) -> None:
             )
         status, _ = flower.get("/healthcheck", None)
         assert status == 200, status
+        # The console: its API behind basic auth, the demo's run in it.
+        ui = Flower(stack.port("console", 8765), stack.ui_user, stack.ui_password)
+        assert ui.get("/api/runs", None)[0] == 401, "the console answered without credentials"
+        status, body = ui.get("/api/runs", ui.auth)
+        assert status == 200 and any(r["name"] == "word-count" for r in json.loads(body)["runs"]), body[:500]
+        steps.done("the console: 401 without credentials, the demo's run with them")
 
         stack("up", "-d", "--no-build", "--pull", "never", "--scale", f"worker-cpu={SCALE}", timeout=120)
         cpu_hosts = {
