@@ -47,8 +47,8 @@ def _runs(jobs: list[Job]) -> str:
 def test_turns_serve_lanes_in_proportion_to_their_weights():
     turns = Turns()
     weights = {"a": 1.0, "b": 3.0}
-    for lane in weights:
-        turns.join(lane)
+    for name in weights:
+        turns.join(name)
     served: Counter[str] = Counter()
     for _ in range(400):
         lane = turns.peek()
