@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 import nerv_testtasks as tt
 import pytest
@@ -32,19 +33,22 @@ def _ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
+def _entries(c: Cluster, run_id: str, first: bool) -> list[Any]:
+    key = c.client.keys.log(run_id)
+    return list(c.redis.xrange(key, count=1) if first else c.redis.xrevrange(key, count=1))  # type: ignore[arg-type]
+
+
 def _first_and_last(c: Cluster, run_id: str) -> tuple[int, int]:
     """Redis milliseconds of a run's first log entry (its submit) and of its last."""
-    key = c.client.keys.log(run_id)
-    return _ms(c.redis.xrange(key, count=1)[0][0]), _ms(c.redis.xrevrange(key, count=1)[0][0])
+    return _ms(_entries(c, run_id, True)[0][0]), _ms(_entries(c, run_id, False)[0][0])
 
 
 def _end_ms(c: Cluster, run_id: str, timeout: float = 120) -> int:
     """Redis milliseconds of the run's end event, polling the log's last entry (``Client.wait`` would
     fold a big run's whole log meanwhile, taking the CPU the runs compete for)."""
     deadline = time.monotonic() + timeout
-    key = c.client.keys.log(run_id)
     while time.monotonic() < deadline:
-        last = c.redis.xrevrange(key, count=1)
+        last = _entries(c, run_id, False)
         if last and Event.from_json(last[0][1]["e"]).type in WORKFLOW_END_EVENTS:
             return _ms(last[0][0])
         time.sleep(0.05)
