@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.__main__ import with_db
@@ -94,14 +95,32 @@ def _quiet(client: Any, wf: Any) -> float:
     return _span(client, run_id)
 
 
-def beside(client: Any, n: int, repeat: int) -> dict[str, Any]:
-    """The beside row: seconds of the fan-out with and without one limited task."""
+def beside(
+    client: Any, n: int, repeat: int, cpu: Callable[[], float | None] = lambda: None
+) -> dict[str, Any]:
+    """The beside row: seconds of the fan-out with and without one limited task (and the scheduler's
+    CPU seconds for each, ``cpu``: the scheduler's CPU seconds so far)."""
     plain, with_limit = [], []
+    cpu_plain: list[float] = []
+    cpu_limited: list[float] = []
+
+    def timed(wf: Any, seconds: list[float], cpus: list[float]) -> None:
+        c0 = cpu()
+        seconds.append(_timed(client, wf))
+        c1 = cpu()
+        if c0 is not None and c1 is not None:
+            cpus.append(c1 - c0)
+
     for r in range(repeat):
-        plain.append(_timed(client, _fanout(n, f"plain-{r}")))
-        with_limit.append(_timed(client, _fanout(n, f"beside-{r}", limited=1)))
+        # Alternating which goes first: a warm-up or a neighbour's burst favours neither side.
+        pair = [(_fanout(n, f"plain-{r}"), plain, cpu_plain)]
+        pair.append((_fanout(n, f"beside-{r}", limited=1), with_limit, cpu_limited))
+        for wf, seconds, cpus in pair if r % 2 == 0 else pair[::-1]:
+            timed(wf, seconds, cpus)
     p, w = statistics.median(plain), statistics.median(with_limit)
     return {
+        "scheduler_cpu_plain_s": statistics.median(cpu_plain) if cpu_plain else None,
+        "scheduler_cpu_limited_s": statistics.median(cpu_limited) if cpu_limited else None,
         "tasks": n,
         "plain_s": p,
         "limited_s": w,
@@ -150,12 +169,26 @@ def _small(i: int) -> Any:
     return wf
 
 
-def fair(client: Any, big: int, smalls: int, after: float, repeat: int) -> dict[str, Any]:
-    """The fair row: a big fan-out's seconds alone and beside small runs, and the small runs' latency."""
+def fair(
+    client: Any, big: int, smalls: int, after: float, repeat: int, cpu: Callable[[], float | None]
+) -> dict[str, Any]:
+    """The fair row: a big fan-out's seconds alone and beside small runs, and the small runs' latency.
+    ``cpu``: the scheduler's CPU seconds so far (the figure the shared machine's noise moves least)."""
     alone, beside_s, latencies, overlapped = [], [], [], 0
+    cpu_alone: list[float] = []
+    cpu_beside: list[float] = []
+
+    def run_alone(r: int) -> None:
+        c0 = cpu()
+        alone.append(_quiet(client, _fanout(big, f"big-alone-{r}")))
+        c1 = cpu()
+        if c0 is not None and c1 is not None:
+            cpu_alone.append(c1 - c0)
+
     for r in range(repeat):
         if r % 2 == 0:  # alone first, then second: the order of the two moves neither figure
-            alone.append(_quiet(client, _fanout(big, f"big-alone-{r}")))
+            run_alone(r)
+        c0 = cpu()
         run_id = client.submit(_fanout(big, f"big-{r}"))
         time.sleep(after)
         last_end = 0
@@ -167,8 +200,11 @@ def fair(client: Any, big: int, smalls: int, after: float, repeat: int) -> dict[
         _ended(client, run_id)
         overlapped += _ms(client.redis.xrevrange(client.keys.log(run_id), count=1)[0][0]) > last_end
         beside_s.append(_span(client, run_id))
+        c1 = cpu()
+        if c0 is not None and c1 is not None:
+            cpu_beside.append(c1 - c0)
         if r % 2:
-            alone.append(_quiet(client, _fanout(big, f"big-alone-{r}")))
+            run_alone(r)
     a, b = statistics.median(alone), statistics.median(beside_s)
     return {
         "tasks": big,
@@ -181,6 +217,11 @@ def fair(client: Any, big: int, smalls: int, after: float, repeat: int) -> dict[
         "small_p50_s": statistics.median(latencies),
         "small_max_s": max(latencies),
         "big_still_running": f"{overlapped}/{repeat}",
+        "alone_samples_s": alone,
+        "beside_samples_s": beside_s,
+        "small_latencies_s": latencies,
+        "scheduler_cpu_alone_s": statistics.median(cpu_alone) if cpu_alone else None,
+        "scheduler_cpu_beside_s": statistics.median(cpu_beside) if cpu_beside else None,
     }
 
 
@@ -206,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = set(args.rows.split(","))
     try:
         if "beside" in rows:
-            out["beside"] = b = beside(engine.client, args.fanout, args.repeat)
+            out["beside"] = b = beside(engine.client, args.fanout, args.repeat, engine._scheduler_cpu)
             print(
                 f"beside: {b['tasks']:,} noops {b['plain_s']:.3f}s ({b['plain_rate']:.0f}/s); with one "
-                f"limited task {b['limited_s']:.3f}s ({b['limited_rate']:.0f}/s): {b['ratio']:.2f}x"
+                f"limited task {b['limited_s']:.3f}s ({b['limited_rate']:.0f}/s): {b['ratio']:.2f}x; "
+                f"scheduler CPU {b['scheduler_cpu_limited_s'] or 0:.3f}s vs "
+                f"{b['scheduler_cpu_plain_s'] or 0:.3f}s"
             )
         if "held" in rows:
             out["held"] = h = held(engine.client, args.held)
@@ -219,13 +262,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{h['plain_s']:.2f}s ({h['plain_rate']:.0f}/s): {h['ratio']:.2f}x"
             )
         if "fair" in rows:
-            out["fair"] = f = fair(engine.client, args.big, args.smalls, args.small_after, args.repeat)
+            out["fair"] = f = fair(
+                engine.client, args.big, args.smalls, args.small_after, args.repeat, engine._scheduler_cpu
+            )
             print(
                 f"fair: {f['smalls']} runs of 3 noops behind a {f['tasks']:,}-noop fan-out: latency p50 "
                 f"{f['small_p50_s']:.3f}s, max {f['small_max_s']:.3f}s (big run still running at the "
                 f"last: {f['big_still_running']}); the big run {f['beside_s']:.2f}s "
                 f"({f['beside_rate']:.0f}/s) vs alone {f['alone_s']:.2f}s ({f['alone_rate']:.0f}/s): "
-                f"{f['ratio']:.2f}x"
+                f"{f['ratio']:.2f}x; scheduler CPU {f['scheduler_cpu_beside_s'] or 0:.2f}s vs "
+                f"{f['scheduler_cpu_alone_s'] or 0:.2f}s"
             )
     finally:
         engine.stop()
