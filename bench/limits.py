@@ -100,7 +100,8 @@ def beside(
 ) -> dict[str, Any]:
     """The beside row: seconds of the fan-out with and without one limited task (and the scheduler's
     CPU seconds for each, ``cpu``: the scheduler's CPU seconds so far)."""
-    plain, with_limit = [], []
+    plain: list[float] = []
+    with_limit: list[float] = []
     cpu_plain: list[float] = []
     cpu_limited: list[float] = []
 
