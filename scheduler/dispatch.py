@@ -223,6 +223,10 @@ class Outbox:
         """Jobs waiting in the outbox (for their turn, or to be sent)."""
         return len(self._jobs) + sum(len(fq) for fq in self.fair.values())
 
+    def waiting_turn(self) -> dict[str, int]:
+        """Jobs waiting for their fair-share turn, per queue."""
+        return {queue: len(fq) for queue, fq in self.fair.items()}
+
     def _budget(self, queue: str) -> int:
         return budget(self.in_flight.count.get(queue, 0), self.capacity.get(queue, 0), self.jobs_per_slot)
 

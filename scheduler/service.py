@@ -311,6 +311,7 @@ class SchedulerService:
     def _sweep(self, now: float) -> None:
         """The periodic look around: metrics, capacity, the watchdog's verdicts."""
         self.metrics.refresh(self.state, leader=True)
+        self.metrics.on_waiting(self.outbox.waiting_turn())
         self.outbox.capacity = self.log.capacity()
         self.outbox.reconcile(self._queued)
         verdicts = self.watchdog.sweep(self.state, now, self.source)

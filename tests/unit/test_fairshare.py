@@ -302,3 +302,15 @@ def test_share_is_asked_per_job_and_a_lane_keeps_its_first_share():
     outbox, _ = _outbox(share=share)
     outbox.add((_job("B", i), "cpu") for i in range(5))
     assert asked == [f"t{i}" for i in range(5)]
+
+
+def test_jobs_waiting_for_their_turn_are_a_metric_per_queue():
+    from scheduler.metrics import SchedulerMetrics
+
+    outbox, _ = _outbox()
+    outbox.add((_job("B", i), "cpu") for i in range(1000))
+    outbox.flush()
+    metrics = SchedulerMetrics()
+    metrics.on_waiting(outbox.waiting_turn())
+    assert metrics.registry.get_sample_value("nerv_jobs_waiting_turn", {"queue": "cpu"}) == 1000 - 256
+    assert metrics.registry.get_sample_value("nerv_jobs_waiting_turn", {"queue": "io"}) == 0
