@@ -183,10 +183,14 @@ class FairQueue:
     """The jobs of one worker queue waiting for their turn, one FIFO lane per run tree.
 
     Within a lane jobs keep the order they were added in (the run's own order: priority, then rank).
+    A job already waiting is not added twice: a lost worker's queues and a restarted Redis resend every
+    dispatched, unstarted job, those waiting here among them.
     """
 
     def __init__(self) -> None:
         self._lanes: dict[str, deque[Job]] = {}
+        #: (run, task, attempt) of every waiting job.
+        self._members: set[tuple[str, str, int]] = set()
         self._shares: dict[str, Share] = {}
         self._tenants: dict[str, _Tenant] = {}
         self._turns = Turns()
@@ -199,8 +203,13 @@ class FairQueue:
         """Lanes with jobs waiting."""
         return len(self._lanes)
 
-    def push(self, job: Job, share: Share) -> None:
-        """Add a job to its run tree's lane (the lane's share is the one it had when it got work)."""
+    def push(self, job: Job, share: Share) -> bool:
+        """Add a job to its run tree's lane (the lane's share is the one it had when it got work);
+        False when it is waiting already."""
+        member = (job.run_id, job.task_id, job.attempt)
+        if member in self._members:
+            return False
+        self._members.add(member)
         lane = job.family or job.run_id
         jobs = self._lanes.get(lane)
         if jobs is None:
@@ -213,6 +222,7 @@ class FairQueue:
             tenant.runs.join(lane)
         jobs.append(job)
         self._size += 1
+        return True
 
     def take(
         self, budget: int, valid: Callable[[Job], bool], quantum: int = constants.FAIR_QUANTUM
@@ -221,6 +231,7 @@ class FairQueue:
         run ended, their task was cancelled) are dropped as they come up, and cost no budget."""
         out: list[Job] = []
         turns, tenants, lanes, shares = self._turns, self._tenants, self._lanes, self._shares
+        members = self._members
         while budget > 0:
             name = turns.peek()
             if name is None:
@@ -238,6 +249,7 @@ class FairQueue:
             while got < n and jobs:
                 job = jobs.popleft()
                 self._size -= 1
+                members.discard((job.run_id, job.task_id, job.attempt))
                 if valid(job):
                     out.append(job)
                     got += 1
@@ -255,6 +267,8 @@ class FairQueue:
         if jobs is None:
             return
         self._size -= len(jobs)
+        for job in jobs:
+            self._members.discard((job.run_id, job.task_id, job.attempt))
         share = self._shares.pop(lane)
         tenant = self._tenants.get(share.tenant)
         if tenant is not None:
@@ -262,12 +276,6 @@ class FairQueue:
             if not len(tenant.runs):
                 self._turns.leave(share.tenant)
                 del self._tenants[share.tenant]
-
-    def drain(self) -> list[Job]:
-        """Every waiting job, lanes one after the other (metering switched off), and empty."""
-        out = [job for jobs in self._lanes.values() for job in jobs]
-        self.__init__()  # type: ignore[misc]
-        return out
 
 
 #: Task events after which a sent job no longer waits to be taken by a worker.

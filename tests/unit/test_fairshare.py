@@ -283,6 +283,25 @@ def test_jobs_added_again_stop_counting_so_a_resend_never_waits_on_itself():
     assert len(_sent(dispatcher)) == 256 and outbox.in_flight.count["cpu"] == 256
 
 
+def test_a_resend_of_every_queued_job_adds_none_twice():
+    outbox, dispatcher = _outbox()
+    jobs = [(_job("B", i), "cpu") for i in range(1000)]
+    outbox.add(jobs)
+    outbox.flush()
+    outbox.add(jobs)  # a lost consumer's queue: every dispatched, unstarted job, the waiting ones too
+    assert outbox.waiting() == 1000, "the 256 sent go back in line; the 744 waiting stay as they are"
+    outbox.in_flight.clear()  # (as if every worker had started what it had)
+    sent = []
+    while outbox.waiting():
+        outbox.flush()
+        sent += _sent(dispatcher)
+        outbox.in_flight.clear()
+    assert len(sent) == 1000 and len({j.task_id for j in sent}) == 1000
+    fq = FairQueue()
+    assert fq.push(_job("B", 1), DEFAULT_SHARE) and not fq.push(_job("B", 1), DEFAULT_SHARE)
+    assert fq.push(_job("B", 1, attempt=2), DEFAULT_SHARE), "a later attempt is another job"
+
+
 def test_waiting_jobs_of_a_cancelled_run_are_dropped_at_their_turn():
     outbox, dispatcher = _outbox()
     outbox.add((_job("gone", i), "cpu") for i in range(1000))
