@@ -159,6 +159,9 @@ LIMITS_RUN_ID: Final = "_limits"
 #: The longest tenant name.
 DEFAULT_FAIR_JOBS_PER_SLOT: Final = BATCHES_PER_SLOT * MAX_BATCH
 FAIR_QUANTUM: Final = MAX_BATCH
+#: A metered queue is refilled (to a full round) once what it holds unstarted is down to this part of
+#: its round.
+FAIR_REFILL_AT: Final = 0.5
 RUN_PRIORITY_WEIGHTS: Final[tuple[float, ...]] = (1.0, 4.0, 16.0, 64.0)
 MAX_TENANT_CHARS: Final = 200
 # idem (issue 11, parts 4 and 5): idempotent submission and schedules.

@@ -354,5 +354,10 @@ class InFlight:
 
 def budget(in_flight: int, slots: int, jobs_per_slot: int) -> int:
     """How many more jobs a queue with ``slots`` worker slots (0: none announced yet, counted as one)
-    and ``in_flight`` jobs not yet started may be sent now."""
-    return max(0, max(1, slots) * jobs_per_slot - in_flight)
+    and ``in_flight`` jobs not yet started may be sent now: none until the queue is down to
+    ``FAIR_REFILL_AT`` of its round, then up to the full round. Refilling at every claimed batch sent
+    one message per send (a Redis round trip and a producer per 32 jobs); at half a round each send
+    carries several, and a slot still has messages ahead when the refill comes."""
+    target = max(1, slots) * jobs_per_slot
+    room = target - in_flight
+    return room if room > 0 and in_flight <= target * constants.FAIR_REFILL_AT else 0

@@ -195,9 +195,10 @@ def test_in_flight_counts_jobs_from_their_send_to_their_start():
     assert len(flight) == 0
 
 
-def test_budget_is_a_round_per_slot_less_what_is_in_flight():
+def test_budget_refills_a_queue_to_a_round_per_slot_once_it_is_down_to_half():
     assert budget(0, 4, 128) == 512
-    assert budget(500, 4, 128) == 12
+    assert budget(256, 4, 128) == 256
+    assert budget(257, 4, 128) == 0, "not yet: a refill carries several messages, not one"
     assert budget(900, 4, 128) == 0
     assert budget(0, 0, 128) == 128, "no worker announced yet: one slot's worth"
 
@@ -242,10 +243,12 @@ def test_the_outbox_meters_a_queue_to_its_budget_and_refills_as_workers_start_jo
     assert len(dispatcher.sends) == 1
     outbox.add((_job("s", i), "cpu") for i in range(3))
     outbox.observe(_ev(EventType.TASK_STARTED, "B", i) for i in range(32))  # a worker claimed a batch
+    assert not outbox, "a refill waits for the queue to be down to half a round"
+    outbox.observe(_ev(EventType.TASK_STARTED, "B", i) for i in range(32, 128))
     assert outbox
     outbox.flush()
-    assert _runs(_sent(dispatcher)) == "sss" + "B" * 29, "the small run's turn came first"
-    assert outbox.waiting() == 20_000 - 256 - 29
+    assert _runs(_sent(dispatcher)) == "sss" + "B" * 125, "the small run's turn came first"
+    assert outbox.waiting() == 20_000 - 256 - 125
 
 
 def test_a_failed_send_keeps_its_jobs_and_they_go_first_next_time():
