@@ -140,20 +140,19 @@ class SchedulerService:
             share = self._shares[lane] = share_of(meta, self.weights)
         return share
 
-    def _still_dispatched(self, job: Job) -> bool:
-        """Whether a job waiting in the outbox is still to be sent: its run goes on and its task is
-        dispatched, not started, with this attempt."""
-        run = self.state.runs.get(job.run_id)
+    def _queued(self, run_id: str, task_id: str, attempt: int) -> bool:
+        """Whether the fold has this attempt dispatched and not started, in a run not being cancelled."""
+        run = self.state.runs.get(run_id)
         return (
             run is not None
             and not run.cancel_requested
-            and job.task_id in run.queued
-            and run.tasks[job.task_id].attempt == job.attempt
+            and task_id in run.queued
+            and run.tasks[task_id].attempt == attempt
         )
 
-    def _queued(self, run_id: str, task_id: str, attempt: int) -> bool:
-        run = self.state.runs.get(run_id)
-        return run is not None and task_id in run.queued and run.tasks[task_id].attempt == attempt
+    def _still_dispatched(self, job: Job) -> bool:
+        """Whether a job waiting in the outbox is still to be sent (see :meth:`_queued`)."""
+        return self._queued(job.run_id, job.task_id, job.attempt)
 
     def _sent(self, jobs: Sequence[tuple[Job, str]]) -> None:
         """Count sent jobs (through Celery or handed over) in the dispatch metrics."""
