@@ -93,9 +93,13 @@ def test_a_small_run_behind_a_20000_task_fan_out_ends_within_2s_while_the_big_on
 
 def test_a_high_priority_run_overtakes_normal_ones_submitted_before_it(own_cluster: Cluster) -> None:
     c = own_cluster
-    _start(c)
+    c.scheduler()
+    c.wait_leader()
     normal = [c.client.submit(_fanout(f"normal-{i}", 4_000)) for i in range(2)]
     high = c.client.submit(_fanout("high", 4_000), priority="high")
+    # The worker starts once every run is in: each has its tasks dispatched and waiting when the first
+    # slot frees, so how fast the machine submits changes nothing (the first run got no head start).
+    c.worker("cpu", 2)
     ends = {rid: _end_ms(c, rid) for rid in (*normal, high)}
     assert all(c.client.wait(rid, timeout=60).status is RunStatus.COMPLETED for rid in ends)
     assert ends[high] < min(ends[rid] for rid in normal), (
@@ -109,9 +113,13 @@ def _starts(c: Cluster, run_id: str) -> list[float]:
 
 def test_two_tenants_share_the_workers_by_their_weights(own_cluster: Cluster) -> None:
     c = own_cluster
-    _start(c, NERV_TENANT_WEIGHTS="team-a=3,team-b=1")
+    c.scheduler(NERV_TENANT_WEIGHTS="team-a=3,team-b=1")
+    c.wait_leader()
     b = c.client.submit(_fanout("b", 4_000), tenant="team-b")  # team-b first: FCFS would favour it
     a = c.client.submit(_fanout("a", 4_000), tenant="team-a")
+    # The worker starts once every run is in: each has its tasks dispatched and waiting when the first
+    # slot frees, so how fast the machine submits changes nothing (the first run got no head start).
+    c.worker("cpu", 2)
     for rid in (a, b):
         assert c.client.wait(rid, timeout=90).status is RunStatus.COMPLETED
     sa, sb = _starts(c, a), _starts(c, b)
