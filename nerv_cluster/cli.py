@@ -282,6 +282,12 @@ def submit(
     idempotency_key: str | None = typer.Option(
         None, "--idempotency-key", help="The same key gives the same run (while it is retained)."
     ),
+    priority: str | None = typer.Option(
+        None, "--priority", help="Run priority among the tenant's runs: low, medium, high, critical."
+    ),
+    tenant: str | None = typer.Option(
+        None, "--tenant", help="Whose share of the workers the run takes (NERV_TENANT_WEIGHTS)."
+    ),
     redis_url: str | None = RedisOpt,
 ) -> None:
     """Submit the workflow a Python file defines and print its run id.
@@ -296,7 +302,13 @@ def submit(
         # Structural errors (a cycle, a bad argument) first: they matter more than a worker to start.
         wf.validate(max_payload_bytes=client.settings.max_payload_bytes, max_tasks=client.settings.max_tasks)
         _check_workers_know(client, wf, file, module)
-        run_id = client.submit(wf, refresh_cache=refresh_cache, idempotency_key=idempotency_key)
+        run_id = client.submit(
+            wf,
+            refresh_cache=refresh_cache,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            tenant=tenant,
+        )
     except NervError:
         client.close()
         raise

@@ -32,8 +32,9 @@ from nerv_cluster.errors import (
     WaitTimeoutError,
 )
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.fairshare import run_meta
 from nerv_cluster.ids import check_id
-from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, new_run_id
+from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskPriority, new_run_id
 from nerv_cluster.registry import TaskFunction
 from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec, event_run_id, trigger_run_id
 from nerv_cluster.schedulestore import ScheduleStore
@@ -108,8 +109,15 @@ class Client:
         check_names: bool = True,
         refresh_cache: bool = False,
         idempotency_key: str | None = None,
+        priority: TaskPriority | str | int | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Validate and submit a workflow; returns the run id at once.
+
+        ``priority`` (``"low"``, ``"medium"``, the default, ``"high"``, ``"critical"``) and ``tenant``:
+        when runs compete for workers, their ready tasks take turns (see :mod:`nerv_cluster.fairshare`):
+        tenants share by their weights (``NERV_TENANT_WEIGHTS``), and a tenant's runs by their priority
+        (a high run gets four times a medium one's turns). Child runs share their root run's turns.
 
         ``idempotency_key``: the same key gives the same run. The run id derives from the key, and while
         that run is retained (until its retention time after it ended) submitting under the key again
@@ -129,6 +137,9 @@ class Client:
                 raise IdempotencyKeyError("give run_id or idempotency_key, not both")
             run_id = idempotency.run_id_for_key(idempotency_key)
         definition = workflow.definition()
+        share = run_meta(priority, tenant)
+        if share:
+            definition = replace(definition, meta={**definition.meta, **share})
         if refresh_cache:
             definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
         run_id = check_id(run_id, "run id") if run_id is not None else new_run_id(workflow.name)

@@ -169,6 +169,19 @@ CACHE_HITS_EVENT_BYTES: Final = 1024 * 1024
 MAX_LIMIT_KEY_CHARS: Final = 200
 LIMITS_MAXLEN: Final = 100_000
 LIMITS_RUN_ID: Final = "_limits"
+#: Fair share and run priority (issue 11, part 3; nerv_cluster/fairshare.py). Jobs per worker slot a
+#: queue may hold that no worker has started yet (``NERV_FAIR_JOBS_PER_SLOT``; 0: no metering, first
+#: come first served): a full round of full messages, so packing stays at its widest and no slot runs
+#: dry between two refills. The most jobs one run takes per turn (one full message). The weight a run's
+#: priority gives it among its tenant's runs, indexed by ``TaskPriority`` (LOW, MEDIUM, HIGH, CRITICAL).
+#: The longest tenant name.
+DEFAULT_FAIR_JOBS_PER_SLOT: Final = BATCHES_PER_SLOT * MAX_BATCH
+FAIR_QUANTUM: Final = MAX_BATCH
+#: A metered queue is refilled (to a full round) once what it holds unstarted is down to this part of
+#: its round.
+FAIR_REFILL_AT: Final = 0.5
+RUN_PRIORITY_WEIGHTS: Final[tuple[float, ...]] = (1.0, 4.0, 16.0, 64.0)
+MAX_TENANT_CHARS: Final = 200
 # idem (issue 11, parts 4 and 5): idempotent submission and schedules.
 #: Longest idempotency key accepted (the run id keeps its start and a digest of all of it).
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 200

@@ -9,6 +9,7 @@ from typing import Any
 
 from nerv_cluster import constants
 from nerv_cluster.errors import ConfigurationError
+from nerv_cluster.fairshare import parse_weights
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -84,11 +85,20 @@ class Settings:
     #: browser resumes it with Last-Event-ID (0: as long as the browser stays; set it behind a proxy
     #: that cuts long requests).
     ui_stream_seconds: float = 0.0
+    #: Fair share (issue 11, part 3; ``nerv_cluster.fairshare``): jobs per worker slot a queue may hold
+    #: unstarted before the rest wait in the scheduler for their run's turn (0: no metering, first come
+    #: first served); and the tenants' weights, ``TENANT=WEIGHT`` entries (a tenant not named weighs 1).
+    fair_jobs_per_slot: int = constants.DEFAULT_FAIR_JOBS_PER_SLOT
+    tenant_weights: tuple[str, ...] = ()
 
     @property
     def broker(self) -> str:
         """The Celery broker URL in force."""
         return self.broker_url or self.redis_url
+
+    def weights(self) -> dict[str, float]:
+        """The tenants' weights (``tenant_weights`` parsed); ConfigurationError for a malformed entry."""
+        return parse_weights(self.tenant_weights)
 
     def keys(self) -> constants.Keys:
         """The key names for this prefix."""
@@ -150,5 +160,8 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
+        if self.fair_jobs_per_slot < 0:
+            raise ConfigurationError("fair_jobs_per_slot must be 0 or more")
+        self.weights()  # a malformed entry fails at start, not at the first competing run
         if self.max_child_depth < 0:
             raise ConfigurationError("max_child_depth must be 0 or more")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from nerv_cluster import constants
 from nerv_cluster.errors import DispatchError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.failures import job_failed
+from nerv_cluster.fairshare import DEFAULT_SHARE, FairQueue, InFlight, Share, budget
 from nerv_cluster.intake import describe
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, TaskError
@@ -28,7 +30,10 @@ HARD_LIMIT_GRACE = 2.0
 
 
 def pack(
-    jobs: Sequence[tuple[Job, str]], capacity: Mapping[str, int], limited: Collection[str] = ()
+    jobs: Sequence[tuple[Job, str]],
+    capacity: Mapping[str, int],
+    limited: Collection[str] = (),
+    backlog: Mapping[str, int] | None = None,
 ) -> list[tuple[list[Job], str]]:
     """Group jobs into Celery messages: one message can carry several jobs of one function of one run,
     or of one tree of runs (a run and its child runs, ``Job.family``: the many small runs of a recursion
@@ -43,6 +48,9 @@ def pack(
     start. And so does a later attempt: a batch is claimed as a whole, and a worker lost then is not
     counted against any of its jobs (any of them may have killed it); alone, the next attempt's loss
     is its own.
+
+    ``backlog``: jobs per queue that wait in the scheduler for their turn behind these (fair share):
+    batches are sized for all of them, so metering the queue in small refills keeps messages full.
     """
     groups: dict[tuple[str, str, str], list[Job]] = {}
     out: list[tuple[list[Job], str]] = []
@@ -55,9 +63,8 @@ def pack(
         slots = capacity.get(queue, 0)
         size = 1
         if slots > 0:
-            size = max(
-                1, min(constants.MAX_BATCH, math.ceil(len(group) / (slots * constants.BATCHES_PER_SLOT)))
-            )
+            coming = len(group) + (backlog.get(queue, 0) if backlog else 0)
+            size = max(1, min(constants.MAX_BATCH, math.ceil(coming / (slots * constants.BATCHES_PER_SLOT))))
         out.extend((group[i : i + size], queue) for i in range(0, len(group), size))
     return out
 
@@ -166,13 +173,19 @@ class Dispatcher:
 
 
 class Outbox:
-    """Jobs recorded as DISPATCHED and not yet handed to the broker, sent packed (see :func:`pack`).
+    """Jobs recorded as DISPATCHED and not yet handed to the broker, sent packed (see :func:`pack`), in
+    fair-share turns (see :mod:`nerv_cluster.fairshare`).
 
     Invariant: a job leaves the outbox only once the broker took it: a failed send keeps every job of
-    it for the next try (workers claim an attempt once, so a copy sent twice runs once). Jobs are held
-    back, at most ``PACK_HOLD_S``, only behind a deep backlog (:func:`deep_backlog`): holding behind any
-    backlog at all delayed every level of a deep DAG (a random 5,000-task DAG ran at 285 tasks/s with
-    p50 hops of 99 ms, against 731 tasks/s without holding).
+    it for the next try (workers claim an attempt once, so a copy sent twice runs once). With metering
+    on (``jobs_per_slot``), a queue gets at most ``jobs_per_slot`` jobs per worker slot that no worker
+    has started; the rest wait here in their run's lane, and leave as workers start jobs (the budget is
+    counted from the fold's events, see :class:`~nerv_cluster.fairshare.InFlight`). A job whose task is
+    limited (a concurrency key, a rate limit: ``share`` says None) is never metered: the gate already
+    decided when it starts. With metering off, jobs are held back, at most ``PACK_HOLD_S``, only behind
+    a deep backlog (:func:`deep_backlog`): holding behind any backlog at all delayed every level of a
+    deep DAG (a random 5,000-task DAG ran at 285 tasks/s with p50 hops of 99 ms, against 731 tasks/s
+    without holding).
     """
 
     def __init__(
@@ -181,6 +194,8 @@ class Outbox:
         dispatcher: Dispatcher,
         on_sent: Callable[[Sequence[tuple[Job, str]]], None],
         limited: Collection[str] = (),
+        jobs_per_slot: int = 0,
+        share: Callable[[Job], Share | None] | None = None,
     ) -> None:
         self.log = eventlog
         #: Queues with a default time limit: their jobs are never packed (see :func:`pack`).
@@ -189,23 +204,75 @@ class Outbox:
         self.on_sent = on_sent
         #: Worker slots per queue, refreshed by the loop's sweep (it decides how jobs are packed).
         self.capacity: dict[str, int] = {}
+        self.jobs_per_slot = jobs_per_slot
+        #: A job's lane share, or None for a job that is not metered.
+        self.share: Callable[[Job], Share | None] = share or (lambda job: DEFAULT_SHARE)
+        #: Jobs to send at the next flush, unmetered.
         self._jobs: list[tuple[Job, str]] = []
+        #: Jobs waiting for their turn, per queue.
+        self.fair: dict[str, FairQueue] = {}
+        self.in_flight = InFlight()
         self._held_since: float | None = None
 
     def __bool__(self) -> bool:
-        return bool(self._jobs)
+        """Whether a flush now has anything to send (jobs waiting for a budget that has run out do not
+        count: workers starting jobs wake the loop)."""
+        return bool(self._jobs) or any(len(fq) and self._budget(queue) > 0 for queue, fq in self.fair.items())
+
+    def waiting(self) -> int:
+        """Jobs waiting in the outbox (for their turn, or to be sent)."""
+        return len(self._jobs) + sum(len(fq) for fq in self.fair.values())
+
+    def waiting_turn(self) -> dict[str, int]:
+        """Jobs waiting for their fair-share turn, per queue."""
+        return {queue: len(fq) for queue, fq in self.fair.items()}
+
+    def _budget(self, queue: str) -> int:
+        return budget(self.in_flight.count.get(queue, 0), self.capacity.get(queue, 0), self.jobs_per_slot)
 
     def add(self, jobs: Iterable[tuple[Job, str]]) -> None:
-        """Queue jobs to send."""
-        self._jobs.extend(jobs)
+        """Queue jobs to send (a job sent before counts as in flight again only once sent again)."""
+        jobs = list(jobs)
+        if not jobs:
+            return
+        self.in_flight.unsent(jobs)
+        if not self.jobs_per_slot:
+            self._jobs.extend(jobs)
+            return
+        share, fair = self.share, self.fair
+        for job, queue in jobs:
+            lane = share(job)
+            if lane is None:
+                self._jobs.append((job, queue))
+                continue
+            fq = fair.get(queue)
+            if fq is None:
+                fq = fair[queue] = FairQueue()
+            fq.push(job, lane)
+
+    def observe(self, events: Iterable[Event]) -> None:
+        """Folded events: jobs workers started leave the in-flight count (see :class:`InFlight`)."""
+        self.in_flight.observe(events)
+
+    def reconcile(self, still_queued: Callable[[str, str, int], bool]) -> None:
+        """Drop from the in-flight count what the fold no longer has queued (:meth:`InFlight.reconcile`)."""
+        self.in_flight.reconcile(still_queued)
+
+    def forget(self, lanes: Iterable[str]) -> None:
+        """Finished run trees: their waiting jobs go."""
+        for lane in lanes:
+            for fq in self.fair.values():
+                fq.forget(lane)
 
     def clear(self) -> None:
         """Drop every job (stepping down: the next leader resends what is in flight)."""
         self._jobs = []
+        self.fair = {}
+        self.in_flight.clear()
         self._held_since = None
 
     def _hold(self) -> bool:
-        if not self.capacity:
+        if not self.capacity or self.jobs_per_slot:
             return False
         now = time.monotonic()
         if self._held_since is None:
@@ -216,18 +283,46 @@ class Outbox:
             self._held_since = now
         return now - self._held_since < constants.PACK_HOLD_S
 
-    def flush(self) -> list[Unsendable]:
-        """Send what waits, unless it is held back to be packed; the messages the broker refused (their
-        tasks are to fail: see :func:`unsendable_events`)."""
-        if not self._jobs or self._hold():
+    def _take(self, valid: Callable[[Job], bool]) -> tuple[list[tuple[Job, str]], dict[str, int]]:
+        """The jobs whose turn it is, queue by queue, within each queue's budget; and what is left
+        waiting per queue (for :func:`pack`)."""
+        jobs: list[tuple[Job, str]] = []
+        backlog: dict[str, int] = {}
+        # Jobs whose send failed go first, unmetered: they take their queue's budget before any turn.
+        ahead = Counter(queue for _, queue in self._jobs) if self._jobs else None
+        for queue, fq in list(self.fair.items()):
+            room = self._budget(queue) - (ahead[queue] if ahead else 0)
+            if room > 0 and len(fq):
+                jobs.extend((job, queue) for job in fq.take(room, valid))
+            if len(fq):
+                backlog[queue] = len(fq)
+            else:
+                del self.fair[queue]
+        return jobs, backlog
+
+    def flush(self, valid: Callable[[Job], bool] | None = None) -> list[Unsendable]:
+        """Send what waits and whose turn it is, unless it is held back to be packed; the messages the
+        broker refused (their tasks are to fail: see :func:`unsendable_events`). ``valid``: whether a
+        waiting job is still to be sent (its task still dispatched, this attempt); others are dropped."""
+        if not self._jobs and not self.fair:
+            return []
+        if self._jobs and self._hold():
             return []
         self._held_since = None
-        jobs, self._jobs = self._jobs, []
+        taken, backlog = self._take(valid or _always)
+        jobs, self._jobs = self._jobs + taken if taken else self._jobs, []
+        if not jobs:
+            return []
         try:
-            refused = self.dispatcher.send(pack(jobs, self.capacity, self.limited))
+            refused = self.dispatcher.send(pack(jobs, self.capacity, self.limited, backlog))
         except Exception:
-            # Already recorded as DISPATCHED: keep them and send again.
+            # Already recorded as DISPATCHED: keep them and send again (unmetered: their turn came).
             self._jobs = jobs + self._jobs
             raise
+        self.in_flight.sent(jobs)
         self.on_sent(jobs)
         return refused
+
+
+def _always(job: Job) -> bool:
+    return True

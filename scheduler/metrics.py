@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -63,8 +63,17 @@ class SchedulerMetrics:
             ["queue"],
             registry=r,
         )
+        # Fair share (issue 11, part 3): jobs dispatched (QUEUED) that wait in the scheduler for their
+        # run's turn. The Celery queue holds only about a round per worker slot, so its length no longer
+        # shows the backlog: an autoscaler scales on queue length plus this.
+        self.waiting_turn = Gauge(
+            "nerv_jobs_waiting_turn",
+            "Dispatched jobs held in the scheduler for their run's fair-share turn (not in the Celery queue)",
+            ["queue"],
+            registry=r,
+        )
         for q in constants.QUEUES:
-            for g in (self.dispatched, self.ready, self.running, self.ready_soon):
+            for g in (self.dispatched, self.ready, self.running, self.ready_soon, self.waiting_turn):
                 g.labels(queue=q)
         # Part "cache" (issue 16): cached tasks completed from an entry (hit) or dispatched (miss).
         self.cache = Counter("nerv_cache_lookups", "Cached tasks decided, by result", ["result"], registry=r)
@@ -115,6 +124,11 @@ class SchedulerMetrics:
             self.dispatched.labels(queue=queue).inc(n)
             for _ in range(n):
                 self.latency.observe(max(0.0, now - since))
+
+    def on_waiting(self, per_queue: Mapping[str, int]) -> None:
+        """Set the jobs waiting for their fair-share turn, per queue (from the outbox, each sweep)."""
+        for q in {*constants.QUEUES, *per_queue}:
+            self.waiting_turn.labels(queue=q).set(per_queue.get(q, 0))
 
     def refresh(self, state: State, leader: bool) -> None:
         """Recompute the gauges from the state (called from the watchdog's sweep, not per event)."""

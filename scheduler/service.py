@@ -6,7 +6,8 @@ the set of runs to decide for; each other concern is a room of its own that owns
 
 - :mod:`scheduler.takeover`: becoming leader (refold from checkpoints and logs, jobs to resend);
 - :mod:`scheduler.effects`: every write to Redis (fenced) and every revoke;
-- :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, with the pack-hold;
+- :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, in fair-share turns
+  (:mod:`nerv_cluster.fairshare`), with the pack-hold;
 - :mod:`scheduler.handoff_match`: waiting workers matched with the dependents they ready;
 - :mod:`scheduler.timers`: due times (retry delays);
 - :mod:`scheduler.waits`: deadlines of durable waits (``wait_for`` timeouts, sleeps);
@@ -33,6 +34,7 @@ from nerv_cluster import state as st
 from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.fairshare import Share, share_of
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
 from nerv_cluster.limits import Gate
@@ -94,7 +96,11 @@ class SchedulerService:
         self.metrics = SchedulerMetrics()
         self.effects = Effects(log, lease, dispatcher, settings.retention_seconds)
         limited = [q for q in constants.QUEUES if queue_time_limit(settings, q)]
-        self.outbox = Outbox(log, dispatcher, self._sent, limited)
+        #: Fair share (issue 11, nerv_cluster/fairshare.py): the tenants' weights, and each run tree's
+        #: share (by its root run), computed once per tree.
+        self.weights = settings.weights()
+        self._shares: dict[str, Share] = {}
+        self.outbox = Outbox(log, dispatcher, self._sent, limited, settings.fair_jobs_per_slot, self._share)
         self.timers = Timers()
         self.waits = WaitRoom()
         self.matcher = HandoffMatcher(self.handoff)
@@ -133,6 +139,37 @@ class SchedulerService:
         if self.tracing is not None:
             self.tracing.observe(events, self.state)
 
+    def _share(self, job: Job) -> Share | None:
+        """The fair-share lane of a job: its run tree's share; None for a task with a concurrency key
+        or a rate limit (the gate decided when it starts: metering it again would move its start)."""
+        runs = self.state.runs
+        run = runs.get(job.run_id)
+        if run is not None:
+            td = run.defs.get(job.task_id)
+            if td is not None and (td.concurrency is not None or td.rate_limit is not None):
+                return None
+        lane = job.family or job.run_id
+        share = self._shares.get(lane)
+        if share is None:
+            root = runs.get(lane) or run
+            meta = root.definition.meta if root is not None else {}
+            share = self._shares[lane] = share_of(meta, self.weights)
+        return share
+
+    def _queued(self, run_id: str, task_id: str, attempt: int) -> bool:
+        """Whether the fold has this attempt dispatched and not started, in a run not being cancelled."""
+        run = self.state.runs.get(run_id)
+        return (
+            run is not None
+            and not run.cancel_requested
+            and task_id in run.queued
+            and run.tasks[task_id].attempt == attempt
+        )
+
+    def _still_dispatched(self, job: Job) -> bool:
+        """Whether a job waiting in the outbox is still to be sent (see :meth:`_queued`)."""
+        return self._queued(job.run_id, job.task_id, job.attempt)
+
     def _sent(self, jobs: Sequence[tuple[Job, str]]) -> None:
         """Count sent jobs (through Celery or handed over) in the dispatch metrics."""
         self.metrics.on_sent(jobs, self._read_at, time.monotonic())
@@ -169,6 +206,7 @@ class SchedulerService:
             self.tracing.rebuild(self.state)
         self.matcher.clear()
         self.outbox.clear()
+        self._shares.clear()
         self.child_reruns.clear()
         resend = takeover.in_flight_jobs(self.state)
         self.outbox.add(resend)
@@ -204,6 +242,7 @@ class SchedulerService:
         self.state = st.EMPTY
         self._touched.clear()
         self.outbox.clear()
+        self._shares.clear()
         self.matcher.clear()
         self.timers.clear()
         self.waits.clear()
@@ -253,6 +292,7 @@ class SchedulerService:
         self._touched |= self.child_reruns.retries()
         self._touched |= self.caching.observe((ev for _, ev in entries), state)
         self.gate.observe((ev for _, ev in entries), state)
+        self.outbox.observe(ev for _, ev in entries)
         self.limit_watch.observe(self.log, entries)
         # A TASK_WAITING of an earlier leader that the takeover's refold did not cover comes this way.
         self.waits.observe((ev for _, ev in entries), state)
@@ -292,7 +332,9 @@ class SchedulerService:
     def _sweep(self, now: float) -> None:
         """The periodic look around: metrics, capacity, the watchdog's verdicts."""
         self.metrics.refresh(self.state, leader=True)
+        self.metrics.on_waiting(self.outbox.waiting_turn())
         self.outbox.capacity = self.log.capacity()
+        self.outbox.reconcile(self._queued)
         verdicts = self.watchdog.sweep(self.state, now, self.source)
         events = self.effects.end_attempts(verdicts)
         if events:
@@ -300,6 +342,7 @@ class SchedulerService:
             self._touched.update(ev.run_id for ev in events)
             self._touched |= self.caching.observe(events, self.state)
             self.gate.observe(events, self.state)
+            self.outbox.observe(events)
         if self.watchdog.redis_restarted():
             self.resend_in_flight("Redis restarted")
         else:  # a dead consumer's prefetched jobs wait for the visibility timeout: resend its queues'
@@ -375,6 +418,7 @@ class SchedulerService:
             self._touched |= self.child_reruns.ended(events)
             self._touched |= self.caching.observe(events, self.state)
             self.gate.observe(events, self.state)
+            self.outbox.observe(events)
         if cache is not None:
             self._touched |= cache.missing
         if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
@@ -401,7 +445,7 @@ class SchedulerService:
     def _flush(self) -> None:
         """Send the outbox; the tasks of messages the broker refused (not a lost connection: it
         answered no) fail with the reason, and the other jobs went out."""
-        refused = self.outbox.flush()
+        refused = self.outbox.flush(self._still_dispatched)
         if refused:
             failed = unsendable_events(refused, self.clock(), self.source)
             self.effects.write(failed)
@@ -426,6 +470,9 @@ class SchedulerService:
             state = st.evict(state, rid)
             self.checkpointer.forget(rid)
         self.state = state
+        self.outbox.forget(run_ids)
+        for rid in run_ids:
+            self._shares.pop(rid, None)
         self._touched |= self.caching.forget(run_ids)
         self.schedules.run_ended(run_ids, self.clock())
         if self.tracing is not None:
