@@ -361,10 +361,17 @@ class Client:
         is not JSON or is over ``NERV_MAX_SIGNAL_BYTES``. See :mod:`nerv_cluster.waits`.
         """
         check_id(run_id, "run id")
-        run, _ = self._fold(run_id)
+        run, last = self._fold(run_id)
         event = waits.signal_event(run, name, payload, self.settings.max_signal_bytes)
         self.log.append([event])
-        return name not in run.signals
+        if name in run.signals:
+            return False
+        # The fold keeps the first signal of a name in the log's order: ours, unless another client's
+        # was appended between our read and our write (both would have seen none).
+        for _, ev in self.log.read_run(run_id, after=last):
+            if ev.type is EventType.SIGNAL_RECEIVED and ev.data.get("name") == name:
+                return ev.id == event.id
+        return True  # not reached: our signal is in the log
 
     # -- read -----------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -105,6 +106,31 @@ def test_a_signal_sent_before_the_node_is_reached_is_kept_until_it_is(cluster: C
     reached = _first(events, EventType.TASK_WAITING, "approval")
     assert signalled.logged_at < reached.logged_at
     assert cluster.execs(run_id) == {"first": 1, "deploy": 1}
+
+
+@pytest.mark.timeout(60)
+def test_of_clients_racing_one_signal_exactly_one_is_told_it_was_first(cluster: Cluster) -> None:
+    run_id = cluster.client.submit(_approval_workflow("wait-race"))
+    clients = [Client(settings=cluster.client.settings) for _ in range(8)]
+    start = threading.Barrier(len(clients))
+    answers: dict[int, bool] = {}
+
+    def send(i: int) -> None:
+        start.wait()
+        answers[i] = clients[i].signal(run_id, "approval", {"by": i})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for client in clients:
+        client.close()
+    assert len(answers) == len(clients)
+    firsts = [i for i, first in answers.items() if first]
+    assert len(firsts) == 1, f"told first: {firsts}"
+    result = cluster.client.wait(run_id, timeout=30)
+    assert result.tasks["approval"].result == {"by": firsts[0]}, "the one told first is the one received"
 
 
 @pytest.mark.timeout(60)
