@@ -189,6 +189,8 @@ MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
 MIN_SCHEDULE_INTERVAL_S: Final = 0.1
 #: Most missed slots one schedule fires at once with ``catchup=True`` (the latest ones).
 SCHEDULE_MAX_CATCHUP: Final = 100
+#: Most slots one SCHEDULE_SKIPPED counts (a cron schedule's missed slots are counted one by one).
+SCHEDULE_MAX_SKIP_COUNT: Final = 100_000
 #: The schedules stream is compacted into one snapshot once it holds this many entries per schedule
 #: (plus a few): it stays bounded however often schedules fire.
 SCHEDULES_COMPACT_PER_SCHEDULE: Final = 8

@@ -210,6 +210,27 @@ def due_slots(spec: ScheduleSpec, since: float, now: float, keep: int) -> list[f
     return out
 
 
+def count_slots(
+    spec: ScheduleSpec, since: float, upto: float, cap: int = constants.SCHEDULE_MAX_SKIP_COUNT
+) -> int:
+    """How many slots lie in ``(since, upto]`` (at most ``cap``): O(1) for ``every``, O(count) for cron."""
+    if upto <= since:
+        return 0
+    if spec.every is not None:
+        first = math.floor(since / spec.every) + 1
+        last = math.floor(upto / spec.every)
+        while last >= first and _slot(last, spec.every) > upto:
+            last -= 1
+        while first <= last and _slot(first, spec.every) <= since:
+            first += 1
+        return min(cap, max(0, last - first + 1))
+    it = croniter(str(spec.cron), datetime.fromtimestamp(since, ZoneInfo(spec.timezone)))
+    n = 0
+    while n < cap and float(it.get_next(float)) <= upto:  # get_next is strict: slots after since
+        n += 1
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """A schedule's definition and where it is.
@@ -362,7 +383,8 @@ def decide(sched: Schedule, now: float, running: bool) -> Turn:
         if spec.overlap == "allow" or not running:
             fire = tuple(due)
         elif spec.overlap == "skip":
-            skip_upto, skip_count = due[-1], 1
+            # Every slot passed over counts, not only the latest (``due`` keeps just that one).
+            skip_upto, skip_count = due[-1], max(1, count_slots(spec, sched.since, due[-1]))
     since = max(sched.since, due[-1]) if due and (fire or skip_upto is not None) else sched.since
     return Turn(fire, sched.triggers, skip_upto, skip_count, next_slot(spec, max(since, now)))
 

@@ -165,6 +165,10 @@ def test_catchup_bounds_the_missed_slots_fired_with_overlap_allow() -> None:
 def test_skip_records_the_slots_due_while_the_last_run_runs() -> None:
     turn = decide(sched(overlap="skip"), 121.0, running=True)
     assert turn.fire == () and turn.skip_upto == 120.0 and turn.next_at == 130.0
+    assert turn.skip_count == 2  # 110 and 120 were both passed over, not only the latest
+    assert decide(sched(overlap="skip", since=0.0), 1e6 + 5, running=True).skip_count == 100_000
+    hourly = Schedule(spec(cron="0 * * * *"), since=0.0)  # 1970-01-01T00:00 UTC
+    assert decide(hourly, 3 * 3600 + 5.0, running=True).skip_count == 3  # 01:00, 02:00, 03:00
     # Skip never catches up two at once: the latest due slot, whatever catchup says.
     assert decide(sched(overlap="skip", catchup=True), 135.0, running=False).fire == (130.0,)
 
