@@ -28,6 +28,7 @@ from nerv_cluster.errors import (
 )
 from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
+from nerv_cluster.replication import Replication
 from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
 
 log = logging.getLogger("nerv.eventlog")
@@ -147,12 +148,16 @@ def fresh_registry(
 class EventLog:
     """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
 
-    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: constants.Keys, replication: Replication | None = None
+    ) -> None:
         # redis-py types replies as bytes | str; this client decodes, so they are str. Any says so here
         # once instead of a cast at every call site.
         self.redis: Any = client
         self.keys = keys
-        self.scripts = Scripts(client)
+        #: Which writes wait for replicas (``nerv_cluster.replication``; none by default).
+        self.replication = replication or Replication()
+        self.scripts = Scripts(client, self.replication)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -200,6 +205,11 @@ class EventLog:
                 events=payloads,
                 client=pipe,
             )
+        if self.replication.on:
+            # Outcomes and cancellations a client or worker appends: acknowledged once replicated.
+            pipe.execute_command("WAIT", self.replication.min_replicas, self.replication.timeout_ms)
+            self.replication.wait(self.redis, pipe.execute()[-1])
+            return
         pipe.execute()
 
     def append_fenced(

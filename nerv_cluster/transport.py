@@ -18,16 +18,33 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 
-class Channel(kombu_redis.Channel):
-    """Redis channel that reports use after its connection is gone as a connection error."""
+class _ReportsClosed:
+    """Reports use of a channel after its connection is gone as a connection error."""
+
+    connection: Any
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:
             raise redis.ConnectionError("this broker channel was closed with its lost connection")
-        return super()._connparams(asynchronous=asynchronous)
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
+
+
+class Channel(_ReportsClosed, kombu_redis.Channel):
+    """Redis channel that reports use after its connection is gone as a connection error."""
 
 
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+class SentinelChannel(_ReportsClosed, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the Sentinels for the primary on each new connection) with the
+    same fix."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel` (``sentinel://`` brokers)."""
+
+    Channel = SentinelChannel
