@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from nerv_cluster.errors import ConfigurationError
 
@@ -78,6 +78,33 @@ class SentinelURL:
         return cls(tuple(sentinels), parts[0], db, username, password)
 
 
+class _AsksWhereThePrimaryIs:
+    """Ask the Sentinels for the primary's address before every socket connect.
+
+    redis-py 8.1's ``SentinelManagedConnection`` asks only in ``connect()``; a command retried after a
+    connection error reconnects through ``connect_check_health()``, to the address it had, so every
+    retry during a failover goes to the dead primary until the retries run out (~35 s here). Asking
+    on each socket connect sends the retry to the new primary as soon as the Sentinels name it.
+    """
+
+    connection_pool: Any
+    host: str
+    port: int
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()  # type: ignore[misc]
+
+
+class PrimaryConnection(_AsksWhereThePrimaryIs, SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, found again on every reconnect."""
+
+
+class PrimarySSLConnection(_AsksWhereThePrimaryIs, SentinelManagedSSLConnection):
+    """:class:`PrimaryConnection` over TLS."""
+
+
 def is_sentinel(url: str) -> bool:
     """True for a ``sentinel://`` URL."""
     return url.startswith(SCHEME)
@@ -108,6 +135,7 @@ def master_client(settings: Settings, **connection: Any) -> redis.Redis:
     return manager.master_for(
         url.service,
         redis_class=redis.Redis,
+        connection_class=PrimarySSLConnection if tls else PrimaryConnection,
         db=url.db,
         username=url.username,
         password=url.password or settings.redis_password or None,

@@ -42,7 +42,9 @@ class Cluster(LocalCluster):
         settings = Settings.from_env(self.env)
         # Behind Sentinel: a client of whichever server is the primary now (it follows a failover).
         self.redis = (
-            connect(settings) if is_sentinel(redis_url) else redis.Redis.from_url(redis_url, decode_responses=True)
+            connect(settings)
+            if is_sentinel(redis_url)
+            else redis.Redis.from_url(redis_url, decode_responses=True)
         )
         self.client = Client(settings=settings)
 

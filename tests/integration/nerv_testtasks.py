@@ -26,7 +26,9 @@ def _redis() -> redis.Redis:
     if _client is None or _pid != os.getpid():
         url = os.environ["NERV_REDIS_URL"]
         _client = (
-            connect(Settings.from_env()) if is_sentinel(url) else redis.Redis.from_url(url, decode_responses=True)
+            connect(Settings.from_env())
+            if is_sentinel(url)
+            else redis.Redis.from_url(url, decode_responses=True)
         )
         _pid = os.getpid()
     return _client

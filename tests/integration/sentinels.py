@@ -47,7 +47,9 @@ class HaRedis:
         common = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
         self.nodes = [EmbeddedRedis(primary, dir=root / "primary", extra_args=common)] + [
             EmbeddedRedis(
-                port, dir=root / f"replica-{port}", extra_args=[*common, "--replicaof", "127.0.0.1", str(primary)]
+                port,
+                dir=root / f"replica-{port}",
+                extra_args=[*common, "--replicaof", "127.0.0.1", str(primary)],
             )
             for port in replicas
         ]
@@ -64,7 +66,9 @@ class HaRedis:
         for node in self.nodes:
             node.start()
         self._wait(
-            lambda: all(self.info(i).get("master_link_status") == "up" for i in (1, 2)), 10, "replicas never synced"
+            lambda: all(self.info(i).get("master_link_status") == "up" for i in (1, 2)),
+            10,
+            "replicas never synced",
         )
         binary = redis_server_binary()
         primary = self.nodes[0].port
@@ -120,7 +124,10 @@ class HaRedis:
     def sentinel(self, port: int | None = None) -> redis.Redis:
         """A client of one Sentinel."""
         return redis.Redis(
-            port=port or self.sentinel_ports[0], decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+            port=port or self.sentinel_ports[0],
+            decode_responses=True,
+            socket_timeout=2,
+            socket_connect_timeout=2,
         )
 
     def node(self, i: int) -> redis.Redis:
@@ -171,9 +178,7 @@ class HaRedis:
 
     def logs(self) -> str:
         """The Sentinels' log tails, for a failure message."""
-        return "\n".join(
-            tail(self.root / f"sentinel-{p}" / "sentinel.log", 15) for p in self.sentinel_ports
-        )
+        return "\n".join(tail(self.root / f"sentinel-{p}" / "sentinel.log", 15) for p in self.sentinel_ports)
 
     def _wait(self, ok: object, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
