@@ -293,3 +293,6 @@ SENTINEL_SOCKET_TIMEOUT_S: Final = 5.0
 #: Sentinel in between, before the caller gets a ``ReplicationError``.
 DEFAULT_REPLICA_TIMEOUT_MS: Final = 1_000
 REPLICATION_TRIES: Final = 3
+#: The channel a retried replicated write publishes to (nobody listens), so its ``WAIT`` covers the
+#: primary's whole replication stream so far (the first try's write included).
+REPLICATION_PROBE_CHANNEL: Final = "nerv:replication-probe"

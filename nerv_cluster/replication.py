@@ -69,26 +69,35 @@ class Replication:
     def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run ``script`` then ``WAIT`` in one pipeline; its reply once replicated, else (after
         ``tries`` tries) :class:`ReplicationError`. Errors the script raises reach the caller as they
-        would without replication."""
+        would without replication, once what they were decided on is replicated too."""
         client: Any = script.registered_client
         error: ReplicationError | None = None
-        for _ in range(self.tries):
-            reply, acked = self._once(client, script, keys, args)
-            if isinstance(reply, redis.ResponseError):
-                raise reply  # the script refused (a fenced write without the lease, a clash): no write
+        for attempt in range(self.tries):
+            reply, acked = self._once(client, script, keys, args, probe=attempt > 0)
             if acked >= self.min_replicas:
+                if isinstance(reply, redis.ResponseError):
+                    raise reply  # the script refused (no lease, a clash): it wrote nothing
                 return reply
             error = self.shortfall(client, acked)
             log.warning("%s; reconnecting and retrying", error)
         assert error is not None
         raise error
 
-    def _once(self, client: Any, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, int]:
+    def _once(
+        self, client: Any, script: Script, keys: Sequence[Any], args: Sequence[Any], probe: bool
+    ) -> tuple[Any, int]:
         for _ in range(2):
             pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if probe:
+                # A retry may find its first try's write done and write nothing itself ("already
+                # recorded"), and WAIT counts only this connection's writes: a write of no consequence
+                # (a publish is replicated) makes the WAIT cover everything the primary holds so far,
+                # the first try included.
+                pipe.publish(constants.REPLICATION_PROBE_CHANNEL, "")
             pipe.execute_command("WAIT", self.min_replicas, self.timeout_ms)
-            reply, acked = pipe.execute(raise_on_error=False)
+            replies = pipe.execute(raise_on_error=False)
+            reply, acked = replies[0], replies[-1]
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # A new primary (after a failover or a restart) has not seen the script: load it there.
                 script.sha = client.script_load(script.script)

@@ -16,6 +16,7 @@ in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ssl import CERT_REQUIRED
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -161,9 +162,9 @@ def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str,
         sentinel_kwargs.update(tls)
     if sentinel_kwargs:
         options["sentinel_kwargs"] = sentinel_kwargs
-    ssl = None
+    ssl: dict[str, Any] | None = None
     if tls:
-        ssl = {"ssl_cert_reqs": "required"}
+        ssl = {"ssl_cert_reqs": CERT_REQUIRED}
         if settings.redis_tls_ca_certs:
             ssl["ssl_ca_certs"] = settings.redis_tls_ca_certs
     return ";".join(urls), options, ssl
