@@ -122,6 +122,12 @@ class ReplicationError(NervError):
         super().__init__(message)
 
 
+class StoreFullError(NervError):
+    """Redis is at its ``maxmemory`` (``noeviction``: it refuses writes rather than drop keys): the write
+    was refused and nothing of it was written; retry once memory is freed (finished runs expire after
+    their retention time) or the limit raised."""
+
+
 class LeaseLostError(NervError):
     """This scheduler no longer holds the lease; its writes are fenced off."""
 

@@ -24,6 +24,7 @@ from nerv_cluster.errors import (
     NervError,
     RunMovedError,
     RunNotFoundError,
+    StoreFullError,
     UnknownEventTypeError,
 )
 from nerv_cluster.intake import describe
@@ -93,6 +94,12 @@ def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
         if "LEASE_LOST" in str(exc):
             raise LeaseLostError(str(exc)) from exc
         raise
+
+
+def is_full(exc: redis.ResponseError) -> bool:
+    """True for Redis's refusal of a write at ``maxmemory`` (also when a script's first write is refused:
+    Redis checks a script's first write, so such a script wrote nothing)."""
+    return "OOM command not allowed" in str(exc)
 
 
 def attempt_field(task_id: str, attempt: int) -> str:
@@ -179,6 +186,12 @@ class EventLog:
                 feed_maxlen=constants.FEED_MAXLEN,
             )
         except redis.ResponseError as exc:
+            if is_full(exc):
+                raise StoreFullError(
+                    f"Redis is full (maxmemory reached, policy noeviction): submission of run "
+                    f"{event.run_id!r} refused, nothing written; retry once memory is freed or maxmemory "
+                    "is raised"
+                ) from exc
             if "RUN_EXISTS" not in str(exc):
                 raise
             if existing_ok:

@@ -93,3 +93,29 @@ def test_disruption_budgets_keep_a_quorum() -> None:
     pdbs = by_kind(objs(), "PodDisruptionBudget")
     assert pdbs["nerv-redis"]["spec"]["maxUnavailable"] == 1
     assert pdbs["nerv-redis-sentinel"]["spec"]["maxUnavailable"] == 1
+
+
+# --- docker-compose: the `sentinel` profile and docker-compose.sentinel.yml ---------------------------------
+
+
+def test_compose_sentinel_profile_and_override() -> None:
+    from tests.deploy.test_manifests import ROOT, services
+
+    svcs = services()
+    sentinels = sorted(n for n in svcs if n.startswith("sentinel-"))
+    replicas = sorted(n for n in svcs if n.startswith("redis-replica-"))
+    assert len(sentinels) == 3 and len(replicas) == 2
+    for name in sentinels + replicas:
+        assert svcs[name]["profiles"] == ["sentinel"], name
+    for name in replicas:
+        cmd = svcs[name]["command"]
+        assert cmd[cmd.index("--replicaof") + 1 : cmd.index("--replicaof") + 3] == ["redis", "6379"]
+    script = svcs["sentinel-1"]["command"][0]
+    assert "sentinel monitor nerv redis 6379 2" in script and "--sentinel" in script
+    override = yaml.safe_load((ROOT / "docker-compose.sentinel.yml").read_text())["services"]
+    nerv = {n for n, s in svcs.items() if "build" in s or str(s.get("image", "")).startswith("nerv-cluster")}
+    assert set(override) == nerv, "every nerv service goes through the Sentinels"
+    for name, svc in override.items():
+        url = SentinelURL.parse(svc["environment"]["NERV_REDIS_URL"])
+        assert sorted(h for h, _ in url.sentinels) == sentinels and url.service == "nerv", name
+        assert set(svc["depends_on"]) == set(sentinels + replicas)
