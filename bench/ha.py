@@ -41,12 +41,14 @@ def run_once(url: str, n: int, workers: int, min_replicas: int) -> dict[str, flo
         probe = redis.Redis.from_url(url, decode_responses=True)
         feed = Keys("nerv").feed
         before_cpu, before_events = _cpu(probe), int(probe.xlen(feed))
+        before_mem = int(probe.info("memory")["used_memory"])
         m = engine.run(fanout(n))
         cpu, events = _cpu(probe) - before_cpu, int(probe.xlen(feed)) - before_events
+        memory = int(probe.info("memory")["used_memory"]) - before_mem
     finally:
         engine.stop()
         os.environ.pop("NERV_REDIS_MIN_REPLICAS", None)
-    return {"seconds": m.seconds, "redis_cpu": cpu, "events": float(events)}
+    return {"seconds": m.seconds, "redis_cpu": cpu, "events": float(events), "bytes": float(memory)}
 
 
 def runs_per_redis_cpu(url: str, runs: int, workers: int) -> dict[str, float]:
@@ -100,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             secs = statistics.median(x["seconds"] for x in runs)
             cpu = statistics.median(x["redis_cpu"] for x in runs)
             events = statistics.median(x["events"] for x in runs)
+            held = statistics.median(x["bytes"] for x in runs)
             rows[mode] = (secs, cpu, events)
             print(
                 f"min_replicas={mode}: {secs:.3f}s = {args.n / secs:.0f} tasks/s; Redis CPU {cpu:.3f}s "
                 f"for {events:.0f} logged events = {events / cpu:.0f} events per Redis CPU second, "
-                f"{args.n / cpu:.0f} tasks per Redis CPU second"
+                f"{args.n / cpu:.0f} tasks per Redis CPU second; Redis holds {held / args.n:.0f} bytes per "
+                "finished task (until the retention time)"
             )
         print(f"ratio wall(min_replicas=1) / wall(min_replicas=0): {rows[1][0] / rows[0][0]:.2f}")
         print(f"ratio Redis CPU(1) / Redis CPU(0): {rows[1][1] / rows[0][1]:.2f}")
