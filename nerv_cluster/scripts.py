@@ -99,7 +99,10 @@ class Submit(LuaScript):
 
 
 class Append(LuaScript):
-    """Append events of one run to its log and to the feed, and announce them; returns how many."""
+    """Append events of one run to its log and to the feed, and announce them; returns how many.
+
+    Called in a pipeline (``EventLog.append``), which ends with the ``WAIT`` itself and is not retried on
+    a short one: an append is not idempotent in the log (readers drop a repeated event by its id)."""
 
     name = "append"
     replicated = True
