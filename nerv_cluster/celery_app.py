@@ -6,19 +6,31 @@ task whose worker dies is redelivered, and task events on so Flower can watch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 
-from nerv_cluster import constants
+from nerv_cluster import constants, sentinel
 from nerv_cluster.settings import Settings
 
 
 def create_celery(settings: Settings, main: str = "nerv") -> Celery:
     """A configured Celery app (no tasks registered; workers add theirs)."""
-    app = Celery(main, broker=settings.broker, set_as_current=False)
+    broker_url, transport_options = settings.broker, {"visibility_timeout": settings.visibility_timeout}
+    use_ssl: dict[str, Any] | None = None
+    if sentinel.is_sentinel(broker_url):
+        # kombu's own form: one sentinel:// URL per Sentinel, the service name as a transport option.
+        broker_url, more, use_ssl = sentinel.broker(settings, broker_url)
+        transport_options.update(more)
+    app = Celery(main, broker=broker_url, set_as_current=False)
     if settings.broker.startswith(("redis://", "rediss://")):
         # kombu's Redis transport plus a fix for surviving a Redis restart (see nerv_cluster.transport).
         app.conf.broker_transport = "nerv_cluster.transport:Transport"
+    elif sentinel.is_sentinel(settings.broker):
+        app.conf.broker_transport = "nerv_cluster.transport:SentinelTransport"
+        if use_ssl is not None:
+            app.conf.broker_use_ssl = use_ssl
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -31,7 +43,7 @@ def create_celery(settings: Settings, main: str = "nerv") -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=settings.prefetch_multiplier,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_queues=[Queue(q, routing_key=q) for q in constants.QUEUES],

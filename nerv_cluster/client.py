@@ -14,7 +14,7 @@ from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from nerv_cluster import caching, constants, history, idempotency, limits, waits
+from nerv_cluster import caching, constants, history, idempotency, limits, sentinel, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -36,6 +36,7 @@ from nerv_cluster.fairshare import run_meta
 from nerv_cluster.ids import check_id
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskPriority, new_run_id
 from nerv_cluster.registry import TaskFunction
+from nerv_cluster.replication import Replication
 from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec, event_run_id, trigger_run_id
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
@@ -56,19 +57,27 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
 
     Every write nerv retries is idempotent (scripts check before they write), so a retried command
     whose first try did run changes nothing.
+
+    A ``sentinel://`` URL gives a client of the primary the Sentinels name (``nerv_cluster.sentinel``):
+    each new connection asks them where it is, so a retried command after a failover reaches the new one.
     """
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        retry=Retry(
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "retry": Retry(
             ExponentialWithJitterBackoff(base=0.05, cap=1.0),
             settings.redis_retries if retries is None else retries,
         ),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if sentinel.is_sentinel(settings.redis_url):
+        options["socket_timeout"] = settings.redis_socket_timeout or constants.SENTINEL_SOCKET_TIMEOUT_S
+        return sentinel.master_client(settings, **options)
+    if settings.redis_socket_timeout:
+        options["socket_timeout"] = settings.redis_socket_timeout
+    return redis.Redis.from_url(settings.redis_url, **options)
 
 
 class Client:
@@ -91,7 +100,7 @@ class Client:
         self.settings = settings
         self.redis = redis_client or connect(settings)
         self.keys = settings.keys()
-        self.log = EventLog(self.redis, self.keys)
+        self.log = EventLog(self.redis, self.keys, Replication.of(settings))
         self.bus = bus or EventBus()
         self._bridge = RedisBridge(self.redis, self.keys, self.bus)
 

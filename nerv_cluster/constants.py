@@ -337,3 +337,18 @@ class Keys:
 
         start = f"{glob_escaped(self.prefix)}:cache:"
         return f"{start}*" if fn is None else f"{start}{glob_escaped(fn)}:*"
+
+
+#: High availability (issue 17; nerv_cluster/sentinel.py, nerv_cluster/replication.py). A client of
+#: Redis behind Sentinel gives up on a command after this many seconds without a reply (unless
+#: ``NERV_REDIS_SOCKET_TIMEOUT`` says otherwise), so a paused primary never holds a process forever;
+#: it must outlast our longest blocking read (``client.follow``: 1 s).
+SENTINEL_SOCKET_TIMEOUT_S: Final = 5.0
+#: The writes that must reach replicas (``NERV_REDIS_MIN_REPLICAS``, default none) wait this long for
+#: them (``NERV_REDIS_REPLICA_TIMEOUT_MS``), and are tried this many times, reconnecting through
+#: Sentinel in between, before the caller gets a ``ReplicationError``.
+DEFAULT_REPLICA_TIMEOUT_MS: Final = 1_000
+REPLICATION_TRIES: Final = 3
+#: The channel a retried replicated write publishes to (nobody listens), so its ``WAIT`` covers the
+#: primary's whole replication stream so far (the first try's write included).
+REPLICATION_PROBE_CHANNEL: Final = "nerv:replication-probe"

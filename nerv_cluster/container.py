@@ -20,6 +20,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.planner import plan
 from nerv_cluster.registry import default_registry
+from nerv_cluster.replication import Replication
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import StateProjector
 
@@ -34,7 +35,7 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Singleton(Settings.from_env)
     keys = providers.Singleton(Keys, prefix=settings.provided.prefix)
     redis = providers.Singleton(connect, settings)
-    eventlog = providers.Singleton(EventLog, redis, keys)
+    eventlog = providers.Singleton(EventLog, redis, keys, providers.Callable(Replication.of, settings))
     #: None when ``settings.handoff`` is off: then every job travels as a Celery message.
     handoffs: providers.Provider[Any] = providers.Singleton(_handoffs, settings, redis, keys)
     bus = providers.Singleton(EventBus)

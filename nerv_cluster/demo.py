@@ -25,12 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from nerv_cluster import progress
-from nerv_cluster.client import Client
+from nerv_cluster.client import Client, connect
 from nerv_cluster.constants import UI_DEFAULT_HOST, UI_DEFAULT_PORT, UI_READY_LINE, WORKER_READY_LINE
 from nerv_cluster.embedded import EmbeddedRedisError
 from nerv_cluster.errors import NervError, ServiceFailed, WaitTimeoutError
 from nerv_cluster.launcher import LocalCluster, LocalStack, Service
 from nerv_cluster.model import RunStatus
+from nerv_cluster.sentinel import is_sentinel
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import run_result
 
@@ -46,7 +47,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def probe(url: str) -> None:
     """Fail fast, before starting anything, when a given Redis does not answer."""
-    probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, retry=None)
+    if is_sentinel(url):
+        probe = connect(Settings.from_env(redis_url=url, redis_socket_timeout=3), retries=0)
+    else:
+        probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, retry=None)
     try:
         probe.ping()
     except redis.RedisError as exc:

@@ -116,6 +116,23 @@ class WaitTimeoutError(NervError, TimeoutError):
     """A run did not finish within the time ``Client.wait`` was given."""
 
 
+class ReplicationError(NervError):
+    """A write whose loss would lose work did not reach ``NERV_REDIS_MIN_REPLICAS`` replicas in time
+    (a replica down, or this primary cut off from them): it was not acknowledged; retry it (nerv's
+    writes are idempotent)."""
+
+    def __init__(self, message: str, acked: int = 0, wanted: int = 0) -> None:
+        self.acked = acked
+        self.wanted = wanted
+        super().__init__(message)
+
+
+class StoreFullError(NervError):
+    """Redis is at its ``maxmemory`` (``noeviction``: it refuses writes rather than drop keys): the write
+    was refused and nothing of it was written; retry once memory is freed (finished runs expire after
+    their retention time) or the limit raised."""
+
+
 class LeaseLostError(NervError):
     """This scheduler no longer holds the lease; its writes are fenced off."""
 

@@ -24,10 +24,12 @@ from nerv_cluster.errors import (
     NervError,
     RunMovedError,
     RunNotFoundError,
+    StoreFullError,
     UnknownEventTypeError,
 )
 from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
+from nerv_cluster.replication import Replication
 from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
 
 log = logging.getLogger("nerv.eventlog")
@@ -94,6 +96,12 @@ def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
         raise
 
 
+def is_full(exc: redis.ResponseError) -> bool:
+    """True for Redis's refusal of a write at ``maxmemory`` (also when a script's first write is refused:
+    Redis checks a script's first write, so such a script wrote nothing)."""
+    return "OOM command not allowed" in str(exc)
+
+
 def attempt_field(task_id: str, attempt: int) -> str:
     """The hash field naming one attempt of one task."""
     return f"{task_id}:{attempt}"
@@ -147,12 +155,16 @@ def fresh_registry(
 class EventLog:
     """Reads and writes the event log. The Redis client must decode responses (``decode_responses=True``)."""
 
-    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: constants.Keys, replication: Replication | None = None
+    ) -> None:
         # redis-py types replies as bytes | str; this client decodes, so they are str. Any says so here
         # once instead of a cast at every call site.
         self.redis: Any = client
         self.keys = keys
-        self.scripts = Scripts(client)
+        #: Which writes wait for replicas (``nerv_cluster.replication``; none by default).
+        self.replication = replication or Replication()
+        self.scripts = Scripts(client, self.replication)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -174,6 +186,12 @@ class EventLog:
                 feed_maxlen=constants.FEED_MAXLEN,
             )
         except redis.ResponseError as exc:
+            if is_full(exc):
+                raise StoreFullError(
+                    f"Redis is full (maxmemory reached, policy noeviction): submission of run "
+                    f"{event.run_id!r} refused, nothing written; retry once memory is freed or maxmemory "
+                    "is raised"
+                ) from exc
             if "RUN_EXISTS" not in str(exc):
                 raise
             if existing_ok:
@@ -200,6 +218,11 @@ class EventLog:
                 events=payloads,
                 client=pipe,
             )
+        if self.replication.on:
+            # Outcomes and cancellations a client or worker appends: acknowledged once replicated.
+            pipe.execute_command("WAIT", self.replication.min_replicas, self.replication.timeout_ms)
+            self.replication.wait(self.redis, pipe.execute()[-1])
+            return
         pipe.execute()
 
     def append_fenced(

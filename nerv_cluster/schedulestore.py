@@ -18,6 +18,7 @@ from nerv_cluster.constants import Keys
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import logged_at
 from nerv_cluster.model import Event
+from nerv_cluster.replication import Replication
 from nerv_cluster.schedules import Schedules, fold_schedules
 from nerv_cluster.scripts import ScheduleFire, SchedulesCompact
 
@@ -28,10 +29,10 @@ Fire = tuple[Event, Event]
 class ScheduleStore:
     """Reads and writes the schedules stream."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, replication: Replication | None = None) -> None:
         self.redis = client
         self.keys = keys
-        self._fire = ScheduleFire(client)
+        self._fire = ScheduleFire(client, replication)
         self._compact = SchedulesCompact(client)
 
     def read(self) -> tuple[list[Event], str]:

@@ -9,7 +9,9 @@ is used, that no fixed position is read by number, and that each call's paramete
 names in order. Only the variable-length tail (per-event, per-attempt groups) is read by index, after
 ``NKEYS`` keys and ``NARGV`` arguments, which the prelude also defines.
 
-All scripts run with EVALSHA (redis-py's ``Script`` reloads a script Redis forgot, after a restart).
+All scripts run with EVALSHA (redis-py's ``Script`` reloads a script Redis forgot, after a restart or
+a failover). A script marked ``replicated`` (its write must survive a failover) waits for replicas
+after it runs when the :class:`~nerv_cluster.replication.Replication` policy asks for them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from importlib import resources
 from typing import Any, ClassVar
 
 import redis
+
+from nerv_cluster.replication import Replication
 
 
 @cache
@@ -44,10 +48,13 @@ class LuaScript:
     name: ClassVar[str]
     keys: ClassVar[tuple[str, ...]] = ()
     args: ClassVar[tuple[str, ...]] = ()
+    #: Its write is one whose loss would lose work: it waits for replicas when the policy says so.
+    replicated: ClassVar[bool] = False
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
         self.source = prelude(self.keys, self.args) + lua_source(self.name)
         self._script = client.register_script(self.source)
+        self.replication = replication or Replication()
 
     def _run(
         self,
@@ -61,6 +68,8 @@ class LuaScript:
         if len(keys) != len(self.keys) or len(args) != len(self.args):
             got = f"got {len(keys)} and {len(args)}"
             raise TypeError(f"{self.name}.lua takes keys {self.keys} and args {self.args}, {got}")
+        if client is None and self.replicated and self.replication.on:
+            return self.replication.run(self._script, [*keys, *more_keys], [*args, *more_args])
         return self._script(keys=[*keys, *more_keys], args=[*args, *more_args], client=client)
 
 
@@ -69,6 +78,7 @@ class Submit(LuaScript):
     announce it. Raises ``RUN_EXISTS`` (a ResponseError) when the run's log already exists."""
 
     name = "submit"
+    replicated = True
     keys = ("run_log", "feed", "active", "runs")
     args = ("run_id", "channel", "event", "submitted_at", "feed_maxlen")
 
@@ -89,9 +99,13 @@ class Submit(LuaScript):
 
 
 class Append(LuaScript):
-    """Append events of one run to its log and to the feed, and announce them; returns how many."""
+    """Append events of one run to its log and to the feed, and announce them; returns how many.
+
+    Called in a pipeline (``EventLog.append``), which ends with the ``WAIT`` itself and is not retried on
+    a short one: an append is not idempotent in the log (readers drop a repeated event by its id)."""
 
     name = "append"
+    replicated = True
     keys = ("run_log", "feed")
     args = ("channel", "feed_maxlen")
 
@@ -115,6 +129,7 @@ class FencedAppend(LuaScript):
     own) for ``reply_ttl_ms``, and a resent call returns it without writing again."""
 
     name = "fenced_append"
+    replicated = True
     keys = ("lease", "reply")
     args = ("token", "reply_ttl_ms", "n_events")
 
@@ -139,6 +154,7 @@ class Start(LuaScript):
     one alone before it runs."""
 
     name = "start"
+    replicated = True
     keys = ("feed",)
     args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers", "n_outcomes", "batch")
 
@@ -164,6 +180,7 @@ class Finish(LuaScript):
     that flag when the last outcome was recorded (the worker then waits for a hand-off)."""
 
     name = "finish"
+    replicated = True
     keys = ("feed",)
     args = ("feed_maxlen", "waiting", "waiting_ttl_ms")
 
@@ -185,6 +202,7 @@ class Lease(LuaScript):
     token is the epoch counter's next value and ``nonce``, a random part the caller made."""
 
     name = "lease"
+    replicated = True
     keys = ("lease", "epoch")
     args = ("token", "ttl_ms", "renew_only", "nonce")
 
@@ -211,6 +229,7 @@ class Supersede(LuaScript):
     scheduler has it, else the outcome a worker recorded first)."""
 
     name = "supersede"
+    replicated = True
     keys = ("lease",)
     args = ("token", "value")
 
@@ -239,6 +258,7 @@ class Rerun(LuaScript):
     ``LEASE_LOST`` when it no longer holds it."""
 
     name = "rerun"
+    replicated = True
     keys = ("run_log", "outcomes", "claims", "checkpoint", "reruns", "feed", "active", "lease")
     args = ("run_id", "channel", "event", "expected", "n", "feed_maxlen", "token")
 
@@ -323,6 +343,7 @@ class Spawn(LuaScript):
     ``taken`` (the child's run id is another run's). ``LEASE_LOST`` (a ResponseError) when not leader."""
 
     name = "spawn"
+    replicated = True
     keys = ("lease", "active", "runs")
     args = ("token",)
 
@@ -345,6 +366,7 @@ class ScheduleFire(LuaScript):
     (created) or 0 (existed). ``LEASE_LOST`` (a ResponseError) when not leader."""
 
     name = "schedule_fire"
+    replicated = True
     keys = ("lease", "schedules", "active", "runs")
     args = ("token", "n_fires")
 
@@ -401,20 +423,21 @@ ALL: tuple[type[LuaScript], ...] = (
 class Scripts:
     """Every script, registered on one Redis client (the event log's)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.submit = Submit(client)
-        self.append = Append(client)
-        self.fenced_append = FencedAppend(client)
-        self.start = Start(client)
-        self.finish = Finish(client)
-        self.lease = Lease(client)
-        self.release = Release(client)
-        self.supersede = Supersede(client)
-        self.checkpoint = Checkpoint(client)
+    def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
+        self.replication = r = replication or Replication()
+        self.submit = Submit(client, r)
+        self.append = Append(client, r)
+        self.fenced_append = FencedAppend(client, r)
+        self.start = Start(client, r)
+        self.finish = Finish(client, r)
+        self.lease = Lease(client, r)
+        self.release = Release(client, r)
+        self.supersede = Supersede(client, r)
+        self.checkpoint = Checkpoint(client, r)
         # rerun (issue 16)
-        self.rerun = Rerun(client)
-        self.close = Close(client)
-        self.spawn = Spawn(client)
+        self.rerun = Rerun(client, r)
+        self.close = Close(client, r)
+        self.spawn = Spawn(client, r)
         # idem (issue 11): schedules
-        self.schedule_fire = ScheduleFire(client)
-        self.schedules_compact = SchedulesCompact(client)
+        self.schedule_fire = ScheduleFire(client, r)
+        self.schedules_compact = SchedulesCompact(client, r)

@@ -10,6 +10,7 @@ from typing import Any
 from nerv_cluster import constants
 from nerv_cluster.errors import ConfigurationError
 from nerv_cluster.fairshare import parse_weights
+from nerv_cluster.sentinel import SentinelURL
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -20,7 +21,25 @@ def _split(value: str) -> tuple[str, ...]:
 class Settings:
     """Everything configurable. Each field is read from ``NERV_<FIELD NAME IN CAPITALS>``."""
 
+    #: ``redis://``, ``rediss://``, ``unix://``, or ``sentinel://host:port[,host:port...]/<service>[/<db>]``
+    #: for Redis behind Sentinel (``nerv_cluster.sentinel``).
     redis_url: str = constants.DEFAULT_REDIS_URL
+    #: The Redis data nodes' password when the URL carries none (meant for ``sentinel://`` URLs).
+    redis_password: str = ""
+    #: The Sentinels' own password (``requirepass`` of the Sentinels), if they have one.
+    redis_sentinel_password: str = ""
+    #: TLS to the Sentinels and the data nodes of a ``sentinel://`` URL (plain URLs say ``rediss://``),
+    #: with this CA bundle (empty: the system's).
+    redis_tls: bool = False
+    redis_tls_ca_certs: str = ""
+    #: Seconds a Redis command may go without a reply before it counts as a connection error (and is
+    #: retried, through Sentinel, on the new primary); 0: none on plain URLs, 5 s on ``sentinel://``.
+    redis_socket_timeout: float = 0.0
+    #: Replicas that must hold a write whose loss would lose work (an accepted submission, a recorded
+    #: outcome, a scheduler decision) before it is acknowledged (``WAIT``, ``nerv_cluster.replication``);
+    #: 0: none, no cost. A write not replicated in time is a ``ReplicationError`` to its caller.
+    redis_min_replicas: int = 0
+    redis_replica_timeout_ms: int = constants.DEFAULT_REPLICA_TIMEOUT_MS
     #: Celery broker; defaults to ``redis_url``.
     broker_url: str = ""
     prefix: str = constants.DEFAULT_PREFIX
@@ -142,9 +161,16 @@ class Settings:
         return replace(self, **changes)
 
     def __post_init__(self) -> None:
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
             raise ConfigurationError(
-                f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}"
+                f"redis_url must be a redis://, rediss://, unix:// or sentinel:// URL, got {self.redis_url!r}"
+            )
+        if self.redis_url.startswith("sentinel://"):
+            SentinelURL.parse(self.redis_url)
+        if self.redis_min_replicas < 0 or self.redis_replica_timeout_ms <= 0 or self.redis_socket_timeout < 0:
+            raise ConfigurationError(
+                "redis_min_replicas must be 0 or more, redis_replica_timeout_ms positive, "
+                "redis_socket_timeout 0 or more"
             )
         for name in (
             "max_payload_bytes",

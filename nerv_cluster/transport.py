@@ -18,16 +18,42 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 
-class Channel(kombu_redis.Channel):
-    """Redis channel that reports use after its connection is gone as a connection error."""
+class _ReportsClosed:
+    """Reports use of a channel after its connection is gone as a connection error."""
+
+    connection: Any
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:
             raise redis.ConnectionError("this broker channel was closed with its lost connection")
-        return super()._connparams(asynchronous=asynchronous)
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
+
+
+class Channel(_ReportsClosed, kombu_redis.Channel):
+    """Redis channel that reports use after its connection is gone as a connection error."""
+
+
+#: A Redis at ``maxmemory`` (``noeviction``) refuses kombu's bookkeeping writes (the unacked index)
+#: with ``OutOfMemoryError``, which Celery takes for an unrecoverable error: the worker exits. Counted as
+#: a connection error instead, Celery reconnects with backoff until memory is there again, and the
+#: messages stay in Redis (issue 17, the full-memory drill). kombu reads these from the transport class.
+CONNECTION_ERRORS = (*kombu_redis.Transport.connection_errors, redis.exceptions.OutOfMemoryError)
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel`, riding out a full Redis."""
 
     Channel = Channel
+    connection_errors = CONNECTION_ERRORS
+
+
+class SentinelChannel(_ReportsClosed, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the Sentinels for the primary on each new connection) with the
+    same fix."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel` (``sentinel://`` brokers)."""
+
+    Channel = SentinelChannel
+    connection_errors = CONNECTION_ERRORS

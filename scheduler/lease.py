@@ -18,6 +18,7 @@ from collections.abc import Callable
 import redis
 
 from nerv_cluster import constants
+from nerv_cluster.errors import ReplicationError
 from nerv_cluster.eventlog import EventLog
 
 log = logging.getLogger("nerv.scheduler")
@@ -108,14 +109,20 @@ class Lease:
             sent = time.monotonic()
             k = self._log.keys
             nonce = secrets.token_hex(constants.LEASE_NONCE_BYTES)
-            got = self._log.scripts.lease(
-                lease=k.lease,
-                epoch=k.epoch,
-                token=token,
-                ttl_ms=self.ttl_ms,
-                renew_only=renew_only,
-                nonce=nonce,
-            )
+            try:
+                got = self._log.scripts.lease(
+                    lease=k.lease,
+                    epoch=k.epoch,
+                    token=token,
+                    ttl_ms=self.ttl_ms,
+                    renew_only=renew_only,
+                    nonce=nonce,
+                )
+            except ReplicationError as exc:
+                # No replica holds this term (a cut-off old primary after a failover, or the replicas
+                # gone): a lease that may not survive a failover is no lease; step down (issue 17).
+                log.warning("lease not replicated, not held: %s", exc)
+                got = None
             return self._update(got, sent)
 
     def _update(self, got: object, sent: float) -> bool:

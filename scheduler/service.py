@@ -32,7 +32,7 @@ import redis
 from nerv_cluster import constants
 from nerv_cluster import state as st
 from nerv_cluster.cachestore import CacheStore
-from nerv_cluster.errors import LeaseLostError
+from nerv_cluster.errors import LeaseLostError, ReplicationError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.fairshare import Share, share_of
 from nerv_cluster.handoff import Handoffs
@@ -108,7 +108,7 @@ class SchedulerService:
         #: Concurrency keys and rate limits (issue 11, nerv_cluster/limits.py).
         self.gate = Gate()
         self.limit_watch = LimitWatch(self.gate)
-        self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys))
+        self.schedules = ScheduleRoom(ScheduleStore(log.redis, log.keys, log.scripts.replication))
         self.watchdog = Watchdog(log, settings)
         self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
@@ -509,6 +509,11 @@ class SchedulerService:
                     self.step()
                 except LeaseLostError as exc:
                     self.step_down(str(exc))
+                except ReplicationError as exc:
+                    # A decision no replica holds may be gone after a failover, or this Redis is a cut-off
+                    # old primary: lead only from writes that are sure to last (issue 17).
+                    self.step_down(str(exc))
+                    stop.wait(_BACKOFF_S)
                 except redis.RedisError as exc:
                     log.warning("redis error: %s; will refold and retry", exc)
                     self._stale = True

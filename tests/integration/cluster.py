@@ -17,9 +17,11 @@ from pathlib import Path
 import redis
 
 from nerv_cluster import Client, Settings
+from nerv_cluster.client import connect
 from nerv_cluster.constants import WORKER_READY_LINE
 from nerv_cluster.errors import ServiceFailed
 from nerv_cluster.launcher import LocalCluster, Service
+from nerv_cluster.sentinel import is_sentinel
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -37,8 +39,14 @@ class Cluster(LocalCluster):
             **env,
         }
         super().__init__(redis_url, logdir, test_env, cwd=ROOT)
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.client = Client(settings=Settings.from_env(self.env))
+        settings = Settings.from_env(self.env)
+        # Behind Sentinel: a client of whichever server is the primary now (it follows a failover).
+        self.redis = (
+            connect(settings)
+            if is_sentinel(redis_url)
+            else redis.Redis.from_url(redis_url, decode_responses=True)
+        )
+        self.client = Client(settings=settings)
 
     @property
     def procs(self) -> list[Service]:

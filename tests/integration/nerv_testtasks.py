@@ -13,7 +13,9 @@ from typing import Any
 
 import redis
 
-from nerv_cluster import Cache, Concurrency, RateLimit, TaskContext, task
+from nerv_cluster import Cache, Concurrency, RateLimit, Settings, TaskContext, task
+from nerv_cluster.client import connect
+from nerv_cluster.sentinel import is_sentinel
 
 _client: redis.Redis | None = None
 _pid = -1
@@ -22,7 +24,12 @@ _pid = -1
 def _redis() -> redis.Redis:
     global _client, _pid
     if _client is None or _pid != os.getpid():
-        _client = redis.Redis.from_url(os.environ["NERV_REDIS_URL"], decode_responses=True)
+        url = os.environ["NERV_REDIS_URL"]
+        _client = (
+            connect(Settings.from_env())
+            if is_sentinel(url)
+            else redis.Redis.from_url(url, decode_responses=True)
+        )
         _pid = os.getpid()
     return _client
 

@@ -1,0 +1,170 @@
+"""Redis behind Sentinel: ``NERV_REDIS_URL=sentinel://host1:26379,host2:26379/mymaster/0``.
+
+Invariant: every process that speaks to nerv's Redis through a ``sentinel://`` URL asks the Sentinels
+where the primary is on each new connection (redis-py's ``Sentinel.master_for``), so after a failover
+the next command, or redis-py's retry of the failed one, lands on the new primary without a restart;
+a connection still open to a demoted primary is dropped on its first ``READONLY`` reply. The Celery
+broker (workers, the scheduler's sends, Flower) uses kombu's own Sentinel transport with the same
+Sentinels and service name.
+
+URL form: ``sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/<db>]``; the password
+in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own password is
+``NERV_REDIS_SENTINEL_PASSWORD``; ``NERV_REDIS_TLS=1`` speaks TLS to both (with
+``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ssl import CERT_REQUIRED
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import redis
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+
+from nerv_cluster.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from nerv_cluster.settings import Settings
+
+#: The URL scheme naming Redis behind Sentinel.
+SCHEME = "sentinel://"
+#: Sentinel's default port, for hosts given without one.
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """A parsed ``sentinel://`` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        """Parse ``url``; :class:`ConfigurationError` says what is wrong with a malformed one."""
+        if not url.startswith(SCHEME):
+            raise ConfigurationError(f"not a sentinel:// URL: {url!r}")
+        rest = url[len(SCHEME) :]
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, pw = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(pw) if colon else None
+        sentinels: list[tuple[str, int]] = []
+        for part in hosts.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            host, colon, port = part.rpartition(":") if part.count(":") == 1 else (part, "", "")
+            try:
+                sentinels.append((host, int(port) if colon else DEFAULT_SENTINEL_PORT))
+            except ValueError:
+                raise ConfigurationError(f"bad sentinel address {part!r} in {url!r}") from None
+        parts = [p for p in path.split("/") if p]
+        if not sentinels or not parts or len(parts) > 2:
+            raise ConfigurationError(
+                f"a sentinel URL is sentinel://host:port[,host:port...]/<service>[/<db>], got {url!r}"
+            )
+        try:
+            db = int(parts[1]) if len(parts) == 2 else 0
+        except ValueError:
+            raise ConfigurationError(f"bad database number {parts[1]!r} in {url!r}") from None
+        return cls(tuple(sentinels), parts[0], db, username, password)
+
+
+class _AsksWhereThePrimaryIs:
+    """Ask the Sentinels for the primary's address before every socket connect.
+
+    redis-py 8.1's ``SentinelManagedConnection`` asks only in ``connect()``; a command retried after a
+    connection error reconnects through ``connect_check_health()``, to the address it had, so every
+    retry during a failover goes to the dead primary until the retries run out (~35 s here). Asking
+    on each socket connect sends the retry to the new primary as soon as the Sentinels name it.
+    """
+
+    connection_pool: Any
+    host: str
+    port: int
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()  # type: ignore[misc]
+
+
+class PrimaryConnection(_AsksWhereThePrimaryIs, SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, found again on every reconnect."""
+
+
+class PrimarySSLConnection(_AsksWhereThePrimaryIs, SentinelManagedSSLConnection):
+    """:class:`PrimaryConnection` over TLS."""
+
+
+def is_sentinel(url: str) -> bool:
+    """True for a ``sentinel://`` URL."""
+    return url.startswith(SCHEME)
+
+
+def _tls(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_tls:
+        return {}
+    opts: dict[str, Any] = {"ssl": True}
+    if settings.redis_tls_ca_certs:
+        opts["ssl_ca_certs"] = settings.redis_tls_ca_certs
+    return opts
+
+
+def master_client(settings: Settings, **connection: Any) -> redis.Redis:
+    """A client of the current primary named by ``settings.redis_url`` (a ``sentinel://`` URL);
+    ``connection`` holds the redis-py connection options (decoding, timeouts, retries)."""
+    url = SentinelURL.parse(settings.redis_url)
+    tls = _tls(settings)
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": connection.get("socket_connect_timeout", 5),
+        "socket_connect_timeout": connection.get("socket_connect_timeout", 5),
+        **tls,
+    }
+    if settings.redis_sentinel_password:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password
+    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return manager.master_for(
+        url.service,
+        redis_class=redis.Redis,
+        connection_class=PrimarySSLConnection if tls else PrimaryConnection,
+        db=url.db,
+        username=url.username,
+        password=url.password or settings.redis_password or None,
+        **tls,
+        **connection,
+    )
+
+
+def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """kombu's form of a ``sentinel://`` broker URL: the URL (one ``sentinel://`` per Sentinel, ``;``
+    apart, the data nodes' password and db on the first), the transport options (service name,
+    Sentinel password) and the ``broker_use_ssl`` options (None without TLS)."""
+    parsed = SentinelURL.parse(url)
+    password = parsed.password or settings.redis_password or ""
+    auth = f":{password}@" if password else ""
+    urls = [f"sentinel://{auth}{host}:{port}/{parsed.db}" for host, port in parsed.sentinels]
+    options: dict[str, Any] = {"master_name": parsed.service}
+    sentinel_kwargs: dict[str, Any] = {}
+    if settings.redis_sentinel_password:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password
+    tls = _tls(settings)
+    if tls:
+        sentinel_kwargs.update(tls)
+    if sentinel_kwargs:
+        options["sentinel_kwargs"] = sentinel_kwargs
+    ssl: dict[str, Any] | None = None
+    if tls:
+        ssl = {"ssl_cert_reqs": CERT_REQUIRED}
+        if settings.redis_tls_ca_certs:
+            ssl["ssl_ca_certs"] = settings.redis_tls_ca_certs
+    return ";".join(urls), options, ssl
