@@ -156,9 +156,10 @@ class Client:
             EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
         )
         try:  # the whole submission's size bounds each task's arguments (Workflow made them JSON)
-            size: int | None = len(event.to_json())
+            text: str | None = event.to_json()
         except (TypeError, ValueError):  # a hand-made definition that is no JSON: validation says where
-            size = None
+            text = None
+        size = None if text is None else len(text)
         # Structure first (cycles, payloads), then names, then the submission's size: the first error
         # is the most basic one.
         validate_definition(
@@ -183,7 +184,9 @@ class Client:
                         f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                         "start a worker with the module that defines it (nerv worker --app MODULE)"
                     )
-        size = len(event.to_json()) if size is None else size
+        if text is None:
+            text = event.to_json()
+        size = len(text)
         if size > self.settings.max_submission_bytes:
             raise PayloadTooLargeError(
                 f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "
@@ -191,7 +194,7 @@ class Client:
             )
         # Under a key the script's existence check is the claim: the second of two racing submitters
         # finds the first one's run and returns its id.
-        self.log.submit(event, existing_ok=idempotency_key is not None)
+        self.log.submit(event, existing_ok=idempotency_key is not None, text=text)
         return run_id
 
     # -- schedules (issue 11, idem) ------------------------------------------------------------------

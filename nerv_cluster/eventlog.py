@@ -168,10 +168,11 @@ class EventLog:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    def submit(self, event: Event, *, existing_ok: bool = False) -> bool:
+    def submit(self, event: Event, *, existing_ok: bool = False, text: str | None = None) -> bool:
         """Record a WORKFLOW_SUBMITTED event: the run exists from here on. True when this call created
         the run; with ``existing_ok`` (an idempotent submission) a run of that id already there is
-        False, else an error."""
+        False, else an error. ``text``: the event's JSON when the caller has it already (a big
+        workflow's is milliseconds to make)."""
         k = self.keys
         try:
             self.scripts.submit(
@@ -181,7 +182,7 @@ class EventLog:
                 runs=k.runs,
                 run_id=event.run_id,
                 channel=k.channel(event.run_id),
-                event=event.to_json(),
+                event=event.to_json() if text is None else text,
                 submitted_at=event.ts,
                 feed_maxlen=constants.FEED_MAXLEN,
             )
