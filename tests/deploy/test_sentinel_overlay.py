@@ -53,7 +53,13 @@ def test_every_nerv_pod_asks_the_sentinels() -> None:
     config = one(objs(), "ConfigMap", "nerv-config")["data"]
     assert config["NERV_REDIS_MIN_REPLICAS"] == "1"
     deployments = by_kind(objs(), "Deployment")
-    assert set(deployments) == {"nerv-scheduler", "nerv-worker-cpu", "nerv-worker-io", "nerv-flower", "nerv-console"}
+    assert set(deployments) == {
+        "nerv-scheduler",
+        "nerv-worker-cpu",
+        "nerv-worker-io",
+        "nerv-flower",
+        "nerv-console",
+    }
     for name, w in deployments.items():
         c = containers(w)[0]
         env = {e["name"]: e for e in c["env"]}
