@@ -185,17 +185,23 @@ def _slot(k: int, every: float) -> float:
     return round(k * every, 6)
 
 
+def _every_range(every: float, since: float, upto: float) -> tuple[int, int]:
+    """The first and last k with slot ``k * every`` in ``(since, upto]`` (first > last: none)."""
+    first = math.floor(since / every) + 1
+    last = math.floor(upto / every)
+    while last >= first and _slot(last, every) > upto:  # rounding to the microsecond may cross a bound
+        last -= 1
+    while first <= last and _slot(first, every) <= since:
+        first += 1
+    return first, last
+
+
 def due_slots(spec: ScheduleSpec, since: float, now: float, keep: int) -> list[float]:
     """The latest ``keep`` slots in ``(since, now]``, oldest first: O(keep), however many were missed."""
     if now <= since or keep <= 0:
         return []
     if spec.every is not None:
-        first = math.floor(since / spec.every) + 1
-        last = math.floor(now / spec.every)
-        while last >= first and _slot(last, spec.every) > now:
-            last -= 1
-        while first <= last and _slot(first, spec.every) <= since:
-            first += 1
+        first, last = _every_range(spec.every, since, now)
         return [_slot(k, spec.every) for k in range(max(first, last - keep + 1), last + 1)]
     # A second past now, then back: croniter's get_prev is strict, and now may be a slot itself.
     it = croniter(str(spec.cron), datetime.fromtimestamp(now + 1.0, ZoneInfo(spec.timezone)))
@@ -217,12 +223,7 @@ def count_slots(
     if upto <= since:
         return 0
     if spec.every is not None:
-        first = math.floor(since / spec.every) + 1
-        last = math.floor(upto / spec.every)
-        while last >= first and _slot(last, spec.every) > upto:
-            last -= 1
-        while first <= last and _slot(first, spec.every) <= since:
-            first += 1
+        first, last = _every_range(spec.every, since, upto)
         return min(cap, max(0, last - first + 1))
     it = croniter(str(spec.cron), datetime.fromtimestamp(since, ZoneInfo(spec.timezone)))
     n = 0

@@ -316,20 +316,7 @@ class SpanBuilder:
         elif status == "LOST":
             error = str(reason or "the attempt lost its worker")
         ok = True if status == "COMPLETED" else (None if status == "CANCELLED" else False)
-        out.append(
-            SpanRecord(
-                name=cur.fn,
-                trace_id=rec.trace_id,
-                span_id=attempt_span_id(ev.run_id, tid, cur.attempt),
-                parent_id=rec.span_id,
-                start=min(start, end),
-                end=end,
-                attributes=attrs,
-                links=cur.links,
-                ok=ok,
-                error=error,
-            )
-        )
+        out.append(_attempt_span(rec, ev.run_id, tid, cur, min(start, end), end, attrs, ok, error))
 
     def _end_run(self, ev: Event, out: list[SpanRecord]) -> None:
         rec = self.runs.pop(ev.run_id, None)
@@ -340,25 +327,16 @@ class SpanBuilder:
         # Attempts still open when their run ended (no end event of their own): closed with it.
         left = "CANCELLED" if status == "CANCELLED" else "UNFINISHED"
         for tid, cur in rec.open.items():
-            out.append(
-                SpanRecord(
-                    name=cur.fn,
-                    trace_id=rec.trace_id,
-                    span_id=attempt_span_id(ev.run_id, tid, cur.attempt),
-                    parent_id=rec.span_id,
-                    start=min(cur.started if cur.started is not None else cur.dispatched, end),
-                    end=end,
-                    attributes={
-                        "nerv.run_id": ev.run_id,
-                        "nerv.task_id": tid,
-                        "nerv.queue": cur.queue,
-                        "nerv.worker": cur.worker,
-                        "nerv.attempt": cur.attempt,
-                        "nerv.status": left,
-                    },
-                    links=cur.links,
-                )
-            )
+            attempt_attrs: Attributes = {
+                "nerv.run_id": ev.run_id,
+                "nerv.task_id": tid,
+                "nerv.queue": cur.queue,
+                "nerv.worker": cur.worker,
+                "nerv.attempt": cur.attempt,
+                "nerv.status": left,
+            }
+            begun = cur.started if cur.started is not None else cur.dispatched
+            out.append(_attempt_span(rec, ev.run_id, tid, cur, min(begun, end), end, attempt_attrs))
         attrs: dict[str, str | int | float | bool] = {
             "nerv.run_id": ev.run_id,
             "nerv.workflow": rec.name,
@@ -409,3 +387,29 @@ def from_settings(settings: Settings, environ: Mapping[str, str] | None = None) 
 
     log.info("tracing: runs are exported as OpenTelemetry traces over OTLP/HTTP")
     return Tracing(provider(OTLPSpanExporter()))
+
+
+def _attempt_span(
+    rec: _Run,
+    run_id: str,
+    tid: str,
+    cur: _Attempt,
+    start: float,
+    end: float,
+    attrs: Attributes,
+    ok: bool | None = None,
+    error: str = "",
+) -> SpanRecord:
+    """The span of attempt ``cur`` of ``tid``, a child of its run's span."""
+    return SpanRecord(
+        name=cur.fn,
+        trace_id=rec.trace_id,
+        span_id=attempt_span_id(run_id, tid, cur.attempt),
+        parent_id=rec.span_id,
+        start=start,
+        end=end,
+        attributes=attrs,
+        links=cur.links,
+        ok=ok,
+        error=error,
+    )

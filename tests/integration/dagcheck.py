@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 from nerv_cluster import Client, EventType, Workflow
 from nerv_cluster.model import Event
+
+
+def layered(name: str, levels: int, width: int, fn: Any, seconds: float) -> Workflow:
+    """``levels`` levels of ``width`` tasks ``fn(seconds)``, each depending on every task of the level
+    before (ids ``L<level>-<i>``)."""
+    wf = Workflow(name)
+    prev: list = []
+    for lv in range(levels):
+        prev = [wf.add(fn, seconds, id=f"L{lv}-{i}", dependencies=prev) for i in range(width)]
+    return wf
 
 
 def random_dag(

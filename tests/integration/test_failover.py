@@ -25,6 +25,7 @@ from nerv_cluster.eventlog import EventLog
 from nerv_cluster.model import Event, new_run_id
 from nerv_cluster.replication import Replication
 from scheduler.lease import Lease
+from tests.integration import dagcheck
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
 from tests.integration.sentinels import HaRedis
@@ -49,11 +50,7 @@ def ha(tmp_path: Path) -> Iterator[HaRedis]:
 
 
 def _layers(name: str, levels: int, width: int, seconds: float) -> Workflow:
-    wf = Workflow(name)
-    prev: list = []
-    for lv in range(levels):
-        prev = [wf.add(tt.slow, seconds, id=f"L{lv}-{i}", dependencies=prev) for i in range(width)]
-    return wf
+    return dagcheck.layered(name, levels, width, tt.slow, seconds)
 
 
 def _completed_once(c: Cluster, run_id: str, n: int) -> None:

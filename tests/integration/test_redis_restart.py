@@ -12,6 +12,7 @@ import pytest
 
 from nerv_cluster import EventType, RunStatus, Workflow
 from nerv_cluster.embedded import EmbeddedRedis
+from tests.integration import dagcheck
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
 
@@ -31,11 +32,7 @@ def aof_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 def _layers(name: str, levels: int, width: int, seconds: float) -> Workflow:
-    wf = Workflow(name)
-    prev: list = []
-    for lv in range(levels):
-        prev = [wf.add(tt.slow, seconds, id=f"L{lv}-{i}", dependencies=prev) for i in range(width)]
-    return wf
+    return dagcheck.layered(name, levels, width, tt.slow, seconds)
 
 
 def test_redis_killed_and_restarted_mid_run_loses_nothing(aof_redis: EmbeddedRedis, tmp_path: Path) -> None:
