@@ -51,6 +51,15 @@ class Measurement:
     approximate: bool = False
     #: Every sample's wall time when the run was repeated; ``seconds`` is their median.
     samples: list[float] = field(default_factory=list)
+    #: CPU seconds the run cost: the bench process (the engine's client) and every process under it
+    #: (the engine's scheduler and workers), user plus system; None when it could not be read. On a
+    #: shared machine this is the figure other work moves least (wall time counts their turns too).
+    cpu_s: float | None = None
+
+    @property
+    def cpu_us_per_task(self) -> float | None:
+        """CPU microseconds per task, all of the engine's processes together."""
+        return None if self.cpu_s is None or not self.tasks else 1e6 * self.cpu_s / self.tasks
 
     @property
     def tasks_per_s(self) -> float:

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench import redis_floor
@@ -89,6 +89,7 @@ class _Cell:
         if not self.samples:
             return Outcome(self.engine, self.shape, self.is_ours, ERROR, reason="not run")
         first, seconds = self.samples[0], [m.seconds for m in self.samples]
+        cpus = [m.cpu_s for m in self.samples if m.cpu_s is not None]
         # The last repeat's note: an engine may sum up every repeat in it (the cached row's medians).
         median = Measurement(
             first.engine,
@@ -98,6 +99,7 @@ class _Cell:
             note=self.samples[-1].note,
             approximate=first.approximate,
             samples=seconds,
+            cpu_s=statistics.median(cpus) if cpus else None,
         )
         return Outcome(self.engine, self.shape, self.is_ours, OK, measurement=median)
 
@@ -125,12 +127,38 @@ def _stop(engine: Engine) -> None:
         _log(f"{engine.name}: stop failed: {exc!r}")
 
 
+def tree_cpu() -> float | None:
+    """CPU seconds (user + system) of this process and every live process under it; None without psutil.
+
+    The engines' schedulers and workers are this process's descendants (our launcher, Dask's
+    LocalCluster, the Celery workers' subprocesses), so the difference over a run is what the run cost
+    them all. A process that exits during the run takes its CPU with it: the engines keep theirs up.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def _run_once(engine: Engine, shape: Shape, cell: _Cell, pause: float, label: str) -> None:
     """One timed run into ``cell``; a failure makes the cell final (no further repeats)."""
     time.sleep(pause)
     name, ours = engine.name, engine.is_ours
     try:
+        cpu0 = tree_cpu()
         m = engine.run(shape)
+        cpu1 = tree_cpu()
+        if m.cpu_s is None and cpu0 is not None and cpu1 is not None:
+            m = replace(m, cpu_s=cpu1 - cpu0)
     except (ShapeUnsupported, EngineUnavailable) as exc:
         _log(f"{name} {shape.name}: n/a: {exc}")
         cell.final = Outcome(name, shape.name, ours, NA, reason=str(exc))

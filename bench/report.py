@@ -35,7 +35,8 @@ def _spread(samples: list[float]) -> str:
 
 
 def rows(report: Report) -> list[list[str]]:
-    """One row per (shape, engine): tasks, wall s, spread, tasks/s, ms/hop (chain), ours/peer, how."""
+    """One row per (shape, engine): tasks, wall s, spread, tasks/s, CPU per task, ms/hop (chain),
+    ours/peer, how."""
     out: list[list[str]] = []
     kinds = {s.name: s.kind for s in report.shapes}
     for shape in report.shapes:
@@ -51,6 +52,7 @@ def rows(report: Report) -> list[list[str]]:
                         _num(m.seconds, ".3f"),
                         _spread(m.samples),
                         _num(m.tasks_per_s, ".1f"),
+                        "-" if m.cpu_us_per_task is None else _num(m.cpu_us_per_task, ".0f"),
                         hop,
                         _ratio_text(report, o),
                         m.note,
@@ -68,6 +70,7 @@ def rows(report: Report) -> list[list[str]]:
                         "",
                         "-",
                         "-",
+                        "-",
                         "" if o.is_ours else "n/a",
                         f"{label} ({reason})",
                     ]
@@ -75,8 +78,10 @@ def rows(report: Report) -> list[list[str]]:
     return out
 
 
-HEADER = ["shape", "engine", "tasks", "wall s", "spread", "tasks/s", "ms/hop", "ours/peer", "how"]
-RIGHT = {2, 3, 4, 5, 6, 7}
+HEADER = [
+    "shape", "engine", "tasks", "wall s", "spread", "tasks/s", "cpu us/task", "ms/hop", "ours/peer", "how",
+]  # fmt: skip
+RIGHT = {2, 3, 4, 5, 6, 7, 8}
 
 
 def table(report: Report) -> str:
@@ -110,6 +115,10 @@ def table(report: Report) -> str:
     lines.append(
         "wall s = median of the repeats; spread = (slowest - fastest) / median; "
         "ms/hop = wall time / tasks, for the chain."
+    )
+    lines.append(
+        "cpu us/task = CPU microseconds per task of the bench process (the client) and every process under "
+        "it (the engine's scheduler and workers), median of the repeats; Redis not included."
     )
     return "\n".join(lines)
 
