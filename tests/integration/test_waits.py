@@ -110,7 +110,9 @@ def test_a_signal_sent_before_the_node_is_reached_is_kept_until_it_is(cluster: C
 
 @pytest.mark.timeout(60)
 def test_of_clients_racing_one_signal_exactly_one_is_told_it_was_first(cluster: Cluster) -> None:
-    run_id = cluster.client.submit(_approval_workflow("wait-race"))
+    wf = _approval_workflow("wait-race")
+    wf.add(tt.slow, 3.0, id="hold")  # the run outlives every signal: none may find it finished
+    run_id = cluster.client.submit(wf)
     clients = [Client(settings=cluster.client.settings) for _ in range(8)]
     start = threading.Barrier(len(clients))
     answers: dict[int, bool] = {}
