@@ -16,13 +16,13 @@ in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ssl import CERT_REQUIRED
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import redis
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from nerv_cluster import tls as tls_options
 from nerv_cluster.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -111,20 +111,11 @@ def is_sentinel(url: str) -> bool:
     return url.startswith(SCHEME)
 
 
-def _tls(settings: Settings) -> dict[str, Any]:
-    if not settings.redis_tls:
-        return {}
-    opts: dict[str, Any] = {"ssl": True}
-    if settings.redis_tls_ca_certs:
-        opts["ssl_ca_certs"] = settings.redis_tls_ca_certs
-    return opts
-
-
 def master_client(settings: Settings, **connection: Any) -> redis.Redis:
     """A client of the current primary named by ``settings.redis_url`` (a ``sentinel://`` URL);
     ``connection`` holds the redis-py connection options (decoding, timeouts, retries)."""
     url = SentinelURL.parse(settings.redis_url)
-    tls = _tls(settings)
+    tls = tls_options.client_options(settings, settings.redis_url)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": connection.get("socket_connect_timeout", 5),
         "socket_connect_timeout": connection.get("socket_connect_timeout", 5),
@@ -157,14 +148,8 @@ def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str,
     sentinel_kwargs: dict[str, Any] = {}
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
-    tls = _tls(settings)
-    if tls:
-        sentinel_kwargs.update(tls)
+    # The Sentinels speak TLS too: kombu hands ``sentinel_kwargs`` to redis-py's Sentinel as is.
+    sentinel_kwargs.update(tls_options.client_options(settings, url))
     if sentinel_kwargs:
         options["sentinel_kwargs"] = sentinel_kwargs
-    ssl: dict[str, Any] | None = None
-    if tls:
-        ssl = {"ssl_cert_reqs": CERT_REQUIRED}
-        if settings.redis_tls_ca_certs:
-            ssl["ssl_ca_certs"] = settings.redis_tls_ca_certs
-    return ";".join(urls), options, ssl
+    return ";".join(urls), options, tls_options.broker_ssl(settings, url)

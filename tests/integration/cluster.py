@@ -43,7 +43,7 @@ class Cluster(LocalCluster):
         # Behind Sentinel: a client of whichever server is the primary now (it follows a failover).
         self.redis = (
             connect(settings)
-            if is_sentinel(redis_url)
+            if is_sentinel(redis_url) or redis_url.startswith("rediss://")
             else redis.Redis.from_url(redis_url, decode_responses=True)
         )
         self.client = Client(settings=settings)

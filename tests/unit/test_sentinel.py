@@ -61,7 +61,12 @@ def test_the_broker_speaks_kombus_sentinel_form() -> None:
     assert options == {"master_name": "mymaster"} and ssl is None
     tls = s.with_(redis_tls=True, redis_sentinel_password="spw", redis_tls_ca_certs="/ca.pem")
     _, options, ssl = broker(tls, tls.broker)
-    assert options["sentinel_kwargs"] == {"password": "spw", "ssl": True, "ssl_ca_certs": "/ca.pem"}
+    assert options["sentinel_kwargs"] == {
+        "password": "spw",
+        "ssl": True,
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": "/ca.pem",
+    }
     assert ssl == {"ssl_cert_reqs": CERT_REQUIRED, "ssl_ca_certs": "/ca.pem"}
     app = create_celery(s)
     assert app.conf.broker_transport == "nerv_cluster.transport:SentinelTransport"
