@@ -10,7 +10,7 @@ Sentinels and service name.
 URL form: ``sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/<db>]``; the password
 in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own password is
 ``NERV_REDIS_SENTINEL_PASSWORD``; ``NERV_REDIS_TLS=1`` speaks TLS to both (with
-``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle).
+``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle; the options are ``nerv_cluster.tls``'s).
 """
 
 from __future__ import annotations

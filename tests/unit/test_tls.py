@@ -13,6 +13,7 @@ from redis.sentinel import MasterNotFoundError
 from nerv_cluster import Settings
 from nerv_cluster.celery_app import create_celery
 from nerv_cluster.client import _Retry
+from nerv_cluster.errors import ConfigurationError
 from nerv_cluster.tls import broker_ssl, client_options, is_certificate_error
 
 
@@ -67,3 +68,10 @@ def test_the_client_retry_gives_up_on_a_certificate_error_at_once(error: str, ca
     with pytest.raises(redis.ConnectionError):
         _Retry(NoBackoff(), 3).call_with_retry(do, lambda _e: None)
     assert len(made) == calls
+
+
+def test_tls_asked_with_a_plain_url_is_refused() -> None:
+    """NERV_REDIS_TLS=1 with redis:// would otherwise speak in clear without a word."""
+    with pytest.raises(ConfigurationError, match="rediss://"):
+        Settings(redis_url="redis://127.0.0.1:6379/0", redis_tls=True)
+    assert Settings(redis_url="rediss://127.0.0.1:6380/0", redis_tls=True).redis_tls
