@@ -12,7 +12,6 @@ from typing import Any
 import redis
 from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 from nerv_cluster import caching, constants, history, idempotency, limits, sentinel, tls, waits
 from nerv_cluster import rerun as reruns
@@ -50,23 +49,6 @@ _RERUN_TRIES = 5
 _FOLD_CHUNK = 10_000
 
 
-class _Retry(Retry):
-    """redis-py's retry, except that a TLS certificate check that failed is raised at once: retrying
-    an untrusted certificate cannot help, and the caller should see the TLS error, not a long wait."""
-
-    def call_with_retry(
-        self,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
-        def retryable(error: Exception) -> bool:
-            return not tls.is_certificate_error(error) and (is_retryable is None or is_retryable(error))
-
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
-
-
 def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
     """A Redis client for nerv's own keys: decoded responses, health checks, and retries with backoff
     on connection errors, so every process rides out a Redis restart (``retries``, default
@@ -83,7 +65,7 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,
-        "retry": _Retry(
+        "retry": tls.CertificateAwareRetry(
             ExponentialWithJitterBackoff(base=0.05, cap=1.0),
             settings.redis_retries if retries is None else retries,
         ),

@@ -123,6 +123,8 @@ def master_client(settings: Settings, **connection: Any) -> redis.Redis:
     }
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
+    if tls:
+        sentinel_kwargs["retry"] = tls_options.sentinel_retry()
     manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(
         url.service,

@@ -8,15 +8,20 @@ Invariant: the server's certificate is always verified, the Celery broker's incl
 back to ``CERT_NONE`` (no verification) for a ``rediss://`` broker given no SSL options, so
 :func:`broker_ssl` always gives it ``CERT_REQUIRED``.
 
-A certificate that fails verification is a misconfiguration, not an outage: :func:`is_certificate_error`
-lets the client's retries give up on it at once (with the TLS error's text) instead of retrying it for
-``redis_retries`` rounds.
+A certificate that fails verification is a misconfiguration, not an outage: with
+:func:`is_certificate_error`, :class:`CertificateAwareRetry` (the client's and the Sentinel lookups'
+retries) gives up on it at once, with the TLS error's text, instead of retrying it ``redis_retries`` times.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import DEFAULT_RETRY_BASE, DEFAULT_RETRY_CAP, DEFAULT_RETRY_COUNT
+from redis.retry import Retry
 
 if TYPE_CHECKING:
     from nerv_cluster.settings import Settings
@@ -70,3 +75,30 @@ def is_certificate_error(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class CertificateAwareRetry(Retry):
+    """redis-py's retry, except that a failed certificate check is raised at once: retrying an untrusted
+    certificate cannot help, and the caller should see the TLS error, not a long wait."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        """Run ``do`` as redis-py's :class:`Retry` would, but never retry a certificate error."""
+
+        def retryable(error: Exception) -> bool:
+            return not is_certificate_error(error) and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def sentinel_retry() -> CertificateAwareRetry:
+    """The retry of a Sentinel lookup: redis-py's default one (its count, jittered backoff up to its
+    cap), except that an untrusted Sentinel certificate is not retried."""
+    return CertificateAwareRetry(
+        ExponentialWithJitterBackoff(base=DEFAULT_RETRY_BASE, cap=DEFAULT_RETRY_CAP), DEFAULT_RETRY_COUNT
+    )

@@ -12,9 +12,8 @@ from redis.sentinel import MasterNotFoundError
 
 from nerv_cluster import Settings
 from nerv_cluster.celery_app import create_celery
-from nerv_cluster.client import _Retry
 from nerv_cluster.errors import ConfigurationError
-from nerv_cluster.tls import broker_ssl, client_options, is_certificate_error
+from nerv_cluster.tls import CertificateAwareRetry, broker_ssl, client_options, is_certificate_error
 
 
 def test_plain_urls_ask_for_nothing() -> None:
@@ -66,7 +65,7 @@ def test_the_client_retry_gives_up_on_a_certificate_error_at_once(error: str, ca
         raise redis.ConnectionError("Connection refused")
 
     with pytest.raises(redis.ConnectionError):
-        _Retry(NoBackoff(), 3).call_with_retry(do, lambda _e: None)
+        CertificateAwareRetry(NoBackoff(), 3).call_with_retry(do, lambda _e: None)
     assert len(made) == calls
 
 
