@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import redis
-from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from nerv_cluster import tls as tls_options
 from nerv_cluster.errors import ConfigurationError
@@ -106,6 +111,37 @@ class PrimarySSLConnection(_AsksWhereThePrimaryIs, SentinelManagedSSLConnection)
     """:class:`PrimaryConnection` over TLS."""
 
 
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel client, with each Sentinel's error kept when none names a primary.
+
+    redis-py 8.1 folds them into the text of one ``MasterNotFoundError`` by ``repr``, which keeps only
+    the error's type ("network:ConnectionError"): an untrusted Sentinel certificate read like a Sentinel
+    that is down, and was retried as one. Here the text says each Sentinel's error, and when every
+    Sentinel failed its certificate check the error is chained to that ``ssl`` error, so the client's
+    retry (``nerv_cluster.tls.CertificateAwareRetry``) raises it at once. The loop is upstream's.
+    """
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors: list[tuple[str, Exception]] = []
+        for i, node in enumerate(self.sentinels):
+            try:
+                masters: dict[str, Any] = node.sentinel_masters()  # type: ignore[assignment]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                where = node.connection_pool.connection_kwargs
+                errors.append((f"{where.get('host')}:{where.get('port')}", exc))
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self.sentinels[0], self.sentinels[i] = node, self.sentinels[0]
+                ip = self._force_master_ip if self._force_master_ip is not None else state["ip"]
+                return ip, state["port"]
+        said = "; ".join(f"{where}: {exc}" for where, exc in errors)
+        error = MasterNotFoundError(f"No master found for {service_name!r}" + (f" ({said})" if said else ""))
+        if errors and all(tls_options.is_certificate_error(exc) for _, exc in errors):
+            raise error from errors[0][1]
+        raise error
+
+
 def is_sentinel(url: str) -> bool:
     """True for a ``sentinel://`` URL."""
     return url.startswith(SCHEME)
@@ -125,7 +161,7 @@ def master_client(settings: Settings, **connection: Any) -> redis.Redis:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
     if tls:
         sentinel_kwargs["retry"] = tls_options.sentinel_retry()
-    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
+    manager = _Sentinels(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(
         url.service,
         redis_class=redis.Redis,
@@ -150,8 +186,11 @@ def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str,
     sentinel_kwargs: dict[str, Any] = {}
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
-    # The Sentinels speak TLS too: kombu hands ``sentinel_kwargs`` to redis-py's Sentinel as is.
-    sentinel_kwargs.update(tls_options.client_options(settings, url))
+    # The Sentinels speak TLS too: kombu hands ``sentinel_kwargs`` to redis-py's Sentinel as is (so does
+    # Flower, which also sets a ``retry`` there); an untrusted Sentinel certificate is not retried.
+    tls = tls_options.client_options(settings, url)
+    if tls:
+        sentinel_kwargs.update(tls, retry=tls_options.sentinel_retry())
     if sentinel_kwargs:
         options["sentinel_kwargs"] = sentinel_kwargs
     return ";".join(urls), options, tls_options.broker_ssl(settings, url)

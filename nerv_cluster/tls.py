@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 #: The URL scheme of Redis over TLS (one server).
 SCHEME = "rediss://"
-#: OpenSSL's reason for a certificate that failed verification, as it appears in an error's text.
-_VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
 
 
 def wanted(settings: Settings, url: str) -> bool:
@@ -62,11 +60,8 @@ def broker_ssl(settings: Settings, url: str) -> dict[str, Any] | None:
 def is_certificate_error(error: BaseException) -> bool:
     """True if ``error`` (a redis-py error) comes from a failed TLS handshake check (an untrusted or
     mismatched certificate): retrying cannot help. redis-py raises its ``ConnectionError`` inside the
-    handler of the ``ssl`` error, so the cause is in the exception's context chain; its Sentinel client
-    gathers each Sentinel's error into the text of one ``MasterNotFoundError``, so OpenSSL's reason
-    (``CERTIFICATE_VERIFY_FAILED``) is looked for in the text as well."""
-    if _VERIFY_FAILED in str(error):
-        return True
+    handler of the ``ssl`` error, so the cause is in the exception's context chain (nerv's Sentinel
+    client chains its ``MasterNotFoundError`` to it when every Sentinel failed that way)."""
     seen: BaseException | None = error
     for _ in range(5):
         if seen is None:

@@ -139,7 +139,11 @@ class TlsRedis:
     def start(self) -> TlsRedis:
         """Start the primary, the replica (and wait until it synced over TLS), then the Sentinel (and
         wait until it knows the replica)."""
-        data = f"save ''\nappendonly no\nrequirepass {DATA_PASSWORD}\nmasterauth {DATA_PASSWORD}\n"
+        # No disk, no 5 s wait before the replica's first (diskless) sync.
+        data = (
+            f"save ''\nappendonly no\nrepl-diskless-sync-delay 0\n"
+            f"requirepass {DATA_PASSWORD}\nmasterauth {DATA_PASSWORD}\n"
+        )
         self._start("primary", f"tls-port {self.primary}\n{data}")
         self._start("replica", f"tls-port {self.replica}\n{data}replicaof 127.0.0.1 {self.primary}\n")
         self._wait(

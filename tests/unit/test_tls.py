@@ -46,9 +46,13 @@ def test_certificate_errors_are_recognised() -> None:
     chained = redis.ConnectionError("Error connecting")
     chained.__context__ = ssl.SSLCertVerificationError(1, "verify failed")
     assert is_certificate_error(chained)
-    # redis-py's Sentinel client folds each Sentinel's error into the text of one error.
-    gathered = MasterNotFoundError("No master found for 'svc' : ... [SSL: CERTIFICATE_VERIFY_FAILED]")
+    # nerv's Sentinel client chains "no master" to the TLS error when every Sentinel failed with one.
+    gathered = MasterNotFoundError("No master found for 'svc' (h:26379: ... certificate verify failed)")
+    gathered.__cause__ = chained
     assert is_certificate_error(gathered)
+    assert not is_certificate_error(
+        MasterNotFoundError("No master found for 'svc' (... CERTIFICATE_VERIFY_FAILED)")
+    )
     assert not is_certificate_error(redis.ConnectionError("Connection refused"))
 
 
