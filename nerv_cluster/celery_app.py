@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from nerv_cluster import constants, sentinel
+from nerv_cluster import constants, sentinel, tls
 from nerv_cluster.settings import Settings
 
 
@@ -27,10 +27,13 @@ def create_celery(settings: Settings, main: str = "nerv") -> Celery:
     if settings.broker.startswith(("redis://", "rediss://")):
         # kombu's Redis transport plus a fix for surviving a Redis restart (see nerv_cluster.transport).
         app.conf.broker_transport = "nerv_cluster.transport:Transport"
+        # Named by class, the transport no longer hears "rediss" from the scheme: without SSL options
+        # kombu would speak in clear to the TLS port (nerv_cluster.tls). A ?ssl_...= in the URL wins.
+        use_ssl = tls.broker_ssl(settings, settings.broker)
     elif sentinel.is_sentinel(settings.broker):
         app.conf.broker_transport = "nerv_cluster.transport:SentinelTransport"
-        if use_ssl is not None:
-            app.conf.broker_use_ssl = use_ssl
+    if use_ssl is not None:
+        app.conf.broker_use_ssl = use_ssl
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -12,9 +12,8 @@ from typing import Any
 import redis
 from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
-from nerv_cluster import caching, constants, history, idempotency, limits, sentinel, waits
+from nerv_cluster import caching, constants, history, idempotency, limits, sentinel, tls, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -66,7 +65,7 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,
-        "retry": Retry(
+        "retry": tls.CertificateAwareRetry(
             ExponentialWithJitterBackoff(base=0.05, cap=1.0),
             settings.redis_retries if retries is None else retries,
         ),
@@ -77,6 +76,8 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
         return sentinel.master_client(settings, **options)
     if settings.redis_socket_timeout:
         options["socket_timeout"] = settings.redis_socket_timeout
+    # rediss://: the CA bundle of NERV_REDIS_TLS_CA_CERTS (a ?ssl_ca_certs= in the URL wins).
+    options.update(tls.client_options(settings, settings.redis_url))
     return redis.Redis.from_url(settings.redis_url, **options)
 
 

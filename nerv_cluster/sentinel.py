@@ -10,19 +10,24 @@ Sentinels and service name.
 URL form: ``sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/<db>]``; the password
 in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own password is
 ``NERV_REDIS_SENTINEL_PASSWORD``; ``NERV_REDIS_TLS=1`` speaks TLS to both (with
-``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle).
+``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle; the options are ``nerv_cluster.tls``'s).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ssl import CERT_REQUIRED
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import redis
-from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
+from nerv_cluster import tls as tls_options
 from nerv_cluster.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -106,25 +111,47 @@ class PrimarySSLConnection(_AsksWhereThePrimaryIs, SentinelManagedSSLConnection)
     """:class:`PrimaryConnection` over TLS."""
 
 
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel client, with each Sentinel's error kept when none names a primary.
+
+    redis-py 8.1 folds them into the text of one ``MasterNotFoundError`` by ``repr``, which keeps only
+    the error's type ("network:ConnectionError"): an untrusted Sentinel certificate read like a Sentinel
+    that is down, and was retried as one. Here the text says each Sentinel's error, and when every
+    Sentinel failed its certificate check the error is chained to that ``ssl`` error, so the client's
+    retry (``nerv_cluster.tls.CertificateAwareRetry``) raises it at once. The loop is upstream's.
+    """
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors: list[tuple[str, Exception]] = []
+        for i, node in enumerate(self.sentinels):
+            try:
+                masters: dict[str, Any] = node.sentinel_masters()  # type: ignore[assignment]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                where = node.connection_pool.connection_kwargs
+                errors.append((f"{where.get('host')}:{where.get('port')}", exc))
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self.sentinels[0], self.sentinels[i] = node, self.sentinels[0]
+                ip = self._force_master_ip if self._force_master_ip is not None else state["ip"]
+                return ip, state["port"]
+        said = "; ".join(f"{where}: {exc}" for where, exc in errors)
+        error = MasterNotFoundError(f"No master found for {service_name!r}" + (f" ({said})" if said else ""))
+        if errors and all(tls_options.is_certificate_error(exc) for _, exc in errors):
+            raise error from errors[0][1]
+        raise error
+
+
 def is_sentinel(url: str) -> bool:
     """True for a ``sentinel://`` URL."""
     return url.startswith(SCHEME)
-
-
-def _tls(settings: Settings) -> dict[str, Any]:
-    if not settings.redis_tls:
-        return {}
-    opts: dict[str, Any] = {"ssl": True}
-    if settings.redis_tls_ca_certs:
-        opts["ssl_ca_certs"] = settings.redis_tls_ca_certs
-    return opts
 
 
 def master_client(settings: Settings, **connection: Any) -> redis.Redis:
     """A client of the current primary named by ``settings.redis_url`` (a ``sentinel://`` URL);
     ``connection`` holds the redis-py connection options (decoding, timeouts, retries)."""
     url = SentinelURL.parse(settings.redis_url)
-    tls = _tls(settings)
+    tls = tls_options.client_options(settings, settings.redis_url)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": connection.get("socket_connect_timeout", 5),
         "socket_connect_timeout": connection.get("socket_connect_timeout", 5),
@@ -132,7 +159,9 @@ def master_client(settings: Settings, **connection: Any) -> redis.Redis:
     }
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
-    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
+    if tls:
+        sentinel_kwargs["retry"] = tls_options.sentinel_retry()
+    manager = _Sentinels(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(
         url.service,
         redis_class=redis.Redis,
@@ -157,14 +186,11 @@ def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str,
     sentinel_kwargs: dict[str, Any] = {}
     if settings.redis_sentinel_password:
         sentinel_kwargs["password"] = settings.redis_sentinel_password
-    tls = _tls(settings)
+    # The Sentinels speak TLS too: kombu hands ``sentinel_kwargs`` to redis-py's Sentinel as is (so does
+    # Flower, which also sets a ``retry`` there); an untrusted Sentinel certificate is not retried.
+    tls = tls_options.client_options(settings, url)
     if tls:
-        sentinel_kwargs.update(tls)
+        sentinel_kwargs.update(tls, retry=tls_options.sentinel_retry())
     if sentinel_kwargs:
         options["sentinel_kwargs"] = sentinel_kwargs
-    ssl: dict[str, Any] | None = None
-    if tls:
-        ssl = {"ssl_cert_reqs": CERT_REQUIRED}
-        if settings.redis_tls_ca_certs:
-            ssl["ssl_ca_certs"] = settings.redis_tls_ca_certs
-    return ";".join(urls), options, ssl
+    return ";".join(urls), options, tls_options.broker_ssl(settings, url)

@@ -28,9 +28,11 @@ class Settings:
     redis_password: str = ""
     #: The Sentinels' own password (``requirepass`` of the Sentinels), if they have one.
     redis_sentinel_password: str = ""
-    #: TLS to the Sentinels and the data nodes of a ``sentinel://`` URL (plain URLs say ``rediss://``),
-    #: with this CA bundle (empty: the system's).
+    #: TLS to the Sentinels and the data nodes of a ``sentinel://`` URL (one server: say ``rediss://``;
+    #: with ``redis://`` it is refused, not ignored). The server's certificate is always verified.
     redis_tls: bool = False
+    #: The CA bundle (PEM) that TLS verifies the servers' certificates with, for ``sentinel://`` with
+    #: ``redis_tls`` and for ``rediss://`` (a ``?ssl_ca_certs=`` in the URL wins); empty: the system's.
     redis_tls_ca_certs: str = ""
     #: Seconds a Redis command may go without a reply before it counts as a connection error (and is
     #: retried, through Sentinel, on the new primary); 0: none on plain URLs, 5 s on ``sentinel://``.
@@ -167,6 +169,11 @@ class Settings:
             )
         if self.redis_url.startswith("sentinel://"):
             SentinelURL.parse(self.redis_url)
+        if self.redis_tls and self.redis_url.startswith(("redis://", "unix://")):
+            # Asked for TLS, given a plain URL: speaking in clear would be a silent downgrade.
+            raise ConfigurationError(
+                "redis_tls (NERV_REDIS_TLS) applies to sentinel:// URLs; for one server over TLS say rediss://"
+            )
         if self.redis_min_replicas < 0 or self.redis_replica_timeout_ms <= 0 or self.redis_socket_timeout < 0:
             raise ConfigurationError(
                 "redis_min_replicas must be 0 or more, redis_replica_timeout_ms positive, "

@@ -40,10 +40,11 @@ class Cluster(LocalCluster):
         }
         super().__init__(redis_url, logdir, test_env, cwd=ROOT)
         settings = Settings.from_env(self.env)
-        # Behind Sentinel: a client of whichever server is the primary now (it follows a failover).
+        # Behind Sentinel: a client of whichever server is the primary now (it follows a failover);
+        # rediss://: nerv's TLS options (NERV_REDIS_TLS_CA_CERTS).
         self.redis = (
             connect(settings)
-            if is_sentinel(redis_url)
+            if is_sentinel(redis_url) or redis_url.startswith("rediss://")
             else redis.Redis.from_url(redis_url, decode_responses=True)
         )
         self.client = Client(settings=settings)

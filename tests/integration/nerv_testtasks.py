@@ -27,7 +27,7 @@ def _redis() -> redis.Redis:
         url = os.environ["NERV_REDIS_URL"]
         _client = (
             connect(Settings.from_env())
-            if is_sentinel(url)
+            if is_sentinel(url) or url.startswith("rediss://")
             else redis.Redis.from_url(url, decode_responses=True)
         )
         _pid = os.getpid()

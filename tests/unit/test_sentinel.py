@@ -11,6 +11,7 @@ from nerv_cluster.celery_app import create_celery
 from nerv_cluster.errors import ConfigurationError
 from nerv_cluster.replication import Replication
 from nerv_cluster.sentinel import SentinelURL, broker, is_sentinel
+from nerv_cluster.tls import CertificateAwareRetry
 
 
 def test_parse_hosts_service_db_and_password() -> None:
@@ -61,7 +62,14 @@ def test_the_broker_speaks_kombus_sentinel_form() -> None:
     assert options == {"master_name": "mymaster"} and ssl is None
     tls = s.with_(redis_tls=True, redis_sentinel_password="spw", redis_tls_ca_certs="/ca.pem")
     _, options, ssl = broker(tls, tls.broker)
-    assert options["sentinel_kwargs"] == {"password": "spw", "ssl": True, "ssl_ca_certs": "/ca.pem"}
+    # An untrusted Sentinel certificate is not retried (nerv_cluster.tls).
+    assert isinstance(options["sentinel_kwargs"].pop("retry"), CertificateAwareRetry)
+    assert options["sentinel_kwargs"] == {
+        "password": "spw",
+        "ssl": True,
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": "/ca.pem",
+    }
     assert ssl == {"ssl_cert_reqs": CERT_REQUIRED, "ssl_ca_certs": "/ca.pem"}
     app = create_celery(s)
     assert app.conf.broker_transport == "nerv_cluster.transport:SentinelTransport"
