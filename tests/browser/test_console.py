@@ -100,13 +100,19 @@ def _slow_chain(name: str, n: int, seconds: float) -> Workflow:
 
 
 def test_statuses_change_live_while_a_run_runs(console: Console, page: Any) -> None:
-    wf = _slow_chain("live", 4, 0.5)
+    wf = _slow_chain("live", 6, 0.6)
     run_id = console.client.submit(wf)
     _open_run(page, run_id)
     page.evaluate("window.notReloaded = true")
-    # A node turns RUNNING, then COMPLETED, while the run goes on: pushed, not reloaded.
-    page.wait_for_selector("[data-task-id='step1'].s-RUNNING", timeout=10_000)
-    page.wait_for_selector("[data-task-id='step1'].s-COMPLETED", timeout=10_000)
+    # A node turns RUNNING, then COMPLETED, while the run goes on: pushed, not reloaded. The node
+    # watched is the first one not yet started when the page is drawn (a slow browser start on a
+    # busy machine may find the first steps done already), and never the last one.
+    drawn = _node_statuses(page)
+    waiting = [f"step{i}" for i in range(5) if drawn[f"step{i}"] not in ("RUNNING", "COMPLETED")]
+    assert waiting, f"the run was nearly done before the page was drawn: {drawn}"
+    step = waiting[0]
+    page.wait_for_selector(f"[data-task-id='{step}'].s-RUNNING", timeout=10_000)
+    page.wait_for_selector(f"[data-task-id='{step}'].s-COMPLETED", timeout=10_000)
     assert console.client.status(run_id).status is RunStatus.RUNNING
     assert console.client.wait(run_id, timeout=20).status is RunStatus.COMPLETED
     ended = time.monotonic()
