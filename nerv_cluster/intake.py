@@ -9,10 +9,11 @@ scheduler fails with the reason. It is a pure function of the event, so a refold
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from nerv_cluster import constants, mapping, waits
-from nerv_cluster.errors import WorkflowError
+from nerv_cluster.errors import NervError, WorkflowError
 from nerv_cluster.ids import check_id
 from nerv_cluster.jsonform import compact
 from nerv_cluster.model import TaskDef, WorkflowDef
@@ -43,7 +44,9 @@ def _check_task(t: TaskDef) -> None:
         )
     timeout = t.timeout
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < math.inf  # NaN and infinity too: no time limit can be set from them
     ):
         raise WorkflowError(f"{where}: timeout must be a positive number of seconds, got {timeout!r:.80}")
     for dep in t.dependencies:
@@ -59,14 +62,62 @@ def _check_task(t: TaskDef) -> None:
         raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 
 
+#: The raw task fields that must hold a JSON list or object: ``TaskDef.from_dict`` would take a string
+#: for a list (``tuple("abc")`` is three arguments) where the writer meant something else.
+_LISTS = ("deps", "args", "tags")
+
+
+def _task(i: int, raw: Any) -> TaskDef:
+    """Task ``i`` of a definition's JSON form, or a :class:`WorkflowError` naming it and what is wrong."""
+    if not isinstance(raw, dict):
+        raise WorkflowError(f"task #{i} is not a JSON object, got {raw!r:.80}")
+    tid = raw.get("id")
+    where = f"task #{i} ({tid!r:.80})" if tid is not None else f"task #{i}"
+    if tid is None or "fn" not in raw:
+        raise WorkflowError(f"{where}: a task needs an id and a fn")
+    for key in _LISTS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, list):
+            raise WorkflowError(f"{where}: {key} must be a list, got {value!r:.80}")
+    kwargs = raw.get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise WorkflowError(f"{where}: kwargs must be an object, got {kwargs!r:.80}")
+    try:
+        return TaskDef.from_dict(raw)
+    except NervError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        # A field of the wrong shape (an unhashable dependency, a retry policy's count as text...).
+        raise WorkflowError(f"{where}: malformed field: {describe(exc)}") from None
+
+
+def decode(raw: Any) -> WorkflowDef:
+    """The :class:`WorkflowDef` of a definition's JSON form; :class:`WorkflowError` (never another
+    exception) when it has not that form. Checks the shape only: :func:`accept` checks the rest."""
+    if not isinstance(raw, dict):
+        raise WorkflowError("the submission carries no workflow definition")
+    tasks, meta = raw.get("tasks"), raw.get("meta", {})
+    if not isinstance(tasks, list):
+        raise WorkflowError(f"the workflow definition has no task list, got {tasks!r:.80}")
+    if not isinstance(meta, dict):
+        raise WorkflowError(f"the workflow's meta must be an object, got {meta!r:.80}")
+    if "name" not in raw:
+        raise WorkflowError("the workflow definition has no name")
+    return WorkflowDef(name=raw["name"], tasks=tuple(_task(i, t) for i, t in enumerate(tasks)), meta=dict(meta))
+
+
 def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
-    """The definition, plan and JSON size of a submitted workflow; raises (a :class:`WorkflowError`,
-    or whatever a malformed definition makes decoding raise) when it is no valid workflow."""
+    """The definition, plan and JSON size of a submitted workflow; a :class:`WorkflowError` (a
+    subclass for a cycle, an unknown dependency, a bad id...) when it is no valid workflow, never
+    another exception (``tests/unit/test_fuzz_intake.py`` fuzzes it)."""
     check_id(run_id, "run id")
     if not isinstance(raw, dict):
         raise WorkflowError("the submission carries no workflow definition")
-    size = len(compact(raw))
-    definition = WorkflowDef.from_dict(raw)
+    try:
+        size = len(compact(raw))
+    except (TypeError, ValueError) as exc:  # only from a dict built in memory: the wire holds JSON
+        raise WorkflowError(f"the workflow definition is not JSON: {describe(exc)}") from None
+    definition = decode(raw)
     if not isinstance(definition.name, str):
         raise WorkflowError("the workflow name must be a string")
     if not definition.tasks:

@@ -1,0 +1,500 @@
+"""Hypothesis strategies for every wire form nerv-cluster reads from Redis (issue 13, point 7).
+
+One strategy per wire form, each as three kinds of input: arbitrary JSON (or bytes), valid forms, and
+valid forms mutated (a field of the wrong type, a field missing, a huge or odd id, a value out of
+range). The unit fuzzers (``tests/unit/test_fuzz_*.py``) feed them to the code that decodes the form;
+the garbage drill (``tests/integration/test_garbage_drill.py``) draws from the same generators
+(:func:`garbage_messages`) with a seeded ``random.Random``, outside Hypothesis, to push them into a live
+cluster.
+
+Wire forms here: workflow definitions (``WORKFLOW_SUBMITTED``'s ``workflow``), events (the log's and the
+feed's entries), job message bodies (a Celery message's body, a hand-off list entry) and checkpoints.
+A new form (the intake's requests, signed jobs) adds a strategy here and a line to
+:data:`WIRE_FORMS`; see ``docs/fuzz.md``.
+
+Profiles: ``HYPOTHESIS_PROFILE=ci`` (the default: derandomized, few examples, quick) or ``deep``
+(randomized, many examples); ``NERV_FUZZ_EXAMPLES=N`` sets the example count of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from nerv_cluster import constants
+from nerv_cluster.model import EventType
+
+# --------------------------------------------------------------------------------------------------
+# profiles
+
+_EXAMPLES = os.environ.get("NERV_FUZZ_EXAMPLES")
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=int(_EXAMPLES or 150),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+settings.register_profile(
+    "deep",
+    derandomize=False,
+    deadline=None,
+    max_examples=int(_EXAMPLES or 5_000),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> settings:
+    """Settings for one test: ``n`` examples in the ci profile, scaled up in the deep one (or
+    ``NERV_FUZZ_EXAMPLES`` exactly, when set)."""
+    if _EXAMPLES:
+        return settings(max_examples=int(_EXAMPLES))
+    if os.environ.get("HYPOTHESIS_PROFILE") == "deep":
+        return settings(max_examples=n * 30)
+    return settings(max_examples=n)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON
+
+FN = "tests.noop"
+ID_CHARS = string.ascii_letters + string.digits + "_-."
+
+#: Scalars that break code expecting another type: wrong types, out of range, odd floats, odd text.
+ODD_SCALARS: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**63,
+    -(2**70),
+    0.5,
+    -0.0,
+    1e308,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    "",
+    " ",
+    "x" * 300,
+    "é",
+    "\x00",
+    "a:b",
+    "{run}",
+    "../..",
+    "[0]",
+    "1",
+    "true",
+    [],
+    {},
+    [None],
+    {"": None},
+    {constants.REF_KEY: "t0"},
+    {constants.REF_KEY: 5},
+]
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**66), max_value=2**66),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(ODD_SCALARS[:-6]),
+)
+
+
+def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
+    """Arbitrary JSON (NaN and infinities included: Python's json reads and writes them)."""
+    return st.recursive(
+        json_scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+def odd_values() -> st.SearchStrategy[Any]:
+    """A value to put where another was: a listed odd scalar or a little arbitrary JSON."""
+    return st.one_of(st.sampled_from(ODD_SCALARS), json_values(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# mutation: any JSON value, changed in one place
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = (), depth: int = 0) -> list[tuple[Any, ...]]:
+    """Every path into a JSON value (dict keys, list indexes), the root included, at most 6 deep."""
+    out = [prefix]
+    if depth >= 6:
+        return out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.extend(_paths(v, (*prefix, k), depth + 1))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.extend(_paths(v, (*prefix, i), depth + 1))
+    return out
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _parent(root: Any, path: tuple[Any, ...]) -> Any:
+    for p in path[:-1]:
+        root = root[p]
+    return root
+
+
+def mutate_with(rng: random.Random, value: Any, odd: Callable[[], Any]) -> Any:
+    """``value`` (JSON) changed in one place chosen by ``rng``: a value replaced by ``odd()``, a key
+    or element dropped, a key added, a value duplicated elsewhere, or a string made huge."""
+    out = _copy(value)
+    paths = _paths(out)
+    path = paths[rng.randrange(len(paths))]
+    how = rng.randrange(6)
+    if not path:
+        return odd() if how < 3 else out
+    parent, key = _parent(out, path), path[-1]
+    if how == 0 or how == 5:
+        parent[key] = odd()
+    elif how == 1:
+        del parent[key]
+    elif how == 2 and isinstance(parent, dict):
+        parent[rng.choice(["id", "fn", "deps", "r", "k", "a", "t", "d", "x", "", "i"])] = odd()
+    elif how == 3:
+        other = paths[rng.randrange(len(paths))]
+        target = out
+        for p in other:
+            target = target[p]
+        if other[: len(path)] != path:  # never nest a value into itself
+            parent[key] = _copy(target)
+    else:
+        cur = parent[key]
+        parent[key] = (cur * 2000)[:20_000] if isinstance(cur, str) and cur else "y" * 5_000
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any], max_changes: int = 3) -> Any:
+    """A value of ``base`` changed in 1 to ``max_changes`` places."""
+    value = draw(base)
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    odds = [draw(odd_values()) for _ in range(4)]
+    for _ in range(draw(st.integers(1, max_changes))):
+        value = mutate_with(rng, value, lambda: _copy(rng.choice(odds)) if _json_safe(odds) else None)
+    return value
+
+
+def _json_safe(values: list[Any]) -> bool:
+    try:
+        json.dumps(values)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# workflow definitions (WORKFLOW_SUBMITTED's "workflow")
+
+ids = st.builds(lambda a, b: a + b, st.sampled_from(string.ascii_letters + string.digits), st.text(ID_CHARS, max_size=8))
+#: Small argument values (the recursive JSON strategy is slow to draw per task).
+small_json = st.one_of(json_scalars, st.lists(json_scalars, max_size=2))
+
+
+@st.composite
+def definitions(draw: st.DrawFn, max_tasks: int = 6) -> dict[str, Any]:
+    """A valid definition (JSON form): a DAG of up to ``max_tasks`` tasks with most task options."""
+    n = draw(st.integers(1, max_tasks))
+    tids = draw(st.lists(ids, min_size=n, max_size=n, unique=True))
+    tasks: list[dict[str, Any]] = []
+    signals: dict[str, str] = {}
+    for i, tid in enumerate(tids):
+        earlier = tids[:i]
+        deps = draw(st.lists(st.sampled_from(earlier), max_size=3, unique=True)) if earlier else []
+        t: dict[str, Any] = {"id": tid, "fn": FN}
+        kind = draw(st.sampled_from(["task"] * 6 + ["map", "wait"]))
+        if kind == "wait":
+            t["fn"] = constants.WAIT_FN
+            spec = draw(
+                st.sampled_from([{"signal": f"s{i}"}, {"signal": f"s{i}", "timeout": 5}, {"sleep": 0.1}])
+            )
+            t["wait"] = spec
+            if "signal" in spec:
+                signals[spec["signal"]] = tid
+        if deps:
+            t["deps"] = deps
+        if kind == "map":
+            t["over"] = {constants.REF_KEY: deps[0]} if deps else draw(st.lists(st.integers(), max_size=4))
+        if kind != "wait":
+            refs = [{constants.REF_KEY: d} for d in deps]
+            t["args"] = refs + draw(st.lists(small_json, max_size=2))
+            if draw(st.booleans()):
+                t["kwargs"] = draw(st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), small_json, max_size=2))
+            options: dict[str, st.SearchStrategy[Any]] = {
+                "priority": st.sampled_from(["LOW", "MEDIUM", "HIGH", "CRITICAL", "high", 0, 3]),
+                "timeout": st.floats(0.1, 100),
+                "retry": st.builds(
+                    lambda n, b: {"max_retries": n, "backoff": b}, st.integers(0, 3), st.floats(0, 1)
+                ),
+                "queue": st.sampled_from(constants.QUEUES),
+                "tags": st.lists(st.text(max_size=5), max_size=2),
+                "trigger": st.sampled_from(["all_success", "all_done", "one_failed", "none_failed"]),
+                "context": st.booleans(),
+                "circuit": st.just({"failures": 3, "cooldown": 1.0}),
+                "cache": st.builds(lambda ttl: {"ttl": ttl, "version": "1"}, st.floats(1, 100)),
+                "concurrency": st.builds(lambda k, n: {"key": k, "limit": n}, ids, st.integers(1, 4)),
+                "rate_limit": st.builds(lambda k, n: {"name": k, "rate": n, "per": 1.0}, ids, st.integers(1, 9)),
+            }
+            for key in draw(st.lists(st.sampled_from(sorted(options)), max_size=3, unique=True)):
+                if kind == "map" and key in ("cache",):
+                    continue
+                t[key] = draw(options[key])
+        tasks.append(t)
+    out: dict[str, Any] = {"name": draw(st.text(max_size=10)), "tasks": tasks}
+    if signals:
+        out["meta"] = {"signals": signals}
+    return out
+
+
+@st.composite
+def broken_graphs(draw: st.DrawFn) -> dict[str, Any]:
+    """A definition whose graph is wrong: a cycle, a self-loop, an unknown or duplicate id, a huge
+    or odd id, an unknown queue, a map over a task it does not depend on, a bad wait."""
+    d = draw(definitions(max_tasks=5))
+    tasks = d["tasks"]
+    how = draw(st.integers(0, 9))
+    if how == 0 and len(tasks) > 1:  # a cycle: the first task depends on the last
+        tasks[0].setdefault("deps", []).append(tasks[-1]["id"])
+        tasks[-1].setdefault("deps", []).append(tasks[0]["id"])
+    elif how == 1:
+        tasks[-1].setdefault("deps", []).append(tasks[-1]["id"])
+    elif how == 2:
+        tasks[-1].setdefault("deps", []).append("no-such-task")
+    elif how == 3:
+        tasks.append(dict(tasks[0]))
+    elif how == 4:
+        tasks[-1]["id"] = draw(st.sampled_from(["x" * 5_000, "", "é", "a b", "a:b", "{x}", "-a", "a\n"]))
+    elif how == 5:
+        tasks[-1]["queue"] = draw(st.sampled_from(["gpu", "", "CPU", 1, None, ["cpu"]]))
+    elif how == 6:
+        tasks[-1]["over"] = {constants.REF_KEY: "elsewhere"}
+    elif how == 7:
+        tasks[-1]["fn"] = constants.WAIT_FN
+        tasks[-1]["wait"] = draw(odd_values())
+    elif how == 8:
+        tasks[-1]["deps"] = draw(odd_values())
+    else:
+        d["meta"] = draw(st.sampled_from([{"signals": {"s": "nowhere"}}, {"signals": 3}, {"depth": "deep"}]))
+    return d
+
+
+def definition_inputs() -> st.SearchStrategy[Any]:
+    """Everything a ``workflow`` field may hold: arbitrary JSON, valid, broken and mutated definitions."""
+    return st.one_of(json_values(), definitions(), broken_graphs(), mutated(definitions()))
+
+
+# --------------------------------------------------------------------------------------------------
+# events (entries of a run's log and of the feed)
+
+EVENT_TYPES = [t.value for t in EventType]
+
+
+def _error_form() -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(
+        lambda m: {"type": "ValueError", "message": m, "traceback": "", "types": ["ValueError", "Exception"]},
+        st.text(max_size=10),
+    )
+
+
+def event_data(kind: str, task_ids: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Data of the shape the writers of ``kind`` give it (roughly: values drawn near the real ones)."""
+    w = st.sampled_from(["w1", "w2"])
+    num = st.floats(0, 1e6)
+    shapes: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+        "TASK_DISPATCHED": st.fixed_dictionaries({}, optional={"queue": st.just("cpu"), "slot": ids}),
+        "TASK_STARTED": st.fixed_dictionaries({"worker": w}, optional={"via": ids, "batch": st.booleans()}),
+        "TASK_COMPLETED": st.fixed_dictionaries(
+            {"result": json_values(4), "worker": w}, optional={"started_at": num, "handoff": w}
+        ),
+        "TASK_FAILED": st.fixed_dictionaries(
+            {"error": _error_form(), "worker": w}, optional={"reason": st.text(max_size=5)}
+        ),
+        "TASK_RETRYING": st.fixed_dictionaries(
+            {"error": _error_form()}, optional={"delay": st.floats(0, 5), "next_attempt": st.integers(1, 4)}
+        ),
+        "TASK_PENDING": st.fixed_dictionaries({}, optional={"counted": st.booleans(), "reason": st.text()}),
+        "TASK_SPAWNED": st.fixed_dictionaries({"workflow": definitions(max_tasks=2), "worker": w}),
+        "CHILD_STARTED": st.fixed_dictionaries({"child": ids}),
+        "SIGNAL_RECEIVED": st.fixed_dictionaries({"name": ids, "payload": json_values(3)}),
+        "MAP_EXPANDED": st.fixed_dictionaries({"width": st.integers(0, 5)}),
+        "CACHE_HITS": st.fixed_dictionaries(
+            {
+                "hits": st.lists(
+                    st.tuples(st.sampled_from(task_ids), st.integers(1, 2), json_values(2), ids).map(list),
+                    max_size=3,
+                )
+            }
+        ),
+        "WORKFLOW_RERUN_REQUESTED": st.fixed_dictionaries(
+            {"n": st.integers(1, 2)}, optional={"tasks": st.lists(st.sampled_from(task_ids), max_size=2)}
+        ),
+        "TASK_HELD": st.fixed_dictionaries({"reason": st.text(max_size=5)}),
+    }
+    return shapes.get(kind, st.fixed_dictionaries({}, optional={"reason": st.text(max_size=5)}))
+
+
+@st.composite
+def events(draw: st.DrawFn, run_id: str, task_ids: list[str]) -> dict[str, Any]:
+    """A well-formed event (JSON form) of run ``run_id`` about one of ``task_ids`` (or a made-up one),
+    of any type, with data near its writers' shape: valid on the wire, often stale or out of place."""
+    kind = draw(st.sampled_from([t for t in EVENT_TYPES if t != "WORKFLOW_SUBMITTED"]))
+    out: dict[str, Any] = {
+        "i": draw(st.text(string.hexdigits, min_size=1, max_size=8)),
+        "t": kind,
+        "r": run_id,
+        "ts": draw(st.floats(0, 2e9)),
+        "s": draw(st.sampled_from(["", "client", "worker:w1", "scheduler:x"])),
+    }
+    if draw(st.integers(0, 9)):
+        out["k"] = draw(st.sampled_from([*task_ids, "ghost", "t0[0]"]))
+        out["a"] = draw(st.integers(0, 3))
+    data = draw(event_data(kind, task_ids))
+    if data:
+        out["d"] = data
+    return out
+
+
+def event_inputs(run_id: str, task_ids: list[str]) -> st.SearchStrategy[Any]:
+    """A feed entry's ``e`` field: bytes, text, JSON of any shape, well-formed and mutated events."""
+    shaped = events(run_id, task_ids)
+    return st.one_of(
+        st.binary(max_size=40),
+        st.text(max_size=40),
+        json_values().map(json.dumps),
+        shaped.map(json.dumps),
+        mutated(shaped).map(json.dumps),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# jobs: a Celery message body, a hand-off list entry
+
+
+@st.composite
+def jobs(draw: st.DrawFn, run_id: str = "run-1", task_ids: tuple[str, ...] = ("t0", "t1")) -> dict[str, Any]:
+    """A valid job body (``Job.to_dict``'s form)."""
+    out: dict[str, Any] = {"r": run_id, "k": draw(st.sampled_from(task_ids)), "a": draw(st.integers(1, 3))}
+    out["fn"] = FN
+    optional = {
+        "args": st.lists(json_values(2), max_size=3),
+        "kwargs": st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), json_values(2), max_size=2),
+        "w": st.text(max_size=6),
+        "ctx": st.dictionaries(st.sampled_from(task_ids), json_values(2)),
+        "retry": st.just({"max_retries": 2, "backoff": 0.1}),
+        "t": st.floats(0.1, 10),
+        "h": st.just(1),
+        "f": st.integers(1, 3),
+    }
+    for key in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
+        out[key] = draw(optional[key])
+    return out
+
+
+def job_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
+    """One job of a message: arbitrary JSON, valid and mutated jobs."""
+    return st.one_of(json_values(), jobs(run_id), mutated(jobs(run_id)))
+
+
+def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
+    """A Celery message body as the worker decodes it (protocol 2: ``[args, kwargs, embed]``, the jobs
+    being the args), or something else of any shape."""
+    batch = st.lists(job_inputs(run_id), min_size=1, max_size=3)
+    return st.one_of(
+        json_values(),
+        st.tuples(batch, st.just({}), st.just({})).map(list),
+        mutated(st.tuples(st.lists(jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(list)),
+    )
+
+
+def handoff_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
+    """A hand-off list entry (JSON text of one job): bytes, text, JSON, valid and mutated jobs."""
+    return st.one_of(st.binary(max_size=30), st.text(max_size=30), job_inputs(run_id).map(json.dumps))
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_inputs(encoded: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """What a stored checkpoint may hold: arbitrary JSON, or this valid encoding mutated."""
+    return st.one_of(json_values(), mutated(st.just(encoded), max_changes=2))
+
+
+#: The wire forms and their strategies (the intake request and signed jobs join here).
+WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
+    "definition": definition_inputs,
+    "event": event_inputs,
+    "celery-body": celery_bodies,
+    "handoff": handoff_inputs,
+    "checkpoint": checkpoint_inputs,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# garbage for the drill (plain random, no Hypothesis: it runs against a live cluster)
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    """A random JSON value."""
+    k = rng.randrange(8 if depth < 3 else 5)
+    if k == 0:
+        return None
+    if k == 1:
+        return rng.choice([True, False])
+    if k == 2:
+        return rng.choice([0, -1, 7, 2**64, 0.5, 1e300])
+    if k in (3, 4):
+        return "".join(rng.choice(string.printable) for _ in range(rng.randrange(12)))
+    if k == 5:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {str(random_json(rng, 3)): random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def _odd(rng: random.Random) -> Any:
+    value = rng.choice(ODD_SCALARS)
+    return None if isinstance(value, float) and value != value else value
+
+
+def near_valid(rng: random.Random, valid: Any) -> Any:
+    """``valid`` (JSON) mutated in one to three places."""
+    out = valid
+    for _ in range(rng.randint(1, 3)):
+        out = mutate_with(rng, out, lambda: _copy(_odd(rng)) if rng.random() < 0.7 else random_json(rng))
+    return out
+
+
+def garbage_bytes(rng: random.Random, oversized: int = 200_000) -> bytes:
+    """Random bytes, broken JSON or, now and then, an oversized blob."""
+    k = rng.randrange(20)
+    if k == 0:
+        return b"[" * rng.randrange(1, 5_000)  # nesting the decoder has to refuse
+    if k == 1:
+        return b'{"t":"' + b"x" * oversized + b'"}'
+    if k < 8:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+    text = json.dumps(random_json(rng))
+    return text[: rng.randrange(len(text) + 1)].encode()
