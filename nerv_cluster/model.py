@@ -592,13 +592,17 @@ class TaskError:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            type=data.get("type", "Error"),
-            message=data.get("message", ""),
-            traceback=data.get("traceback", ""),
-            types=tuple(data.get("types", ())),
-        )
+        """Inverse of :meth:`to_dict`; ValueError for anything not of that form (an event carrying one
+        is refused by the fold: its run is rejected rather than holding an error no reader can print)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an error is a JSON object, got {data!r:.80}")
+        kind, message = data.get("type", "Error"), data.get("message", "")
+        trace, types = data.get("traceback", ""), data.get("types", ())
+        if not (isinstance(kind, str) and isinstance(message, str) and isinstance(trace, str)):
+            raise ValueError(f"an error's type, message and traceback are strings, got {data!r:.120}")
+        if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+            raise ValueError(f"an error's types are a list of class names, got {types!r:.80}")
+        return cls(type=kind, message=message, traceback=trace, types=tuple(types))
 
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str = "") -> TaskError:

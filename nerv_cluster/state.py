@@ -13,6 +13,7 @@ by one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self, TypeVar, cast
@@ -362,14 +363,55 @@ def event_time(ev: Event) -> float:
     return ev.ts if ev.logged_at is None else ev.logged_at
 
 
+# Fields of an event's data that the fold keeps: checked here, because what the state holds is read by
+# the scheduler (the watchdog, timers), by clients (timings) and by checkpoints, which must never meet
+# a value of another type. A field of the wrong type raises ValueError: the fold rejects that run
+# (:func:`_broken`), as for any event it cannot apply (tests/unit/test_fuzz_fold.py fuzzes this).
+
+
+def _when(data: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    """``data[key]``, a finite number of seconds (``default`` when absent or None)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} is not a finite number: {value!r:.80}")
+    return value
+
+
+def _text(data: Mapping[str, Any], key: str, default: str | None) -> str | None:
+    """``data[key]``, a string (``default`` when absent or None)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string: {value!r:.80}")
+    return value
+
+
+def _error(data: Mapping[str, Any], default: TaskError | None) -> TaskError | None:
+    """The error an outcome carries (``default`` when none)."""
+    err = data.get("error")
+    return TaskError.from_dict(err) if err else default
+
+
+def _next_attempt(ev: Event, ts: TaskState) -> int:
+    """The attempt a TASK_RETRYING / TASK_PENDING starts: after the current one (every writer gives
+    ``attempt + 1``). An earlier or equal number would reuse an attempt whose outcome slot is taken: the
+    task could never finish."""
+    value = ev.data.get("next_attempt", ts.attempt + 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= ts.attempt:
+        raise ValueError(f"next_attempt {value!r:.80} does not follow attempt {ts.attempt}")
+    return value
+
+
 def _due_at(ev: Event) -> float | None:
     """When the next attempt after a TASK_RETRYING may start: the logged time plus the delay the failure
     recorded (the writer's own ``due_at`` is on its clock, used only for events made in memory)."""
-    delay = ev.data.get("delay")
+    delay = _when(ev.data, "delay", None)
     if ev.logged_at is not None and delay is not None:
-        return ev.logged_at + float(delay)
-    due = ev.data.get("due_at")
-    return None if due is None else float(due)
+        return ev.logged_at + delay
+    return _when(ev.data, "due_at", None)
 
 
 def _finish(
@@ -474,7 +516,8 @@ def _started(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status not in _ACTIVE or cur[1].spawn is not None or cur[1].child:
         return run
     tid, ts = cur
-    worker = ev.data.get("worker")
+    worker = _text(ev.data, "worker", None)
+    via = _text(ev.data, "via", None)
     # The start on the log's clock: the watchdog measures the time limit from it.
     at = event_time(ev)
     if ts.status is TaskStatus.RUNNING:
@@ -487,7 +530,7 @@ def _started(run: RunState, ev: Event) -> RunState:
             worker=worker,
             started_at=at,
             lost=ts.lost + (0 if ts.batch else 1),
-            via=ev.data.get("via"),
+            via=via,
             batch=bool(ev.data.get("batch")),
         )
         return _put(run, tid, ts, new)
@@ -496,7 +539,7 @@ def _started(run: RunState, ev: Event) -> RunState:
         dispatched=True,
         started_at=at,
         worker=worker,
-        via=ev.data.get("via"),
+        via=via,
         batch=bool(ev.data.get("batch")),
     )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
@@ -519,8 +562,8 @@ def _completed(run: RunState, ev: Event) -> RunState:
         # The run's count of hits in the same new RunState (a run of hits is nearly all such events).
         None if cached_from is None else {"cached": run.cached + 1},
         result=data.get("result"),
-        worker=data.get("worker", ts.worker),
-        started_at=data.get("started_at", ts.started_at),
+        worker=_text(data, "worker", ts.worker),
+        started_at=_when(data, "started_at", ts.started_at),
         cached_from=cached_from,
     )
 
@@ -585,16 +628,15 @@ def _failed(run: RunState, ev: Event) -> RunState:
     if cur is None or cur[1].status not in _OPEN:
         return run
     tid, ts = cur
-    err = ev.data.get("error")
     return _finish(
         run,
         ev,
         tid,
         ts,
         TaskStatus.FAILED,
-        error=TaskError.from_dict(err) if err else None,
-        worker=ev.data.get("worker", ts.worker),
-        started_at=ev.data.get("started_at", ts.started_at),
+        error=_error(ev.data, None),
+        worker=_text(ev.data, "worker", ts.worker),
+        started_at=_when(ev.data, "started_at", ts.started_at),
         reason=str(ev.data.get("reason", "")),
     )
 
@@ -607,18 +649,18 @@ def _again(run: RunState, ev: Event) -> RunState:
     tid, ts = cur
     if run.growth.layers and tid in run.growth.layers:  # an expanded map node never expands again
         return run
-    err = ev.data.get("error")
+    attempt = _next_attempt(ev, ts)
     new = ts._replace(
         status=TaskStatus.READY,
         # A lost worker counts towards the poison bound, unless the verdict says it does not (the
         # attempt was only claimed in a batch: see TaskState.batch).
         lost=ts.lost + (1 if ev.type is EventType.TASK_PENDING and ev.data.get("counted", True) else 0),
-        attempt=int(ev.data.get("next_attempt", ts.attempt + 1)),
+        attempt=attempt,
         # A new attempt that is no retry (a child run a rerun could not rerun): its round starts there.
-        first=int(ev.data.get("next_attempt", ts.attempt + 1)) if ev.data.get("fresh") is True else ts.first,
+        first=attempt if ev.data.get("fresh") is True else ts.first,
         dispatched=False,
         due_at=_due_at(ev),
-        error=TaskError.from_dict(err) if err else ts.error,
+        error=_error(ev.data, ts.error),
         reason=str(ev.data.get("reason", "")),
         child=None,  # a new attempt starts a new child, if it returns a workflow again
     )
@@ -639,8 +681,8 @@ def _spawned(run: RunState, ev: Event) -> RunState:
         status=TaskStatus.RUNNING,
         dispatched=True,
         spawn=raw,
-        worker=ev.data.get("worker", ts.worker),
-        started_at=ev.data.get("started_at", ts.started_at if ts.started_at is not None else ev.ts),
+        worker=_text(ev.data, "worker", ts.worker),
+        started_at=_when(ev.data, "started_at", ts.started_at if ts.started_at is not None else ev.ts),
     )
     out = _put(run, tid, ts, new, ready=run.ready.discard(tid), spawning=run.spawning.set(tid, True))
     return out._replace(running=out.running.discard(tid))
