@@ -95,6 +95,16 @@ class UnknownEventTypeError(MalformedEventError):
     """A log entry has an event type this version does not know (a newer writer); it is skipped."""
 
 
+class MalformedJobError(NervError):
+    """A job message (a Celery message's body, a hand-off list entry) is not a valid job: the worker
+    refuses it with a warning, runs nothing and records nothing."""
+
+
+class MalformedCheckpointError(NervError):
+    """A stored checkpoint cannot be decoded (another format, a corrupted entry): it is ignored and the
+    run's whole log is replayed."""
+
+
 class RegistrationError(NervError):
     """A task function cannot be registered (bad name, name clash, bad options)."""
 

@@ -19,13 +19,22 @@ the scheduler's watchdog dispatches a new attempt.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.jobs import Job
+from nerv_cluster.errors import MalformedJobError
+from nerv_cluster.intake import describe
+from nerv_cluster.jobs import Job, parse_job
 from nerv_cluster.scripts import Resign
+
+log = logging.getLogger("nerv.worker")
+
+#: Entries that are no job, refused one after the other in one wait, before the worker gives up
+#: waiting (a flood of them must not keep it from its queue).
+MAX_REFUSED = 100
 
 
 class Handoffs:
@@ -44,12 +53,31 @@ class Handoffs:
         """
         lst = self.keys.handoff(worker_id)
         got = self.redis.blpop([lst], timeout=timeout)
-        raw = (
-            got[1]
-            if got is not None
-            else self._resign(waiting=self.keys.handoff_waiting(worker_id), handoff_list=lst)
-        )
-        if not raw:
+        resigned = got is None
+        raw = got[1] if got is not None else self._resign(waiting=self._waiting(worker_id), handoff_list=lst)
+        for _ in range(MAX_REFUSED):
+            if raw is None:  # (an empty entry is no job: refused below, like any other)
+                return None
+            job = self._decode(worker_id, raw)
+            if job is not None:
+                # A job was handed: the flag was consumed with it, so there is nothing else to resign.
+                return job
+            # Not the scheduler's (only it consumes the flag when it hands a job): stop waiting as if
+            # nothing came, or take the job it handed meanwhile.
+            if not resigned:
+                raw, resigned = self._resign(waiting=self._waiting(worker_id), handoff_list=lst), True
+            else:
+                raw = self.redis.lpop(lst)
+        return None
+
+    def _waiting(self, worker_id: str) -> str:
+        return self.keys.handoff_waiting(worker_id)
+
+    @staticmethod
+    def _decode(worker_id: str, raw: Any) -> Job | None:
+        """The job of a hand-off entry; None, with a warning, for an entry that is none."""
+        try:
+            return parse_job(json.loads(raw))
+        except (ValueError, TypeError, RecursionError, MalformedJobError) as exc:
+            log.warning("refused a hand-off entry for %s that is not a job: %s", worker_id, describe(exc))
             return None
-        # A job was handed: the flag was consumed with it, so there is nothing else to resign.
-        return Job.from_dict(json.loads(raw))

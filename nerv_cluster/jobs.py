@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nerv_cluster import mapping
+from nerv_cluster import ids, mapping
+from nerv_cluster.errors import MalformedJobError, NervError
 from nerv_cluster.model import RetryPolicy
 from nerv_cluster.state import RunState
 from nerv_cluster.workflow import resolve_refs
@@ -86,6 +89,73 @@ class Job:
             handoff=bool(data.get("h")),
             first=int(data.get("f", 1)),
         )
+
+
+#: Longest task id a job may name (a map element's id is its map's id and an index, nested maps more).
+MAX_JOB_TASK_ID = 1024
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MalformedJobError(f"the job's {what} is not a positive integer: {value!r:.80}")
+    return value
+
+
+def parse_job(data: Any) -> Job:
+    """:meth:`Job.from_dict` for untrusted input: every field checked for its type, so the job it
+    returns can be claimed, run and recorded; :class:`MalformedJobError` (with what is wrong) for
+    anything else. Used by the worker on every Celery message and hand-off entry."""
+    if not isinstance(data, dict):
+        raise MalformedJobError(f"a job is a JSON object, got {data!r:.80}")
+    run_id, task_id, fn = data.get("r"), data.get("k"), data.get("fn")
+    if not ids.is_valid_id(run_id):
+        raise MalformedJobError(f"the job names no valid run id: {run_id!r:.80}")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_JOB_TASK_ID:
+        raise MalformedJobError(f"the job names no valid task id: {task_id!r:.80}")
+    if not isinstance(fn, str) or not fn:
+        raise MalformedJobError(f"the job names no task function: {fn!r:.80}")
+    attempt, first = _int(data.get("a"), "attempt"), _int(data.get("f", 1), "first attempt")
+    args, kwargs = data.get("args", []), data.get("kwargs", {})
+    if not isinstance(args, list):
+        raise MalformedJobError(f"the job's args are not a list: {args!r:.80}")
+    if not isinstance(kwargs, dict):
+        raise MalformedJobError(f"the job's kwargs are not an object: {kwargs!r:.80}")
+    workflow, ctx, timeout = data.get("w", ""), data.get("ctx"), data.get("t")
+    if not isinstance(workflow, str):
+        raise MalformedJobError(f"the job's workflow name is not a string: {workflow!r:.80}")
+    if ctx is not None and not isinstance(ctx, dict):
+        raise MalformedJobError(f"the job's context is not an object: {ctx!r:.80}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
+    ):
+        raise MalformedJobError(f"the job's timeout is not a positive number: {timeout!r:.80}")
+    retry = data.get("retry")
+    try:
+        policy = RetryPolicy.from_dict(retry) if retry else None
+    except (NervError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedJobError(f"the job's retry policy is malformed: {exc!s:.120}") from None
+    return Job(
+        run_id=run_id,  # type: ignore[arg-type]  # is_valid_id checked it is a str
+        task_id=task_id,
+        attempt=attempt,
+        fn=fn,
+        args=args,
+        kwargs=kwargs,
+        workflow=workflow,
+        context=ctx,
+        retry=policy,
+        timeout=timeout,
+        handoff=bool(data.get("h")),
+        first=first,
+    )
+
+
+def parse_jobs(bodies: Sequence[Any]) -> list[Job]:
+    """The jobs of one Celery message (one, or a batch the scheduler packed): all of them, or
+    :class:`MalformedJobError` for the first that is not a job (none of the message runs)."""
+    if not bodies:
+        raise MalformedJobError("the message carries no job")
+    return [parse_job(body) for body in bodies]
 
 
 def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:

@@ -724,11 +724,14 @@ class Event:
         :meth:`from_dict`; ``cursor``: the stream entry id it was read from."""
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # not text, not UTF-8, not JSON
             raise MalformedEventError(f"not JSON: {exc}") from None
+        except RecursionError:  # nesting deeper than the decoder goes
+            raise MalformedEventError("not JSON: nested too deep") from None
         if not isinstance(data, dict):
             raise MalformedEventError("not a JSON object")
-        kind = _EVENT_TYPES.get(data.get("t"))  # type: ignore[arg-type]
+        name = data.get("t")
+        kind = _EVENT_TYPES.get(name) if isinstance(name, str) else None
         if kind is None:
             raise UnknownEventTypeError(f"unknown event type {data.get('t')!r:.80}")
         run_id, task_id, attempt = data.get("r"), data.get("k"), data.get("a")

@@ -28,9 +28,10 @@ from celery.signals import (
 
 from nerv_cluster import constants
 from nerv_cluster.container import Container, container_for
-from nerv_cluster.errors import ConfigurationError, NotRegisteredError
+from nerv_cluster.errors import ConfigurationError, MalformedJobError, NotRegisteredError
 from nerv_cluster.eventlog import EventLog
-from nerv_cluster.jobs import Job
+from nerv_cluster.intake import describe
+from nerv_cluster.jobs import Job, parse_jobs
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import TaskFunction
 from nerv_cluster.settings import Settings
@@ -210,15 +211,35 @@ class HandoffEvents:
             log.warning("could not send task events for handed job %s: %s", job.id, exc)
 
 
+def refuse(what: str, message_id: object, exc: BaseException) -> None:
+    """Log, as one warning line, that a message was refused (it is acknowledged: it never comes back)."""
+    log.warning("refused %s %s: %s", what, str(message_id)[:200], describe(exc))
+
+
+def decode_message(name: str, message_id: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Job]:
+    """The jobs of a Celery message for task ``name``; none (with a warning) when its body is not the
+    scheduler's form: nothing of it runs, nothing is recorded, the process goes on."""
+    try:
+        if kwargs:
+            raise MalformedJobError(f"a job message has no keyword arguments, got {sorted(kwargs)!r:.80}")
+        return parse_jobs(args)
+    except MalformedJobError as exc:
+        refuse(f"a message for {name!r:.80}", message_id, exc)
+        return []
+
+
 def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: HandoffEvents | None) -> None:
-    def run(self: Any, *jobs: dict[str, Any]) -> None:
+    def run(self: Any, *jobs: Any, **extra: Any) -> None:
         # One job, or a batch the scheduler packed (same function, same run).
+        decoded = decode_message(tf.name, self.request.id, jobs, extra)
+        if not decoded:
+            return
         on_handed = None
         if events is not None:
             # A handed job runs on the queue of the message it follows (the scheduler matches queues).
             queue = str((self.request.delivery_info or {}).get("routing_key") or "")
             on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
-        runtime.runner().serve([Job.from_dict(job) for job in jobs], on_handed, str(self.request.id or ""))
+        runtime.runner().serve(decoded, on_handed, str(self.request.id or ""))
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"
@@ -229,9 +250,11 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
     """Jobs for a function this worker does not have: fail the tasks clearly instead of dropping them."""
     try:
         body = message.decode() if hasattr(message, "decode") else json.loads(message.body)
-        jobs = [Job.from_dict(job) for job in body[0]]
-    except Exception:
-        log.error("refused a message for unknown task %r that is not a nerv job", name)
+        if not isinstance(body, list | tuple) or not body or not isinstance(body[0], list | tuple):
+            raise MalformedJobError("the body is not a Celery message's [args, kwargs, embed]")
+        jobs = parse_jobs(body[0])
+    except Exception as exc:  # whatever the body holds: refused, the worker goes on
+        log.warning("refused a message for unknown task %.80r that is not a nerv job: %s", name, describe(exc))
         return
     runner = runtime.runner()
     error = TaskError.from_exception(

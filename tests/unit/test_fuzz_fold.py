@@ -181,3 +181,18 @@ def test_odd_data_in_an_event_of_the_current_attempt(kind: str, data: dict[str, 
     after, taken = _feed(state, [raw])
     _assert_contained(state, after, {VICTIM})
     assert st.fold(taken, state) == after
+
+
+@fuzzing.examples(100)
+@given(fuzzing.event_inputs(VICTIM, ["a", "b"]))
+# Found by this fuzzer: Event.parse raised TypeError (an unhashable type field) and RecursionError
+# (deep nesting) instead of MalformedEventError; readers caught them only by catching everything.
+@example('{"i": "0", "t": [], "r": "victim", "ts": 0.0}')
+@example("[" * 100_000)
+def test_any_entry_parses_to_an_event_or_is_refused(raw: Any) -> None:
+    try:
+        ev = Event.parse(raw, logged_at=1.0, cursor="1-0")
+    except MalformedEventError as exc:
+        assert str(exc)
+        return
+    assert isinstance(ev.type, EventType) and isinstance(ev.run_id, str) and isinstance(ev.data, dict)
