@@ -19,7 +19,10 @@ from typing import Any, cast
 from pyrsistent import PMap, pmap
 
 from nerv_cluster import mapping
-from nerv_cluster.model import RunStatus, TaskError, TaskStatus, WorkflowDef
+from nerv_cluster.errors import MalformedCheckpointError, NervError
+from nerv_cluster.intake import decode as decode_definition
+from nerv_cluster.intake import describe
+from nerv_cluster.model import RunStatus, TaskError, TaskStatus
 from nerv_cluster.planner import plan
 from nerv_cluster.state import RunState, TaskState
 
@@ -34,6 +37,8 @@ _ERROR_AT = _TASK_FIELDS.index("error")
 _DEFAULT_TASK = TaskState()
 #: Status by value: a dict lookup, several times cheaper than ``TaskStatus(value)`` per task.
 _STATUS_OF = {s.value: s for s in TaskStatus}
+_STATUSES = tuple(TaskStatus)
+_STATUS_INDEX = {s: i for i, s in enumerate(_STATUSES)}
 #: The id sets of a run, stored as lists of task ids.
 _ID_SETS = ("ready", "doomed", "running", "queued", "spawning", "gathered", "waiting", "woken", "held")
 #: RunState fields stored as they are (JSON scalars).
@@ -83,11 +88,70 @@ def encode(run: RunState) -> dict[str, Any]:
     }
 
 
-def decode(data: dict[str, Any]) -> RunState:
-    """Inverse of :func:`encode`; ValueError (or KeyError/TypeError) on a checkpoint it cannot read."""
+def decode(data: Any) -> RunState:
+    """Inverse of :func:`encode`; :class:`MalformedCheckpointError` (never another exception) for a
+    checkpoint it cannot read: another format, or anything not written by :func:`encode`
+    (``tests/unit/test_fuzz_checkpoint.py`` fuzzes it)."""
+    try:
+        run = _decode(data)
+        _check(run)
+    except MalformedCheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, NervError) as exc:
+        raise MalformedCheckpointError(f"unreadable checkpoint: {describe(exc)}") from None
+    return run
+
+
+def _check(run: RunState) -> None:
+    """ValueError unless the decoded state agrees with itself (O(tasks)): a checkpoint is a cache, and
+    one that does not hold together is better replayed than trusted."""
+    tasks = run.tasks
+    counts = [0] * len(_STATUSES)
+    for tid, ts in tasks.items():
+        counts[_STATUS_INDEX[ts.status]] += 1
+        if type(ts.attempt) is not int or type(ts.first) is not int or not 1 <= ts.first <= ts.attempt:
+            raise ValueError(f"task {tid!r:.80} has attempt {ts.attempt!r:.20}, first {ts.first!r:.20}")
+        if not all(type(n) is int and n >= 0 for n in (ts.ok, ts.failed, ts.skipped, ts.lost)):
+            raise ValueError(f"task {tid!r:.80} has counts that are no numbers")
+        for value in (ts.dispatched_at, ts.started_at, ts.finished_at, ts.due_at):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"task {tid!r:.80} has a time that is no number: {value!r:.40}")
+        for text in (ts.worker, ts.via, ts.child, ts.slot, ts.cache_key, ts.cached_from):
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"task {tid!r:.80} has a name that is no string: {text!r:.40}")
+        if not all(type(b) is bool for b in (ts.dispatched, ts.held, ts.batch)):
+            raise ValueError(f"task {tid!r:.80} has flags that are no booleans")
+        if not isinstance(ts.reason, str):
+            raise ValueError(f"task {tid!r:.80} has a reason that is no string")
+    if tuple(counts) != run.tally:
+        raise ValueError("the tally does not match the tasks' statuses")
+    for name in _ID_SETS:
+        for tid in getattr(run, name):
+            if tid not in tasks:
+                raise ValueError(f"{name} names task {tid!r:.80}, which the run does not have")
+    ready, running, waiting = TaskStatus.READY, TaskStatus.RUNNING, TaskStatus.WAITING
+    sets = (
+        ("ready", run.ready, lambda ts: ts.status is ready and not ts.dispatched),
+        ("queued", run.queued, lambda ts: ts.status is ready and ts.dispatched),
+        ("held", run.held, lambda ts: ts.status is ready),
+        ("running", run.running, lambda ts: ts.status is running),
+        ("waiting", run.waiting, lambda ts: ts.status is waiting),
+    )
+    for name, ids, fits in sets:
+        for tid in ids:
+            if not fits(tasks[tid]):
+                raise ValueError(f"{name} holds task {tid!r:.80}, which is {tasks[tid].status.value}")
+    if counts[_STATUS_INDEX[waiting]] != len(run.waiting):
+        raise ValueError("a WAITING task is missing from the waiting set")
+    for value in (run.submitted_at, run.started_at, run.finished_at):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"a run time that is no number: {value!r:.40}")
+
+
+def _decode(data: Any) -> RunState:
     if data.get("format") != FORMAT:
         raise ValueError(f"checkpoint format {data.get('format')!r}, expected {FORMAT}")
-    definition = WorkflowDef.from_dict(data["definition"])
+    definition = decode_definition(data["definition"])
     defs = {t.id: t for t in definition.tasks}
     rows = {tid: _decode_task(row) for tid, row in data["tasks"].items()}
     # A plain dict while the maps grow again (elements join it in order), made a PMap once at the end.

@@ -100,7 +100,7 @@ class MalformedJobError(NervError):
     refuses it with a warning, runs nothing and records nothing."""
 
 
-class MalformedCheckpointError(NervError):
+class MalformedCheckpointError(NervError, ValueError):
     """A stored checkpoint cannot be decoded (another format, a corrupted entry): it is ignored and the
     run's whole log is replayed."""
 

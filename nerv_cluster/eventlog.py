@@ -549,12 +549,13 @@ class EventLog:
         payload = json.dumps(checkpoint, separators=(",", ":"))
         return self.scripts.checkpoint(run_log=k.log(run_id), checkpoint=k.checkpoint(run_id), state=payload)
 
-    def read_checkpoints(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The stored checkpoints of these runs (runs without one are left out)."""
+    def read_checkpoints(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """The stored checkpoints of these runs, as their JSON text (runs without one are left out):
+        decoding is the reader's, which ignores one it cannot read (``scheduler.checkpointer.load``)."""
         if not run_ids:
             return {}
         raws = self.redis.mget([self.keys.checkpoint(r) for r in run_ids])
-        return {rid: json.loads(raw) for rid, raw in zip(run_ids, raws, strict=True) if raw}
+        return {rid: raw for rid, raw in zip(run_ids, raws, strict=True) if raw}
 
     def last_entry(self, run_id: str) -> str | None:
         """The id of the newest entry of a run's log, malformed ones included (None: no log)."""

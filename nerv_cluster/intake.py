@@ -103,7 +103,9 @@ def decode(raw: Any) -> WorkflowDef:
         raise WorkflowError(f"the workflow's meta must be an object, got {meta!r:.80}")
     if "name" not in raw:
         raise WorkflowError("the workflow definition has no name")
-    return WorkflowDef(name=raw["name"], tasks=tuple(_task(i, t) for i, t in enumerate(tasks)), meta=dict(meta))
+    return WorkflowDef(
+        name=raw["name"], tasks=tuple(_task(i, t) for i, t in enumerate(tasks)), meta=dict(meta)
+    )
 
 
 def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:

@@ -10,13 +10,16 @@ lease keeper lets the lease lapse when the loop stops moving).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
 
 from nerv_cluster import checkpoint, constants
 from nerv_cluster import state as st
+from nerv_cluster.errors import MalformedCheckpointError
 from nerv_cluster.eventlog import EventLog
+from nerv_cluster.intake import describe
 
 log = logging.getLogger("nerv.scheduler")
 
@@ -28,11 +31,15 @@ def load(eventlog: EventLog, run_ids: list[str]) -> dict[str, Position]:
     """The runs' stored checkpoints, decoded. One that cannot be read is skipped (with a warning):
     that run's whole log is replayed instead."""
     out: dict[str, Position] = {}
-    for rid, data in eventlog.read_checkpoints(run_ids).items():
+    for rid, raw in eventlog.read_checkpoints(run_ids).items():
         try:
-            out[rid] = (str(data["upto"]), int(data["count"]), checkpoint.decode(data["state"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("ignoring the checkpoint of run %s (%s); replaying its whole log", rid, exc)
+            data = json.loads(raw)
+            upto, count = data["upto"], data["count"]
+            if not isinstance(upto, str) or type(count) is not int or count < 1:
+                raise ValueError(f"no log position: upto {upto!r:.40}, count {count!r:.20}")
+            out[rid] = (upto, count, checkpoint.decode(data["state"]))
+        except (KeyError, TypeError, ValueError, RecursionError, MalformedCheckpointError) as exc:
+            log.warning("ignoring the checkpoint of run %s (%s); replaying its whole log", rid, describe(exc))
     return out
 
 

@@ -210,7 +210,9 @@ def _json_safe(values: list[Any]) -> bool:
 # --------------------------------------------------------------------------------------------------
 # workflow definitions (WORKFLOW_SUBMITTED's "workflow")
 
-ids = st.builds(lambda a, b: a + b, st.sampled_from(string.ascii_letters + string.digits), st.text(ID_CHARS, max_size=8))
+ids = st.builds(
+    lambda a, b: a + b, st.sampled_from(string.ascii_letters + string.digits), st.text(ID_CHARS, max_size=8)
+)
 #: Small argument values (the recursive JSON strategy is slow to draw per task).
 small_json = st.one_of(json_scalars, st.lists(json_scalars, max_size=2))
 
@@ -243,7 +245,11 @@ def definitions(draw: st.DrawFn, max_tasks: int = 6) -> dict[str, Any]:
             refs = [{constants.REF_KEY: d} for d in deps]
             t["args"] = refs + draw(st.lists(small_json, max_size=2))
             if draw(st.booleans()):
-                t["kwargs"] = draw(st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), small_json, max_size=2))
+                t["kwargs"] = draw(
+                    st.dictionaries(
+                        st.text(string.ascii_lowercase, min_size=1, max_size=4), small_json, max_size=2
+                    )
+                )
             options: dict[str, st.SearchStrategy[Any]] = {
                 "priority": st.sampled_from(["LOW", "MEDIUM", "HIGH", "CRITICAL", "high", 0, 3]),
                 "timeout": st.floats(0.1, 100),
@@ -257,7 +263,9 @@ def definitions(draw: st.DrawFn, max_tasks: int = 6) -> dict[str, Any]:
                 "circuit": st.just({"failures": 3, "cooldown": 1.0}),
                 "cache": st.builds(lambda ttl: {"ttl": ttl, "version": "1"}, st.floats(1, 100)),
                 "concurrency": st.builds(lambda k, n: {"key": k, "limit": n}, ids, st.integers(1, 4)),
-                "rate_limit": st.builds(lambda k, n: {"name": k, "rate": n, "per": 1.0}, ids, st.integers(1, 9)),
+                "rate_limit": st.builds(
+                    lambda k, n: {"name": k, "rate": n, "per": 1.0}, ids, st.integers(1, 9)
+                ),
             }
             for key in draw(st.lists(st.sampled_from(sorted(options)), max_size=3, unique=True)):
                 if kind == "map" and key in ("cache",):
@@ -401,7 +409,9 @@ def jobs(draw: st.DrawFn, run_id: str = "run-1", task_ids: tuple[str, ...] = ("t
     out["fn"] = FN
     optional = {
         "args": st.lists(json_values(2), max_size=3),
-        "kwargs": st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), json_values(2), max_size=2),
+        "kwargs": st.dictionaries(
+            st.text(string.ascii_lowercase, min_size=1, max_size=4), json_values(2), max_size=2
+        ),
         "w": st.text(max_size=6),
         "ctx": st.dictionaries(st.sampled_from(task_ids), json_values(2)),
         "retry": st.just({"max_retries": 2, "backoff": 0.1}),
@@ -426,7 +436,9 @@ def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
     return st.one_of(
         json_values(),
         st.tuples(batch, st.just({}), st.just({})).map(list),
-        mutated(st.tuples(st.lists(jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(list)),
+        mutated(
+            st.tuples(st.lists(jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(list)
+        ),
     )
 
 

@@ -254,7 +254,9 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
             raise MalformedJobError("the body is not a Celery message's [args, kwargs, embed]")
         jobs = parse_jobs(body[0])
     except Exception as exc:  # whatever the body holds: refused, the worker goes on
-        log.warning("refused a message for unknown task %.80r that is not a nerv job: %s", name, describe(exc))
+        log.warning(
+            "refused a message for unknown task %.80r that is not a nerv job: %s", name, describe(exc)
+        )
         return
     runner = runtime.runner()
     error = TaskError.from_exception(

@@ -9,6 +9,7 @@ import pytest
 from pyrsistent import PMap
 
 from nerv_cluster import checkpoint
+from nerv_cluster.errors import MalformedCheckpointError
 from nerv_cluster.model import EventType
 from nerv_cluster.state import RunState, apply_to_run, fold, fold_run
 from tests.unit.helpers import RUN, Sim, ev, random_dag, run_of, submitted
@@ -78,5 +79,5 @@ def test_unreadable_checkpoints_are_refused() -> None:
     first = next(iter(run.tasks))
     with pytest.raises(ValueError, match="fields"):
         checkpoint.decode({**good, "tasks": {first: ["READY"]}})
-    with pytest.raises(KeyError):
+    with pytest.raises(MalformedCheckpointError, match="KeyError: 'definition'"):  # one error type for all
         checkpoint.decode({"format": checkpoint.FORMAT})

@@ -131,7 +131,9 @@ def _assert_contained(before: st.State, after: st.State, touched: set[str]) -> N
 
 @fuzzing.examples(70)
 @given(victims(), hst.data())
-def test_fuzzed_events_never_raise_and_touch_only_their_run(case: tuple[st.State, list[str]], data: Any) -> None:
+def test_fuzzed_events_never_raise_and_touch_only_their_run(
+    case: tuple[st.State, list[str]], data: Any
+) -> None:
     state, task_ids = case
     run_id = data.draw(hst.sampled_from([VICTIM, VICTIM, "made-up"]))
     raws = data.draw(hst.lists(fuzzing.event_inputs(run_id, task_ids or ["t0"]), min_size=1, max_size=5))
@@ -155,8 +157,24 @@ def _victim() -> tuple[st.State, Event]:
     ),
     hst.dictionaries(
         hst.sampled_from(
-            ["result", "worker", "started_at", "error", "reason", "delay", "due_at", "next_attempt",
-             "counted", "fresh", "via", "batch", "workflow", "handoff", "cached", "cached_from"]
+            [
+                "result",
+                "worker",
+                "started_at",
+                "error",
+                "reason",
+                "delay",
+                "due_at",
+                "next_attempt",
+                "counted",
+                "fresh",
+                "via",
+                "batch",
+                "workflow",
+                "handoff",
+                "cached",
+                "cached_from",
+            ]
         ),
         fuzzing.odd_values(),
         max_size=4,

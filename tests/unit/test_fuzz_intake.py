@@ -82,7 +82,9 @@ def test_a_bad_submission_rejects_only_its_run(raw: Any, run_id: Any) -> None:
     """Through the fold: whatever the submission, the fold does not raise, other runs stay as they
     were, and the new run is either sound or rejected with the reason."""
     other = Event(
-        EventType.WORKFLOW_SUBMITTED, "other", data={"workflow": {"name": "o", "tasks": [{"id": "a", "fn": "f"}]}}
+        EventType.WORKFLOW_SUBMITTED,
+        "other",
+        data={"workflow": {"name": "o", "tasks": [{"id": "a", "fn": "f"}]}},
     )
     state = apply(EMPTY, other)
     before = state.runs["other"]

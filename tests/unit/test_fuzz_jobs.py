@@ -39,7 +39,12 @@ class RecordingLog:
         self.events: list[Event] = []
 
     def start_attempts(
-        self, events: Sequence[Event], worker_id: str, max_takeovers: int, outcomes: Sequence[Event] = (), batch: bool = False
+        self,
+        events: Sequence[Event],
+        worker_id: str,
+        max_takeovers: int,
+        outcomes: Sequence[Event] = (),
+        batch: bool = False,
     ) -> list[str]:
         self.events += [*outcomes, *events]
         return ["ok"] * len(events)
