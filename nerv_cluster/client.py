@@ -62,6 +62,11 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
     """
     options: dict[str, Any] = {
         "decode_responses": True,
+        # Bytes that are no UTF-8 (anyone who reaches Redis can write them into a stream or a list)
+        # would fail the whole reply that holds them (an XREAD of the feed: every time, for every
+        # reader); replaced, they make one entry that is no valid event or job, refused on its own.
+        # nerv's own writes are ASCII JSON, which this never changes.
+        "encoding_errors": "replace",
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,

@@ -31,6 +31,19 @@ def describe(exc: BaseException) -> str:
     return text
 
 
+def _refs(value: Any, out: list[Any]) -> None:
+    """Append the task ids of the reference markers in JSON ``value`` to ``out``."""
+    if isinstance(value, list | tuple):
+        for v in value:
+            _refs(v, out)
+    elif isinstance(value, dict):
+        if len(value) == 1 and constants.REF_KEY in value:
+            out.append(value[constants.REF_KEY])
+            return
+        for v in value.values():
+            _refs(v, out)
+
+
 def _check_task(t: TaskDef) -> None:
     check_id(t.id, "task id")
     where = f"task {t.id!r}"
@@ -52,6 +65,17 @@ def _check_task(t: TaskDef) -> None:
     for dep in t.dependencies:
         if not isinstance(dep, str):
             raise WorkflowError(f"{where}: dependency {dep!r:.80} is not a task id")
+    if t.args or t.kwargs:
+        # A reference is replaced by its task's result when the job is built: one to a task that is
+        # not a dependency has no result to take (the scheduler could never build the job).
+        refs: list[Any] = []
+        _refs(t.args, refs)
+        _refs(t.kwargs, refs)
+        for ref in refs:
+            if not isinstance(ref, str) or ref not in t.dependencies:
+                raise WorkflowError(
+                    f"{where}: its arguments refer to {ref!r:.80}, which is not among its dependencies"
+                )
     if t.over is not None:  # a map node
         src = mapping.source(t)
         if src is None and not isinstance(t.over, list):

@@ -18,10 +18,12 @@ Profiles: ``HYPOTHESIS_PROFILE=ci`` (the default: derandomized, few examples, qu
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
 import string
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -447,6 +449,66 @@ def handoff_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
     return st.one_of(st.binary(max_size=30), st.text(max_size=30), job_inputs(run_id).map(json.dumps))
 
 
+def kombu_envelope(body: bytes, task: str, queue: str, rng: random.Random) -> dict[str, Any]:
+    """A Celery message as kombu's Redis transport LPUSHes it into a queue's list (``Channel._put``):
+    Celery 5.7's protocol 2 headers and properties, the body base64-encoded (as nerv's scheduler sends)."""
+    tid = str(uuid.UUID(int=rng.getrandbits(128)))
+    return {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": task,
+            "id": tid,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [8, 5],
+            "root_id": tid,
+            "parent_id": None,
+            "argsrepr": "",
+            "kwargsrepr": "{}",
+            "origin": "fuzz",
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": tid,
+            "reply_to": str(uuid.UUID(int=rng.getrandbits(128))),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.UUID(int=rng.getrandbits(128))),
+        },
+    }
+
+
+CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+@st.composite
+def kombu_entries(draw: st.DrawFn) -> Any:
+    """A queue list entry: bytes, JSON, a valid kombu message of a valid job, or one mutated."""
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    body = json.dumps([[draw(jobs())], {}, CELERY_EMBED]).encode()
+    valid = kombu_envelope(body, FN, "cpu", rng)
+    return draw(
+        st.one_of(
+            st.binary(max_size=40),
+            json_values().map(json.dumps),
+            st.just(json.dumps(valid)),
+            mutated(st.just(valid)).map(json.dumps),
+        )
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -462,6 +524,7 @@ WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
     "event": event_inputs,
     "celery-body": celery_bodies,
     "handoff": handoff_inputs,
+    "kombu-message": kombu_entries,
     "checkpoint": checkpoint_inputs,
 }
 

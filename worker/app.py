@@ -131,6 +131,24 @@ class CapacityBeacon:
                 log.debug("could not withdraw capacity of %s", self._node)
 
 
+class UnknownTaskLine(logging.Filter):
+    """Celery's report of a message for a task this worker does not have, as one warning line.
+
+    Celery logs it as an error with the KeyError's traceback and the whole message body (a page of text
+    per message): anyone who can push into a queue can fill a worker's log with tracebacks that look
+    like crashes. The message is dropped either way, and nerv's own ``task_unknown`` handler
+    (:func:`_on_unknown`) logs what it did with it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Received unregistered task of type"):
+            name = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = "received a message for unregistered task %s: dropped", (str(name)[:80],)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def import_modules(modules: Iterable[str]) -> None:
     """Import the modules that define tasks (their ``@task`` decorators register them)."""
     for name in modules:
@@ -325,6 +343,9 @@ def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) 
         if settings.log_level.upper() != "DEBUG":
             for name in ("celery.worker.strategy", "celery.app.trace", "celery.worker.request"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+        consumer = logging.getLogger("celery.worker.consumer.consumer")
+        if not any(isinstance(f, UnknownTaskLine) for f in consumer.filters):
+            consumer.addFilter(UnknownTaskLine())
 
     # weak=False: these closures live only as long as the signal holds them.
     after_setup_logger.connect(on_logging, weak=False)

@@ -77,7 +77,7 @@ def test_poison_in_the_log_fails_its_own_run_and_every_other_run_completes(own_c
         "poison-colon-task": ([_task("load:users")], "invalid task id 'load:users'"),
         "poison-newline-task": ([_task("x\ninjected log line")], "invalid task id"),
         "poison\nnewline-run": ([_task("a")], "invalid run id"),
-        "poison-no-fn": ([{"id": "a"}], "KeyError"),
+        "poison-no-fn": ([{"id": "a"}], "a task needs an id and a fn"),
         # A queue no worker serves: its job could never be sent (Celery has no such queue).
         "poison-gpu-queue": ([{**_task("a"), "queue": "gpu"}], "unknown queue 'gpu'"),
     }
