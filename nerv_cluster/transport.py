@@ -80,7 +80,9 @@ def check_message(item: Any) -> dict[str, Any]:
         raise MalformedJobError(f"not a kombu message: {type(exc).__name__}") from None
     _need(isinstance(msg, dict), "not a kombu message: no JSON object")
     headers, props = msg.get("headers"), msg.get("properties")
-    _need(isinstance(headers, dict) and isinstance(props, dict), "a kombu message without headers or properties")
+    _need(
+        isinstance(headers, dict) and isinstance(props, dict), "a kombu message without headers or properties"
+    )
     task, mid = headers.get("task"), headers.get("id")
     _need(isinstance(task, str) and bool(task) and isinstance(mid, str) and bool(mid), "no task name or id")
     where = f"message {mid!r:.80} for {task!r:.80}"
@@ -102,7 +104,9 @@ def check_message(item: Any) -> dict[str, Any]:
         else:
             _need(isinstance(value, _SCALARS), f"{where}: header {key!r:.40} holds {value!r:.40}")
     info, tag, priority = props.get("delivery_info"), props.get("delivery_tag"), props.get("priority", 0)
-    _need(props.get("body_encoding") == "base64", f"{where}: body encoding {props.get('body_encoding')!r:.40}")
+    _need(
+        props.get("body_encoding") == "base64", f"{where}: body encoding {props.get('body_encoding')!r:.40}"
+    )
     _need(isinstance(tag, str) and bool(tag), f"{where}: no delivery tag")
     _need(
         isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("exchange", "routing_key")),

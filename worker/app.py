@@ -143,7 +143,10 @@ class UnknownTaskLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Received unregistered task of type"):
             name = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg, record.args = "received a message for unregistered task %s: dropped", (str(name)[:80],)
+            record.msg, record.args = (
+                "received a message for unregistered task %s: dropped",
+                (str(name)[:80],),
+            )
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True

@@ -104,7 +104,9 @@ def _queue_message(rng: random.Random, real: str, task_ids: list[str]) -> str | 
     jobs = [_bad_job(rng, run_id, rng.choice(task_ids)) for _ in range(rng.randint(1, 3))]
     body = json.dumps([jobs, {}, fuzzing.CELERY_EMBED])
     if k == 2:
-        env = fuzzing.kombu_envelope(fuzzing.garbage_bytes(rng, oversized=50_000), rng.choice(_NAMES), queue, rng)
+        env = fuzzing.kombu_envelope(
+            fuzzing.garbage_bytes(rng, oversized=50_000), rng.choice(_NAMES), queue, rng
+        )
     elif k == 3:  # for a task no worker has: the unknown-task path must refuse it too
         env = fuzzing.kombu_envelope(body.encode(), f"evil.{rng.randrange(5)}", queue, rng)
     elif k == 4:  # the envelope itself mutated (headers, properties, encodings)
@@ -147,7 +149,13 @@ def _feed_entry(rng: random.Random, real: str, task_ids: list[str]) -> dict[str,
         raw = fuzzing.near_valid(rng, {"name": "forged", "tasks": [{"id": "a", "fn": _NAMES[0]}]})
         if _acceptable(run_id, raw):
             raw = {"name": "forged", "tasks": []}
-        ev = {"i": uuid.uuid4().hex, "t": "WORKFLOW_SUBMITTED", "r": run_id, "ts": time.time(), "d": {"workflow": raw}}
+        ev = {
+            "i": uuid.uuid4().hex,
+            "t": "WORKFLOW_SUBMITTED",
+            "r": run_id,
+            "ts": time.time(),
+            "d": {"workflow": raw},
+        }
         return {"e": json.dumps(ev)}
     ev = {
         "i": uuid.uuid4().hex,
@@ -211,7 +219,9 @@ class Flood:
                 for _ in range(min(500, TOTAL - pushed)):
                     where = rng.random()
                     if where < 0.45:
-                        pipe.lpush(rng.choice(constants.QUEUES), _queue_message(rng, self.real, self.task_ids))
+                        pipe.lpush(
+                            rng.choice(constants.QUEUES), _queue_message(rng, self.real, self.task_ids)
+                        )
                         self.sent["queues"] += 1
                     elif where < 0.9:
                         pipe.xadd(k.feed, _feed_entry(rng, self.real, self.task_ids))  # type: ignore[arg-type]
@@ -222,7 +232,7 @@ class Flood:
                     pushed += 1
                 pipe.execute()
                 time.sleep(0.1)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             self.error = exc
 
 
@@ -231,7 +241,9 @@ def _worker_ids(c: Cluster) -> list[str]:
     return list(c.redis.hkeys(c.client.keys.workers))
 
 
-def test_ten_thousand_garbage_messages_leave_the_run_right_and_every_process_serving(own_cluster: Cluster) -> None:
+def test_ten_thousand_garbage_messages_leave_the_run_right_and_every_process_serving(
+    own_cluster: Cluster,
+) -> None:
     c = own_cluster
     sched = c.scheduler()
     c.wait_leader()
@@ -276,7 +288,9 @@ def test_ten_thousand_garbage_messages_leave_the_run_right_and_every_process_ser
         assert kinds <= {"WORKFLOW_FAILED", "WORKFLOW_CANCELLED", "WORKFLOW_COMPLETED"}, (key, kinds)
     logs = {p.name: p.log_text() for p in c.procs}
     for name, text in logs.items():
-        assert "Traceback" not in text, f"{name} logged a traceback:\n{text[text.index('Traceback') - 2000 :][:6000]}"
+        assert "Traceback" not in text, (
+            f"{name} logged a traceback:\n{text[text.index('Traceback') - 2000 :][:6000]}"
+        )
     workers_log = logs[cpu.name] + logs[io.name]
     assert "refused" in workers_log, "the workers refused nothing: did the garbage reach them?"
     assert "skipping malformed log entry" in logs[sched.name]

@@ -72,7 +72,12 @@ def test_valid_definitions_are_accepted(raw: dict[str, Any]) -> None:
 @example({"name": "x", "tasks": [{"id": "a", "fn": "f", "timeout": float("nan")}]})
 # Found by the deep profile: a reference in the arguments to a task that is no dependency (accepted;
 # building the job raised KeyError, so the scheduler failed the run only when it came to dispatch it).
-@example({"name": "x", "tasks": [{"id": "a", "fn": "f"}, {"id": "c", "fn": "f", "args": [[{"__nerv_ref__": "a"}]]}]})
+@example(
+    {
+        "name": "x",
+        "tasks": [{"id": "a", "fn": "f"}, {"id": "c", "fn": "f", "args": [[{"__nerv_ref__": "a"}]]}],
+    }
+)
 @example({"name": "x", "tasks": [{"id": "a", "fn": "f", "kwargs": {"k": {"__nerv_ref__": ["a"]}}}]})
 def test_any_definition_is_accepted_or_refused_clearly(raw: Any) -> None:
     definition = _accept_or_refuse(raw)

@@ -17,14 +17,16 @@ from hypothesis import example, given
 from hypothesis import strategies as hst
 
 from nerv_cluster import constants
+from nerv_cluster.client import connect
 from nerv_cluster.errors import MalformedJobError
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, parse_job
 from nerv_cluster.model import Event
 from nerv_cluster.registry import Registry, TaskFunction, task
+from nerv_cluster.settings import Settings
 from nerv_cluster.transport import check_message
 from tests import fuzzing
-from worker.app import _celery_task, _on_unknown
+from worker.app import UnknownTaskLine, _celery_task, _on_unknown
 from worker.runner import TaskRunner
 
 REG = Registry()
@@ -233,7 +235,9 @@ def test_a_handoff_entry_that_is_no_job_is_refused_and_the_wait_ends_cleanly(
 # envelope whose body is not base64 text.
 @example(b"\xb3t\t\xb8")
 @example("[" * 5_000)
-@example(json.dumps({**fuzzing.kombu_envelope(b"[[], {}, {}]", fuzzing.FN, "cpu", random.Random(1)), "body": 5}))
+@example(
+    json.dumps({**fuzzing.kombu_envelope(b"[[], {}, {}]", fuzzing.FN, "cpu", random.Random(1)), "body": 5})
+)
 def test_a_queue_entry_is_a_message_nerv_could_have_sent_or_is_refused(entry: Any) -> None:
     try:
         msg = check_message(entry)
@@ -251,3 +255,24 @@ def test_the_schedulers_own_message_passes_the_check() -> None:
     entry = json.dumps(fuzzing.kombu_envelope(body.encode(), fuzzing.FN, "cpu", random.Random(2)))
     assert check_message(entry)["headers"]["task"] == fuzzing.FN
     assert check_message(entry.encode())["properties"]["delivery_info"]["routing_key"] == "cpu"
+
+
+def test_celerys_unregistered_task_report_becomes_one_warning_line() -> None:
+    record = logging.LogRecord(
+        "celery.worker.consumer.consumer",
+        logging.ERROR,
+        __file__,
+        1,
+        "Received unregistered task of type %s.\nThe full contents of the message body was:\n%s\n",
+        (KeyError("evil.task"), "x" * 10_000),
+        (KeyError, KeyError("evil.task"), None),
+    )
+    assert UnknownTaskLine().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == "received a message for unregistered task 'evil.task': dropped"
+
+
+def test_replies_holding_bytes_that_are_no_utf8_are_decoded_with_replacements() -> None:
+    """Garbage bytes in one feed entry must not fail the whole XREAD (the scheduler refolded on each)."""
+    client = connect(Settings.from_env({"NERV_REDIS_URL": "redis://127.0.0.1:1/0"}))
+    assert client.connection_pool.connection_kwargs["encoding_errors"] == "replace"

@@ -171,7 +171,9 @@ def test_a_handler_that_raises_rejects_only_its_run_alike_in_bulk_and_one_by_one
 def test_a_run_decide_raises_for_is_failed_and_the_others_are_decided() -> None:
     # A reference to a task that is not a dependency: building its job raises KeyError. The intake
     # refuses such a definition (test_fuzz_intake), so the run's definition is changed in memory.
-    state = st.fold([_raw_submit("bad-1", {"name": "s", "tasks": [_task("a")]}), submitted(diamond(), run_id="good-1")])
+    state = st.fold(
+        [_raw_submit("bad-1", {"name": "s", "tasks": [_task("a")]}), submitted(diamond(), run_id="good-1")]
+    )
     bad = state.runs["bad-1"]
     sneaky = bad.defs["a"].__class__(id="a", fn="tests.noop", name="a", args=({constants.REF_KEY: "zz"},))
     state = st.State(runs=state.runs.set("bad-1", bad._replace(defs={"a": sneaky})))
