@@ -116,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=("random", "fanout"), default="random")
     p.add_argument("--repeat", type=int, default=3, help="rounds; the median of each stage is reported")
     p.add_argument("--redis-url", default="", help="also time one whole Client.submit on this Redis")
+    p.add_argument("--redis-db", type=int, default=13, help="database replacing the URL's (default 13)")
     p.add_argument("--no-gc", action="store_true", help="cyclic GC off (to see its share)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    if args.redis_url:
+        from bench.__main__ import with_db
+
+        args.redis_url = with_db(args.redis_url, None if args.redis_db < 0 else args.redis_db)
     shape = shape_mod.random_dag(args.tasks) if args.shape == "random" else shape_mod.fanout(args.tasks)
     if args.no_gc:
         gc.disable()

@@ -19,7 +19,7 @@ from nerv_cluster.errors import (
     UnknownTaskError,
     WorkflowError,
 )
-from nerv_cluster.ids import check_id, slug
+from nerv_cluster.ids import check_id, is_valid_id, slug
 from nerv_cluster.jsonform import compact
 from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
@@ -30,6 +30,7 @@ from nerv_cluster.model import (
     TaskPriority,
     TriggerRule,
     WorkflowDef,
+    make_task,
 )
 from nerv_cluster.planner import Plan, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
@@ -46,6 +47,12 @@ class TaskHandle:
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id}>"
 
+
+#: Read once: enum members and methods looked up through their class cost several times a global's,
+#: and ``Workflow.add`` runs once per task.
+_MEDIUM = TaskPriority.MEDIUM
+_parse_priority = TaskPriority.parse
+_parse_trigger = TriggerRule.parse
 
 #: Types kept as they are by :func:`_encode` (exactly these: a subclass, such as an enum, is checked).
 _PLAIN = frozenset({str, int, bool})
@@ -180,53 +187,76 @@ class Workflow:
             )
         if call_args and args is not None:
             raise WorkflowError("give task arguments positionally or as args=..., not both")
+        # Every check below runs for every task, so the common case (no arguments, or plain ones; no
+        # options beyond the @task defaults) takes no call it does not need: a million-task workflow
+        # is built this way. The error messages are made only when an error is raised.
         tf, fn_name = self._lookup(fn)
         task_id = id or name or self._auto_id(fn_name)
-        check_id(task_id, "task id")
-        if task_id in self._ids:
+        if not is_valid_id(task_id) or task_id in self._ids:
+            check_id(task_id, "task id")
             raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
-        where = f"task {task_id!r}"
         refs: list[str] = []
-        enc_args = _encode(list(args if args is not None else call_args), f"{where} args", refs, self.name)
-        enc_kwargs = _encode(dict(kwargs or {}), f"{where} kwargs", refs, self.name)
-        explicit = _dependency_ids(dependencies, where)
-        deps = tuple(dict.fromkeys([*refs, *explicit]))
+        raw_args = args if args is not None else call_args
+        # (An empty tuple or list needs no encoding; anything else, empty or not, is listed as before.)
+        if raw_args or type(raw_args) not in (tuple, list):
+            enc_args = _encode(list(raw_args), f"task {task_id!r} args", refs, self.name)
+        else:
+            enc_args = []
+        enc_kwargs = _encode(dict(kwargs), f"task {task_id!r} kwargs", refs, self.name) if kwargs else {}
+        explicit: list[str] = []
+        for d in dependencies:
+            if type(d) is str:
+                explicit.append(d)
+            else:
+                explicit.extend(_dependency_ids((d,), f"task {task_id!r}"))
+        deps = tuple(dict.fromkeys([*refs, *explicit] if refs else explicit))
         queue = queue or (tf.queue if tf else constants.DEFAULT_QUEUE)
-        check_queue(queue)
+        if queue not in constants.QUEUES:
+            check_queue(queue)
         if timeout is not None and timeout <= 0:
-            raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
+            raise WorkflowError(f"task {task_id!r}: timeout must be a positive number of seconds")
         if cache is not None and not isinstance(cache, Cache):
-            raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
+            raise WorkflowError(f"task {task_id!r}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
         ctx = context if context is not None else (tf.context if tf else False)
-        conc, rate = limits.task_limits(
-            tf,
-            concurrency,
-            rate_limit,
-            ctx,
-            enc_args,
+        conc: Concurrency | None = None
+        rate: RateLimit | None = None  # what task_limits gives when no limit is given or declared
+        declared = tf is not None and (tf.concurrency is not None or tf.rate_limit is not None)
+        if concurrency is not None or rate_limit is not None or declared:
+            where = f"task {task_id!r}"
+            conc, rate = limits.task_limits(
+                tf,
+                concurrency,
+                rate_limit,
+                ctx,
+                enc_args,
+                enc_kwargs,
+                where,
+                lambda value: _encode(value, f"{where} default", [], self.name),
+            )
+        if priority is None:
+            priority = tf.priority if tf else _MEDIUM
+        # Positional, in TaskDef's field order (tests/unit/test_bulk.py holds it to the keyword form).
+        td = make_task(
+            task_id,
+            fn_name,
+            name or task_id,
+            description or (tf.description if tf else ""),
+            deps,
+            tuple(enc_args),
             enc_kwargs,
-            where,
-            lambda value: _encode(value, f"{where} default", [], self.name),
-        )
-        td = TaskDef(
-            id=task_id,
-            fn=fn_name,
-            name=name or task_id,
-            description=description or (tf.description if tf else ""),
-            dependencies=deps,
-            args=tuple(enc_args),
-            kwargs=enc_kwargs,
-            priority=TaskPriority.parse(priority if priority is not None else (tf.priority if tf else 1)),
-            timeout=timeout if timeout is not None else (tf.timeout if tf else None),
-            retry=retry if retry is not None else (tf.retry if tf else None),
-            circuit=circuit if circuit is not None else (tf.circuit if tf else None),
-            queue=queue,
-            tags=tuple(tags),
-            trigger=TriggerRule.parse(trigger),
-            context=ctx,
-            cache=cache if cache is not None else (tf.cache if tf else None),
-            concurrency=conc,
-            rate_limit=rate,
+            priority if type(priority) is TaskPriority else _parse_priority(priority),
+            timeout if timeout is not None else (tf.timeout if tf else None),
+            retry if retry is not None else (tf.retry if tf else None),
+            queue,
+            tuple(tags),
+            trigger if type(trigger) is TriggerRule else _parse_trigger(trigger),
+            ctx,
+            circuit if circuit is not None else (tf.circuit if tf else None),
+            cache if cache is not None else (tf.cache if tf else None),
+            None,
+            None,
+            conc,
+            rate,
         )
         self._tasks.append(td)
         self._ids.add(task_id)
