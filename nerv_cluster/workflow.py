@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from nerv_cluster import constants, limits, waits
+from nerv_cluster import constants, gcpause, limits, waits
 from nerv_cluster.errors import (
     DuplicateTaskError,
     PayloadTooLargeError,
@@ -32,7 +32,7 @@ from nerv_cluster.model import (
     WorkflowDef,
     make_task,
 )
-from nerv_cluster.planner import Plan, plan
+from nerv_cluster.planner import Plan, check_acyclic, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
 
@@ -508,6 +508,11 @@ class Workflow:
         )
 
 
+#: The JSON size of a task's arguments when it has none (``[args, kwargs]``).
+_EMPTY_PAYLOAD_BYTES = len(compact([[], {}]))
+
+
+@gcpause.pausing  # it builds the plan: millions of acyclic containers for a million tasks
 def validate_definition(
     wf: WorkflowDef,
     *,
@@ -520,11 +525,42 @@ def validate_definition(
 
     ``total_bytes``: the size of the whole definition's JSON, when the caller knows it: no task's
     arguments can be bigger, so within ``max_payload_bytes`` they are not measured one by one."""
+    _check(wf, max_payload_bytes, max_tasks, known_names, total_bytes)
+    return plan(wf.tasks)
+
+
+@gcpause.pausing
+def check_definition(
+    wf: WorkflowDef,
+    *,
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+    max_tasks: int = constants.DEFAULT_MAX_TASKS,
+    known_names: set[str] | None = None,
+    total_bytes: int | None = None,
+) -> None:
+    """:func:`validate_definition` without making the plan: the same checks, raising the same errors
+    (a cycle included), for a caller that does not use the plan (``Client.submit``: the scheduler
+    plans the run itself)."""
+    _check(wf, max_payload_bytes, max_tasks, known_names, total_bytes)
+    check_acyclic(wf.tasks)
+
+
+def _check(
+    wf: WorkflowDef,
+    max_payload_bytes: int,
+    max_tasks: int,
+    known_names: set[str] | None,
+    total_bytes: int | None,
+) -> None:
+    """Every check of :func:`validate_definition` but the graph's (the plan's)."""
     if not wf.tasks:
         raise WorkflowError(f"workflow {wf.name!r} has no tasks")
-    for t in wf.tasks:
-        check_id(t.id, "task id")
-        check_queue(t.queue)
+    queues = constants.QUEUES
+    for t in wf.tasks:  # the errors of check_id and check_queue, raised by them; calls only for those
+        if not is_valid_id(t.id):
+            check_id(t.id, "task id")
+        if t.queue not in queues:
+            check_queue(t.queue)
         if t.workflow is not None:  # a static sub-workflow: held to the same checks, recursively
             validate_definition(
                 WorkflowDef.from_dict(t.workflow),
@@ -538,13 +574,18 @@ def validate_definition(
     if waiting or wf.meta.get(waits.SIGNALS_META):
         waits.check_definition(wf, waiting)
     measure = total_bytes is None or total_bytes > max_payload_bytes
+    # A task without arguments has the smallest payload there is ("[[],{}]"): measured only when even
+    # that is over the limit.
+    skip_empty = _EMPTY_PAYLOAD_BYTES <= max_payload_bytes
+    if known_names is None and not measure:
+        return
     for t in wf.tasks:
         if known_names is not None and t.workflow is None and t.wait is None and t.fn not in known_names:
             raise UnknownTaskError(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
             )
-        if not measure:
+        if not measure or (skip_empty and t.over is None and not t.args and not t.kwargs):
             continue
         payload = [t.args, t.kwargs] if t.over is None else [t.args, t.kwargs, t.over]
         size = len(compact(payload))
@@ -553,7 +594,6 @@ def validate_definition(
                 f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "
                 "(store large data elsewhere and pass a reference)"
             )
-    return plan(wf.tasks)
 
 
 def nested_tasks(wf: WorkflowDef) -> Iterator[TaskDef]:
