@@ -30,6 +30,7 @@ from nerv_cluster.model import (
     TaskPriority,
     TriggerRule,
     WorkflowDef,
+    fast_init,
     make_task,
 )
 from nerv_cluster.planner import Plan, check_acyclic, plan
@@ -47,6 +48,9 @@ class TaskHandle:
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id}>"
 
+
+#: ``TaskHandle(...)``, faster (``Workflow.add`` makes one per task).
+_make_handle = fast_init(TaskHandle)
 
 #: Read once: enum members and methods looked up through their class cost several times a global's,
 #: and ``Workflow.add`` runs once per task.
@@ -260,7 +264,7 @@ class Workflow:
         )
         self._tasks.append(td)
         self._ids.add(task_id)
-        return TaskHandle(id=task_id, name=td.name, workflow=self.name)
+        return _make_handle(task_id, td.name, self.name)
 
     def map(
         self,
