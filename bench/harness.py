@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench import redis_floor
-from bench.engines import WORKERS, ENGINES, Engine, EngineUnavailable, Measurement, ShapeUnsupported
+from bench.engines import ENGINES, WORKERS, Engine, EngineUnavailable, Measurement, ShapeUnsupported
 from bench.shapes import Shape
 
 OK, NA, ERROR = "ok", "n/a", "error"

@@ -235,9 +235,7 @@ def clock_offset(redis: Any, tries: int = 20) -> float:
     return best[1]
 
 
-def open_loop(
-    target: Target, rate: float, seconds: float, threads: int, poll: float, drain: float
-) -> Step:
+def open_loop(target: Target, rate: float, seconds: float, threads: int, poll: float, drain: float) -> Step:
     """Submit ``rate`` runs/s for ``seconds`` on schedule; wait up to ``drain`` s for the rest."""
     n = max(1, round(rate * seconds))
     step = Step(target.name, rate, seconds, clock=target.clock)
@@ -325,14 +323,37 @@ def open_loop(
 
 def _row(s: Step) -> list[str]:
     return [
-        s.engine, f"{s.rate:g}", f"{s.achieved_rate:.0f}", f"{s.submitted}", f"{s.completed}",
-        f"{s.unfinished + s.failed}", f"{s.p50_ms:.1f}", f"{s.p99_ms:.1f}", f"{s.max_ms:.1f}",
-        f"{s.sched_p99_ms:.1f}", f"{s.submit_lag_p99_ms:.1f}", f"{s.backlog}", s.verdict,
-    ]  # fmt: skip
+        s.engine,
+        f"{s.rate:g}",
+        f"{s.achieved_rate:.0f}",
+        f"{s.submitted}",
+        f"{s.completed}",
+        f"{s.unfinished + s.failed}",
+        f"{s.p50_ms:.1f}",
+        f"{s.p99_ms:.1f}",
+        f"{s.max_ms:.1f}",
+        f"{s.sched_p99_ms:.1f}",
+        f"{s.submit_lag_p99_ms:.1f}",
+        f"{s.backlog}",
+        s.verdict,
+    ]
 
 
-HEAD = ["engine", "rate", "achieved", "submitted", "completed", "lost", "p50 ms", "p99 ms", "max ms",
-        "p99 from schedule", "submit lag p99", "backlog", "verdict"]  # fmt: skip
+HEAD = [
+    "engine",
+    "rate",
+    "achieved",
+    "submitted",
+    "completed",
+    "lost",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "p99 from schedule",
+    "submit lag p99",
+    "backlog",
+    "verdict",
+]
 
 
 def table(steps: list[Step]) -> str:
@@ -352,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between looks for ended runs")
     p.add_argument("--drain", type=float, default=30.0, help="seconds to wait for runs after the submits")
-    p.add_argument("--ramp", action="store_true", help="find the most runs/s sustained with p99 under --p99-ms")
+    p.add_argument(
+        "--ramp", action="store_true", help="find the most runs/s sustained with p99 under --p99-ms"
+    )
     p.add_argument("--ramp-start", type=float, default=100.0)
     p.add_argument("--ramp-factor", type=float, default=1.25)
     p.add_argument("--ramp-max", type=float, default=5000.0)
@@ -390,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             for rate in ramp_rates(args.ramp_start, args.ramp_factor, args.ramp_max):
                 _log(f"{name}: ramp step {rate:g} runs/s for {args.step_seconds:g}s")
                 s = open_loop(target, rate, args.step_seconds, args.threads, args.poll, args.drain)
-                s.verdict = ramp_verdict(rate, s.achieved_rate, s.p99_ms, s.backlog, s.unfinished, args.p99_ms)
+                s.verdict = ramp_verdict(
+                    rate, s.achieved_rate, s.p99_ms, s.backlog, s.unfinished, args.p99_ms
+                )
                 steps.append(s)
                 if s.verdict != OK:
                     break
@@ -405,18 +430,34 @@ def main(argv: list[str] | None = None) -> int:
     print(table(steps))
     for name, s in sustained.items():
         limit = " (the generator's limit: a lower bound)" if s["stopped_by"] == GENERATOR else ""
-        print(f"{name}: sustained {s['runs_per_s']} runs/s with p99 under {args.p99_ms:g} ms; "
-              f"the next step failed on {s['stopped_by']}{limit}")  # fmt: skip
-    print("latency = submit -> WORKFLOW_COMPLETED per run (see --help for the clocks); 'from schedule' counts "
-          "from the run's scheduled submit time; lost = unfinished after the drain + failed.")  # fmt: skip
+        print(
+            f"{name}: sustained {s['runs_per_s']} runs/s with p99 under {args.p99_ms:g} ms; "
+            f"the next step failed on {s['stopped_by']}{limit}"
+        )
+    print(
+        "latency = submit -> WORKFLOW_COMPLETED per run (see --help for the clocks); 'from schedule' "
+        "counts from the run's scheduled submit time; lost = unfinished after the drain + failed."
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "meta": {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                 "argv": sys.argv[1:] if argv is None else argv, "cpus": os.cpu_count(),
-                 "loadavg": os.getloadavg(), "workers": args.workers, "threads": args.threads},
-        "steps": [asdict(s) for s in steps],
-        "sustained": sustained,
-    }, indent=2, default=str) + "\n")  # fmt: skip
+    args.json.write_text(
+        json.dumps(
+            {
+                "meta": {
+                    "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "argv": sys.argv[1:] if argv is None else argv,
+                    "cpus": os.cpu_count(),
+                    "loadavg": os.getloadavg(),
+                    "workers": args.workers,
+                    "threads": args.threads,
+                },
+                "steps": [asdict(s) for s in steps],
+                "sustained": sustained,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     print(f"JSON written to {args.json}")
     return 0
 

@@ -34,6 +34,7 @@ tasks has a depth of some 40,000 levels); ``--n 20000`` is a smoke run of a few 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import multiprocessing as mp
@@ -229,10 +230,8 @@ def run_dask(n: int, workers: int, timeout: float, memory_limit: int) -> Row:
 
     def kill_tree(_total: int = 0) -> None:
         for pid in reversed(tree()):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
     deadline = time.monotonic() + timeout + 60
     result: dict[str, Any] | None = None
@@ -267,17 +266,40 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(rows: list[Row], n: int, base: int) -> str:
     """The printed table and the goal lines."""
-    head = ["engine", "shape", "tasks", "status", "wall s", "tasks/s", "build s", "submit s", "B/task",
-            "B/task>idle", "sched us", "workers us", "client us"]  # fmt: skip
+    head = [
+        "engine",
+        "shape",
+        "tasks",
+        "status",
+        "wall s",
+        "tasks/s",
+        "build s",
+        "submit s",
+        "B/task",
+        "B/task>idle",
+        "sched us",
+        "workers us",
+        "client us",
+    ]
     body = []
     for r in rows:
-        body.append([
-            r.engine, r.shape, f"{r.tasks:,}", r.status if r.status == "ok" else f"{r.status}: {r.reason}",
-            _fmt(r.seconds, ".1f"), _fmt(r.tasks_per_s, ".0f"), _fmt(r.build_s, ".2f"),
-            _fmt(r.submit_s, ".2f"), _fmt(r.bytes_per_task, ".0f"), _fmt(r.bytes_per_task_above_idle, ".0f"),
-            _fmt(r.cpu_us_per_task(SCHEDULER), ".0f"), _fmt(r.cpu_us_per_task(WORKERS), ".0f"),
-            _fmt(r.cpu_us_per_task(CLIENT), ".0f"),
-        ])  # fmt: skip
+        body.append(
+            [
+                r.engine,
+                r.shape,
+                f"{r.tasks:,}",
+                r.status if r.status == "ok" else f"{r.status}: {r.reason}",
+                _fmt(r.seconds, ".1f"),
+                _fmt(r.tasks_per_s, ".0f"),
+                _fmt(r.build_s, ".2f"),
+                _fmt(r.submit_s, ".2f"),
+                _fmt(r.bytes_per_task, ".0f"),
+                _fmt(r.bytes_per_task_above_idle, ".0f"),
+                _fmt(r.cpu_us_per_task(SCHEDULER), ".0f"),
+                _fmt(r.cpu_us_per_task(WORKERS), ".0f"),
+                _fmt(r.cpu_us_per_task(CLIENT), ".0f"),
+            ]
+        )
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in [head, *body]]
     lines.append("")
@@ -287,24 +309,38 @@ def table(rows: list[Row], n: int, base: int) -> str:
         small = next((b for b in rows if (b.engine, b.shape, b.tasks) == (r.engine, r.shape, base)), None)
         if small is not None and small.tasks_per_s and r.tasks_per_s:
             ratio = r.tasks_per_s / small.tasks_per_s
-            lines.append(f"{r.engine} {r.shape}: {n:,} tasks at {ratio:.2f}x the rate at {base:,} "
-                         f"(goal >= {GOAL_RATIO}x)")  # fmt: skip
+            lines.append(
+                f"{r.engine} {r.shape}: {n:,} tasks at {ratio:.2f}x the rate at {base:,} "
+                f"(goal >= {GOAL_RATIO}x)"
+            )
         if r.engine == "nerv" and r.bytes_per_task is not None:
-            lines.append(f"nerv {r.shape}: scheduler peak RSS {r.bytes_per_task:.0f} B/task "
-                         f"(goal <= {GOAL_BYTES_PER_TASK}); submit {r.submit_s:.2f} s (goal <= {GOAL_SUBMIT_S:g})")  # fmt: skip
-    lines.append("tasks/s: nerv from the start of Client.submit to the WORKFLOW_COMPLETED entry (Redis's clock), "
-                 "the Workflow built before (build s, CPU); Dask from its first client.submit to all done.")  # fmt: skip
-    lines.append("B/task: the scheduler's peak RSS (VmHWM) / tasks (Dask: its client process, which runs its "
-                 "scheduler); >idle: above its RSS just before the submit. us: CPU microseconds per task.")  # fmt: skip
+            lines.append(
+                f"nerv {r.shape}: scheduler peak RSS {r.bytes_per_task:.0f} B/task "
+                f"(goal <= {GOAL_BYTES_PER_TASK}); submit {r.submit_s:.2f} s "
+                f"(goal <= {GOAL_SUBMIT_S:g})"
+            )
+    lines.append(
+        "tasks/s: nerv from the start of Client.submit to the WORKFLOW_COMPLETED entry "
+        "(Redis's clock), the Workflow built before (build s, CPU); Dask from its first client.submit "
+        "to all done."
+    )
+    lines.append(
+        "B/task: the scheduler's peak RSS (VmHWM) / tasks (Dask: its client process, which runs "
+        "its scheduler); >idle: above its RSS just before the submit. us: CPU microseconds per task."
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"tasks of the big run (default {DEFAULT_N:,})")
-    p.add_argument("--base", type=int, default=DEFAULT_BASE, help=f"tasks of the base run (default {DEFAULT_BASE:,})")
+    p.add_argument(
+        "--base", type=int, default=DEFAULT_BASE, help=f"tasks of the base run (default {DEFAULT_BASE:,})"
+    )
     p.add_argument("--shapes", default="fanout,random", help="comma list of fanout, random")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--redis-url", default=os.environ.get("NERV_REDIS_URL", "redis://127.0.0.1:6379"))
@@ -315,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dask-timeout", type=float, default=3600.0, help="seconds Dask's run may take")
     p.add_argument("--dask-memory-gb", type=float, default=12.0, help="stop Dask past this much RSS")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    args = p.parse_args(argv)  # noqa: E501
+    args = p.parse_args(argv)
     from bench.__main__ import with_db
 
     url = with_db(args.redis_url, None if args.redis_db < 0 else args.redis_db)
@@ -339,12 +375,26 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(f"\n(whole run: {elapsed / 60:.1f} min)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "meta": {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv,
-                 "n": args.n, "base": args.base, "workers": args.workers, "cpus": os.cpu_count(),
-                 "loadavg": os.getloadavg(), "elapsed_s": elapsed},
-        "rows": [r.to_dict() for r in rows],
-    }, indent=2) + "\n")  # fmt: skip
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    args.json.write_text(
+        json.dumps(
+            {
+                "meta": {
+                    "when": when,
+                    "argv": sys.argv[1:] if argv is None else argv,
+                    "n": args.n,
+                    "base": args.base,
+                    "workers": args.workers,
+                    "cpus": os.cpu_count(),
+                    "loadavg": os.getloadavg(),
+                    "elapsed_s": elapsed,
+                },
+                "rows": [r.to_dict() for r in rows],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"JSON written to {args.json}")
     return 0 if all(r.status == "ok" or r.engine != "nerv" for r in rows) else 1
 

@@ -94,12 +94,18 @@ def accept(text: str) -> Any:
 def one_round(shape: Shape, redis_url: str | None) -> dict[str, tuple[float, float]]:
     """Every stage once: stage -> (wall s, CPU s)."""
     out: dict[str, tuple[float, float]] = {}
-    wf, *out["build"] = timed(lambda: build(shape))  # type: ignore[assignment]
-    (definition, _event, text), *out["wire"] = timed(lambda: wire(wf))  # type: ignore[assignment]
-    _, *out["validate"] = timed(lambda: validate(definition, len(text)))  # type: ignore[assignment]
-    _, *out["accept"] = timed(lambda: accept(text))  # type: ignore[assignment]
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        value, wall, cpu = timed(fn)
+        out[name] = (wall, cpu)
+        return value
+
+    wf = stage("build", lambda: build(shape))
+    definition, _, text = stage("wire", lambda: wire(wf))
+    stage("validate", lambda: validate(definition, len(text)))
+    stage("accept", lambda: accept(text))
     out["bytes"] = (float(len(text)), 0.0)
-    del definition, _event, text
+    definition = text = None  # not held through the submit below
     if redis_url:
         from nerv_cluster import Client, Settings
 
@@ -107,7 +113,7 @@ def one_round(shape: Shape, redis_url: str | None) -> dict[str, tuple[float, flo
             max_tasks=BIG_TASKS, max_submission_bytes=BIG_SUBMISSION_BYTES
         )
         with Client(settings=settings) as client:
-            run_id, *out["submit"] = timed(lambda: client.submit(wf, check_names=False))  # type: ignore[assignment]
+            run_id = stage("submit", lambda: client.submit(wf, check_names=False))
             client.redis.delete(client.keys.log(run_id))
     return out
 
@@ -136,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[submit_cost] round {i + 1}/{args.repeat} done", file=sys.stderr, flush=True)
     stages = [s for s in rounds[0] if s != "bytes"]
     result: dict[str, Any] = {"tasks": args.tasks, "shape": args.shape, "bytes": rounds[0]["bytes"][0]}
-    print(f"{args.shape} of {args.tasks:,} tasks, {rounds[0]['bytes'][0] / 1e6:.1f} MB of JSON; "
-          f"medians of {args.repeat}")
+    print(
+        f"{args.shape} of {args.tasks:,} tasks, {rounds[0]['bytes'][0] / 1e6:.1f} MB of JSON; "
+        f"medians of {args.repeat}"
+    )
     print(f"{'stage':<10} {'wall s':>8} {'cpu s':>8} {'cpu us/task':>12}")
     for s in stages:
         wall = statistics.median(r[s][0] for r in rounds)
@@ -147,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     vw = sum(result[s]["wall_s"] for s in ("wire", "validate"))
     vc = sum(result[s]["cpu_s"] for s in ("wire", "validate"))
     result["wire_plus_validate"] = {"wall_s": vw, "cpu_s": vc}
-    print(f"wire + validate (the client's part of a submit before the write): {vw:.2f} s wall, {vc:.2f} s CPU")
+    print(
+        f"wire + validate (the client's part of a submit before the write): {vw:.2f} s wall, {vc:.2f} s CPU"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

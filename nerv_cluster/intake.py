@@ -46,14 +46,18 @@ def _check_task(t: TaskDef) -> None:
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
     ):
-        raise WorkflowError(f"task {t.id!r}: timeout must be a positive number of seconds, got {timeout!r:.80}")
+        raise WorkflowError(
+            f"task {t.id!r}: timeout must be a positive number of seconds, got {timeout!r:.80}"
+        )
     for dep in t.dependencies:
         if not isinstance(dep, str):
             raise WorkflowError(f"task {t.id!r}: dependency {dep!r:.80} is not a task id")
     if t.over is not None:  # a map node
         src = mapping.source(t)
         if src is None and not isinstance(t.over, list):
-            raise WorkflowError(f"task {t.id!r}: a map maps over a task reference or a list, not {t.over!r:.80}")
+            raise WorkflowError(
+                f"task {t.id!r}: a map maps over a task reference or a list, not {t.over!r:.80}"
+            )
         if src is not None and src not in t.dependencies:
             raise WorkflowError(f"task {t.id!r}: maps over {src!r:.80}, which is not among its dependencies")
     if t.workflow is not None and not isinstance(t.workflow, dict):

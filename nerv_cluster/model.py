@@ -6,13 +6,13 @@ between the client, the scheduler and the workers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, TypeVar
@@ -463,6 +463,7 @@ class TaskDef:
 #: The defaults ``TaskDef.to_dict`` compares with, read once (see there).
 _MEDIUM, _ALL_SUCCESS, _DEFAULT_QUEUE = TaskPriority.MEDIUM, TriggerRule.ALL_SUCCESS, constants.DEFAULT_QUEUE
 
+
 def fast_init(cls: type[T]) -> Callable[..., T]:
     """A constructor of frozen slots dataclass ``cls`` that takes what ``cls(...)`` takes and makes the
     same object, faster: by an unfrozen twin class (the same fields, slots and defaults), whose object
@@ -492,7 +493,7 @@ def fast_init(cls: type[T]) -> Callable[..., T]:
     def make(*args: Any, **fields: Any) -> T:
         obj = twin(*args, **fields)
         obj.__class__ = cls
-        return obj  # type: ignore[no-any-return]  # it is one now
+        return obj  # a cls now
 
     make.__doc__ = f"``{cls.__name__}(...)``, built faster (see ``fast_init``)."
     return make

@@ -580,7 +580,7 @@ def _check(
     measure = total_bytes is None or total_bytes > max_payload_bytes
     # A task without arguments has the smallest payload there is ("[[],{}]"): measured only when even
     # that is over the limit.
-    skip_empty = _EMPTY_PAYLOAD_BYTES <= max_payload_bytes
+    skip_empty = max_payload_bytes >= _EMPTY_PAYLOAD_BYTES
     if known_names is None and not measure:
         return
     for t in wf.tasks:

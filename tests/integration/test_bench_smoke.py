@@ -20,7 +20,10 @@ BENCH_DB = "13"
 
 
 def _run(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     cmd = [sys.executable, "-m", module, "--redis-url", TEST_REDIS_URL, "--redis-db", BENCH_DB, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -57,7 +60,7 @@ def test_load_fixed_rate_and_ramp(tmp_path: Path) -> None:
     _run("bench.load", "--engines", "nerv", "--ramp", "--ramp-start", "10", "--ramp-factor", "2",
          "--ramp-max", "20", "--step-seconds", "2", "--json", str(out))  # fmt: skip
     data = json.loads(out.read_text())
-    assert [s["rate"] for s in data["steps"]][0] == 10
+    assert data["steps"][0]["rate"] == 10
     assert all(s["verdict"] for s in data["steps"])
     assert "nerv" in data["sustained"]
 
@@ -73,7 +76,11 @@ def test_bench_rows_show_level_latency_and_cpu_by_role(tmp_path: Path) -> None:
         r = results[shape]
         assert r["status"] == "ok", r
         level = r["level_latency"]
-        assert level["count"] > 0 and level["p50_ms"] >= 0 and level["clock"] in ("writer", "redis", "writer+redis")
+        assert (
+            level["count"] > 0
+            and level["p50_ms"] >= 0
+            and level["clock"] in ("writer", "redis", "writer+redis")
+        )
         roles = r["cpu_us_per_task_by_role"]
         assert roles["scheduler"] > 0 and roles["workers"] > 0
 
