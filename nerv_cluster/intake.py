@@ -13,7 +13,7 @@ from typing import Any
 
 from nerv_cluster import constants, gcpause, mapping, waits
 from nerv_cluster.errors import WorkflowError
-from nerv_cluster.ids import check_id, is_valid_id
+from nerv_cluster.ids import check_id
 from nerv_cluster.jsonform import compact
 from nerv_cluster.model import TaskDef, WorkflowDef
 from nerv_cluster.planner import Plan, plan
@@ -31,37 +31,32 @@ def describe(exc: BaseException) -> str:
 
 
 def _check_task(t: TaskDef) -> None:
-    if not is_valid_id(t.id):
-        check_id(t.id, "task id")
-    # The messages' "task 'id'" is made only for an error: this runs once per task of a submission.
+    check_id(t.id, "task id")
+    where = f"task {t.id!r}"
     if not isinstance(t.fn, str) or not t.fn:
-        raise WorkflowError(f"task {t.id!r}: fn must be a task name, got {t.fn!r:.80}")
+        raise WorkflowError(f"{where}: fn must be a task name, got {t.fn!r:.80}")
     if not isinstance(t.name, str):
-        raise WorkflowError(f"task {t.id!r}: name must be a string")
+        raise WorkflowError(f"{where}: name must be a string")
     if t.queue not in constants.QUEUES:
         raise WorkflowError(
-            f"task {t.id!r}: unknown queue {t.queue!r:.80}; expected one of {', '.join(constants.QUEUES)}"
+            f"{where}: unknown queue {t.queue!r:.80}; expected one of {', '.join(constants.QUEUES)}"
         )
     timeout = t.timeout
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
     ):
-        raise WorkflowError(
-            f"task {t.id!r}: timeout must be a positive number of seconds, got {timeout!r:.80}"
-        )
+        raise WorkflowError(f"{where}: timeout must be a positive number of seconds, got {timeout!r:.80}")
     for dep in t.dependencies:
         if not isinstance(dep, str):
-            raise WorkflowError(f"task {t.id!r}: dependency {dep!r:.80} is not a task id")
+            raise WorkflowError(f"{where}: dependency {dep!r:.80} is not a task id")
     if t.over is not None:  # a map node
         src = mapping.source(t)
         if src is None and not isinstance(t.over, list):
-            raise WorkflowError(
-                f"task {t.id!r}: a map maps over a task reference or a list, not {t.over!r:.80}"
-            )
+            raise WorkflowError(f"{where}: a map maps over a task reference or a list, not {t.over!r:.80}")
         if src is not None and src not in t.dependencies:
-            raise WorkflowError(f"task {t.id!r}: maps over {src!r:.80}, which is not among its dependencies")
+            raise WorkflowError(f"{where}: maps over {src!r:.80}, which is not among its dependencies")
     if t.workflow is not None and not isinstance(t.workflow, dict):
-        raise WorkflowError(f"task {t.id!r}: a sub-workflow must be a workflow definition")
+        raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 
 
 @gcpause.pausing  # decoding and planning build millions of acyclic containers for a big workflow
