@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bench.engines import Engine, EngineUnavailable, Measurement, Stopwatch
+from bench.engines import SCHEDULER, Engine, EngineUnavailable, Measurement, Stopwatch
 from bench.shapes import Shape
 
 
@@ -23,6 +23,9 @@ class DaskEngine(Engine):
 
     name = "dask"
     description = "Dask distributed LocalCluster, processes"
+    #: LocalCluster runs the scheduler in this process, beside the client: its CPU is the scheduler's
+    #: column (the client's share is in it); the nannies and worker processes are the workers.
+    own_role = SCHEDULER
 
     def __init__(self, timeout: float = 300.0) -> None:
         super().__init__(timeout)

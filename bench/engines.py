@@ -19,7 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench.latency import Summary
 from bench.shapes import Shape
+
+#: Process roles CPU time is split by: the bench process itself (the engine's client; for Dask also
+#: its scheduler, which runs in the client's process), the engine's scheduler process(es), and the
+#: processes that run tasks.
+CLIENT, SCHEDULER, WORKERS = "client", "scheduler", "workers"
+ROLES = (CLIENT, SCHEDULER, WORKERS)
 
 #: Environment variable carrying the bench's Redis URL (with DB) to the peers' processes.
 BENCH_URL_ENV = "NERV_BENCH_REDIS_URL"
@@ -55,11 +62,23 @@ class Measurement:
     #: (the engine's scheduler and workers), user plus system; None when it could not be read. On a
     #: shared machine this is the figure other work moves least (wall time counts their turns too).
     cpu_s: float | None = None
+    #: The same CPU seconds by process role (``ROLES``: the client, the engine's scheduler, its
+    #: workers); a role the engine has no process for is absent. None when it could not be read.
+    cpu_roles: dict[str, float] | None = None
+    #: Level latency (issue 14, goal 1): each task's STARTED minus the latest COMPLETED of its
+    #: dependencies, from the run's log (``bench.latency``); None for an engine or shape without it.
+    level: Summary | None = None
 
     @property
     def cpu_us_per_task(self) -> float | None:
         """CPU microseconds per task, all of the engine's processes together."""
         return None if self.cpu_s is None or not self.tasks else 1e6 * self.cpu_s / self.tasks
+
+    def role_us_per_task(self, role: str) -> float | None:
+        """CPU microseconds per task of the processes of one role (None when not measured or absent)."""
+        if self.cpu_roles is None or role not in self.cpu_roles or not self.tasks:
+            return None
+        return 1e6 * self.cpu_roles[role] / self.tasks
 
     @property
     def tasks_per_s(self) -> float:
@@ -96,9 +115,17 @@ class Engine(ABC):
     #: True for the engine the ratios are computed for (ours); peers leave it False.
     is_ours: bool = False
 
+    #: The role of the bench process's own CPU (the client's; Dask's scheduler runs in it too).
+    own_role: str = CLIENT
+
     def __init__(self, timeout: float = 300.0) -> None:
         #: Longest a single run may take before it is abandoned with ``TimeoutError``.
         self.timeout = timeout
+
+    def role_roots(self) -> dict[int, str]:
+        """pid -> role for processes under the bench process whose subtree has a role other than
+        workers (ours: the scheduler service); every other descendant counts as a worker."""
+        return {}
 
     @abstractmethod
     def start(self, redis_url: str, workers: int) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench import redis_floor
-from bench.engines import ENGINES, Engine, EngineUnavailable, Measurement, ShapeUnsupported
+from bench.engines import ENGINES, WORKERS, Engine, EngineUnavailable, Measurement, ShapeUnsupported
 from bench.shapes import Shape
 
 OK, NA, ERROR = "ok", "n/a", "error"
@@ -90,6 +90,11 @@ class _Cell:
             return Outcome(self.engine, self.shape, self.is_ours, ERROR, reason="not run")
         first, seconds = self.samples[0], [m.seconds for m in self.samples]
         cpus = [m.cpu_s for m in self.samples if m.cpu_s is not None]
+        roles: dict[str, list[float]] = {}
+        for m in self.samples:
+            for role, secs in (m.cpu_roles or {}).items():
+                roles.setdefault(role, []).append(secs)
+        levels = [m.level for m in self.samples if m.level is not None]
         # The last repeat's note: an engine may sum up every repeat in it (the cached row's medians).
         median = Measurement(
             first.engine,
@@ -100,6 +105,9 @@ class _Cell:
             approximate=first.approximate,
             samples=seconds,
             cpu_s=statistics.median(cpus) if cpus else None,
+            cpu_roles={role: statistics.median(v) for role, v in roles.items()} if roles else None,
+            # The repeat with the median p50 (its p99 and max with it: one run's figures, not mixed).
+            level=sorted(levels, key=lambda s: s.p50_ms)[(len(levels) - 1) // 2] if levels else None,
         )
         return Outcome(self.engine, self.shape, self.is_ours, OK, measurement=median)
 
@@ -149,16 +157,63 @@ def tree_cpu() -> float | None:
     return total
 
 
+def tree_cpu_roles(own_role: str, roots: dict[int, str]) -> dict[str, float] | None:
+    """CPU seconds (user + system) of this process tree by role: this process's own as ``own_role``,
+    each process under a pid of ``roots`` (itself included) as that root's role, every other
+    descendant as ``WORKERS``; None without psutil. What :func:`tree_cpu` sums, split."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    try:
+        t = me.cpu_times()
+        out[own_role] = t.user + t.system
+        procs = me.children(recursive=True)
+    except psutil.Error:
+        return None
+    parents: dict[int, int] = {}
+    for proc in procs:
+        try:
+            parents[proc.pid] = proc.ppid()
+        except psutil.Error:
+            continue
+    for proc in procs:
+        role, pid = WORKERS, proc.pid
+        while pid in parents:  # the nearest root above (or at) it names its role
+            if pid in roots:
+                role = roots[pid]
+                break
+            pid = parents[pid]
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def role_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """CPU seconds by role spent between two :func:`tree_cpu_roles` readings."""
+    if before is None or after is None:
+        return None
+    return {role: after[role] - before.get(role, 0.0) for role in after}
+
+
 def _run_once(engine: Engine, shape: Shape, cell: _Cell, pause: float, label: str) -> None:
     """One timed run into ``cell``; a failure makes the cell final (no further repeats)."""
     time.sleep(pause)
     name, ours = engine.name, engine.is_ours
     try:
-        cpu0 = tree_cpu()
+        roots = engine.role_roots()
+        cpu0, roles0 = tree_cpu(), tree_cpu_roles(engine.own_role, roots)
         m = engine.run(shape)
-        cpu1 = tree_cpu()
+        cpu1, roles1 = tree_cpu(), tree_cpu_roles(engine.own_role, roots)
         if m.cpu_s is None and cpu0 is not None and cpu1 is not None:
             m = replace(m, cpu_s=cpu1 - cpu0)
+        if m.cpu_roles is None:
+            m = replace(m, cpu_roles=role_delta(roles0, roles1))
     except (ShapeUnsupported, EngineUnavailable) as exc:
         _log(f"{name} {shape.name}: n/a: {exc}")
         cell.final = Outcome(name, shape.name, ours, NA, reason=str(exc))

@@ -1,7 +1,8 @@
 """Our engine in the benchmark: a scheduler and one prefork worker with ``workers`` processes.
 
 The clock runs from building the workflow to the client seeing the run end (``Client.wait`` follows
-the run's event log). Per-hop latency, upstream finished -> downstream started, comes from the log.
+the run's event log). The level latency, upstream COMPLETED -> downstream STARTED, comes from the log
+(``bench.latency``), for every shape with dependencies.
 """
 
 from __future__ import annotations
@@ -13,23 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.engines import Engine, EngineUnavailable, Measurement, Stopwatch
+from bench import latency
+from bench.engines import SCHEDULER, Engine, EngineUnavailable, Measurement, Stopwatch
 from bench.shapes import Shape, node_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def hop_latencies(events: list) -> list[float]:
-    """Seconds from each dependency's TASK_COMPLETED to its dependent's TASK_STARTED (the slowest parent)."""
-    from nerv_cluster.model import EventType
-
-    done = {e.task_id: e.ts for e in events if e.type is EventType.TASK_COMPLETED}
-    started = {e.task_id: e.ts for e in events if e.type is EventType.TASK_STARTED}
-    deps: dict[str, list[str]] = {}
-    for e in events:
-        if e.type is EventType.WORKFLOW_SUBMITTED:
-            deps = {t["id"]: t.get("deps", []) for t in e.data["workflow"]["tasks"]}
-    return [started[t] - max(done[d] for d in ds) for t, ds in deps.items() if ds and t in started]
 
 
 class NervEngine(Engine):
@@ -151,13 +140,17 @@ class NervEngine(Engine):
             run_id = self.client.submit(wf)
             res = self.client.wait(run_id, timeout=self.timeout)
         res.raise_for_status()
-        events = [ev for _, ev in self.client.log.read_run(run_id)]
-        hops = sorted(hop_latencies(events))
-        note = ""
-        if hops:
-            p99 = hops[min(len(hops) - 1, int(0.99 * len(hops)))]
-            note = f"hop p50 {1000 * statistics.median(hops):.2f} ms, p99 {1000 * p99:.2f} ms"
-        return Measurement("nerv", shape.name, shape.size, sw.seconds, note=note)
+        level = None
+        if shape.edges:
+            level = latency.level_summary([ev for _, ev in self.client.log.read_run(run_id)])
+        return Measurement("nerv", shape.name, shape.size, sw.seconds, level=level)
+
+    def role_roots(self) -> dict[int, str]:
+        """The scheduler service's process (and anything under it) is the scheduler; the worker
+        services' processes are the workers."""
+        if self.cluster is None:
+            return {}
+        return {s.pid: SCHEDULER for s in self.cluster.services if s.name.startswith("scheduler")}
 
     def _recursive(self, shape: Shape) -> Measurement:
         """fib(n) by child runs; counts the fib calls (the ``add`` tasks are extra work of ours)."""

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.engines import CLIENT, ROLES, SCHEDULER, WORKERS, Measurement
 from bench.harness import NA, OK, Outcome, Report
 
 
@@ -34,9 +35,20 @@ def _spread(samples: list[float]) -> str:
     return f"{100 * (max(samples) - min(samples)) / statistics.median(samples):.0f}%"
 
 
+def _role(m: Measurement, role: str) -> str:
+    value = m.role_us_per_task(role)
+    return "-" if value is None else _num(value, ".0f")
+
+
+def _level(m: Measurement, which: str) -> str:
+    if m.level is None:
+        return "-"
+    return _num(m.level.p50_ms if which == "p50" else m.level.p99_ms, ".2f")
+
+
 def rows(report: Report) -> list[list[str]]:
-    """One row per (shape, engine): tasks, wall s, spread, tasks/s, CPU per task, ms/hop (chain),
-    ours/peer, how."""
+    """One row per (shape, engine): tasks, wall s, spread, tasks/s, CPU per task (all, then by role:
+    scheduler, workers, client), ms/hop (chain), level latency p50 / p99, ours/peer, how."""
     out: list[list[str]] = []
     kinds = {s.name: s.kind for s in report.shapes}
     for shape in report.shapes:
@@ -53,7 +65,12 @@ def rows(report: Report) -> list[list[str]]:
                         _spread(m.samples),
                         _num(m.tasks_per_s, ".1f"),
                         "-" if m.cpu_us_per_task is None else _num(m.cpu_us_per_task, ".0f"),
+                        _role(m, SCHEDULER),
+                        _role(m, WORKERS),
+                        _role(m, CLIENT),
                         hop,
+                        _level(m, "p50"),
+                        _level(m, "p99"),
                         _ratio_text(report, o),
                         m.note,
                     ]
@@ -71,6 +88,11 @@ def rows(report: Report) -> list[list[str]]:
                         "-",
                         "-",
                         "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
                         "" if o.is_ours else "n/a",
                         f"{label} ({reason})",
                     ]
@@ -79,9 +101,10 @@ def rows(report: Report) -> list[list[str]]:
 
 
 HEADER = [
-    "shape", "engine", "tasks", "wall s", "spread", "tasks/s", "cpu us/task", "ms/hop", "ours/peer", "how",
+    "shape", "engine", "tasks", "wall s", "spread", "tasks/s", "cpu us/task", "sched", "workers", "client",
+    "ms/hop", "level p50", "level p99", "ours/peer", "how",
 ]  # fmt: skip
-RIGHT = {2, 3, 4, 5, 6, 7, 8}
+RIGHT = set(range(2, 14))
 
 
 def table(report: Report) -> str:
@@ -118,7 +141,14 @@ def table(report: Report) -> str:
     )
     lines.append(
         "cpu us/task = CPU microseconds per task of the bench process (the client) and every process under "
-        "it (the engine's scheduler and workers), median of the repeats; Redis not included."
+        "it (the engine's scheduler and workers), median of the repeats; Redis not included. sched / "
+        "workers / client = the same split by process role (Dask's scheduler runs in the bench process: "
+        "its sched includes its client; Celery has no scheduler process)."
+    )
+    lines.append(
+        "level p50 / p99 = ms from the latest upstream TASK_COMPLETED to the downstream TASK_STARTED, per "
+        "task with dependencies, from the run's log (ours; the clock is in the JSON: 'writer' = the "
+        "events' own timestamps, 'redis' = the log entries' ids)."
     )
     return "\n".join(lines)
 
@@ -145,6 +175,12 @@ def to_json(report: Report) -> dict[str, Any]:
                 note=m.note,
                 approximate=m.approximate,
                 samples=m.samples,
+                cpu_s=m.cpu_s,
+                cpu_us_per_task=m.cpu_us_per_task,
+                cpu_us_per_task_by_role={
+                    role: m.role_us_per_task(role) for role in ROLES if m.role_us_per_task(role) is not None
+                },
+                level_latency=None if m.level is None else m.level.to_dict(),
             )
         if not o.is_ours:
             entry["ours_over_peer"] = report.ratio(o)

@@ -39,7 +39,7 @@ from nerv_cluster.replication import Replication
 from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec, event_run_id, trigger_run_id
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
-from nerv_cluster.workflow import Workflow, nested_tasks, validate_definition
+from nerv_cluster.workflow import Workflow, check_definition, nested_tasks
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
@@ -168,7 +168,7 @@ class Client:
         size = None if text is None else len(text)
         # Structure first (cycles, payloads), then names, then the submission's size: the first error
         # is the most basic one.
-        validate_definition(
+        check_definition(  # validate_definition's checks; the plan is the scheduler's to make
             definition,
             max_payload_bytes=self.settings.max_payload_bytes,
             max_tasks=self.settings.max_tasks,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from nerv_cluster import constants, mapping, waits
+from nerv_cluster import constants, gcpause, mapping, waits
 from nerv_cluster.errors import NervError, WorkflowError
 from nerv_cluster.ids import check_id
 from nerv_cluster.jsonform import compact
@@ -132,6 +132,7 @@ def decode(raw: Any) -> WorkflowDef:
     )
 
 
+@gcpause.pausing  # decoding and planning build millions of acyclic containers for a big workflow
 def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
     """The definition, plan and JSON size of a submitted workflow; a :class:`WorkflowError` (a
     subclass for a cycle, an unknown dependency, a bad id...) when it is no valid workflow, never

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from nerv_cluster import gcpause
 from nerv_cluster.errors import CycleError, DuplicateTaskError, UnknownDependencyError
 from nerv_cluster.model import TaskDef
 
@@ -73,29 +74,67 @@ def _find_cycle(nodes: set[str], deps: Mapping[str, Sequence[str]]) -> list[str]
     return cycle
 
 
-def plan(tasks: Sequence[TaskDef]) -> Plan:
-    """Plan a workflow: levels by Kahn's algorithm, then the order within each level.
-
-    Raises :class:`CycleError` naming the tasks of a cycle, and the errors of :func:`check_graph`.
-    """
-    # Tasks are worked on by position (list indexing, int keys) and turned back into ids only for the
-    # result: this runs for every submit and every refold, on up to hundreds of thousands of tasks.
+def _positions(tasks: Sequence[TaskDef]) -> tuple[list[str], dict[str, int]]:
+    """The ids in order and each one's position; the errors of :func:`check_graph` for a duplicate."""
     ids = [t.id for t in tasks]
-    n = len(ids)
-    position = dict(zip(ids, range(n), strict=True))
-    # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
-    remaining = [len(t.dependencies) for t in tasks]
-    children: list[list[int]] = [[] for _ in range(n)]
+    position = dict(zip(ids, range(len(ids)), strict=True))
+    if len(position) != len(ids):
+        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
+        raise AssertionError("check_graph accepted duplicate ids")
+    return ids, position
+
+
+@gcpause.pausing  # a dict entry per task
+def check_acyclic(tasks: Sequence[TaskDef]) -> None:
+    """Raise what :func:`plan` raises for these tasks (duplicate ids, unknown dependencies, a cycle),
+    without planning them: for a validation that does not need the plan.
+
+    Tasks that each come after all their dependencies (as tasks are usually added) cannot form a
+    cycle, which one pass over the dependencies shows; otherwise :func:`plan` decides.
+    """
+    _, position = _positions(tasks)
     try:
-        if len(position) != n:
-            raise KeyError("an id is defined twice")
         for i, t in enumerate(tasks):
             for d in t.dependencies:
-                children[position[d]].append(i)
-    except KeyError:  # a duplicate id or an unknown dependency
-        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
-        raise AssertionError("check_graph accepted duplicate ids or unknown dependencies") from None
+                if position[d] >= i:
+                    plan(tasks)  # an edge forward (or to itself): only Kahn's walk can tell
+                    return
+    except KeyError:  # an unknown dependency
+        check_graph(tasks)
+        raise AssertionError("check_graph accepted an unknown dependency") from None
 
+
+def _structure(tasks: Sequence[TaskDef]) -> tuple[list[str], list[list[int]], Sequence[int], list[int]]:
+    """The graph by position: ids, children, a topological order and each task's level (the longest
+    chain of dependencies below it); the errors of :func:`check_graph` and a :class:`CycleError`."""
+    # Tasks are worked on by position (list indexing, int keys) and turned back into ids only for the
+    # result: this runs for every submit and every refold, on up to hundreds of thousands of tasks.
+    ids, position = _positions(tasks)
+    n = len(ids)
+    children: list[list[int]] = [[] for _ in range(n)]
+    level = [0] * n
+    # In one pass: the children, and each task's level while every dependency comes before its task
+    # (then the definition order is a topological one and Kahn's walk is not needed).
+    in_order = True
+    try:
+        for i, t in enumerate(tasks):
+            below = 0
+            for d in t.dependencies:
+                p = position[d]
+                children[p].append(i)
+                if p >= i:
+                    in_order = False
+                elif level[p] >= below:
+                    below = level[p] + 1
+            level[i] = below
+    except KeyError:  # an unknown dependency
+        check_graph(tasks)  # raises the error for the first problem, as when it ran up front
+        raise AssertionError("check_graph accepted an unknown dependency") from None
+    if in_order:
+        return ids, children, range(n), level
+
+    # Dependencies are already unique (Workflow.add and TaskDef.from_dict dedupe them).
+    remaining = [len(t.dependencies) for t in tasks]
     level = [0] * n
     topo = [i for i in range(n) if not remaining[i]]
     for i in topo:  # topo grows while we walk it (Kahn's queue)
@@ -111,6 +150,18 @@ def plan(tasks: Sequence[TaskDef]) -> Plan:
         check_graph(tasks)  # a task depending on itself is reported as such, as when it ran up front
         stuck = {ids[i] for i in range(n) if remaining[i] > 0}
         raise CycleError(_find_cycle(stuck, {t.id: t.dependencies for t in tasks}))
+    return ids, children, topo, level
+
+
+@gcpause.pausing  # lists, dicts and tuples per task, none of them in a cycle
+def plan(tasks: Sequence[TaskDef]) -> Plan:
+    """Plan a workflow: levels (in one pass when every task comes after its dependencies, else by
+    Kahn's algorithm), then the order within each level.
+
+    Raises :class:`CycleError` naming the tasks of a cycle, and the errors of :func:`check_graph`.
+    """
+    ids, children, topo, level = _structure(tasks)
+    n = len(ids)
 
     # Longest chain from each task to a sink, counted in tasks: what is still ahead of it.
     ahead = [0] * n

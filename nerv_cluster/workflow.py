@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from nerv_cluster import constants, limits, waits
+from nerv_cluster import constants, gcpause, limits, waits
 from nerv_cluster.errors import (
     DuplicateTaskError,
     PayloadTooLargeError,
@@ -19,7 +19,7 @@ from nerv_cluster.errors import (
     UnknownTaskError,
     WorkflowError,
 )
-from nerv_cluster.ids import check_id, slug
+from nerv_cluster.ids import check_id, is_valid_id, slug
 from nerv_cluster.jsonform import compact
 from nerv_cluster.limits import Concurrency, RateLimit
 from nerv_cluster.model import (
@@ -30,8 +30,10 @@ from nerv_cluster.model import (
     TaskPriority,
     TriggerRule,
     WorkflowDef,
+    fast_init,
+    make_task,
 )
-from nerv_cluster.planner import Plan, plan
+from nerv_cluster.planner import Plan, check_acyclic, plan
 from nerv_cluster.registry import Registry, TaskFunction, check_queue, default_registry
 
 
@@ -46,6 +48,15 @@ class TaskHandle:
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id}>"
 
+
+#: ``TaskHandle(...)``, faster (``Workflow.add`` makes one per task).
+_make_handle = fast_init(TaskHandle)
+
+#: Read once: enum members and methods looked up through their class cost several times a global's,
+#: and ``Workflow.add`` runs once per task.
+_MEDIUM = TaskPriority.MEDIUM
+_parse_priority = TaskPriority.parse
+_parse_trigger = TriggerRule.parse
 
 #: Types kept as they are by :func:`_encode` (exactly these: a subclass, such as an enum, is checked).
 _PLAIN = frozenset({str, int, bool})
@@ -180,57 +191,80 @@ class Workflow:
             )
         if call_args and args is not None:
             raise WorkflowError("give task arguments positionally or as args=..., not both")
+        # Every check below runs for every task, so the common case (no arguments, or plain ones; no
+        # options beyond the @task defaults) takes no call it does not need: a million-task workflow
+        # is built this way. The error messages are made only when an error is raised.
         tf, fn_name = self._lookup(fn)
         task_id = id or name or self._auto_id(fn_name)
-        check_id(task_id, "task id")
-        if task_id in self._ids:
+        if not is_valid_id(task_id) or task_id in self._ids:
+            check_id(task_id, "task id")
             raise DuplicateTaskError(f"duplicate task id {task_id!r} in workflow {self.name!r}")
-        where = f"task {task_id!r}"
         refs: list[str] = []
-        enc_args = _encode(list(args if args is not None else call_args), f"{where} args", refs, self.name)
-        enc_kwargs = _encode(dict(kwargs or {}), f"{where} kwargs", refs, self.name)
-        explicit = _dependency_ids(dependencies, where)
-        deps = tuple(dict.fromkeys([*refs, *explicit]))
+        raw_args = args if args is not None else call_args
+        # (An empty tuple or list needs no encoding; anything else, empty or not, is listed as before.)
+        if raw_args or type(raw_args) not in (tuple, list):
+            enc_args = _encode(list(raw_args), f"task {task_id!r} args", refs, self.name)
+        else:
+            enc_args = []
+        enc_kwargs = _encode(dict(kwargs), f"task {task_id!r} kwargs", refs, self.name) if kwargs else {}
+        explicit: list[str] = []
+        for d in dependencies:
+            if type(d) is str:
+                explicit.append(d)
+            else:
+                explicit.extend(_dependency_ids((d,), f"task {task_id!r}"))
+        deps = tuple(dict.fromkeys([*refs, *explicit] if refs else explicit))
         queue = queue or (tf.queue if tf else constants.DEFAULT_QUEUE)
-        check_queue(queue)
+        if queue not in constants.QUEUES:
+            check_queue(queue)
         if timeout is not None and timeout <= 0:
-            raise WorkflowError(f"{where}: timeout must be a positive number of seconds")
+            raise WorkflowError(f"task {task_id!r}: timeout must be a positive number of seconds")
         if cache is not None and not isinstance(cache, Cache):
-            raise WorkflowError(f"{where}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
+            raise WorkflowError(f"task {task_id!r}: cache= takes a Cache(ttl=...), got {cache!r:.80}")
         ctx = context if context is not None else (tf.context if tf else False)
-        conc, rate = limits.task_limits(
-            tf,
-            concurrency,
-            rate_limit,
-            ctx,
-            enc_args,
+        conc: Concurrency | None = None
+        rate: RateLimit | None = None  # what task_limits gives when no limit is given or declared
+        declared = tf is not None and (tf.concurrency is not None or tf.rate_limit is not None)
+        if concurrency is not None or rate_limit is not None or declared:
+            where = f"task {task_id!r}"
+            conc, rate = limits.task_limits(
+                tf,
+                concurrency,
+                rate_limit,
+                ctx,
+                enc_args,
+                enc_kwargs,
+                where,
+                lambda value: _encode(value, f"{where} default", [], self.name),
+            )
+        if priority is None:
+            priority = tf.priority if tf else _MEDIUM
+        # Positional, in TaskDef's field order (tests/unit/test_bulk.py holds it to the keyword form).
+        td = make_task(
+            task_id,
+            fn_name,
+            name or task_id,
+            description or (tf.description if tf else ""),
+            deps,
+            tuple(enc_args),
             enc_kwargs,
-            where,
-            lambda value: _encode(value, f"{where} default", [], self.name),
-        )
-        td = TaskDef(
-            id=task_id,
-            fn=fn_name,
-            name=name or task_id,
-            description=description or (tf.description if tf else ""),
-            dependencies=deps,
-            args=tuple(enc_args),
-            kwargs=enc_kwargs,
-            priority=TaskPriority.parse(priority if priority is not None else (tf.priority if tf else 1)),
-            timeout=timeout if timeout is not None else (tf.timeout if tf else None),
-            retry=retry if retry is not None else (tf.retry if tf else None),
-            circuit=circuit if circuit is not None else (tf.circuit if tf else None),
-            queue=queue,
-            tags=tuple(tags),
-            trigger=TriggerRule.parse(trigger),
-            context=ctx,
-            cache=cache if cache is not None else (tf.cache if tf else None),
-            concurrency=conc,
-            rate_limit=rate,
+            priority if type(priority) is TaskPriority else _parse_priority(priority),
+            timeout if timeout is not None else (tf.timeout if tf else None),
+            retry if retry is not None else (tf.retry if tf else None),
+            queue,
+            tuple(tags),
+            trigger if type(trigger) is TriggerRule else _parse_trigger(trigger),
+            ctx,
+            circuit if circuit is not None else (tf.circuit if tf else None),
+            cache if cache is not None else (tf.cache if tf else None),
+            None,
+            None,
+            conc,
+            rate,
         )
         self._tasks.append(td)
         self._ids.add(task_id)
-        return TaskHandle(id=task_id, name=td.name, workflow=self.name)
+        return _make_handle(task_id, td.name, self.name)
 
     def map(
         self,
@@ -478,6 +512,11 @@ class Workflow:
         )
 
 
+#: The JSON size of a task's arguments when it has none (``[args, kwargs]``).
+_EMPTY_PAYLOAD_BYTES = len(compact([[], {}]))
+
+
+@gcpause.pausing  # it builds the plan: millions of acyclic containers for a million tasks
 def validate_definition(
     wf: WorkflowDef,
     *,
@@ -490,11 +529,42 @@ def validate_definition(
 
     ``total_bytes``: the size of the whole definition's JSON, when the caller knows it: no task's
     arguments can be bigger, so within ``max_payload_bytes`` they are not measured one by one."""
+    _check(wf, max_payload_bytes, max_tasks, known_names, total_bytes)
+    return plan(wf.tasks)
+
+
+@gcpause.pausing
+def check_definition(
+    wf: WorkflowDef,
+    *,
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+    max_tasks: int = constants.DEFAULT_MAX_TASKS,
+    known_names: set[str] | None = None,
+    total_bytes: int | None = None,
+) -> None:
+    """:func:`validate_definition` without making the plan: the same checks, raising the same errors
+    (a cycle included), for a caller that does not use the plan (``Client.submit``: the scheduler
+    plans the run itself)."""
+    _check(wf, max_payload_bytes, max_tasks, known_names, total_bytes)
+    check_acyclic(wf.tasks)
+
+
+def _check(
+    wf: WorkflowDef,
+    max_payload_bytes: int,
+    max_tasks: int,
+    known_names: set[str] | None,
+    total_bytes: int | None,
+) -> None:
+    """Every check of :func:`validate_definition` but the graph's (the plan's)."""
     if not wf.tasks:
         raise WorkflowError(f"workflow {wf.name!r} has no tasks")
-    for t in wf.tasks:
-        check_id(t.id, "task id")
-        check_queue(t.queue)
+    queues = constants.QUEUES
+    for t in wf.tasks:  # the errors of check_id and check_queue, raised by them; calls only for those
+        if not is_valid_id(t.id):
+            check_id(t.id, "task id")
+        if t.queue not in queues:
+            check_queue(t.queue)
         if t.workflow is not None:  # a static sub-workflow: held to the same checks, recursively
             validate_definition(
                 WorkflowDef.from_dict(t.workflow),
@@ -508,13 +578,18 @@ def validate_definition(
     if waiting or wf.meta.get(waits.SIGNALS_META):
         waits.check_definition(wf, waiting)
     measure = total_bytes is None or total_bytes > max_payload_bytes
+    # A task without arguments has the smallest payload there is ("[[],{}]"): measured only when even
+    # that is over the limit.
+    skip_empty = max_payload_bytes >= _EMPTY_PAYLOAD_BYTES
+    if known_names is None and not measure:
+        return
     for t in wf.tasks:
         if known_names is not None and t.workflow is None and t.wait is None and t.fn not in known_names:
             raise UnknownTaskError(
                 f"task {t.id!r} calls {t.fn!r}, which no worker has registered; "
                 "start a worker with the module that defines it (nerv worker --app MODULE)"
             )
-        if not measure:
+        if not measure or (skip_empty and t.over is None and not t.args and not t.kwargs):
             continue
         payload = [t.args, t.kwargs] if t.over is None else [t.args, t.kwargs, t.over]
         size = len(compact(payload))
@@ -523,7 +598,6 @@ def validate_definition(
                 f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "
                 "(store large data elsewhere and pass a reference)"
             )
-    return plan(wf.tasks)
 
 
 def nested_tasks(wf: WorkflowDef) -> Iterator[TaskDef]:
