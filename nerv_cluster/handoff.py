@@ -18,29 +18,38 @@ the scheduler's watchdog dispatches a new attempt.
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any
 
 import redis
 
 from nerv_cluster import constants
+from nerv_cluster.errors import JobSignatureError
 from nerv_cluster.jobs import Job
 from nerv_cluster.scripts import Resign
+from nerv_cluster.signing import Signer, claimed_id, signing_key
+
+log = logging.getLogger("nerv.worker")
 
 
 class Handoffs:
     """A worker process's side of the hand-off: wait for a job, or stop waiting."""
 
-    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: constants.Keys, signing: str = "") -> None:
         self.redis: Any = client
         self.keys = keys
         self._resign = Resign(client)
+        #: ``NERV_SIGNING_KEY`` ('' for the cluster's key in Redis), read into a Signer on first use.
+        self._signing = signing
+        self._signer: Signer | None = None
 
     def take(self, worker_id: str, timeout: float) -> Job | None:
         """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
 
         A returned job is already claimed for this worker (its TASK_STARTED is recorded): run it
-        without claiming. None: nothing was handed, and nothing will be until the next wait.
+        without claiming. None: nothing was handed, and nothing will be until the next wait; also
+        when the handed message is not signed by the scheduler or was altered (refused and logged:
+        the attempt, not in this process's heartbeat, is dispatched again by the watchdog).
         """
         lst = self.keys.handoff(worker_id)
         got = self.redis.blpop([lst], timeout=timeout)
@@ -52,4 +61,10 @@ class Handoffs:
         if not raw:
             return None
         # A job was handed: the flag was consumed with it, so there is nothing else to resign.
-        return Job.from_dict(json.loads(raw))
+        if self._signer is None:
+            self._signer = Signer(signing_key(self._signing, self.redis, self.keys))
+        try:
+            return Job.from_wire(raw, self._signer)
+        except (JobSignatureError, KeyError, TypeError, ValueError) as exc:
+            log.warning("refused job %s handed to %s: %s; not run", claimed_id(raw), worker_id, exc)
+            return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from nerv_cluster import mapping
 from nerv_cluster.model import RetryPolicy
+from nerv_cluster.signing import Signer
 from nerv_cluster.state import RunState
 from nerv_cluster.workflow import resolve_refs
 
@@ -41,6 +43,9 @@ class Job:
     #: the scheduler may pack jobs of one tree into one message (``scheduler.dispatch.pack``). Only the
     #: scheduler uses it; it does not travel.
     family: str = field(default="", compare=False)
+    #: The attempt's claim token (``nerv_cluster.outcomes``): minted by the scheduler as it sends the
+    #: job, presented with every event the worker writes about the attempt.
+    token: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -66,7 +71,25 @@ class Job:
             out["h"] = 1
         if self.first != 1:
             out["f"] = self.first
+        if self.token:
+            out["tok"] = self.token
         return out
+
+    def to_wire(self, signer: Signer, token: str) -> str:
+        """The signed message of this job carrying ``token`` (``nerv_cluster.signing``): the JSON is
+        made and signed once."""
+        body = self.to_dict()
+        body["tok"] = token
+        return signer.seal(json.dumps(body, separators=(",", ":")))
+
+    @classmethod
+    def from_wire(cls, wire: object, signer: Signer) -> Job:
+        """The job of a signed message; :class:`~nerv_cluster.errors.JobSignatureError` when it is not
+        signed by ``signer``'s key or was altered, KeyError/TypeError/ValueError on a malformed body."""
+        data = json.loads(signer.open(wire))
+        if not isinstance(data, dict):
+            raise TypeError("a job body is a JSON object")
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -85,6 +108,7 @@ class Job:
             timeout=data.get("t"),
             handoff=bool(data.get("h")),
             first=int(data.get("f", 1)),
+            token=str(data.get("tok", "")),
         )
 
 

@@ -211,14 +211,17 @@ class HandoffEvents:
 
 
 def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: HandoffEvents | None) -> None:
-    def run(self: Any, *jobs: dict[str, Any]) -> None:
+    def run(self: Any, *jobs: str) -> None:
         # One job, or a batch the scheduler packed (same function, same run).
         on_handed = None
         if events is not None:
             # A handed job runs on the queue of the message it follows (the scheduler matches queues).
             queue = str((self.request.delivery_info or {}).get("routing_key") or "")
             on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
-        runtime.runner().serve([Job.from_dict(job) for job in jobs], on_handed, str(self.request.id or ""))
+        runner = runtime.runner()
+        opened = runner.open(jobs)  # signed by the scheduler, or refused (docs/outcomes.md)
+        if opened:
+            runner.serve(opened, on_handed, str(self.request.id or ""))
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"
@@ -227,13 +230,16 @@ def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: 
 
 def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
     """Jobs for a function this worker does not have: fail the tasks clearly instead of dropping them."""
+    runner = runtime.runner()
     try:
         body = message.decode() if hasattr(message, "decode") else json.loads(message.body)
-        jobs = [Job.from_dict(job) for job in body[0]]
+        wires = list(body[0])
     except Exception:
         log.error("refused a message for unknown task %r that is not a nerv job", name)
         return
-    runner = runtime.runner()
+    jobs = runner.open(wires)  # only the scheduler's jobs get a recorded failure
+    if not jobs:
+        return
     error = TaskError.from_exception(
         NotRegisteredError(
             f"no worker on queue has task {name!r} registered (worker {runner.worker_id}); "
@@ -242,7 +248,14 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
     ).to_dict()
     source = f"worker:{runner.worker_id}"
     failed = [
-        Event(EventType.TASK_FAILED, job.run_id, job.task_id, job.attempt, {"error": error}, source=source)
+        Event(
+            EventType.TASK_FAILED,
+            job.run_id,
+            job.task_id,
+            job.attempt,
+            {"error": error, constants.TOKEN_KEY: job.token},
+            source=source,
+        )
         for job in jobs
     ]
     runner.log.finish_attempts(failed)
