@@ -19,6 +19,7 @@ the scheduler's watchdog dispatches a new attempt.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -47,18 +48,35 @@ class Handoffs:
         """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
 
         A returned job is already claimed for this worker (its TASK_STARTED is recorded): run it
-        without claiming. None: nothing was handed, and nothing will be until the next wait; also
-        when the handed message is not signed by the scheduler or was altered (refused and logged:
-        the attempt, not in this process's heartbeat, is dispatched again by the watchdog).
+        without claiming. None: nothing was handed, and nothing will be until the next wait. A
+        message on the list that the scheduler did not sign, or that was altered, is refused (logged,
+        not run) and the wait goes on.
         """
         lst = self.keys.handoff(worker_id)
-        got = self.redis.blpop([lst], timeout=timeout)
-        raw = (
-            got[1]
-            if got is not None
-            else self._resign(waiting=self.keys.handoff_waiting(worker_id), handoff_list=lst)
-        )
-        if not raw:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            got = self.redis.blpop([lst], timeout=max(left, 0.001)) if left > 0 else None
+            raw = (
+                got[1]
+                if got is not None
+                else self._resign(waiting=self.keys.handoff_waiting(worker_id), handoff_list=lst)
+            )
+            if not raw:
+                return None
+            job = self._open(raw, worker_id)
+            if job is not None or got is None:
+                return job
+            # A refused message (not the scheduler's): the hand-off may still come, wait on.
+
+    def _open(self, raw: str, worker_id: str) -> Job | None:
+        """The job of a handed message, or None (logged) when the scheduler did not sign it."""
+        if self._signer is None:
+            self._signer = Signer(signing_key(self._signing, self.redis, self.keys))
+        try:
+            return Job.from_wire(raw, self._signer)
+        except (JobSignatureError, KeyError, TypeError, ValueError) as exc:
+            log.warning("refused job %s handed to %s: %s; not run", claimed_id(raw), worker_id, exc)
             return None
         # A job was handed: the flag was consumed with it, so there is nothing else to resign.
         if self._signer is None:
