@@ -27,6 +27,7 @@ from typing import Any
 
 from nerv_cluster import state as st
 from nerv_cluster.model import Event, EventType, TaskStatus
+from nerv_cluster.signing import set_once
 
 #: The events a worker writes, about its own attempt.
 WORKER_TYPES = frozenset(
@@ -84,10 +85,7 @@ class AttemptTokens:
 def claim_secret(client: Any, key: str) -> bytes:
     """The cluster's claim secret: created by the first leader (``SET NX``), read by every later one,
     so tokens minted by one leader hold under the next (one round trip, when a term begins)."""
-    fresh = secrets.token_hex(SECRET_BYTES)
-    old = client.set(key, fresh, nx=True, get=True)
-    value = fresh if old is None else old
-    return value.encode() if isinstance(value, str) else bytes(value)
+    return set_once(client, key, secrets.token_hex(SECRET_BYTES))
 
 
 def check(state: st.State, ev: Event, token: str, tokens: AttemptTokens) -> str | None:

@@ -70,19 +70,26 @@ def claimed_id(wire: object) -> str:
         return "?"
 
 
+def set_once(client: Any, key: str, fresh: str) -> bytes:
+    """The value of ``key``, set to ``fresh`` first if it had none (SET NX then GET in one MULTI:
+    ``SET NX GET`` needs Redis 7, and a server of the cluster may be older)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key, fresh, nx=True)
+    pipe.get(key)
+    value = pipe.execute()[1]
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def signing_key(configured: str, client: Any, keys: Keys) -> bytes:
     """The cluster's signing key: ``configured`` (``NERV_SIGNING_KEY``) when set, else the per-cluster
     key in Redis, created by whoever asks first (one round trip, at process start)."""
     if configured:
         return configured.encode()
-    fresh = secrets.token_hex(_GENERATED_KEY_BYTES)
-    # SET NX GET: the stored key if there was one, else ours is stored and None comes back.
-    old = client.set(keys.signing_key, fresh, nx=True, get=True)
+    key = set_once(client, keys.signing_key, secrets.token_hex(_GENERATED_KEY_BYTES))
     log.warning(
         "NERV_SIGNING_KEY is not set: jobs are signed with a per-cluster key kept in Redis (%s); any "
         "process that can read Redis can sign jobs. Set NERV_SIGNING_KEY (a long random secret, the "
         "same for the scheduler and every worker) in production.",
         keys.signing_key,
     )
-    value = fresh if old is None else old
-    return value.encode() if isinstance(value, str) else bytes(value)
+    return key

@@ -161,7 +161,8 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     step_until(lambda run: run is not None and len(run.running) == 2)
 
     real_read = log.read_feed
-    completed = Event(EventType.TASK_COMPLETED, run_id, "a", 1, {"result": 3, "worker": "w1", "tok": tok["a"]})
+    done = {"result": 3, "worker": "w1", "tok": tok["a"]}
+    completed = Event(EventType.TASK_COMPLETED, run_id, "a", 1, done)
 
     def read_then_complete(after: str, count: int, block_ms: int | None) -> Any:
         entries = real_read(after, count, block_ms)
