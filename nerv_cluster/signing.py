@@ -61,10 +61,13 @@ class Signer:
 
 def claimed_id(wire: object) -> str:
     """The job id a refused message says it is, for a log line (never its arguments), or '?'."""
-    if not isinstance(wire, str):
-        return f"<{type(wire).__name__}>"
     try:
-        body = json.loads(wire if wire[:1] == "{" else wire[SIGNATURE_CHARS:])
+        if isinstance(wire, dict):  # an unsigned job body, as an old scheduler sent them
+            body = wire
+        elif isinstance(wire, str):
+            body = json.loads(wire if wire[:1] == "{" else wire[SIGNATURE_CHARS:])
+        else:
+            return f"<{type(wire).__name__}>"
         return f"{body['r']}:{body['k']}:{int(body['a'])}"
     except Exception:
         return "?"

@@ -78,7 +78,8 @@ def test_a_refused_message_is_named_by_its_claimed_id_only() -> None:
     wire = _job().to_wire(SIGNER, "t0k")
     assert claimed_id(wire) == f"{RUN}:a:1"
     assert claimed_id(json.dumps(_job().to_dict())) == f"{RUN}:a:1"
-    assert claimed_id({"r": 1}) == "<dict>" and claimed_id("garbage") == "?"
+    assert claimed_id(_job().to_dict()) == f"{RUN}:a:1"
+    assert claimed_id({"r": 1}) == "?" and claimed_id("garbage") == "?" and claimed_id(3) == "<int>"
 
 
 # -- tokens -------------------------------------------------------------------------------------------
