@@ -154,7 +154,8 @@ class FencedAppend(LuaScript):
 
 class Start(LuaScript):
     """Record the outcomes of earlier attempts (each once), then claim attempts before running them,
-    recording TASK_STARTED for each this worker may run; one verdict per attempt: ``ok``, ``done``,
+    putting TASK_STARTED on the feed (never a run log: the scheduler transcribes it) for each this
+    worker may run; one verdict per attempt: ``ok``, ``done``,
     ``busy``, ``poison``, or with ``batch`` (a packed batch claimed as a whole) ``strict``: claim this
     one alone before it runs."""
 
@@ -180,7 +181,8 @@ class Start(LuaScript):
 
 
 class Finish(LuaScript):
-    """Record attempts' outcomes, each once; one 1/0 per attempt. With ``waiting`` (a flag key), set
+    """Record attempts' outcomes, each once (the outcome slot, and the event on the feed with its claim
+    token: the scheduler transcribes it); one 1/0 per attempt. With ``waiting`` (a flag key), set
     that flag when the last outcome was recorded (the worker then waits for a hand-off)."""
 
     name = "finish"
