@@ -114,10 +114,8 @@ class NervEngine(Engine):
         self._cached_runs.append((seconds[0], seconds[1]))
         first = statistics.median(f for f, _ in self._cached_runs)
         second = statistics.median(s for _, s in self._cached_runs)
-        note = (
-            f"2nd run, all from the cache; the 1st (computed): {first:.3f}s = {shape.size / first:.0f} "
-            f"tasks/s; 2nd {first / second:.1f}x faster (medians of {len(self._cached_runs)})"
-        )
+        note = (f"2nd run, all from the cache; the 1st (computed): {first:.3f}s = {shape.size / first:.0f} "
+                f"tasks/s; 2nd {first / second:.1f}x faster (medians of {len(self._cached_runs)})")
         client_cpu = statistics.median(c for c, _ in self._cached_cpu)
         sched_cpu = [s for _, s in self._cached_cpu if s is not None]
         note += f"; 2nd run CPU s: client {client_cpu:.3f}"

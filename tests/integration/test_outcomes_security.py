@@ -204,3 +204,21 @@ def test_a_scheduler_killed_before_transcribing_loses_no_outcome(own_cluster: Cl
     order = [(ev.type, ev.task_id) for ev in events]
     join_sent = order.index((EventType.TASK_DISPATCHED, "join"))
     assert all(order.index((EventType.TASK_COMPLETED, f"leg{i}")) < join_sent for i in range(4))
+
+
+def test_a_transcription_is_written_once_with_the_feed_position(own_cluster: Cluster) -> None:
+    """The fenced write itself: an outcome transcribed twice (a new leader reading the feed again) is
+    logged once, a TASK_STARTED is not guarded (the check drops its copies), the position is recorded."""
+    from scheduler.lease import Lease
+
+    c = own_cluster
+    log, keys = c.client.log, c.client.keys
+    lease = Lease(log, ttl_ms=10_000)
+    assert lease.acquire() and lease.token is not None
+    done = Event(EventType.TASK_COMPLETED, "run1", "a", 1, {"result": 1, "worker": "w1"}).to_json()
+    for position in ("5-0", "6-0"):
+        log.append_fenced([], lease.token, transcripts=[("run1", "a:1", done)], position=position)
+    logged = [f["e"] for _, f in c.redis.xrange(keys.log("run1"))]
+    assert logged == [done]
+    assert c.redis.get(keys.transcribed) == "6-0" and log.transcribed_position() == "6-0"
+    assert c.redis.hget(keys.outcomes("run1"), "a:1#t") == "1"
