@@ -125,6 +125,11 @@ REF_KEY: Final = "__nerv_ref__"
 
 #: Stream entry field that holds the JSON event.
 EVENT_FIELD: Final = "e"
+#: The stream field of a worker's feed entry that carries its attempt's claim token (never in a run log).
+TOKEN_FIELD: Final = "t"
+#: The event data key by which a worker's event carries its token to ``EventLog`` (which moves it to
+#: ``TOKEN_FIELD``: the logged event never holds it).
+TOKEN_KEY: Final = "tok"
 #: Worker nodes announce their queues and concurrency this often; older announcements are ignored.
 CAPACITY_INTERVAL_S: Final = 5.0
 CAPACITY_STALE_S: Final = 20.0
@@ -237,6 +242,7 @@ class Keys:
         "active",
         "capacity",
         "circuits",
+        "claim_secret",
         "epoch",
         "feed",
         "lease",
@@ -246,6 +252,8 @@ class Keys:
         "registry_seen",
         "runs",
         "schedules",
+        "signing_key",
+        "transcribed",
         "workers",
     )
 
@@ -263,6 +271,12 @@ class Keys:
         self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}
         self.limits = f"{prefix}:limits"  # LIMIT_SET events (client.set_limit), refolded by a leader
         self.schedules = f"{prefix}:schedules"  # SCHEDULE_* events (idem, issue 11): the schedules' log
+        # docs/outcomes.md: the feed entry up to which the leader transcribed workers' events (set in
+        # its fenced write), the secret attempt tokens are minted with (scheduler only), and the
+        # job-signing key of a cluster without NERV_SIGNING_KEY (dev and demo).
+        self.transcribed = f"{prefix}:scheduler:transcribed"
+        self.claim_secret = f"{prefix}:scheduler:claim-secret"
+        self.signing_key = f"{prefix}:signing-key"
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

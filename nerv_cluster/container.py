@@ -26,7 +26,7 @@ from nerv_cluster.state import StateProjector
 
 
 def _handoffs(settings: Settings, client: Any, keys: Keys) -> Handoffs | None:
-    return Handoffs(client, keys) if settings.handoff else None
+    return Handoffs(client, keys, settings.signing_key) if settings.handoff else None
 
 
 class Container(containers.DeclarativeContainer):
@@ -74,6 +74,7 @@ class Container(containers.DeclarativeContainer):
         handoffs=handoffs,
         held=held,
         spawn_bounds=providers.Callable(SpawnBounds.of, settings),
+        signing=settings.provided.signing_key,
     )
     heartbeat: providers.Singleton[Any] = providers.Singleton(
         "worker.heartbeat.Heartbeat",

@@ -16,6 +16,10 @@ class ConfigurationError(NervError):
     """A setting is missing or malformed."""
 
 
+class JobSignatureError(NervError):
+    """A job message (Celery or hand-off) is unsigned or its signature does not match: not run."""
+
+
 class WorkflowError(NervError):
     """A workflow definition is invalid; nothing was submitted."""
 

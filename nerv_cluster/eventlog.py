@@ -1,8 +1,9 @@
 """The durable event log in Redis: one Stream per run (the source of truth) plus the scheduler's feed.
 
-Writers: the client (submit, cancel), workers (started, completed, failed, retrying) and the scheduler
-(dispatched, skipped, run outcomes, fenced by its lease). Every write also announces the event on the
-run's pub/sub channel, which is only a hint for live listeners.
+Writers: the client (submit, cancel) and the scheduler (dispatched, skipped, run outcomes, and the
+workers' events it checked and transcribed: see nerv_cluster/outcomes.py), fenced by its lease. Workers
+write their attempts' claims and outcome slots and put their events on the feed only. Every log write
+also announces the event on the run's pub/sub channel, which is only a hint for live listeners.
 """
 
 from __future__ import annotations
@@ -62,9 +63,17 @@ def _skip(eid: str, fields: Any, exc: Exception) -> None:
 class Batch(list[Entry]):
     """Decoded entries of one stream read, and ``upto``: the id of the last entry read, skipped ones
     included (empty when nothing was read). A reader goes on after ``upto``, not after the last
-    decoded entry, or bad entries at the end of a read would be read again and again."""
+    decoded entry, or bad entries at the end of a read would be read again and again.
+
+    ``sealed``: for each entry that carries a claim token (a worker's feed entry), its event JSON as
+    stored and the token, by entry id: the scheduler checks the token and transcribes that very JSON."""
 
     upto: str = ""
+    sealed: dict[str, tuple[str, str]]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sealed = {}
 
 
 def logged_at(entry_id: str) -> float:
@@ -80,9 +89,14 @@ def _decode(entries: Sequence[tuple[str, dict[str, str]]]) -> Batch:
         out.upto = str(entries[-1][0])
     for eid, fields in entries:
         try:
-            out.append((eid, Event.parse(fields[constants.EVENT_FIELD], logged_at(eid), eid)))
+            raw = fields[constants.EVENT_FIELD]
+            out.append((eid, Event.parse(raw, logged_at(eid), eid)))
         except Exception as exc:  # a missing field, bad JSON, a wrong type: this entry only
             _skip(eid, fields, exc)
+            continue
+        token = fields.get(constants.TOKEN_FIELD)
+        if token is not None:
+            out.sealed[eid] = (raw, token)
     return out
 
 
@@ -100,6 +114,26 @@ def is_full(exc: redis.ResponseError) -> bool:
     """True for Redis's refusal of a write at ``maxmemory`` (also when a script's first write is refused:
     Redis checks a script's first write, so such a script wrote nothing)."""
     return "OOM command not allowed" in str(exc)
+
+
+def _sealed(ev: Event) -> tuple[str, str]:
+    """A worker's event as logged (its claim token, under ``TOKEN_KEY`` in its data, taken out) and
+    that token: the token travels in a stream field of its own and never reaches a run log."""
+    data = ev.data
+    tok = data.get(constants.TOKEN_KEY)
+    if tok is None:
+        return ev.to_json(), ""
+    bare = Event(
+        ev.type,
+        ev.run_id,
+        ev.task_id,
+        ev.attempt,
+        {key: v for key, v in data.items() if key != constants.TOKEN_KEY},
+        ev.ts,
+        ev.id,
+        ev.source,
+    )
+    return bare.to_json(), str(tok)
 
 
 def attempt_field(task_id: str, attempt: int) -> str:
@@ -227,16 +261,25 @@ class EventLog:
         pipe.execute()
 
     def append_fenced(
-        self, events: Sequence[Event], token: str, handoffs: Sequence[tuple[Event, str]] = ()
+        self,
+        events: Sequence[Event],
+        token: str,
+        handoffs: Sequence[tuple[Event, str]] = (),
+        transcripts: Sequence[tuple[str, str, str]] = (),
+        position: str = "",
     ) -> list[bool]:
         """Append the scheduler's events; :class:`LeaseLostError` if ``token`` no longer holds the lease.
 
-        ``handoffs``: (TASK_STARTED event naming the worker, job JSON) pairs, written in the same atomic
-        step after the events: each job goes to its worker's hand-off list and its attempt is claimed
-        for that worker, if the worker still waits. Returns, per hand-off, whether it was handed.
-        Applied once even when redis-py resends the call after losing its reply.
+        ``transcripts``: workers' events the scheduler checked, as (run id, attempt field for an outcome
+        or '' for a TASK_STARTED, event JSON), written first (an outcome once: a second transcription of
+        it is skipped), and ``position``: the feed entry they cover, recorded with them (a new leader
+        reads the feed after it; '' to leave it). ``handoffs``: (TASK_STARTED event naming the worker,
+        signed job message) pairs, written in the same atomic step after the events: each job goes to
+        its worker's hand-off list and its attempt is claimed for that worker, if the worker still
+        waits. Returns, per hand-off, whether it was handed. Applied once even when redis-py resends
+        the call after losing its reply.
         """
-        if not events and not handoffs:
+        if not events and not handoffs and not transcripts and not position:
             return []
         k = self.keys
         # The tail: the run logs (and the circuits stream) written to, then the hand-offs' keys. Events
@@ -251,13 +294,16 @@ class EventLog:
                 index[key] = len(tail_keys) + len(FencedAppend.keys)
             return index[key]
 
+        for run_id, field, text in transcripts:
+            outcomes = at(k.outcomes(run_id)) if field else 0
+            args.extend((at(k.log(run_id)), outcomes, field, k.channel(run_id), text))
         for ev in events:
             payload = ev.to_json()
             args.extend((at(k.log(ev.run_id)), k.channel(ev.run_id), payload))
             if ev.type.value.startswith("CIRCUIT_"):
                 # Also in the cluster-wide circuits stream, which a new leader refolds.
                 args.extend((at(k.circuits), "", payload))
-        n_events = len(args) // 3
+        n_events = (len(args) - 5 * len(transcripts)) // 3
         if handoffs:
             args.append(constants.HANDOFF_TTL_MS)
             for started, job in handoffs:
@@ -276,8 +322,11 @@ class EventLog:
             lambda: self.scripts.fenced_append(
                 lease=k.lease,
                 reply=reply,
+                transcribed=k.transcribed,
                 token=token,
                 reply_ttl_ms=constants.FENCED_REPLY_TTL_MS,
+                n_transcripts=len(transcripts),
+                position=position,
                 n_events=n_events,
                 tail_keys=tail_keys,
                 tail_args=args,
@@ -286,15 +335,16 @@ class EventLog:
         return [bool(x) for x in handed]
 
     def _outcome_tail(self, events: Sequence[Event]) -> tuple[list[str], list[Any]]:
-        """The keys (run log, outcomes hash) and arguments (field, outcome type, channel, event JSON) by
+        """The keys (outcomes hash) and arguments (field, outcome type, event JSON, claim token) by
         which ``start.lua`` and ``finish.lua`` record each of these outcome events once."""
         k = self.keys
         keys: list[str] = []
         args: list[Any] = []
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
-            keys += [k.log(ev.run_id), k.outcomes(ev.run_id)]
-            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, k.channel(ev.run_id), ev.to_json()]
+            text, tok = _sealed(ev)
+            keys.append(k.outcomes(ev.run_id))
+            args += [attempt_field(ev.task_id, ev.attempt), ev.type.value, text, tok]
         return keys, args
 
     def start_attempts(
@@ -317,13 +367,13 @@ class EventLog:
         keys, args = self._outcome_tail(outcomes)
         for ev in events:
             assert ev.task_id is not None and ev.attempt is not None
-            keys += [k.log(ev.run_id), k.outcomes(ev.run_id), k.claims(ev.run_id)]
-            args += [attempt_field(ev.task_id, ev.attempt), k.channel(ev.run_id), ev.to_json()]
+            text, tok = _sealed(ev)
+            keys += [k.outcomes(ev.run_id), k.claims(ev.run_id)]
+            args += [attempt_field(ev.task_id, ev.attempt), text, tok]
         verdicts = self.scripts.start(
             feed=k.feed,
             worker=worker_id,
             heartbeat_prefix=k.heartbeat_prefix,
-            feed_maxlen=constants.FEED_MAXLEN,
             max_takeovers=max_takeovers,
             n_outcomes=len(outcomes),
             batch=batch,
@@ -347,7 +397,6 @@ class EventLog:
         keys, args = self._outcome_tail(events)
         recorded = self.scripts.finish(
             feed=k.feed,
-            feed_maxlen=constants.FEED_MAXLEN,
             waiting=k.handoff_waiting(waiting) if waiting else "",
             waiting_ttl_ms=constants.HANDOFF_TTL_MS,
             tail_keys=keys,
@@ -584,6 +633,12 @@ class EventLog:
         (go on after the batch's ``upto``)."""
         reply = self.redis.xread({self.keys.feed: after}, count=count, block=block_ms)
         return _decode(reply[0][1]) if reply else Batch()
+
+    def transcribed_position(self) -> str | None:
+        """The feed entry up to which the leader transcribed workers' events (None: never recorded,
+        a cluster whose workers wrote their events to the logs themselves)."""
+        got = self.redis.get(self.keys.transcribed)
+        return str(got) if got else None
 
     def feed_tail(self) -> str:
         """The id of the newest feed entry (``'0-0'`` when empty)."""

@@ -18,66 +18,68 @@ the scheduler's watchdog dispatches a new attempt.
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from typing import Any
 
 import redis
 
 from nerv_cluster import constants
-from nerv_cluster.errors import MalformedJobError
-from nerv_cluster.intake import describe
-from nerv_cluster.jobs import Job, parse_job
+from nerv_cluster.errors import JobSignatureError, MalformedJobError
+from nerv_cluster.jobs import Job
 from nerv_cluster.scripts import Resign
+from nerv_cluster.signing import Signer, claimed_id, signing_key
 
 log = logging.getLogger("nerv.worker")
 
-#: Entries that are no job, refused one after the other in one wait, before the worker gives up
-#: waiting (a flood of them must not keep it from its queue).
+#: Entries that are no job of the scheduler's, refused one after the other in one wait, before the
+#: worker stops waiting (a flood of them must not keep it from its queue).
 MAX_REFUSED = 100
 
 
 class Handoffs:
     """A worker process's side of the hand-off: wait for a job, or stop waiting."""
 
-    def __init__(self, client: redis.Redis, keys: constants.Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: constants.Keys, signing: str = "") -> None:
         self.redis: Any = client
         self.keys = keys
         self._resign = Resign(client)
+        #: ``NERV_SIGNING_KEY`` ('' for the cluster's key in Redis), read into a Signer on first use.
+        self._signing = signing
+        self._signer: Signer | None = None
 
     def take(self, worker_id: str, timeout: float) -> Job | None:
         """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
 
         A returned job is already claimed for this worker (its TASK_STARTED is recorded): run it
-        without claiming. None: nothing was handed, and nothing will be until the next wait.
+        without claiming. None: nothing was handed, and nothing will be until the next wait. An entry
+        on the list that the scheduler did not sign, was altered, or is no job at all (an empty one
+        too) is refused (logged, not run) and the wait goes on, for at most ``MAX_REFUSED`` of them.
         """
         lst = self.keys.handoff(worker_id)
-        got = self.redis.blpop([lst], timeout=timeout)
-        resigned = got is None
-        raw = got[1] if got is not None else self._resign(waiting=self._waiting(worker_id), handoff_list=lst)
+        waiting = self.keys.handoff_waiting(worker_id)
+        deadline = time.monotonic() + timeout
         for _ in range(MAX_REFUSED):
-            if raw is None:  # (an empty entry is no job: refused below, like any other)
+            left = deadline - time.monotonic()
+            got = self.redis.blpop([lst], timeout=max(left, 0.001)) if left > 0 else None
+            raw = got[1] if got is not None else self._resign(waiting=waiting, handoff_list=lst)
+            if raw is None:
                 return None
-            job = self._decode(worker_id, raw)
-            if job is not None:
+            job = self._open(raw, worker_id)
+            if job is not None or got is None:
                 # A job was handed: the flag was consumed with it, so there is nothing else to resign.
                 return job
-            # Not the scheduler's (only it consumes the flag when it hands a job): stop waiting as if
-            # nothing came, or take the job it handed meanwhile.
-            if not resigned:
-                raw, resigned = self._resign(waiting=self._waiting(worker_id), handoff_list=lst), True
-            else:
-                raw = self.redis.lpop(lst)
-        return None
+            # A refused entry (not the scheduler's): the hand-off may still come, wait on.
+        raw = self._resign(waiting=waiting, handoff_list=lst)
+        return None if raw is None else self._open(raw, worker_id)
 
-    def _waiting(self, worker_id: str) -> str:
-        return self.keys.handoff_waiting(worker_id)
-
-    @staticmethod
-    def _decode(worker_id: str, raw: Any) -> Job | None:
-        """The job of a hand-off entry; None, with a warning, for an entry that is none."""
+    def _open(self, raw: Any, worker_id: str) -> Job | None:
+        """The job of a handed message, or None (logged) when the scheduler did not sign it or it is
+        no job."""
+        if self._signer is None:
+            self._signer = Signer(signing_key(self._signing, self.redis, self.keys))
         try:
-            return parse_job(json.loads(raw))
-        except (ValueError, TypeError, RecursionError, MalformedJobError) as exc:
-            log.warning("refused a hand-off entry for %s that is not a job: %s", worker_id, describe(exc))
+            return Job.from_wire(raw, self._signer)
+        except (JobSignatureError, MalformedJobError, KeyError, TypeError, ValueError, RecursionError) as exc:
+            log.warning("refused job %s handed to %s: %s; not run", claimed_id(raw), worker_id, exc)
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 from nerv_cluster import ids, mapping
 from nerv_cluster.errors import MalformedJobError, NervError
 from nerv_cluster.model import RetryPolicy
+from nerv_cluster.signing import Signer
 from nerv_cluster.state import RunState
 from nerv_cluster.workflow import resolve_refs
 
@@ -44,6 +46,9 @@ class Job:
     #: the scheduler may pack jobs of one tree into one message (``scheduler.dispatch.pack``). Only the
     #: scheduler uses it; it does not travel.
     family: str = field(default="", compare=False)
+    #: The attempt's claim token (``nerv_cluster.outcomes``): minted by the scheduler as it sends the
+    #: job, presented with every event the worker writes about the attempt.
+    token: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -69,7 +74,23 @@ class Job:
             out["h"] = 1
         if self.first != 1:
             out["f"] = self.first
+        if self.token:
+            out["tok"] = self.token
         return out
+
+    def to_wire(self, signer: Signer, token: str) -> str:
+        """The signed message of this job carrying ``token`` (``nerv_cluster.signing``): the JSON is
+        made and signed once."""
+        body = self.to_dict()
+        body["tok"] = token
+        return signer.seal(json.dumps(body, separators=(",", ":")))
+
+    @classmethod
+    def from_wire(cls, wire: object, signer: Signer) -> Job:
+        """The job of a signed message; :class:`~nerv_cluster.errors.JobSignatureError` when it is not
+        signed by ``signer``'s key or was altered, :class:`~nerv_cluster.errors.MalformedJobError` (or
+        ValueError for text that is no JSON) on a signed body that is no job (:func:`parse_job`)."""
+        return parse_job(json.loads(signer.open(wire)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -88,6 +109,7 @@ class Job:
             timeout=data.get("t"),
             handoff=bool(data.get("h")),
             first=int(data.get("f", 1)),
+            token=str(data.get("tok", "")),
         )
 
 
@@ -129,7 +151,9 @@ def parse_job(data: Any) -> Job:
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
     ):
         raise MalformedJobError(f"the job's timeout is not a positive number: {timeout!r:.80}")
-    retry = data.get("retry")
+    retry, token = data.get("retry"), data.get("tok", "")
+    if not isinstance(token, str):
+        raise MalformedJobError(f"the job's claim token is not a string: {token!r:.80}")
     try:
         policy = RetryPolicy.from_dict(retry) if retry else None
     except (NervError, TypeError, ValueError, AttributeError) as exc:
@@ -147,15 +171,8 @@ def parse_job(data: Any) -> Job:
         timeout=timeout,
         handoff=bool(data.get("h")),
         first=first,
+        token=token,
     )
-
-
-def parse_jobs(bodies: Sequence[Any]) -> list[Job]:
-    """The jobs of one Celery message (one, or a batch the scheduler packed): all of them, or
-    :class:`MalformedJobError` for the first that is not a job (none of the message runs)."""
-    if not bodies:
-        raise MalformedJobError("the message carries no job")
-    return [parse_job(body) for body in bodies]
 
 
 def build_job(run: RunState, task_id: str, handoff: bool = False) -> Job:

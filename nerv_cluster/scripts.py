@@ -123,40 +123,46 @@ class Append(LuaScript):
 
 
 class FencedAppend(LuaScript):
-    """The scheduler's writes, only while ``token`` holds the lease: events to run logs, then the
+    """The scheduler's writes, only while ``token`` holds the lease: workers' events it transcribes
+    (each outcome once) and the feed ``position`` they cover, then its own events to run logs, then the
     hand-offs (see ``EventLog.append_fenced``). ``LEASE_LOST`` (a ResponseError) otherwise; else one
     1/0 per hand-off. Applied once per call: the reply is kept under ``reply`` (a key of this call's
     own) for ``reply_ttl_ms``, and a resent call returns it without writing again."""
 
     name = "fenced_append"
     replicated = True
-    keys = ("lease", "reply")
-    args = ("token", "reply_ttl_ms", "n_events")
+    keys = ("lease", "reply", "transcribed")
+    args = ("token", "reply_ttl_ms", "n_transcripts", "position", "n_events")
 
     def __call__(
         self,
         *,
         lease: str,
         reply: str,
+        transcribed: str,
         token: str,
         reply_ttl_ms: int,
+        n_transcripts: int,
+        position: str,
         n_events: int,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        return list(self._run([lease, reply], [token, reply_ttl_ms, n_events], tail_keys, tail_args))
+        fixed = [token, reply_ttl_ms, n_transcripts, position, n_events]
+        return list(self._run([lease, reply, transcribed], fixed, tail_keys, tail_args))
 
 
 class Start(LuaScript):
     """Record the outcomes of earlier attempts (each once), then claim attempts before running them,
-    recording TASK_STARTED for each this worker may run; one verdict per attempt: ``ok``, ``done``,
+    putting TASK_STARTED on the feed (never a run log: the scheduler transcribes it) for each this
+    worker may run; one verdict per attempt: ``ok``, ``done``,
     ``busy``, ``poison``, or with ``batch`` (a packed batch claimed as a whole) ``strict``: claim this
     one alone before it runs."""
 
     name = "start"
     replicated = True
     keys = ("feed",)
-    args = ("worker", "heartbeat_prefix", "feed_maxlen", "max_takeovers", "n_outcomes", "batch")
+    args = ("worker", "heartbeat_prefix", "max_takeovers", "n_outcomes", "batch")
 
     def __call__(
         self,
@@ -164,37 +170,36 @@ class Start(LuaScript):
         feed: str,
         worker: str,
         heartbeat_prefix: str,
-        feed_maxlen: int,
         max_takeovers: int,
         n_outcomes: int,
         batch: bool,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        fixed = [worker, heartbeat_prefix, feed_maxlen, max_takeovers, n_outcomes, "1" if batch else ""]
+        fixed = [worker, heartbeat_prefix, max_takeovers, n_outcomes, "1" if batch else ""]
         return list(self._run([feed], fixed, tail_keys, tail_args))
 
 
 class Finish(LuaScript):
-    """Record attempts' outcomes, each once; one 1/0 per attempt. With ``waiting`` (a flag key), set
+    """Record attempts' outcomes, each once (the outcome slot, and the event on the feed with its claim
+    token: the scheduler transcribes it); one 1/0 per attempt. With ``waiting`` (a flag key), set
     that flag when the last outcome was recorded (the worker then waits for a hand-off)."""
 
     name = "finish"
     replicated = True
     keys = ("feed",)
-    args = ("feed_maxlen", "waiting", "waiting_ttl_ms")
+    args = ("waiting", "waiting_ttl_ms")
 
     def __call__(
         self,
         *,
         feed: str,
-        feed_maxlen: int,
         waiting: str,
         waiting_ttl_ms: int,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        return list(self._run([feed], [feed_maxlen, waiting, waiting_ttl_ms], tail_keys, tail_args))
+        return list(self._run([feed], [waiting, waiting_ttl_ms], tail_keys, tail_args))
 
 
 class Lease(LuaScript):

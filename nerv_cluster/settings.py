@@ -100,6 +100,10 @@ class Settings:
     #: The web console's credentials (``nerv ui``, issue 12): a bearer token, or a user and password
     #: for basic auth; without either it serves only a loopback address. Kept out of the repr.
     ui_token: str = field(default="", repr=False)
+    #: The key the scheduler signs every job and hand-off with and workers verify them by (HMAC-SHA256,
+    #: see docs/outcomes.md). Unset: a per-cluster random key kept in Redis, with a warning (dev and
+    #: demo only: anyone who can read Redis can then sign jobs). Kept out of the repr.
+    signing_key: str = field(default="", repr=False)
     ui_user: str = ""
     ui_password: str = field(default="", repr=False)
     #: Seconds one Server-Sent Events stream of the console lasts before the server ends it and the

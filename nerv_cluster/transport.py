@@ -73,7 +73,7 @@ def check_message(item: Any) -> dict[str, Any]:
     """The kombu message of a queue list entry, checked to be one nerv's scheduler could have sent
     (Celery protocol 2, a JSON body ``[args, {}, embed]`` with nothing embedded, no ETA or expiry);
     :class:`MalformedJobError` saying why not. The jobs themselves are checked by the worker's task
-    (``jobs.parse_jobs``)."""
+    (``Job.from_wire``: signed, then ``jobs.parse_job``)."""
     try:
         msg = json.loads(bytes_to_str(item))
     except (ValueError, TypeError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep

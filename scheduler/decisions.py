@@ -110,17 +110,27 @@ def settle_cancels(out: Decisions, holders: Sequence[str]) -> None:
     a completion in between be logged beside the cancel). One whose worker recorded RETRYING first keeps
     that too, and the task is cancelled as its next attempt. Anything else (the scheduler's own mark)
     means the scheduler holds the slot: the attempt is cancelled.
+
+    A run with such a kept COMPLETED or FAILED is not ended now (its WORKFLOW_CANCELLED is dropped):
+    the worker's event is on the feed, not yet folded, and is logged only once the scheduler reads it
+    (docs/outcomes.md); the run ends in the step that folds it, after it in the log.
     """
     replaced: dict[str, Event | None] = {}
+    unread: set[str] = set()
     for ev, holder in zip(out.cancels, holders, strict=True):
         if holder in _FINAL_OUTCOMES:
             replaced[ev.id] = None
+            unread.add(ev.run_id)
         elif holder == EventType.TASK_RETRYING.value:
             replaced[ev.id] = replace(ev, attempt=int(ev.attempt or 0) + 1)
     out.cancels = []
     if replaced:
         kept = (replaced.get(ev.id, ev) for ev in out.events)
-        out.events = [ev for ev in kept if ev is not None]
+        out.events = [
+            ev
+            for ev in kept
+            if ev is not None and not (ev.type is EventType.WORKFLOW_CANCELLED and ev.run_id in unread)
+        ]
 
 
 def _fail_run(run: RunState, reason: str, now: float, source: str) -> Event:

@@ -116,6 +116,9 @@ class Dispatcher:
     def __init__(self, app: Celery, batch_size: int = 1000) -> None:
         self.app = app
         self.batch_size = batch_size
+        #: Seals a job into its signed message (with its attempt's claim token); set by the scheduler
+        #: for each term it leads (``nerv_cluster.signing``): a job is never sent unsigned.
+        self.seal: Callable[[Job], str] | None = None
 
     def send(self, messages: Sequence[tuple[list[Job], str]]) -> list[Unsendable]:
         """Send each (jobs, queue) as one Celery message named after the jobs' function (Flower shows
@@ -155,9 +158,12 @@ class Dispatcher:
                 "soft_time_limit": first.timeout,
                 "time_limit": first.timeout + HARD_LIMIT_GRACE,
             }
+        seal = self.seal
+        if seal is None:
+            raise DispatchError("no signing key: the scheduler seals jobs only while it leads")
         self.app.send_task(
             first.fn,
-            args=[job.to_dict() for job in jobs],
+            args=[seal(job) for job in jobs],
             queue=queue,
             routing_key=queue,
             task_id=first.id,

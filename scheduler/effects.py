@@ -7,13 +7,15 @@ Invariant: an attempt the scheduler ends itself (its worker was lost, it ran pas
 run was cancelled) has its outcome slot taken *before* the event that ends it is written; a worker that
 finishes the same attempt at the same moment either got the slot first (its outcome stands, the verdict
 is dropped) or records nothing.
+
+And every run-log write here carries first the workers' events read since the last one
+(:mod:`scheduler.transcribe`), so they are logged before the decisions that follow from them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from nerv_cluster import children
 from nerv_cluster.children import Spawn
@@ -24,6 +26,7 @@ from nerv_cluster.model import Event, EventType
 from nerv_cluster.state import State
 from scheduler.dispatch import Dispatcher
 from scheduler.lease import Lease
+from scheduler.transcribe import Transcriber
 from scheduler.watchdog import Verdict
 
 log = logging.getLogger("nerv.scheduler")
@@ -39,6 +42,24 @@ class Effects:
         self.lease = lease
         self.dispatcher = dispatcher
         self.retention_seconds = retention_seconds
+        #: The workers' events waiting to be transcribed (every log write carries them first).
+        self.transcriber = Transcriber()
+        #: Seals a job into its signed message with its attempt's claim token (set for each term).
+        self.seal: Callable[[Job], str] | None = None
+
+    def _append(self, events: Sequence[Event], handoffs: Sequence[tuple[Event, str]] = ()) -> list[bool]:
+        """One fenced write: the pending transcripts and the feed position they cover, then ``events``
+        and ``handoffs`` (see ``EventLog.append_fenced``)."""
+        transcripts, position = self.transcriber.take()
+        handed = self.log.append_fenced(events, self.token(), handoffs, transcripts, position)
+        self.transcriber.wrote(position)
+        return handed
+
+    def flush_transcripts(self, force: bool = False) -> None:
+        """Write the pending transcripts now (no decision followed them this step); with ``force``,
+        also just the feed position when it moved (before trimming the feed up to it)."""
+        if self.transcriber.pending or (force and self.transcriber.position != self.transcriber.written):
+            self._append([])
 
     def token(self) -> str:
         """Our fencing token; the keeper thread may have dropped it a moment ago."""
@@ -50,14 +71,15 @@ class Effects:
     def write(self, events: Sequence[Event], handoffs: Sequence[tuple[Event, Job]] = ()) -> list[bool]:
         """Append decisions (fenced) and, in the same atomic step, hand jobs to waiting workers: per
         hand-off, whether it was handed (see ``EventLog.append_fenced``)."""
-        return self.log.append_fenced(
-            events, self.token(), [(started, json.dumps(job.to_dict())) for started, job in handoffs]
-        )
+        seal = self.seal
+        if handoffs and seal is None:
+            raise LeaseLostError("no term: jobs cannot be sealed")
+        return self._append(events, [(started, seal(job)) for started, job in handoffs] if seal else [])
 
     def record_circuits(self, transitions: Sequence[Event]) -> None:
         """Write circuit transitions (to their runs and the circuits stream) and keep that stream short."""
         if transitions:
-            self.log.append_fenced(transitions, self.token())
+            self._append(transitions)
             self.log.trim_circuits()
 
     def end_attempts(self, verdicts: Sequence[Verdict]) -> list[Event]:
@@ -77,7 +99,7 @@ class Effects:
                 ev.data.get("reason") or ev.data.get("error", {}).get("message"),
             )
         if events:
-            self.log.append_fenced(events, token)
+            self._append(events)
         return events
 
     def spawn(self, spawns: Sequence[Spawn], state: State, now: float) -> list[Event]:
@@ -97,7 +119,7 @@ class Effects:
                 continue
             events += [sp.submitted, sp.started]
         if failed:
-            self.log.append_fenced(failed, self.token())
+            self._append(failed)
         return events + failed
 
     def take_slots(self, attempts: Sequence[tuple[str, str, int]], why: EventType) -> list[str]:

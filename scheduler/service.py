@@ -5,6 +5,8 @@ run logs picks up exactly where a dead one stopped. The loop owns only the state
 the set of runs to decide for; each other concern is a room of its own that owns its state:
 
 - :mod:`scheduler.takeover`: becoming leader (refold from checkpoints and logs, jobs to resend);
+- :mod:`scheduler.transcribe`: workers' events checked, folded, and transcribed into the run logs in
+  the next fenced write (:mod:`nerv_cluster.outcomes`);
 - :mod:`scheduler.effects`: every write to Redis (fenced) and every revoke;
 - :mod:`scheduler.dispatch`: the outbox of jobs to send, packed, in fair-share turns
   (:mod:`nerv_cluster.fairshare`), with the pack-hold;
@@ -24,16 +26,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import redis
 
-from nerv_cluster import constants
+from nerv_cluster import constants, outcomes
 from nerv_cluster import state as st
 from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.errors import LeaseLostError, ReplicationError
-from nerv_cluster.eventlog import EventLog
+from nerv_cluster.eventlog import Batch, EventLog
 from nerv_cluster.fairshare import Share, share_of
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job
@@ -41,6 +43,7 @@ from nerv_cluster.limits import Gate
 from nerv_cluster.model import Event, EventType
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
+from nerv_cluster.signing import Signer, signing_key
 from scheduler import checkpointer, reruns, takeover
 from scheduler.caching import CacheRoom, import_modules
 from scheduler.child_reruns import ChildReruns
@@ -126,6 +129,9 @@ class SchedulerService:
         self.progress = LoopProgress()
         #: Set after a Redis error: what we hold may be behind what Redis has, so refold before acting.
         self._stale = False
+        #: What every job and hand-off is signed with (the key is read when the first term begins).
+        self._signer: Signer | None = None
+        self.dispatcher = dispatcher
 
     @property
     def source(self) -> str:
@@ -186,6 +192,7 @@ class SchedulerService:
         finally:
             self.progress.refold_done()
         self.state, self.cursor = found.state, found.cursor
+        self._begin_term(found.cursor)
         if found.unreadable:
             log.error(
                 "closing %d active runs whose submission cannot be read: %s",
@@ -223,6 +230,43 @@ class SchedulerService:
             len(resend),
         )
 
+    def _begin_term(self, position: str) -> None:
+        """Seal jobs for this term (signed, with claim tokens under the cluster's claim secret) and
+        check workers' events from feed entry ``position`` on (see :mod:`scheduler.transcribe`)."""
+        redis_, keys = self.log.redis, self.log.keys
+        if self._signer is None:
+            self._signer = Signer(signing_key(self.settings.signing_key, redis_, keys))
+        signer = self._signer
+        tokens = outcomes.AttemptTokens(outcomes.claim_secret(redis_, keys.claim_secret))
+        mint = tokens.mint
+
+        def seal(job: Job) -> str:
+            return job.to_wire(signer, mint(job.run_id, job.task_id, job.attempt))
+
+        self.effects.seal = seal
+        self.dispatcher.seal = seal
+        self.effects.transcriber.begin(tokens, position)
+
+    def _fold_feed(self, entries: Batch, taken: Collection[str]) -> Batch:
+        """Fold the feed's entries that pass :meth:`scheduler.transcribe.Transcriber.admit` (workers'
+        events checked, the valid ones queued for transcription); the entries admitted, which the
+        rest of the step observes (a dropped one is seen by no one)."""
+        admit = self.effects.transcriber.admit
+        state = self.state
+        admitted = Batch()
+        admitted.upto = entries.upto
+        for entry_id, ev in entries:
+            if not admit(entry_id, ev, entries, state):
+                continue
+            admitted.append((entry_id, ev))
+            # A run taken back holds the batch's events in its log, but not the workers' (not logged yet).
+            if not taken or ev.run_id not in taken or ev.type in outcomes.WORKER_TYPES:
+                state = st.apply(state, ev)
+        self.state = state
+        if entries.upto:
+            self.effects.transcriber.read_upto(entries.upto)
+        return admitted
+
     def resend_in_flight(self, why: str) -> None:
         """Send every dispatched-but-not-started job again.
 
@@ -251,6 +295,8 @@ class SchedulerService:
         self.gate.clear()
         self.child_reruns.clear()
         self.checkpointer.reset({})
+        self.effects.transcriber.clear()
+        self.effects.seal = self.dispatcher.seal = None
         if self.tracing is not None:
             self.tracing.clear()
         self.leader_since = None
@@ -274,19 +320,17 @@ class SchedulerService:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
-        entries = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
+        read = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
         # Runs a rerun reopened come back from their logs, which hold this batch's events of them.
-        state, taken = reruns.take_back(self.log, self.state, (ev for _, ev in entries))
+        self.state, taken = reruns.take_back(self.log, self.state, (ev for _, ev in read))
         if taken:
             self.checkpointer.track(taken)
-        for entry_id, ev in entries:
-            if not taken or ev.run_id not in taken:
-                state = st.apply(state, ev)
+        entries = self._fold_feed(read, taken)  # the workers' events checked (scheduler.transcribe)
+        state = self.state
+        for _, ev in entries:
             self._touched.add(ev.run_id)
-            self.cursor = entry_id
             self.matcher.observe(ev)
-        self.cursor = entries.upto or self.cursor  # past entries skipped as malformed too
-        self.state = state
+        self.cursor = read.upto or self.cursor  # past entries skipped as malformed or dropped too
         if self.tracing is not None and entries:  # workers' and clients' events; ours: _fold
             self.tracing.observe((ev for _, ev in entries), state)
         self._touched |= self.child_reruns.retries()
@@ -312,12 +356,15 @@ class SchedulerService:
             self._next_sweep = now + constants.WATCHDOG_INTERVAL_S
             self._sweep(now)
         self.act()
-        self._since_trim += len(entries)
-        if self._since_trim >= _TRIM_EVERY:
-            self.log.trim_feed(self.cursor)
+        self._since_trim += len(read)
+        trim = self._since_trim >= _TRIM_EVERY
+        # Workers' events no decision followed this step are logged now, not held to the next one.
+        self.effects.flush_transcripts(force=trim)
+        if trim:  # never past what is transcribed: a new leader reads the feed from there
+            self.log.trim_feed(self.effects.transcriber.written)
             self._since_trim = 0
         self.progress.step_done()
-        return len(entries)
+        return len(read)
 
     def _expire_waits(self, now: float) -> None:
         """End the durable waits whose deadline passed (see :mod:`scheduler.waits`), fenced."""
@@ -421,6 +468,8 @@ class SchedulerService:
             self.outbox.observe(events)
         if cache is not None:
             self._touched |= cache.missing
+        if out.spawns or out.child_reruns:  # their cause (a worker's event) is logged first
+            self.effects.flush_transcripts()
         if out.spawns:  # after the events they follow: a crash between leaves them to be decided again
             spawned = self.effects.spawn(out.spawns, self.state, now)
             self._fold(spawned)

@@ -3,7 +3,11 @@
 Invariant: the state a new leader acts on equals the fold of every active run's whole log, whether it
 came from a checkpoint plus the entries after it or from the log alone; and the feed cursor it starts
 from was read *before* the logs, so an event written meanwhile is both in a log and after the cursor
-(folding it twice changes nothing: every handler is idempotent), never in neither.
+(folding it twice changes nothing: every handler is idempotent), never in neither. That cursor is the
+feed position the last leader recorded with its last transcription (:mod:`scheduler.transcribe`):
+every worker event after it may be in no log yet, and is read, checked and transcribed again, so an
+outcome a worker recorded is never lost with a leader that died before transcribing it. Without a
+recorded position (a cluster that never had a transcribing leader) it is the feed's tail.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def refold(eventlog: EventLog, on_progress: Callable[[], None]) -> Refold:
     paused = gc.isenabled()
     gc.disable()
     try:
-        cursor = eventlog.feed_tail()  # read first: later events are both in the logs and after it
+        # Read first: later events are both in the logs and after it.
+        cursor = eventlog.transcribed_position() or eventlog.feed_tail()
         run_ids = sorted(eventlog.active_runs())
         loaded = load_runs(eventlog, run_ids, on_progress)
     finally:

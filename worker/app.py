@@ -31,7 +31,7 @@ from nerv_cluster.container import Container, container_for
 from nerv_cluster.errors import ConfigurationError, MalformedJobError, NotRegisteredError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.intake import describe
-from nerv_cluster.jobs import Job, parse_jobs
+from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import TaskFunction
 from nerv_cluster.settings import Settings
@@ -237,30 +237,36 @@ def refuse(what: str, message_id: object, exc: BaseException) -> None:
     log.warning("refused %s %s: %s", what, str(message_id)[:200], describe(exc))
 
 
-def decode_message(name: str, message_id: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Job]:
-    """The jobs of a Celery message for task ``name``; none (with a warning) when its body is not the
-    scheduler's form: nothing of it runs, nothing is recorded, the process goes on."""
+def message_wires(name: str, message_id: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The signed jobs of a Celery message for task ``name`` (its positional arguments); none, with a
+    warning, when the message has not the scheduler's form (no job, keyword arguments): nothing of it
+    runs, nothing is recorded, the process goes on. The jobs' signatures are checked by the runner."""
     try:
         if kwargs:
             raise MalformedJobError(f"a job message has no keyword arguments, got {sorted(kwargs)!r:.80}")
-        return parse_jobs(args)
+        if not args:
+            raise MalformedJobError("the message carries no job")
     except MalformedJobError as exc:
         refuse(f"a message for {name!r:.80}", message_id, exc)
         return []
+    return list(args)
 
 
 def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: HandoffEvents | None) -> None:
     def run(self: Any, *jobs: Any, **extra: Any) -> None:
         # One job, or a batch the scheduler packed (same function, same run).
-        decoded = decode_message(tf.name, self.request.id, jobs, extra)
-        if not decoded:
+        wires = message_wires(tf.name, self.request.id, jobs, extra)
+        if not wires:
             return
         on_handed = None
         if events is not None:
             # A handed job runs on the queue of the message it follows (the scheduler matches queues).
             queue = str((self.request.delivery_info or {}).get("routing_key") or "")
             on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
-        runtime.runner().serve(decoded, on_handed, str(self.request.id or ""))
+        runner = runtime.runner()
+        opened = runner.open(wires)  # signed by the scheduler, or refused (docs/outcomes.md)
+        if opened:
+            runner.serve(opened, on_handed, str(self.request.id or ""))
 
     run.__name__ = run.__qualname__ = tf.name.rsplit(".", 1)[-1]
     run.__doc__ = tf.description or f"nerv task {tf.name}"
@@ -269,17 +275,20 @@ def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: 
 
 def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
     """Jobs for a function this worker does not have: fail the tasks clearly instead of dropping them."""
+    runner = runtime.runner()
     try:
         body = message.decode() if hasattr(message, "decode") else json.loads(message.body)
         if not isinstance(body, list | tuple) or not body or not isinstance(body[0], list | tuple):
             raise MalformedJobError("the body is not a Celery message's [args, kwargs, embed]")
-        jobs = parse_jobs(body[0])
+        wires = list(body[0])
     except Exception as exc:  # whatever the body holds: refused, the worker goes on
         log.warning(
             "refused a message for unknown task %.80r that is not a nerv job: %s", name, describe(exc)
         )
         return
-    runner = runtime.runner()
+    jobs = runner.open(wires)  # only the scheduler's jobs get a recorded failure
+    if not jobs:
+        return
     error = TaskError.from_exception(
         NotRegisteredError(
             f"no worker on queue has task {name!r} registered (worker {runner.worker_id}); "
@@ -288,7 +297,14 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
     ).to_dict()
     source = f"worker:{runner.worker_id}"
     failed = [
-        Event(EventType.TASK_FAILED, job.run_id, job.task_id, job.attempt, {"error": error}, source=source)
+        Event(
+            EventType.TASK_FAILED,
+            job.run_id,
+            job.task_id,
+            job.attempt,
+            {"error": error, constants.TOKEN_KEY: job.token},
+            source=source,
+        )
         for job in jobs
     ]
     runner.log.finish_attempts(failed)

@@ -24,6 +24,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from nerv_cluster import constants
 from nerv_cluster.children import SpawnBounds, spawned_data
 from nerv_cluster.errors import (
+    JobSignatureError,
+    MalformedJobError,
     NotRegisteredError,
     PayloadTooLargeError,
     SerializationError,
@@ -36,6 +38,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
+from nerv_cluster.signing import Signer, claimed_id, signing_key
 from nerv_cluster.workflow import Workflow
 from worker.held import HeldAttempts
 
@@ -66,8 +69,12 @@ class TaskRunner:
         held: HeldAttempts | None = None,
         stopping: Callable[[], bool] | None = None,
         spawn_bounds: SpawnBounds | None = None,
+        signing: str = "",
     ) -> None:
         self.log = log
+        #: ``NERV_SIGNING_KEY`` ('' for the per-cluster key in Redis), read into ``signer`` once.
+        self._signing = signing
+        self._signer: Signer | None = None
         #: What a returned workflow is checked against before it is recorded.
         self.spawn_bounds = spawn_bounds or SpawnBounds()
         self.handoffs = handoffs
@@ -80,7 +87,30 @@ class TaskRunner:
         #: True once the worker began a warm shutdown: serve no more hand-offs.
         self.stopping = stopping or (lambda: False)
 
+    @property
+    def signer(self) -> Signer:
+        """What job messages are checked with (the key is read once per process)."""
+        if self._signer is None:
+            self._signer = Signer(signing_key(self._signing, self.log.redis, self.log.keys))
+        return self._signer
+
+    def open(self, wires: Sequence[object]) -> list[Job]:
+        """The jobs of signed job messages; a message that is not signed by the scheduler, or was
+        altered, is refused: logged (its id, never its arguments), not run, nothing recorded for it."""
+        jobs = []
+        signer = self.signer
+        for wire in wires:
+            try:
+                jobs.append(Job.from_wire(wire, signer))
+            except JobSignatureError as exc:
+                log.warning("refused job %s: %s; not run", claimed_id(wire), exc)
+            except (MalformedJobError, KeyError, TypeError, ValueError, RecursionError) as exc:
+                log.warning("refused job %s: a signed message that is no job (%s)", claimed_id(wire), exc)
+        return jobs
+
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
+        # The claim token rides in the data to EventLog, which moves it out of the logged event.
+        data[constants.TOKEN_KEY] = job.token
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
 
     def claim(

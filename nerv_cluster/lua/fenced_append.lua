@@ -1,4 +1,8 @@
 -- The scheduler's writes: only while it holds the lease (the fencing token must match).
+-- First the workers' events it checked and transcribes (docs/outcomes.md), before the decisions that
+-- follow from them, so a run's log reads cause before effect; an outcome only once (the outcomes hash's
+-- field#t marks it transcribed); with them the feed position they cover (position), where a new leader
+-- reads the feed from. Their channel gets them now: a worker publishes nothing.
 -- Decisions go to the run logs only: the scheduler made them, so it needs no feed copy.
 -- Then the hand-offs (see nerv_cluster/handoff.py), in the same atomic step as the TASK_DISPATCHED
 -- events they follow: a worker is handed at most one job per wait, as its waiting flag (set by
@@ -10,10 +14,12 @@
 -- without writing anything again. Otherwise the retry would append the events twice and, finding the
 -- waiting flags consumed by the first execution, report the hand-offs as not made: the job would also
 -- go through Celery.
--- Fixed keys and arguments: see nerv_cluster/scripts.py (FencedAppend). The tail: keys run logs, then 4
--- per hand-off: waiting flag, hand-off list, run log, claims hash; arguments n_events triples (index into
--- KEYS, channel or '' for none, event JSON), then, with hand-offs: the lists' ttl ms, then 5 per
--- hand-off: field (task:attempt), worker id, channel, TASK_STARTED event JSON, job JSON.
+-- Fixed keys and arguments: see nerv_cluster/scripts.py (FencedAppend). The tail: keys run logs and
+-- outcomes hashes, then 4 per hand-off: waiting flag, hand-off list, run log, claims hash; arguments
+-- n_transcripts quintuples (log's index into KEYS, outcomes hash's index or 0 for a TASK_STARTED,
+-- field (task:attempt) or '', channel, event JSON), n_events triples (index into KEYS, channel or ''
+-- for none, event JSON), then, with hand-offs: the lists' ttl ms, then 5 per hand-off: field
+-- (task:attempt), worker id, channel, TASK_STARTED event JSON, job message (signed).
 -- Returns 1/0 per hand-off: 1 when handed.
 local done = redis.call('GET', reply)
 if done then
@@ -26,8 +32,20 @@ end
 if redis.call('GET', lease) ~= token then
   return redis.error_reply('LEASE_LOST the scheduler lease is held by another token')
 end
+local nt = tonumber(n_transcripts)
+for i = NARGV + 1, NARGV + 5 * nt, 5 do
+  local o = tonumber(ARGV[i + 1])
+  if o == 0 or redis.call('HSETNX', KEYS[o], ARGV[i + 2] .. '#t', 1) == 1 then
+    redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', 'e', ARGV[i + 4])
+    redis.call('PUBLISH', ARGV[i + 3], ARGV[i + 4])
+  end
+end
+if position ~= '' then
+  redis.call('SET', transcribed, position)
+end
+local first_event = NARGV + 5 * nt
 local n = tonumber(n_events)
-for i = NARGV + 1, NARGV + 3 * n, 3 do
+for i = first_event + 1, first_event + 3 * n, 3 do
   local key = KEYS[tonumber(ARGV[i])]
   redis.call('XADD', key, '*', 'e', ARGV[i + 2])
   if ARGV[i + 1] ~= '' then
@@ -35,7 +53,7 @@ for i = NARGV + 1, NARGV + 3 * n, 3 do
   end
 end
 local out = {}
-local base = NARGV + 1 + 3 * n
+local base = first_event + 1 + 3 * n
 if #ARGV >= base then
   local handoffs = (#ARGV - base) / 5
   local first = #KEYS - 4 * handoffs

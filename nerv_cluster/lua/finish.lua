@@ -1,18 +1,19 @@
 -- Record attempts' outcomes, each once: a second outcome for the same attempt is dropped.
--- Fixed keys and arguments: see nerv_cluster/scripts.py (Finish); the tail: per attempt, keys run log and
--- outcomes hash, arguments field (task:attempt), outcome (event type), channel, event JSON.
+-- The outcome slot (the outcomes hash) is taken here, and the event goes to the feed only, with the
+-- attempt's claim token in a field of its own ('t'): the scheduler checks it and transcribes the event
+-- into the run's log (a worker writes no run log: docs/outcomes.md). No MAXLEN: see start.lua.
+-- Fixed keys and arguments: see nerv_cluster/scripts.py (Finish); the tail: per attempt, key outcomes
+-- hash, arguments field (task:attempt), outcome (event type), event JSON, token.
 -- Returns one 1/0 per attempt: 1 when recorded.
 -- With a waiting flag, the worker waits for a hand-off (fenced_append.lua) after the last attempt: the flag is
 -- set only if that outcome was recorded, since only a recorded outcome can lead the scheduler to it.
 local out = {}
 for i = 0, (#ARGV - NARGV) / 4 - 1 do
-  local log, outcomes = KEYS[NKEYS + 1 + 2 * i], KEYS[NKEYS + 2 + 2 * i]
+  local outcomes = KEYS[NKEYS + 1 + i]
   local a = NARGV + 1 + 4 * i
-  local field, outcome, chan, event = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local field, outcome, event, tok = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   if redis.call('HSETNX', outcomes, field, outcome) == 1 then
-    redis.call('XADD', log, '*', 'e', event)
-    redis.call('XADD', feed, 'MAXLEN', '~', feed_maxlen, '*', 'e', event)
-    redis.call('PUBLISH', chan, event)
+    redis.call('XADD', feed, '*', 'e', event, 't', tok)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

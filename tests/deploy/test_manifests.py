@@ -292,6 +292,7 @@ def test_secret_references(name: str) -> None:
         ("nerv-redis", "password"),
         ("nerv-flower", "basic-auth"),
         ("nerv-console", "token"),
+        ("nerv-signing", "key"),
     }
     secrets = by_kind(objs, "Secret")
     if name == "prod":

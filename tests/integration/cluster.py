@@ -9,6 +9,7 @@ log's tail.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from collections.abc import Sequence
@@ -21,7 +22,9 @@ from nerv_cluster.client import connect
 from nerv_cluster.constants import WORKER_READY_LINE
 from nerv_cluster.errors import ServiceFailed
 from nerv_cluster.launcher import LocalCluster, Service
+from nerv_cluster.outcomes import AttemptTokens, claim_secret
 from nerv_cluster.sentinel import is_sentinel
+from nerv_cluster.signing import Signer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -35,6 +38,8 @@ class Cluster(LocalCluster):
             "NERV_WORKER_MODULES": "nerv_testtasks",
             "NERV_LEASE_TTL_MS": "2000",
             "NERV_METRICS_PORT": "0",
+            # The production path (a configured key), not the per-cluster key in Redis.
+            "NERV_SIGNING_KEY": secrets.token_hex(32),
             "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **env,
         }
@@ -53,6 +58,16 @@ class Cluster(LocalCluster):
     def procs(self) -> list[Service]:
         """Every service started so far, in order (the scheduler first, where a test starts it first)."""
         return self.services
+
+    def signer(self) -> Signer:
+        """What the cluster's scheduler signs jobs with (a test making up jobs as the scheduler would)."""
+        return Signer(self.env["NERV_SIGNING_KEY"].encode())
+
+    def token(self, run_id: str, task_id: str, attempt: int) -> str:
+        """The claim token of one attempt, as the scheduler mints it (a test acting as a worker; the
+        claim secret exists once a scheduler led, or is created here as the first leader would)."""
+        keys = Settings.from_env(self.env).keys()
+        return AttemptTokens(claim_secret(self.redis, keys.claim_secret)).mint(run_id, task_id, attempt)
 
     def flush(self) -> None:
         """Empty the database (before any process starts)."""

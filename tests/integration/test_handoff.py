@@ -7,7 +7,6 @@ that a worker dying with a handed job loses nothing.
 
 from __future__ import annotations
 
-import json
 import time
 
 import nerv_testtasks as tt
@@ -87,6 +86,7 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     token = lease.token
     assert token is not None
     resign = Resign(r)
+    signer = own_cluster.signer()
 
     def finished(worker: str, tid: str) -> None:
         done = Event(EventType.TASK_COMPLETED, "run1", tid, 1, {"result": 1, "worker": worker})
@@ -95,7 +95,7 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     def offer(worker: str, tid: str, tok: str = token) -> list[bool]:
         started = Event(EventType.TASK_STARTED, "run1", tid, 1, {"worker": worker, "handoff": True})
         job = Job("run1", tid, 1, "nerv_testtasks.add", [1, 2], {})
-        return log.append_fenced([], tok, [(started, json.dumps(job.to_dict()))])
+        return log.append_fenced([], tok, [(started, job.to_wire(signer, "tok"))])
 
     # 1. The worker waits, the scheduler hands: the attempt is claimed for it, the job is on its list.
     finished("w1", "a")
@@ -119,7 +119,7 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     assert offer("w3", "f") == [True]
     raw = resign(waiting=keys.handoff_waiting("w3"), handoff_list=keys.handoff("w3"))
     assert raw is not None
-    assert Job.from_dict(json.loads(raw)).task_id == "f"
+    assert Job.from_wire(raw, signer).task_id == "f"
     assert not r.exists(keys.handoff_waiting("w3"), keys.handoff("w3"))
 
     # 4. A deposed scheduler hands nothing, and the worker's flag stays for the real leader.

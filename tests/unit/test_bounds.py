@@ -18,6 +18,7 @@ from nerv_cluster.eventlog import fresh_capacity, fresh_registry
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType, TaskError, truncate
 from nerv_cluster.registry import Registry, task
+from nerv_cluster.signing import Signer
 from scheduler.dispatch import Dispatcher, unsendable_events
 from scheduler.lease import Lease, LoopProgress
 
@@ -191,10 +192,18 @@ def _job(tid: str) -> Job:
     return Job(run_id="r", task_id=tid, attempt=1, fn="t.noop", args=[], kwargs={})
 
 
+def _dispatcher(app: _App) -> Dispatcher:
+    """A dispatcher sealing jobs as a leader does (the scheduler sets ``seal`` for each term)."""
+    d = Dispatcher(app)  # type: ignore[arg-type]
+    signer = Signer(b"test key")
+    d.seal = lambda job: job.to_wire(signer, "tok")
+    return d
+
+
 def test_a_message_the_broker_refuses_is_reported_and_the_others_still_go() -> None:
     app = _App(refuse={"r:b:1"})
     messages = [([_job("a")], "cpu"), ([_job("b"), _job("c")], "cpu"), ([_job("d")], "io")]
-    refused = Dispatcher(app).send(messages)  # type: ignore[arg-type]
+    refused = _dispatcher(app).send(messages)
     assert app.sent == ["r:a:1", "r:d:1"]
     assert [([j.task_id for j in jobs], q) for jobs, q, _ in refused] == [(["b", "c"], "cpu")]
     assert "over the broker's size" in refused[0][2]
@@ -209,4 +218,4 @@ def test_a_message_the_broker_refuses_is_reported_and_the_others_still_go() -> N
 def test_a_lost_broker_connection_still_raises_so_every_job_is_kept_and_sent_again() -> None:
     app = _App(refuse=set(), connection_lost=True)
     with pytest.raises(redis.ConnectionError):
-        Dispatcher(app).send([([_job("a")], "cpu")])  # type: ignore[arg-type]
+        _dispatcher(app).send([([_job("a")], "cpu")])

@@ -276,11 +276,8 @@ def test_settle_cancels_keeps_an_outcome_a_worker_recorded_first():
     holders = ["TASK_COMPLETED" if e.task_id == "c" else "TASK_CANCELLED" for e in out.cancels]
     settle_cancels(out, holders)
     assert out.cancels == []
-    assert sorted(kinds(out)) == [
-        ("TASK_CANCELLED", "b"),
-        ("TASK_CANCELLED", "d"),
-        ("WORKFLOW_CANCELLED", None),
-    ]
+    # The run does not end yet: c's completion is on the feed, to be logged before the run's end.
+    assert sorted(kinds(out)) == [("TASK_CANCELLED", "b"), ("TASK_CANCELLED", "d")]
     assert by_task["b"] in out.events and by_task["c"] not in out.events
     # The completion, folded after the cancel decisions, still ends c as COMPLETED.
     state = fold([*out.events, ev(E.TASK_COMPLETED, "c", 1, result=5)], state)
@@ -291,7 +288,10 @@ def test_settle_cancels_keeps_an_outcome_a_worker_recorded_first():
         "c": "COMPLETED",
         "d": "CANCELLED",
     }
-    assert run.status is RunStatus.CANCELLED
+    # Then the next decision ends the run, after the completion.
+    again = decided(run)
+    assert kinds(again) == [("WORKFLOW_CANCELLED", None)] and again.cancels == []
+    assert run_of(fold(again.events, state)).status is RunStatus.CANCELLED
 
 
 def test_settle_cancels_after_a_recorded_retry_cancels_the_next_attempt():

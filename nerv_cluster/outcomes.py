@@ -1,0 +1,118 @@
+"""Workers' events: what a worker may write, the claim tokens that bind it to its attempts, and the
+check the scheduler makes before it transcribes a worker's event into a run's log (pure, no Redis).
+
+Workers write only their attempts' claims and outcomes (``start.lua``, ``finish.lua``) and put the
+events on the feed; only the scheduler writes run logs (design.md §12). A feed entry of a worker type
+is folded, and transcribed into its run's log in the scheduler's next fenced write, only when:
+
+- its run is one the scheduler runs and its task is in that run;
+- it carries the claim token of its attempt: ``HMAC-SHA256(secret, run, task, attempt)`` under a secret
+  only the scheduler reads, handed to the worker inside the (signed) job, so a worker cannot make the
+  token of an attempt it was not given;
+- its attempt was dispatched: it is the task's current attempt and the task was sent (an earlier
+  attempt's event is stale, a later one's was never dispatched);
+- it is no duplicate: a second outcome of an attempt, or a TASK_STARTED of an attempt that same
+  worker already runs.
+
+Anything else is dropped, with one warning per entry, and never stops the scheduler. Entries of the
+types clients write (``CLIENT_TYPES``) go on as before; any other type on the feed (a run's outcome, a
+dispatch: the scheduler's own events, which it never puts there) is a forgery and is dropped.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Any
+
+from nerv_cluster import state as st
+from nerv_cluster.model import Event, EventType, TaskStatus
+from nerv_cluster.signing import set_once
+
+#: The events a worker writes, about its own attempt.
+WORKER_TYPES = frozenset(
+    {
+        EventType.TASK_STARTED,
+        EventType.TASK_COMPLETED,
+        EventType.TASK_FAILED,
+        EventType.TASK_RETRYING,
+        EventType.TASK_SPAWNED,
+    }
+)
+#: A worker's events that end its attempt (each attempt has at most one).
+OUTCOME_TYPES = WORKER_TYPES - {EventType.TASK_STARTED}
+#: The events clients put on the feed (a submission, a cancel, a signal, a rerun, limits and
+#: schedules). They are written by their own scripts; the intake (another room) validates them.
+CLIENT_TYPES = frozenset(
+    {
+        EventType.WORKFLOW_SUBMITTED,
+        EventType.WORKFLOW_CANCEL_REQUESTED,
+        EventType.WORKFLOW_RERUN_REQUESTED,
+        EventType.SIGNAL_RECEIVED,
+        EventType.LIMIT_SET,
+        EventType.SCHEDULE_SET,
+        EventType.SCHEDULE_PAUSED,
+        EventType.SCHEDULE_RESUMED,
+        EventType.SCHEDULE_TRIGGERED,
+        EventType.SCHEDULE_DELETED,
+    }
+)
+#: Bytes of the claim secret, and of a token (128 bits: not to be guessed).
+SECRET_BYTES = 32
+TOKEN_BYTES = 16
+
+
+class AttemptTokens:
+    """Mints and checks claim tokens under the scheduler's secret."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        if not secret:
+            raise ValueError("the claim secret must not be empty")
+        self._secret = secret
+
+    def mint(self, run_id: str, task_id: str, attempt: int) -> str:
+        """The token of one attempt (the NUL separators keep ``a:b`` + ``c`` apart from ``a`` + ``b:c``)."""
+        msg = f"{run_id}\0{task_id}\0{attempt}".encode()
+        return hmac.digest(self._secret, msg, "sha256")[:TOKEN_BYTES].hex()
+
+    def valid(self, run_id: str, task_id: str, attempt: int, token: str) -> bool:
+        """Whether ``token`` is that attempt's (compared in constant time)."""
+        return hmac.compare_digest(self.mint(run_id, task_id, attempt), token)
+
+
+def claim_secret(client: Any, key: str) -> bytes:
+    """The cluster's claim secret: created by the first leader (``SET NX``), read by every later one,
+    so tokens minted by one leader hold under the next (one round trip, when a term begins)."""
+    return set_once(client, key, secrets.token_hex(SECRET_BYTES))
+
+
+def check(state: st.State, ev: Event, token: str, tokens: AttemptTokens) -> str | None:
+    """Why the worker's event ``ev`` (of a type in ``WORKER_TYPES``) presenting ``token`` must not be
+    transcribed, or None when it may; ``state`` is the fold up to the entry before it. ``"duplicate"``
+    names a copy of an event already folded (a resent script call writes one): no forgery, no warning."""
+    run = state.runs.get(ev.run_id)
+    if run is None:
+        return "its run is not one the scheduler runs"
+    task_id, attempt = ev.task_id, ev.attempt
+    if task_id is None or attempt is None:
+        return "it names no attempt"
+    ts = run.tasks.get(task_id)
+    if ts is None:
+        return f"its run has no task {task_id!r}"
+    if not token or not tokens.valid(ev.run_id, task_id, attempt, token):
+        return f"it presents no valid claim token for attempt {attempt} of {task_id!r}"
+    if attempt > ts.attempt or (attempt == ts.attempt and not ts.dispatched):
+        return f"attempt {attempt} of {task_id!r} was never dispatched"
+    if attempt < ts.attempt:
+        return f"attempt {attempt} of {task_id!r} is over (the task is at attempt {ts.attempt})"
+    if ev.type is EventType.TASK_STARTED:
+        if ts.status is TaskStatus.RUNNING and ts.worker == ev.data.get("worker"):
+            return "duplicate"
+        if ts.status not in (TaskStatus.READY, TaskStatus.RUNNING):
+            return f"attempt {attempt} of {task_id!r} is over ({ts.status.value})"
+        return None
+    if ts.status not in (TaskStatus.READY, TaskStatus.RUNNING) or ts.spawn is not None or ts.child:
+        return f"attempt {attempt} of {task_id!r} has its outcome already ({ts.status.value})"
+    return None
