@@ -59,13 +59,16 @@ def _check_task(t: TaskDef) -> None:
         raise WorkflowError(f"{where}: a sub-workflow must be a workflow definition")
 
 
-def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
+def accept(run_id: Any, raw: Any, size: int | None = None) -> tuple[WorkflowDef, Plan, int]:
     """The definition, plan and JSON size of a submitted workflow; raises (a :class:`WorkflowError`,
-    or whatever a malformed definition makes decoding raise) when it is no valid workflow."""
+    or whatever a malformed definition makes decoding raise) when it is no valid workflow. ``size``:
+    the length of the JSON ``raw`` was decoded from, when the caller has it (the scheduler's intake:
+    not encoding a big definition again to measure it)."""
     check_id(run_id, "run id")
     if not isinstance(raw, dict):
         raise WorkflowError("the submission carries no workflow definition")
-    size = len(compact(raw))
+    if size is None:
+        size = len(compact(raw))
     definition = WorkflowDef.from_dict(raw)
     if not isinstance(definition.name, str):
         raise WorkflowError("the workflow name must be a string")

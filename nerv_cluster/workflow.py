@@ -490,6 +490,27 @@ def validate_definition(
 
     ``total_bytes``: the size of the whole definition's JSON, when the caller knows it: no task's
     arguments can be bigger, so within ``max_payload_bytes`` they are not measured one by one."""
+    check_bounds(
+        wf,
+        max_payload_bytes=max_payload_bytes,
+        max_tasks=max_tasks,
+        known_names=known_names,
+        total_bytes=total_bytes,
+    )
+    return plan(wf.tasks)
+
+
+def check_bounds(
+    wf: WorkflowDef,
+    *,
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+    max_tasks: int = constants.DEFAULT_MAX_TASKS,
+    known_names: set[str] | None = None,
+    total_bytes: int | None = None,
+) -> None:
+    """:func:`validate_definition` without the plan: ids, queues, waits, the task count, each task's
+    arguments against ``max_payload_bytes``, static sub-workflows recursively (the scheduler's intake
+    has the plan from :func:`nerv_cluster.intake.accept` already)."""
     if not wf.tasks:
         raise WorkflowError(f"workflow {wf.name!r} has no tasks")
     for t in wf.tasks:
@@ -523,7 +544,6 @@ def validate_definition(
                 f"task {t.id!r}: arguments are {size} bytes of JSON; the limit is {max_payload_bytes} "
                 "(store large data elsewhere and pass a reference)"
             )
-    return plan(wf.tasks)
 
 
 def nested_tasks(wf: WorkflowDef) -> Iterator[TaskDef]:
