@@ -204,7 +204,7 @@ class Client:
         :class:`IntakeTimeoutError` when no answer came (no scheduler runs, or it is far behind)."""
         k = self.keys
         try:
-            self.redis.xadd(k.intake, request.fields())
+            self.redis.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
         except redis.ResponseError as exc:
             if is_full(exc):
                 raise StoreFullError(

@@ -1,8 +1,11 @@
 """The durable event log in Redis: one Stream per run (the source of truth) plus the scheduler's feed.
 
-Writers: the client (submit, cancel), workers (started, completed, failed, retrying) and the scheduler
-(dispatched, skipped, run outcomes, fenced by its lease). Every write also announces the event on the
-run's pub/sub channel, which is only a hint for live listeners.
+Writers: workers (started, completed, failed, retrying) and the scheduler (dispatched, skipped, run
+outcomes, and what clients ask for through the intake: submissions, cancels, signals, reruns; all
+fenced by its lease). Clients only read logs and append requests to the intake (issue 13,
+:mod:`nerv_cluster.requests`). ``submit``, ``append`` and ``set_limit`` below write directly: tests use
+them to fake what an older client or a hostile writer left in the log. Every write also announces the
+event on the run's pub/sub channel, which is only a hint for live listeners.
 """
 
 from __future__ import annotations
