@@ -61,6 +61,9 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
     """
     options: dict[str, Any] = {
         "decode_responses": True,
+        # Bytes that are no UTF-8 (a hostile client's intake entry) read as U+FFFD: the entry is then
+        # refused as malformed, instead of every read of its stream raising (issue 13).
+        "encoding_errors": "replace",
         "health_check_interval": 30,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,

@@ -100,6 +100,10 @@ def test_malformed_entries_are_skipped_and_never_stop_the_scheduler(cluster: Clu
     k = c.client.keys
     c.redis.xadd(k.intake, {"x": "no id at all"})
     c.redis.xadd(k.intake, {"i": "not-hex", "q": "{}"})
+    c.redis.xadd(k.intake, {b"i": b"\xff\xfe", b"q": b"\xc3\x28 no utf-8"})  # type: ignore[dict-item]
+    binary = Request.make("cancel", run_id="r", reason="x")
+    with pytest.raises(MalformedRequestError, match="not JSON"):
+        read_answer(_raw(c, {"i": binary.id, "q": b"\xff{"}))  # type: ignore[dict-item]
     rid = Request.make("cancel", run_id="r", reason="x").id
     with pytest.raises(MalformedRequestError, match="not JSON"):
         read_answer(_raw(c, {"i": rid, "q": "{garbage"}))
