@@ -206,8 +206,15 @@ class Client:
         seconds at most): what the call returns, or the error the scheduler refused it with, raised.
         :class:`IntakeTimeoutError` when no answer came (no scheduler runs, or it is far behind)."""
         k = self.keys
+        replication = self.log.replication
         try:
-            self.redis.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
+            if replication.on:  # the request itself is acknowledged once replicas hold it
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
+                pipe.execute_command("WAIT", replication.min_replicas, replication.timeout_ms)
+                replication.wait(self.redis, pipe.execute()[-1])
+            else:
+                self.redis.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
         except redis.ResponseError as exc:
             if is_full(exc):
                 raise StoreFullError(
@@ -232,8 +239,8 @@ class Client:
             if got:
                 break
         answer = read_answer(got[1])
-        if self.log.replication.on:  # acknowledged once replicated, as the scheduler's write itself
-            self.log.replication.confirm(self.redis)
+        if replication.on:  # acknowledged once replicated, as the scheduler's write itself
+            replication.confirm(self.redis)
         return answer
 
     # -- schedules (issue 11, idem) ------------------------------------------------------------------

@@ -111,8 +111,9 @@ def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
 
 def is_full(exc: redis.ResponseError) -> bool:
     """True for Redis's refusal of a write at ``maxmemory`` (also when a script's first write is refused:
-    Redis checks a script's first write, so such a script wrote nothing)."""
-    return "OOM command not allowed" in str(exc)
+    Redis checks a script's first write, so such a script wrote nothing). A plain command's refusal
+    comes as redis-py's ``OutOfMemoryError``, without the ``OOM`` prefix."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 def attempt_field(task_id: str, attempt: int) -> str:

@@ -133,8 +133,13 @@ class IntakeRoom:
             except (LeaseLostError, ReplicationError, redis.RedisError):
                 raise  # the service steps down, or refolds and reads the intake again
             except StoreFullError as exc:
-                log.warning("request %s (%s): %s", req.id, req.op, exc)
-                self._answer(token(), req.id, entry_id, refusal(exc))
+                about = f" of run {req.run_id!r}" if req.run_id else ""
+                full = StoreFullError(
+                    f"Redis is full (maxmemory reached, policy noeviction): the {req.op} request{about} was "
+                    "refused, nothing written; retry once memory is freed or maxmemory is raised"
+                )
+                log.warning("request %s: %s (%s)", req.id, full, exc)
+                self._answer(token(), req.id, entry_id, refusal(full))
             except Exception as exc:  # a refusal: its clear error is the answer, nothing was written
                 if not isinstance(exc, NervError):
                     log.warning("request %s (%s) refused: %s", req.id, req.op, intake.describe(exc))
