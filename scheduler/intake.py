@@ -120,7 +120,7 @@ class IntakeRoom:
             rid = request_id(fields)
             try:
                 req = Request.parse(fields, self.bounds)
-            except NervError as exc:
+            except Exception as exc:  # whatever a hostile writer left: this entry only
                 log.warning("intake entry %s refused: %s", entry_id, intake.describe(exc))
                 if rid is None:
                     trimmed = False  # no one to answer: trimmed with the next answer, or below
