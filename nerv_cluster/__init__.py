@@ -10,6 +10,7 @@ from nerv_cluster.client import Client
 from nerv_cluster.errors import (
     CursorError,
     IdempotencyKeyError,
+    IntakeTimeoutError,
     MapError,
     NervError,
     RerunError,
@@ -54,6 +55,7 @@ __all__ = [
     "EventBus",
     "EventType",
     "IdempotencyKeyError",
+    "IntakeTimeoutError",
     "MapError",
     "NervError",
     "ParentRef",

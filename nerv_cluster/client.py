@@ -17,34 +17,33 @@ from nerv_cluster import caching, constants, history, idempotency, limits, senti
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
-from nerv_cluster.cachestore import CacheStore
 from nerv_cluster.caching import REFRESH_META
 from nerv_cluster.errors import (
     IdempotencyKeyError,
+    IntakeTimeoutError,
     PayloadTooLargeError,
-    RunMovedError,
-    RunNotFinishedError,
     RunNotFoundError,
     ScheduleError,
     ScheduleNotFoundError,
+    StoreFullError,
     UnknownTaskError,
     WaitTimeoutError,
 )
-from nerv_cluster.eventlog import EventLog
+from nerv_cluster.eventlog import EventLog, is_full
 from nerv_cluster.fairshare import run_meta
 from nerv_cluster.ids import check_id
+from nerv_cluster.jsonform import compact
 from nerv_cluster.model import WORKFLOW_END_EVENTS, Event, EventType, RunStatus, TaskPriority, new_run_id
 from nerv_cluster.registry import TaskFunction
 from nerv_cluster.replication import Replication
-from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec, event_run_id, trigger_run_id
+from nerv_cluster.requests import Request, read_answer
+from nerv_cluster.schedules import Schedule, ScheduleSpec, check_spec
 from nerv_cluster.schedulestore import ScheduleStore
 from nerv_cluster.settings import Settings
 from nerv_cluster.workflow import Workflow, check_definition, nested_tasks
 
 #: How long one blocking read of a run's log waits before the loop checks its deadline again.
 _FOLLOW_BLOCK_MS = 1_000
-#: Times a rerun request folds the log again after finding it moved (a late outcome after the end).
-_RERUN_TRIES = 5
 #: Events folded at once when a run's log is read from the start.
 _FOLD_CHUNK = 10_000
 
@@ -114,7 +113,7 @@ class Client:
 
     def registered_tasks(self) -> dict[str, str]:
         """Task name -> queue for every task some live worker has registered (refreshed lately)."""
-        return self.log.registered_tasks()
+        return self.log.registered_tasks(prune=False)  # a client only reads; the leader prunes
 
     def submit(
         self,
@@ -158,11 +157,9 @@ class Client:
         if refresh_cache:
             definition = replace(definition, meta={**definition.meta, REFRESH_META: True})
         run_id = check_id(run_id, "run id") if run_id is not None else new_run_id(workflow.name)
-        event = Event(
-            EventType.WORKFLOW_SUBMITTED, run_id, data={"workflow": definition.to_dict()}, source="client"
-        )
+        raw = definition.to_dict()
         try:  # the whole submission's size bounds each task's arguments (Workflow made them JSON)
-            text: str | None = event.to_json()
+            text: str | None = compact(raw)
         except (TypeError, ValueError):  # a hand-made definition that is no JSON: validation says where
             text = None
         size = None if text is None else len(text)
@@ -191,17 +188,62 @@ class Client:
                         "start a worker with the module that defines it (nerv worker --app MODULE)"
                     )
         if text is None:
-            text = event.to_json()
+            text = compact(raw)
         size = len(text)
         if size > self.settings.max_submission_bytes:
             raise PayloadTooLargeError(
                 f"workflow {workflow.name!r}: the submission is {size} bytes of JSON; the limit is "
                 f"{self.settings.max_submission_bytes} (NERV_MAX_SUBMISSION_BYTES)"
             )
-        # Under a key the script's existence check is the claim: the second of two racing submitters
-        # finds the first one's run and returns its id.
-        self.log.submit(event, existing_ok=idempotency_key is not None, text=text)
-        return run_id
+        # The scheduler checks it all again, writes the run's log, and answers (nerv_cluster/requests.py).
+        # Under a key its existence check is the claim: the second of two racing submitters gets the
+        # first one's run.
+        request = Request.make("submit", text, run_id=run_id, idempotency_key=idempotency_key)
+        return str(self._ask(request, f"submission of run {run_id!r}", run_id)["run_id"])
+
+    # -- the intake (issue 13): every change goes to the scheduler as a request -----------------------
+
+    def _ask(self, request: Request, what: str, run_id: str | None = None) -> dict[str, Any]:
+        """Append ``request`` to the intake and wait for the scheduler's answer (``NERV_INTAKE_TIMEOUT``
+        seconds at most): what the call returns, or the error the scheduler refused it with, raised.
+        :class:`IntakeTimeoutError` when no answer came (no scheduler runs, or it is far behind)."""
+        k = self.keys
+        replication = self.log.replication
+        try:
+            if replication.on:  # the request itself is acknowledged once replicas hold it
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
+                pipe.execute_command("WAIT", replication.min_replicas, replication.timeout_ms)
+                replication.wait(self.redis, pipe.execute()[-1])
+            else:
+                self.redis.xadd(k.intake, dict(request.fields()))  # type: ignore[arg-type]  # str -> str
+        except redis.ResponseError as exc:
+            if is_full(exc):
+                raise StoreFullError(
+                    f"Redis is full (maxmemory reached, policy noeviction): {what} refused, nothing "
+                    "written; retry once memory is freed or maxmemory is raised"
+                ) from exc
+            raise
+        timeout = self.settings.intake_timeout
+        deadline = time.monotonic() + timeout
+        reply = k.intake_reply(request.id)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                about = f" (run {run_id})" if run_id else ""
+                raise IntakeTimeoutError(
+                    f"no scheduler answered the {request.op} request {request.id}{about} within {timeout:g}s "
+                    "(NERV_INTAKE_TIMEOUT): it stays in the intake and may still be applied when a "
+                    "scheduler runs; is a scheduler running?"
+                )
+            # In short pops: a sentinel:// client's socket times out after a few seconds of silence.
+            got = self.redis.blpop([reply], timeout=max(0.01, min(left, constants.INTAKE_WAIT_CHUNK_S)))
+            if got:
+                break
+        answer = read_answer(got[1])
+        if replication.on:  # acknowledged once replicated, as the scheduler's write itself
+            replication.confirm(self.redis)
+        return answer
 
     # -- schedules (issue 11, idem) ------------------------------------------------------------------
 
@@ -262,7 +304,7 @@ class Client:
                 kwargs=json.loads(args),
             )
         )
-        self._schedule_command(EventType.SCHEDULE_SET, name, spec=spec.to_dict())
+        self._ask(Request.make("schedule_set", spec=spec.to_dict()), f"schedule {name!r}")
         return name
 
     def schedules(self) -> dict[str, Schedule]:
@@ -271,55 +313,44 @@ class Client:
 
     def pause_schedule(self, name: str) -> None:
         """Pause a schedule: no slot fires until it is resumed (triggers still do)."""
-        self._schedule_command(EventType.SCHEDULE_PAUSED, self._require_schedule(name))
+        self._schedule_command("schedule_pause", self._require_schedule(name))
 
     def resume_schedule(self, name: str) -> None:
         """Resume a paused schedule; the slots that passed while it was paused do not fire."""
-        self._schedule_command(EventType.SCHEDULE_RESUMED, self._require_schedule(name))
+        self._schedule_command("schedule_resume", self._require_schedule(name))
 
     def trigger_schedule(self, name: str) -> str:
         """Fire a schedule now, once, whatever its overlap and pause; returns the fire's run id (the
         run exists as soon as the scheduler has read the request)."""
-        event = self._schedule_command(EventType.SCHEDULE_TRIGGERED, self._require_schedule(name))
-        return trigger_run_id(name, event.id)
+        return str(self._schedule_command("schedule_trigger", self._require_schedule(name))["run_id"])
 
     def delete_schedule(self, name: str) -> None:
         """Delete a schedule; runs it fired go on."""
-        self._schedule_command(EventType.SCHEDULE_DELETED, self._require_schedule(name))
+        self._schedule_command("schedule_delete", self._require_schedule(name))
 
     def _require_schedule(self, name: str) -> str:
         if name not in ScheduleStore(self.redis, self.keys).schedules():
             raise ScheduleNotFoundError(f"no schedule {name!r}")
         return name
 
-    def _schedule_command(self, kind: EventType, name: str, **data: Any) -> Event:
-        seconds, micros = self.redis.time()
-        at = int(seconds) + int(micros) / 1e6  # Redis's clock: the one slots are compared with
-        event = Event(kind, event_run_id(name), data={"name": name, "at": at, **data}, source="client")
-        ScheduleStore(self.redis, self.keys).command(event)
-        return event
+    def _schedule_command(self, op: str, name: str) -> dict[str, Any]:
+        # The scheduler dates it on Redis's clock (the one slots are compared with).
+        return self._ask(Request.make(op, name=name), f"schedule {name!r}")
 
     def clear_cache(self, task: TaskFunction | str | None = None) -> int:
         """Delete cached results (``cache=Cache(...)``): every entry, or those of one task function (a
         ``@task`` function or its registered name). Returns how many entries were deleted; the tasks
-        they were for compute again next time."""
+        they were for compute again next time. The scheduler deletes them (a request)."""
         name = task.name if isinstance(task, TaskFunction) else task
-        return CacheStore(self.redis, self.keys).clear(name)
+        return int(self._ask(Request.make("clear_cache", task=name), "cache clear")["deleted"])
 
     def set_limit(self, key: str, limit: int | None) -> None:
-        """Change the limit of concurrency key ``key`` (a resolved key, as ``"tenant:acme"``) at run
+        """Set the limit of concurrency key ``key`` (a resolved key, as ``"tenant:acme"``) at run
         time, cluster-wide: ``limit`` attempts at most from now on (0 holds every task of the key;
         None goes back to the limit the tasks declare). A LIMIT_SET event in the limits stream, which
         every new leader refolds, so the change survives a scheduler restart."""
         limits.check_limit(key, limit)
-        self.log.set_limit(
-            Event(
-                EventType.LIMIT_SET,
-                constants.LIMITS_RUN_ID,
-                data={"key": key, "limit": limit},
-                source="client",
-            )
-        )
+        self._ask(Request.make("set_limit", key=key, limit=limit), f"limit of {key!r}")
 
     def limits(self) -> dict[str, int]:
         """The limits set at run time (``set_limit``), by key, as the limits stream folds them."""
@@ -331,9 +362,7 @@ class Client:
     def cancel(self, run_id: str, reason: str = "cancelled by user") -> None:
         """Ask the scheduler to cancel a run: nothing new starts, running tasks are revoked."""
         self.log.require_run(run_id)
-        self.log.append(
-            [Event(EventType.WORKFLOW_CANCEL_REQUESTED, run_id, data={"reason": reason}, source="client")]
-        )
+        self._ask(Request.make("cancel", run_id=run_id, reason=reason), f"cancel of run {run_id!r}", run_id)
 
     def rerun(self, run_id: str, *, tasks: Iterable[str] | None = None) -> str:
         """Rerun a finished run from where it failed; returns its run id (the same run goes on, and
@@ -348,24 +377,10 @@ class Client:
         """
         # Read once: the request may be judged again below. A lone id would be read for its characters.
         wanted = None if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
-        for _ in range(_RERUN_TRIES):
-            # The log's raw end first, then the fold: the fold covers at least up to it (and the script
-            # refuses if the log grew past it), skipped malformed entries included.
-            last = self.log.last_entry(run_id) or "0-0"
-            run, _ = self._fold(run_id)
-            named = reruns.check(run, wanted)
-            event = Event(
-                EventType.WORKFLOW_RERUN_REQUESTED,
-                run_id,
-                data=reruns.event_data(run, named),
-                source="client",
-            )
-            try:
-                self.log.rerun(event, last)
-            except RunMovedError:
-                continue  # the log moved under us (a late outcome, another rerun): judge it again
-            return run_id
-        raise RunNotFinishedError(f"run {run_id}: its log kept moving; it is not finished, try again")
+        run, _ = self._fold(run_id)
+        reruns.check(run, wanted)  # the fast error; the scheduler judges the request again
+        self._ask(Request.make("rerun", run_id=run_id, tasks=wanted), f"rerun of run {run_id!r}", run_id)
+        return run_id
 
     def signal(self, run_id: str, name: str, payload: Any = None) -> bool:
         """Send signal ``name`` with a JSON ``payload`` to a run: its ``wait_for(name)`` node completes
@@ -379,17 +394,10 @@ class Client:
         is not JSON or is over ``NERV_MAX_SIGNAL_BYTES``. See :mod:`nerv_cluster.waits`.
         """
         check_id(run_id, "run id")
-        run, last = self._fold(run_id)
-        event = waits.signal_event(run, name, payload, self.settings.max_signal_bytes)
-        self.log.append([event])
-        if name in run.signals:
-            return False
-        # The fold keeps the first signal of a name in the log's order: ours, unless another client's
-        # was appended between our read and our write (both would have seen none).
-        for _, ev in self.log.read_run(run_id, after=last):
-            if ev.type is EventType.SIGNAL_RECEIVED and ev.data.get("name") == name:
-                return ev.id == event.id
-        return True  # not reached: our signal is in the log
+        run, _ = self._fold(run_id)
+        waits.signal_event(run, name, payload, self.settings.max_signal_bytes)  # the fast errors
+        request = Request.make("signal", run_id=run_id, name=name, payload=payload)
+        return bool(self._ask(request, f"signal {name!r} to run {run_id!r}", run_id)["first"])
 
     # -- read -----------------------------------------------------------------------------------------
 

@@ -201,6 +201,24 @@ SCHEDULE_MAX_SKIP_COUNT: Final = 100_000
 SCHEDULES_COMPACT_PER_SCHEDULE: Final = 8
 #: Longest schedule name (it goes into run ids: ``<name>.<slot>``).
 MAX_SCHEDULE_NAME_CHARS: Final = 64
+#: The intake (issue 13; nerv_cluster/requests.py, scheduler/intake.py): how long a client waits for the
+#: scheduler's answer by default (``NERV_INTAKE_TIMEOUT``), how long one blocking pop of it lasts (it
+#: must stay under the socket timeout of a sentinel:// client), how long an answer waits for its client,
+#: how long the scheduler remembers an applied request (to answer a second copy of it without applying
+#: it again: copies of one request sit side by side in the intake, so minutes are plenty), and the bytes
+#: a request's own fields may take beyond the payload they carry (a signal's, a schedule's kwargs).
+DEFAULT_INTAKE_TIMEOUT_S: Final = 30.0
+INTAKE_WAIT_CHUNK_S: Final = 1.0
+INTAKE_REPLY_TTL_MS: Final = 60_000
+INTAKE_DONE_TTL_MS: Final = 600_000
+INTAKE_REQUEST_OVERHEAD_BYTES: Final = 64 * 1024
+#: Stream entry fields of an intake request: its id, the request (JSON), and a submission's workflow
+#: definition (JSON, kept apart so the scheduler writes it into the run log without encoding it again).
+INTAKE_ID_FIELD: Final = "i"
+INTAKE_REQUEST_FIELD: Final = "q"
+INTAKE_WORKFLOW_FIELD: Final = "w"
+#: How often the leader drops registry names no live worker refreshed (clients only read the registry).
+REGISTRY_PRUNE_S: Final = 30.0
 #: Cap on the scheduler feed stream, a safety net when no scheduler trims it (the run logs stay whole).
 FEED_MAXLEN: Final = 1_000_000
 
@@ -245,6 +263,7 @@ class Keys:
         "claim_secret",
         "epoch",
         "feed",
+        "intake",
         "lease",
         "limits",
         "prefix",
@@ -277,6 +296,7 @@ class Keys:
         self.transcribed = f"{prefix}:scheduler:transcribed"
         self.claim_secret = f"{prefix}:scheduler:claim-secret"
         self.signing_key = f"{prefix}:signing-key"
+        self.intake = f"{prefix}:intake"  # clients' requests, which only the scheduler applies (issue 13)
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""
@@ -306,6 +326,15 @@ class Keys:
     def reply(self, request_id: str) -> str:
         """The stored reply of one fenced scheduler write, so a resent call is not applied twice."""
         return f"{self.prefix}:scheduler:reply:{request_id}"
+
+    def intake_reply(self, request_id: str) -> str:
+        """The list the scheduler pushes its answer to one client request onto (the client BLPOPs it)."""
+        return f"{self.prefix}:intake:reply:{request_id}"
+
+    def intake_done(self, request_id: str) -> str:
+        """The answer to a request the scheduler applied, kept a while: a second copy of the request
+        (a resent XADD) is answered from it instead of being applied again."""
+        return f"{self.prefix}:intake:done:{request_id}"
 
     def handoff_waiting(self, worker_id: str) -> str:
         """Set while a worker process waits for a hand-off; the scheduler consumes it to hand one job."""

@@ -130,6 +130,16 @@ class WaitTimeoutError(NervError, TimeoutError):
     """A run did not finish within the time ``Client.wait`` was given."""
 
 
+class IntakeTimeoutError(NervError, TimeoutError):
+    """No scheduler answered a client's request within ``NERV_INTAKE_TIMEOUT`` seconds; the request
+    stays in the intake and may still be applied when a scheduler runs."""
+
+
+class MalformedRequestError(NervError):
+    """An intake request is no valid request (not JSON, a missing or mistyped field, too large): the
+    scheduler refuses it and applies nothing."""
+
+
 class ReplicationError(NervError):
     """A write whose loss would lose work did not reach ``NERV_REDIS_MIN_REPLICAS`` replicas in time
     (a replica down, or this primary cut off from them): it was not acknowledged; retry it (nerv's

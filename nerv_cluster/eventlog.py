@@ -1,9 +1,13 @@
 """The durable event log in Redis: one Stream per run (the source of truth) plus the scheduler's feed.
 
-Writers: the client (submit, cancel) and the scheduler (dispatched, skipped, run outcomes, and the
-workers' events it checked and transcribed: see nerv_cluster/outcomes.py), fenced by its lease. Workers
-write their attempts' claims and outcome slots and put their events on the feed only. Every log write
-also announces the event on the run's pub/sub channel, which is only a hint for live listeners.
+Writers: the scheduler only, fenced by its lease: its own decisions (dispatched, skipped, run
+outcomes), what clients ask for through the intake (submissions, cancels, signals, reruns: issue 13,
+:mod:`nerv_cluster.requests`), and the workers' events it checked and transcribed (see
+nerv_cluster/outcomes.py). Workers write their attempts' claims and outcome slots and put their events
+on the feed only; clients only read logs and append requests to the intake. ``submit``, ``append`` and
+``set_limit`` below write directly: tests use them to fake what an older client or a hostile writer
+left in the log. Every log write also announces the event on the run's pub/sub channel, which is only a
+hint for live listeners.
 """
 
 from __future__ import annotations
@@ -66,14 +70,24 @@ class Batch(list[Entry]):
     decoded entry, or bad entries at the end of a read would be read again and again.
 
     ``sealed``: for each entry that carries a claim token (a worker's feed entry), its event JSON as
-    stored and the token, by entry id: the scheduler checks the token and transcribes that very JSON."""
+    stored and the token, by entry id: the scheduler checks the token and transcribes that very JSON.
+
+    ``intake``: the intake entries read in the same round trip (:meth:`EventLog.read_feed`), as they
+    are (id, fields): requests, not events (see :mod:`nerv_cluster.requests`)."""
 
     upto: str = ""
     sealed: dict[str, tuple[str, str]]
+    intake: Sequence[tuple[str, Any]] = ()
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.sealed = {}
+
+
+def next_entry_id(entry_id: str) -> str:
+    """The smallest stream entry id after ``entry_id`` (``XTRIM MINID`` of it drops ``entry_id``)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
 
 
 def logged_at(entry_id: str) -> float:
@@ -112,8 +126,9 @@ def _fenced(call: Callable[[], list[Any]]) -> list[Any]:
 
 def is_full(exc: redis.ResponseError) -> bool:
     """True for Redis's refusal of a write at ``maxmemory`` (also when a script's first write is refused:
-    Redis checks a script's first write, so such a script wrote nothing)."""
-    return "OOM command not allowed" in str(exc)
+    Redis checks a script's first write, so such a script wrote nothing). A plain command's refusal
+    comes as redis-py's ``OutOfMemoryError``, without the ``OOM`` prefix."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 def _sealed(ev: Event) -> tuple[str, str]:
@@ -628,11 +643,88 @@ class EventLog:
         reply = self.redis.xread({self.keys.log(run_id): after or "0-0"}, count=count, block=block_ms)
         return _decode(reply[0][1]) if reply else Batch()
 
-    def read_feed(self, after: str, count: int, block_ms: int | None) -> Batch:
+    def read_feed(
+        self, after: str, count: int, block_ms: int | None, intake_after: str | None = None
+    ) -> Batch:
         """The next batch of feed events after ``after``, waiting up to ``block_ms`` when there are none
-        (go on after the batch's ``upto``)."""
-        reply = self.redis.xread({self.keys.feed: after}, count=count, block=block_ms)
-        return _decode(reply[0][1]) if reply else Batch()
+        (go on after the batch's ``upto``). With ``intake_after``, the intake entries after it too, in
+        the same XREAD (``Batch.intake``): one blocking call wakes for either stream."""
+        streams = {self.keys.feed: after}
+        if intake_after is not None:
+            streams[self.keys.intake] = intake_after
+        reply = self.redis.xread(streams, count=count, block=block_ms)
+        out = Batch()
+        for key, entries in reply or ():
+            if key == self.keys.feed:
+                intake, out = out.intake, _decode(entries)
+                out.intake = intake
+            else:
+                out.intake = entries
+        return out
+
+    # -- the intake (issue 13): clients' requests, applied by the leader ------------------------------
+
+    def apply_request(
+        self,
+        token: str,
+        request_id: str,
+        entry_id: str,
+        op: str = "none",
+        answer: str = "",
+        other_answer: str = "",
+        tail_keys: Sequence[str] = (),
+        tail_args: Sequence[Any] = (),
+    ) -> tuple[str, str]:
+        """Apply a request read from intake entry ``entry_id`` and answer it, fenced by ``token`` and once
+        per ``request_id`` (see ``intake.lua``): (status, the answer given). :class:`LeaseLostError` when
+        the token no longer holds the lease; :class:`StoreFullError` when Redis is full (nothing
+        written: answer with op ``none``, which always gets through)."""
+        k = self.keys
+        try:
+            status, text = _fenced(
+                lambda: self.scripts.intake(
+                    lease=k.lease,
+                    intake=k.intake,
+                    done=k.intake_done(request_id),
+                    reply=k.intake_reply(request_id),
+                    token=token,
+                    trim_to=next_entry_id(entry_id),
+                    reply_ttl_ms=constants.INTAKE_REPLY_TTL_MS,
+                    done_ttl_ms=constants.INTAKE_DONE_TTL_MS,
+                    op=op,
+                    answer=answer,
+                    other_answer=other_answer,
+                    tail_keys=tail_keys,
+                    tail_args=tail_args,
+                )
+            )
+        except redis.ResponseError as exc:
+            if is_full(exc):
+                raise StoreFullError(
+                    "Redis is full (maxmemory reached, policy noeviction): the request was refused, "
+                    "nothing written; retry once memory is freed or maxmemory is raised"
+                ) from exc
+            raise
+        return str(status), str(text)
+
+    def trim_intake(self, token: str, upto: str) -> None:
+        """Drop intake entries up to ``upto`` (inclusive), fenced: entries skipped as malformed."""
+        k = self.keys
+        _fenced(
+            lambda: self.scripts.intake(
+                lease=k.lease,
+                intake=k.intake,
+                done=k.intake,
+                reply=k.intake,
+                token=token,
+                trim_to=next_entry_id(upto),
+                reply_ttl_ms=0,
+                done_ttl_ms=0,
+                op="trim",
+                answer="",
+                other_answer="",
+            )
+        )
 
     def transcribed_position(self) -> str | None:
         """The feed entry up to which the leader transcribed workers' events (None: never recorded,
@@ -712,16 +804,17 @@ class EventLog:
             self.redis.hdel(self.keys.capacity, *stale)
         return out
 
-    def registered_tasks(self) -> dict[str, str]:
-        """Task name -> queue of every name a live worker refreshed recently; names no worker has
-        refreshed for ``REGISTRY_STALE_S`` are deleted."""
+    def registered_tasks(self, prune: bool = False) -> dict[str, str]:
+        """Task name -> queue of every name a live worker refreshed recently; with ``prune`` (the
+        scheduler: clients only read), names no worker has refreshed for ``REGISTRY_STALE_S`` are
+        deleted."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
         pipe.hgetall(self.keys.registry)
         pipe.hgetall(self.keys.registry_seen)
         (secs, micros), names, seen = pipe.execute()
         live, stale = fresh_registry(names, seen, secs + micros / 1e6 - constants.REGISTRY_STALE_S)
-        if stale:
+        if stale and prune:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hdel(self.keys.registry, *stale)
             pipe.hdel(self.keys.registry_seen, *stale)

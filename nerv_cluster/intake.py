@@ -133,15 +133,18 @@ def decode(raw: Any) -> WorkflowDef:
 
 
 @gcpause.pausing  # decoding and planning build millions of acyclic containers for a big workflow
-def accept(run_id: Any, raw: Any) -> tuple[WorkflowDef, Plan, int]:
+def accept(run_id: Any, raw: Any, size: int | None = None) -> tuple[WorkflowDef, Plan, int]:
     """The definition, plan and JSON size of a submitted workflow; a :class:`WorkflowError` (a
     subclass for a cycle, an unknown dependency, a bad id...) when it is no valid workflow, never
-    another exception (``tests/unit/test_fuzz_intake.py`` fuzzes it)."""
+    another exception (``tests/unit/test_fuzz_intake.py`` fuzzes it). ``size``: the length of the
+    JSON ``raw`` was decoded from, when the caller has it (the scheduler's intake: not encoding a big
+    definition again to measure it)."""
     check_id(run_id, "run id")
     if not isinstance(raw, dict):
         raise WorkflowError("the submission carries no workflow definition")
     try:
-        size = len(compact(raw))
+        if size is None:
+            size = len(compact(raw))
     except (TypeError, ValueError) as exc:  # only from a dict built in memory: the wire holds JSON
         raise WorkflowError(f"the workflow definition is not JSON: {describe(exc)}") from None
     definition = decode(raw)

@@ -107,6 +107,16 @@ class Replication:
             return reply, int(acked)
         raise redis.ResponseError(f"NOSCRIPT twice for script {script.sha}")
 
+    def confirm(self, client: Any) -> None:
+        """Wait until replicas hold everything the primary holds now: a client told by the scheduler
+        that its request was applied (the scheduler's script WAITs too, but its answer is visible before
+        that WAIT returns). A probe publish makes this connection's offset the primary's, so the WAIT
+        covers the scheduler's write; :class:`ReplicationError` when it is short."""
+        pipe = client.pipeline(transaction=False)
+        pipe.publish(constants.REPLICATION_PROBE_CHANNEL, "")
+        pipe.execute_command("WAIT", self.min_replicas, self.timeout_ms)
+        self.wait(client, pipe.execute()[-1])
+
     def wait(self, client: Any, acked: Any) -> None:
         """Check the reply of a ``WAIT`` queued at the end of a pipeline (writes batched by the
         caller, e.g. :meth:`EventLog.append`): :class:`ReplicationError` when it is short."""

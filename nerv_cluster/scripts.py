@@ -402,6 +402,39 @@ class SchedulesCompact(LuaScript):
         return self._run([lease, schedules], [token, last_id, snapshot])
 
 
+class Intake(LuaScript):
+    """Apply one client request (issue 13), fenced by the lease and once per request id, and answer it
+    in the same step: ``op`` ``none``, ``submit``, ``append`` or ``rerun`` with its keys and arguments in
+    the tail (see ``intake.lua``), then the answer pushed onto ``reply``, kept under ``done``, and the
+    intake trimmed below ``trim_to``. Returns ``[status, answer]``; ``LEASE_LOST`` (a ResponseError)
+    when ``token`` does not hold the lease."""
+
+    name = "intake"
+    replicated = True
+    keys = ("lease", "intake", "done", "reply")
+    args = ("token", "trim_to", "reply_ttl_ms", "done_ttl_ms", "op", "answer", "other_answer")
+
+    def __call__(
+        self,
+        *,
+        lease: str,
+        intake: str,
+        done: str,
+        reply: str,
+        token: str,
+        trim_to: str,
+        reply_ttl_ms: int,
+        done_ttl_ms: int,
+        op: str,
+        answer: str,
+        other_answer: str,
+        tail_keys: Sequence[str] = (),
+        tail_args: Sequence[Any] = (),
+    ) -> list[Any]:
+        fixed = [token, trim_to, reply_ttl_ms, done_ttl_ms, op, answer, other_answer]
+        return list(self._run([lease, intake, done, reply], fixed, tail_keys, tail_args))
+
+
 #: Every wrapper, one per ``.lua`` file.
 ALL: tuple[type[LuaScript], ...] = (
     Submit,
@@ -422,6 +455,8 @@ ALL: tuple[type[LuaScript], ...] = (
     # idem (issue 11): schedules
     ScheduleFire,
     SchedulesCompact,
+    # issue 13: the intake
+    Intake,
 )
 
 
@@ -446,3 +481,5 @@ class Scripts:
         # idem (issue 11): schedules
         self.schedule_fire = ScheduleFire(client, r)
         self.schedules_compact = SchedulesCompact(client, r)
+        # issue 13: the intake
+        self.intake = Intake(client, r)

@@ -115,6 +115,9 @@ class Settings:
     #: first served); and the tenants' weights, ``TENANT=WEIGHT`` entries (a tenant not named weighs 1).
     fair_jobs_per_slot: int = constants.DEFAULT_FAIR_JOBS_PER_SLOT
     tenant_weights: tuple[str, ...] = ()
+    #: Seconds a client waits for the scheduler's answer to a request (submit, cancel, rerun, signal,
+    #: limits, schedules, cache clear) before it raises ``IntakeTimeoutError`` (issue 13).
+    intake_timeout: float = constants.DEFAULT_INTAKE_TIMEOUT_S
 
     @property
     def broker(self) -> str:
@@ -194,6 +197,7 @@ class Settings:
             "max_map_width",
             "loop_stall_s",
             "max_signal_bytes",
+            "intake_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")

@@ -985,6 +985,17 @@ def _created(ev: Event, drafts: bool = False) -> RunState:
     return run._replace(submitted_bytes=size)
 
 
+def apply_submitted(state: State, ev: Event, accepted: tuple[WorkflowDef, Plan, int]) -> State:
+    """``apply(state, ev)`` for a WORKFLOW_SUBMITTED whose workflow :func:`intake.accept` accepted
+    already, as ``accepted`` (the scheduler's intake checks a submission before it writes it): the same
+    run, without checking and planning a big definition a second time."""
+    if ev.run_id in state.runs:
+        return state
+    definition, the_plan, size = accepted
+    run = new_run(ev.run_id, definition, ev.ts, the_plan)._replace(submitted_bytes=size)
+    return State(runs=state.runs.set(ev.run_id, run))
+
+
 def _rejected_run(ev: Event, raw: Any, reason: str) -> RunState:
     """A run with no tasks that only waits to be failed with ``reason``."""
     name = raw.get("name") if isinstance(raw, dict) else None

@@ -549,6 +549,20 @@ def check_definition(
     check_acyclic(wf.tasks)
 
 
+def check_bounds(
+    wf: WorkflowDef,
+    *,
+    max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES,
+    max_tasks: int = constants.DEFAULT_MAX_TASKS,
+    known_names: set[str] | None = None,
+    total_bytes: int | None = None,
+) -> None:
+    """:func:`validate_definition` without the plan nor the graph's checks: ids, queues, waits, the
+    task count, each task's arguments against ``max_payload_bytes``, static sub-workflows recursively
+    (the scheduler's intake has the plan from :func:`nerv_cluster.intake.accept` already)."""
+    _check(wf, max_payload_bytes, max_tasks, known_names, total_bytes)
+
+
 def _check(
     wf: WorkflowDef,
     max_payload_bytes: int,

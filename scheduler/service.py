@@ -17,6 +17,7 @@ the set of runs to decide for; each other concern is a room of its own that owns
 - :mod:`scheduler.watchdog`: lost workers and tasks past their time limit;
 - :mod:`scheduler.caching`: result cache lookups before dispatch, and who computes which key;
 - :mod:`scheduler.schedules`: schedules' slots fired, each once (issue 11, idem);
+- :mod:`scheduler.intake`: clients' requests read from the intake, checked, applied and answered (issue 13);
 - :mod:`scheduler.tracing`: runs as OpenTelemetry traces, from the events folded (issue 12; None when off);
 - :mod:`scheduler.checkpointer`, :mod:`scheduler.metrics`, :mod:`scheduler.lease`.
 """
@@ -27,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -52,6 +53,7 @@ from scheduler.decisions import Decisions, Limits, decide_isolated, settle_cance
 from scheduler.dispatch import Dispatcher, Outbox, unsendable_events
 from scheduler.effects import Effects
 from scheduler.handoff_match import HandoffMatcher
+from scheduler.intake import IntakeRoom
 from scheduler.lease import Lease, LeaseKeeper, LoopProgress
 from scheduler.limit_watch import LimitWatch
 from scheduler.metrics import SchedulerMetrics
@@ -116,6 +118,11 @@ class SchedulerService:
         self.child_reruns = ChildReruns(log)
         import_modules(settings.scheduler_modules)  # custom cache key functions
         self.caching = CacheRoom(CacheStore(log.redis, log.keys), self.effects.token, clock)
+        #: Clients' requests (issue 13): read with the feed, applied and answered by this room.
+        self.intake = IntakeRoom(
+            log, settings, self.schedules, self.limit_watch, CacheStore(log.redis, log.keys)
+        )
+        self._next_prune = 0.0
         #: OpenTelemetry spans of runs and attempts (None when tracing is off: one check per batch).
         self.tracing = tracing if tracing is not None else tracing_from_settings(settings)
         self.checkpointer = checkpointer.Checkpointer(
@@ -206,6 +213,7 @@ class SchedulerService:
         self.limit_watch.reload(self.log)
         self.gate.rebuild(self.state, self.clock())
         self.schedules.reload(self.clock())
+        self.intake.reset()  # it holds only the requests no leader answered: read it from its start
         self._touched = set(self.state.runs.keys())
         self.timers.clear()
         self.waits.rebuild(self.state)
@@ -297,6 +305,7 @@ class SchedulerService:
         self.checkpointer.reset({})
         self.effects.transcriber.clear()
         self.effects.seal = self.dispatcher.seal = None
+        self.intake.reset()
         if self.tracing is not None:
             self.tracing.clear()
         self.leader_since = None
@@ -320,7 +329,9 @@ class SchedulerService:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
-        read = self.log.read_feed(self.cursor, self.settings.batch_size, None if self._touched else block)
+        read = self.log.read_feed(
+            self.cursor, self.settings.batch_size, None if self._touched else block, self.intake.cursor
+        )
         # Runs a rerun reopened come back from their logs, which hold this batch's events of them.
         self.state, taken = reruns.take_back(self.log, self.state, (ev for _, ev in read))
         if taken:
@@ -340,6 +351,11 @@ class SchedulerService:
         self.limit_watch.observe(self.log, entries)
         # A TASK_WAITING of an earlier leader that the takeover's refold did not cover comes this way.
         self.waits.observe((ev for _, ev in entries), state)
+        if read.intake:
+            # The workers' events folded above go into their logs first: a request's events (a
+            # cancel, a rerun) must come after them in the log as they did in the fold.
+            self.effects.flush_transcripts()
+            self._take_requests(read.intake)
         self._read_at = time.monotonic()
         if entries:
             self.metrics.on_feed(state, (ev for _, ev in entries))
@@ -366,6 +382,21 @@ class SchedulerService:
         self.progress.step_done()
         return len(read)
 
+    def _take_requests(self, raw: Sequence[tuple[str, Any]]) -> None:
+        """Apply the clients' requests read from the intake with the feed (see :mod:`scheduler.intake`):
+        each written (fenced) and answered there, its events folded into the state as it goes, and
+        their runs decided for in this step."""
+        taken = self.intake.take(raw, self.state, self.effects.token, self.clock())
+        self.state = taken.state
+        if taken.positions:
+            self.checkpointer.track(taken.positions)
+        events = taken.events
+        if events:
+            if self.tracing is not None:
+                self.tracing.observe(events, self.state)
+            self.metrics.on_feed(self.state, events)
+            self._touched.update(ev.run_id for ev in events)
+
     def _expire_waits(self, now: float) -> None:
         """End the durable waits whose deadline passed (see :mod:`scheduler.waits`), fenced."""
         events = self.waits.expired(now, self.state, self.source)
@@ -381,6 +412,9 @@ class SchedulerService:
         self.metrics.refresh(self.state, leader=True)
         self.metrics.on_waiting(self.outbox.waiting_turn())
         self.outbox.capacity = self.log.capacity()
+        if now >= self._next_prune:  # clients only read the registry: the leader drops stale names
+            self._next_prune = now + constants.REGISTRY_PRUNE_S
+            self.log.registered_tasks(prune=True)
         self.outbox.reconcile(self._queued)
         verdicts = self.watchdog.sweep(self.state, now, self.source)
         events = self.effects.end_attempts(verdicts)

@@ -12,8 +12,10 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -53,6 +55,7 @@ class Cluster(LocalCluster):
             else redis.Redis.from_url(redis_url, decode_responses=True)
         )
         self.client = Client(settings=settings)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def procs(self) -> list[Service]:
@@ -125,6 +128,20 @@ class Cluster(LocalCluster):
         assert self.redis.exists(key), f"no checkpoint was written; scheduler log:\n{self.tail(sched)}"
         self.kill(sched, signal.SIGKILL)
 
+    def ask_later(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Make a client request while no scheduler runs (issue 13: the client waits for the scheduler's
+        answer): ``call(*args, **kwargs)`` in a thread, returned once one more request waits in the
+        intake; the future's result is the call's, once a scheduler answered."""
+        before = self.redis.xlen(self.client.keys.intake)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(4)
+        future = self._pool.submit(call, *args, **kwargs)
+        deadline = time.monotonic() + 10
+        while self.redis.xlen(self.client.keys.intake) <= before and not future.done():
+            assert time.monotonic() < deadline, "the request never reached the intake"
+            time.sleep(0.01)
+        return future
+
     def execs(self, run_id: str) -> dict[str, int]:
         """Task id -> number of times a counted task ran."""
         return {k: int(v) for k, v in self.redis.hgetall(f"test:execs:{run_id}").items()}
@@ -135,5 +152,7 @@ class Cluster(LocalCluster):
         try:
             super().stop(timeout, force=force, warm=warm)
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             self.client.close()
             self.redis.close()

@@ -234,8 +234,9 @@ def test_a_custom_key_and_a_new_leader_keeps_single_flight(own_cluster: Cluster)
         assert time.monotonic() < deadline, "the slow task never started"
         time.sleep(0.05)
     c.kill(sched, signal.SIGKILL)
-    second = c.client.submit(wf)
+    asked = c.ask_later(c.client.submit, wf)  # waits in the intake for the next leader
     c.scheduler(NERV_SCHEDULER_MODULES="nerv_testtasks")
+    second = asked.result(timeout=30)
     a, b = c.client.wait(first, timeout=60), c.client.wait(second, timeout=60)
     assert a.status is RunStatus.COMPLETED and b.status is RunStatus.COMPLETED, (a.reason, b.reason)
     assert _count(c, slow) == 1

@@ -217,5 +217,8 @@ def test_closing_trims_the_index_and_stale_capacity_and_registry_entries_go(
     c.redis.hset(k.registry, mapping={"gone.fn": "io", "legacy.fn": "cpu"})
     c.redis.hset(k.registry_seen, "gone.fn", repr(now - 3_600))
     assert c.client.registered_tasks() == {"mod.fn": "cpu"}
+    assert len(c.redis.hgetall(k.registry)) == 3, "a client only reads the registry (issue 13)"
+    # The leader drops the stale names (in its sweep, every REGISTRY_PRUNE_S).
+    assert log.registered_tasks(prune=True) == {"mod.fn": "cpu"}
     assert c.redis.hgetall(k.registry) == {"mod.fn": "cpu"}
     assert list(c.redis.hgetall(k.registry_seen)) == ["mod.fn"]

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from nerv_cluster import Client, Settings, Workflow
-from nerv_cluster.errors import ReplicationError
+from nerv_cluster.errors import IntakeTimeoutError, ReplicationError
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.replication import Replication
 from scheduler.lease import Lease
@@ -36,10 +36,16 @@ def test_a_submission_no_replica_holds_is_a_replication_error(url: str) -> None:
             c.submit(wf, check_names=False)
         assert (err.value.acked, err.value.wanted) == (0, 1)
         assert "not acknowledged" in str(err.value)
-    # Without the setting (the default), the same submission is acknowledged at once.
-    with Client(settings=Settings.from_env({}, redis_url=url)) as c:
-        run_id = c.submit(wf, check_names=False)
-        assert c.log.run_exists(run_id)
+    # The request was refused before it was answered: written on the primary (unacknowledged), never
+    # applied (no scheduler here: the intake is where a client's write goes, issue 13).
+    probe = redis.Redis.from_url(url, decode_responses=True)
+    assert probe.xlen(Settings.from_env({}, redis_url=url).keys().intake) == 1
+    # Without the setting (the default), the same request is taken into the intake at once, and waits
+    # there for a scheduler to answer it.
+    with Client(settings=Settings.from_env({}, redis_url=url, intake_timeout=0.5)) as c:
+        with pytest.raises(IntakeTimeoutError):
+            c.submit(wf, check_names=False)
+        assert probe.xlen(c.keys.intake) == 2
 
 
 def test_a_lease_no_replica_holds_is_not_held(url: str) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nerv_testtasks as tt
 import pytest
@@ -204,11 +205,18 @@ def test_a_scheduler_sigkilled_around_the_request_still_completes_the_rerun(own_
         time.sleep(0.05)
     assert not c.redis.scard(c.client.keys.active), "both runs closed and forgotten"
 
-    # Requested while no scheduler runs: the next leader finds the run in the active set.
+    # Requested while no scheduler runs: the request waits in the intake, and the next leader applies
+    # it and answers (the client still waiting), then runs it.
     c.kill(sched, signal.SIGKILL)
-    c.client.rerun(one)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(c.client.rerun, one)
+        deadline = time.monotonic() + 10
+        while not c.redis.xlen(c.client.keys.intake) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not c.redis.sismember(c.client.keys.active, one), "only the scheduler reopens a run"
+        second = c.scheduler()
+        assert asked.result(timeout=30) == one
     assert c.redis.sismember(c.client.keys.active, one)
-    second = c.scheduler()
     assert c.client.wait(one, timeout=60).status is RunStatus.COMPLETED
     # Requested, and the scheduler killed at once, before or after it took the run back.
     c.client.rerun(two)
@@ -289,6 +297,13 @@ def test_the_rerun_script_reopens_once_and_close_respects_a_later_rerun(own_clus
     assert c.redis.get(k.reruns("scripted")) == "2" and c.redis.sismember(k.active, "scripted")
 
 
+def _until_intake_holds(c: Cluster, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while c.redis.xlen(c.client.keys.intake) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c.redis.xlen(c.client.keys.intake) >= n
+
+
 def test_a_cancel_request_logged_before_the_rerun_does_not_cancel_it(own_cluster: Cluster) -> None:
     c = own_cluster
     sched = c.scheduler()
@@ -299,12 +314,18 @@ def test_a_cancel_request_logged_before_the_rerun_does_not_cancel_it(own_cluster
     _fix(c, run_id, "bad")
     # A cancel of the finished run (the fold ignores it), then the rerun, read by the scheduler in one
     # batch (it is paused meanwhile): the run it loads back from the log must not take the stale cancel.
+    # Both requests wait in the intake until it goes on (each client waits for its answer).
     c.kill(sched, signal.SIGSTOP)
-    try:
-        c.client.cancel(run_id, "too late")
-        c.client.rerun(run_id)
-    finally:
-        c.kill(sched, signal.SIGCONT)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            cancelled = pool.submit(c.client.cancel, run_id, "too late")
+            _until_intake_holds(c, 1)
+            rerun = pool.submit(c.client.rerun, run_id)
+            _until_intake_holds(c, 2)
+        finally:
+            c.kill(sched, signal.SIGCONT)
+        cancelled.result(timeout=30)
+        assert rerun.result(timeout=30) == run_id
     res = c.client.wait(run_id, timeout=60)
     assert res.status is RunStatus.COMPLETED, res.reason
     assert c.execs(run_id) == {"a": 1, "bad": 2, "after": 1, "last": 1, "side": 1, "alone": 1}

@@ -15,6 +15,8 @@ import nerv_testtasks as tt
 import pytest
 
 from nerv_cluster import EventType, RunStatus, TaskStatus, Workflow
+from nerv_cluster import rerun as reruns
+from nerv_cluster.model import Event
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
 
@@ -146,8 +148,12 @@ def test_a_crash_between_the_childs_rerun_and_its_record_reruns_it_once(own_clus
     run_id, chain = _failed_tree(c, flag, levels=1)
     c.redis.set(f"test:flag:{flag}", 1)
     c.kill(sched, signal.SIGKILL)
-    c.client.rerun(run_id)
     k, log = c.client.keys, c.client.log
+    # The parent's rerun request as the intake writes it (the leader then dies before acting on it).
+    last = log.last_entry(run_id)
+    finished = load_runs(log, [run_id]).runs[run_id]
+    data = reruns.event_data(finished, reruns.check(finished, None))
+    log.rerun(Event(EventType.WORKFLOW_RERUN_REQUESTED, run_id, data=data, source="client"), str(last))
     c.redis.set(k.lease, "9-test")  # as the leader that is about to die
     for round_ in range(2):
         loaded = load_runs(log, [run_id])

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import nerv_testtasks as tt
 import pytest
@@ -249,9 +250,15 @@ def test_waits_survive_a_scheduler_sigkill(own_cluster: Cluster) -> None:
     )
     c.kill(sched, signal.SIGKILL)
     killed_at = time.time()
-    # While no scheduler runs, the signal is logged; the new leader refolds it.
-    assert c.client.signal(run_id, "approval", {"by": "ana"}) is True
-    c.scheduler()
+    # Sent while no scheduler runs: it waits in the intake; the new leader refolds the run, applies the
+    # signal and answers the client, still waiting.
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(c.client.signal, run_id, "approval", {"by": "ana"})
+        deadline = time.monotonic() + 10
+        while not c.redis.xlen(c.client.keys.intake) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        c.scheduler()
+        assert sent.result(timeout=30) is True
     result = c.client.wait(run_id, timeout=60)
     assert result.status is RunStatus.COMPLETED, result.reason
     assert result.results["deploy"] == {"deployed": True, "approval": {"by": "ana"}}

@@ -145,7 +145,11 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     wf = Workflow("cancel-race")
     wf.add(tt.add, 1, 2, id="a")
     wf.add(tt.add, 3, 4, id="b")
-    run_id = own_cluster.client.submit(wf, check_names=False)
+    # The client waits for this service's answer (issue 13), which it gives as it steps.
+    submitted = own_cluster.ask_later(
+        own_cluster.client.submit, wf, run_id="cancel-race-1", check_names=False
+    )
+    run_id = "cancel-race-1"
 
     def step_until(done: Any) -> None:
         for _ in range(50):
@@ -155,6 +159,7 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
         raise AssertionError(f"the scheduler never got there: {service.state.runs.get(run_id)}")
 
     step_until(lambda run: run is not None and len(run.queued) == 2)
+    assert submitted.result(timeout=10) == run_id
     tok = {t: own_cluster.token(run_id, t, 1) for t in "ab"}
     started = [Event(EventType.TASK_STARTED, run_id, t, 1, {"worker": "w1", "tok": tok[t]}) for t in "ab"]
     assert log.start_attempts(started, "w1", 3) == ["ok", "ok"]
@@ -164,16 +169,19 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     done = {"result": 3, "worker": "w1", "tok": tok["a"]}
     completed = Event(EventType.TASK_COMPLETED, run_id, "a", 1, done)
 
-    def read_then_complete(after: str, count: int, block_ms: int | None) -> Any:
-        entries = real_read(after, count, block_ms)
-        if any(ev.type is EventType.WORKFLOW_CANCEL_REQUESTED for _, ev in entries):
+    def read_then_complete(
+        after: str, count: int, block_ms: int | None, intake_after: str | None = None
+    ) -> Any:
+        entries = real_read(after, count, block_ms, intake_after)
+        if any(json.loads(fields["q"])["op"] == "cancel" for _, fields in entries.intake):
             # The worker finishes a after the scheduler read the cancel, before it acts on it.
             assert log.finish_attempt(completed)
         return entries
 
     monkeypatch.setattr(log, "read_feed", read_then_complete)
-    own_cluster.client.cancel(run_id, "stop")
+    cancelled = own_cluster.ask_later(own_cluster.client.cancel, run_id, "stop")
     step_until(lambda run: run is None)  # finished and closed
+    cancelled.result(timeout=10)
     monkeypatch.undo()
     late = Event(EventType.TASK_COMPLETED, run_id, "b", 1, {"result": 7, "worker": "w1", "tok": tok["b"]})
     assert not log.finish_attempt(late), "b was cancelled: its worker records nothing"
