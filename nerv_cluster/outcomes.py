@@ -14,9 +14,11 @@ is folded, and transcribed into its run's log in the scheduler's next fenced wri
 - it is no duplicate: a second outcome of an attempt, or a TASK_STARTED of an attempt that same
   worker already runs.
 
-Anything else is dropped, with one warning per entry, and never stops the scheduler. Entries of the
-types clients write (``CLIENT_TYPES``) go on as before; any other type on the feed (a run's outcome, a
-dispatch: the scheduler's own events, which it never puts there) is a forgery and is dropped.
+Anything else is dropped, with one warning per entry, and never stops the scheduler. A rerun's request
+(``CLIENT_TYPES``: the scheduler's own rerun of a child run) goes on to be taken back from its log; any
+other type on the feed (a submission, a cancel, a signal: clients ask through the intake; a run's
+outcome, a dispatch: the scheduler's own events, which it never puts there) is a forgery and is
+dropped.
 """
 
 from __future__ import annotations
@@ -41,22 +43,12 @@ WORKER_TYPES = frozenset(
 )
 #: A worker's events that end its attempt (each attempt has at most one).
 OUTCOME_TYPES = WORKER_TYPES - {EventType.TASK_STARTED}
-#: The events clients put on the feed (a submission, a cancel, a signal, a rerun, limits and
-#: schedules). They are written by their own scripts; the intake (another room) validates them.
-CLIENT_TYPES = frozenset(
-    {
-        EventType.WORKFLOW_SUBMITTED,
-        EventType.WORKFLOW_CANCEL_REQUESTED,
-        EventType.WORKFLOW_RERUN_REQUESTED,
-        EventType.SIGNAL_RECEIVED,
-        EventType.LIMIT_SET,
-        EventType.SCHEDULE_SET,
-        EventType.SCHEDULE_PAUSED,
-        EventType.SCHEDULE_RESUMED,
-        EventType.SCHEDULE_TRIGGERED,
-        EventType.SCHEDULE_DELETED,
-    }
-)
+#: The one type the feed carries that no worker writes: a rerun's request, which ``rerun.lua`` puts
+#: there when the scheduler itself reruns a child run for its parent. It is never folded from the feed:
+#: the run is taken back from its log (``scheduler.reruns.take_back``), so a forged one costs a refold
+#: and changes nothing. Clients write nothing to the feed (they ask through the intake, issue 13): a
+#: submission, cancel, signal, limit or schedule event found there is a forgery, dropped like others.
+CLIENT_TYPES = frozenset({EventType.WORKFLOW_RERUN_REQUESTED})
 #: Bytes of the claim secret, and of a token (128 bits: not to be guessed).
 SECRET_BYTES = 32
 TOKEN_BYTES = 16
