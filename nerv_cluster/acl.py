@@ -27,7 +27,7 @@ from nerv_cluster.errors import ConfigurationError
 #: The roles with a user per namespace, in the template's order.
 ROLES = ("scheduler", "worker", "client", "console", "flower", "keda")
 #: Users of the whole server (rendered once, whatever the namespaces).
-GLOBAL_ROLES = ("admin",)
+GLOBAL_ROLES = ("admin", "replica", "sentinel")
 #: A namespace names keys and ACL patterns: no glob characters, no ``:`` (``team-a`` must not be a
 #: prefix of ``team-a:x``'s keys), not empty.
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -86,16 +86,20 @@ def _password(env: Mapping[str, str], role: str, namespace: str, only: bool) -> 
 
 
 def render(
-    namespaces: Sequence[str], env: Mapping[str, str], roles: Sequence[str] = ROLES, text: str | None = None
+    namespaces: Sequence[str],
+    env: Mapping[str, str],
+    roles: Sequence[str] = (*GLOBAL_ROLES, *ROLES),
+    text: str | None = None,
 ) -> str:
-    """The ``users.acl`` for ``namespaces`` (each its users of ``roles``), passwords from ``env``.
+    """The ``users.acl`` for ``namespaces`` (each its users of ``roles``; ``admin`` and ``default``
+    always), passwords from ``env``.
 
     Template comments and blank lines are dropped (Redis ACL files have none)."""
+    unknown = sorted(set(roles) - set(ROLES) - set(GLOBAL_ROLES))
+    if unknown:
+        raise ConfigurationError(f"unknown roles {unknown}; known: {', '.join((*GLOBAL_ROLES, *ROLES))}")
     if not namespaces:
         raise ConfigurationError("render the ACL file for at least one namespace")
-    unknown = sorted(set(roles) - set(ROLES))
-    if unknown:
-        raise ConfigurationError(f"unknown roles {unknown}; known: {', '.join(ROLES)}")
     for ns in namespaces:
         check_namespace(ns)
     if len(set(namespaces)) != len(namespaces):
@@ -105,10 +109,10 @@ def render(
     out: list[str] = []
     for line in lines:
         role = _role_of(line)
+        if role and role != "admin" and role not in roles:
+            continue
         if _NS not in line:
             out.append(_fill(line, env, role, namespaces[0], only))
-            continue
-        if role not in roles:
             continue
         for ns in namespaces:
             out.append(_fill(line.replace(_NS, ns), env, role, ns, only))

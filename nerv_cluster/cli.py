@@ -419,19 +419,23 @@ def acl_render(
     ] = None,
     role: Annotated[
         list[str] | None,
-        typer.Option("--role", help="Render only these roles (repeatable; default all)."),
+        typer.Option("--role", help="Render only these roles (repeatable; default all; admin always)."),
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write here (mode 0600) instead of standard output."),
+        typer.Option("--output", "-o", help="Write here instead of standard output."),
     ] = None,
+    mode: Annotated[
+        str,
+        typer.Option("--mode", help="The file's permissions, octal (644 for a compose bind mount)."),
+    ] = "600",
 ) -> None:
     """Write users.acl for redis-server --aclfile, passwords from NERV_ACL_<ROLE>_PASSWORD (hashed)."""
     from nerv_cluster import acl
 
     namespaces = namespace or [Settings.from_env().namespace]
     try:
-        text = acl.render(namespaces, os.environ, roles=role or acl.ROLES)
+        text = acl.render(namespaces, os.environ, roles=role or (*acl.GLOBAL_ROLES, *acl.ROLES))
     except ConfigurationError as exc:
         err_console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from None
@@ -441,6 +445,7 @@ def acl_render(
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(output, int(mode, 8))  # only hashes inside; a container's redis user may need to read it
     err_console.print(f"wrote {len(acl.users(text))} users to {output}")
 
 

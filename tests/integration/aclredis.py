@@ -42,7 +42,7 @@ class AclRedis:
         self.namespaces = list(namespaces)
         self.port = free_port()
         self.passwords: dict[str, str] = {}
-        env: dict[str, str] = {acl.password_variable("admin"): self._new("admin")}
+        env = {acl.password_variable(role): self._new(role) for role in acl.GLOBAL_ROLES}
         for ns in self.namespaces:
             for role in acl.ROLES:
                 env[acl.password_variable(role, ns)] = self._new(acl.user_name(ns, role))
