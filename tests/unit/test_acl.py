@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from nerv_cluster import Settings, acl
+from nerv_cluster import Settings, acl, cli
 from nerv_cluster.celery_app import create_celery
 from nerv_cluster.constants import Keys
 from nerv_cluster.errors import ConfigurationError
@@ -103,3 +106,14 @@ def test_the_process_user_goes_into_urls_that_name_none() -> None:
     url, _, _ = broker(s, "sentinel://s1:26379,s2:26379/nerv/0")
     assert all(u.startswith("sentinel://nerv-worker:p%40ss%2Fword@") for u in url.split(";")), url
     assert "p@ss" not in repr(s), "passwords stay out of the repr"
+
+
+def test_nerv_acl_render_writes_the_file_or_says_what_is_missing(tmp_path: Path) -> None:
+    env = {acl.password_variable(r): f"{r}-password-0123456789" for r in (*acl.GLOBAL_ROLES, *acl.ROLES)}
+    out = tmp_path / "users.acl"
+    result = CliRunner().invoke(cli.app, ["acl", "render", "-n", "nerv", "-o", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "nerv-worker" in acl.users(out.read_text()) and stat.S_IMODE(out.stat().st_mode) == 0o600
+    env["NERV_ACL_FLOWER_PASSWORD"] = ""  # empty is missing, whatever the environment holds
+    result = CliRunner().invoke(cli.app, ["acl", "render", "-n", "nerv"], env=env)
+    assert result.exit_code == 2 and "NERV_ACL_FLOWER_PASSWORD" in result.output
