@@ -41,6 +41,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console()
+err_console = Console(stderr=True)
 
 #: How long a stopping scheduler may take before it exits regardless (e.g. while Redis is down).
 SCHEDULER_STOP_GRACE_S = 5.0
@@ -401,6 +402,52 @@ def signal_cmd(
 
 
 app.add_typer(schedule_app, name="schedule")  # idem (issue 11): nerv schedule add|list|...
+
+acl_app = typer.Typer(no_args_is_help=True, help="Redis ACL users per role (docs/acl.md).")
+app.add_typer(acl_app, name="acl")
+
+
+@acl_app.command("render")
+def acl_render(
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--namespace",
+            "-n",
+            help="A namespace to render users for (repeatable; default NERV_NAMESPACE or nerv).",
+        ),
+    ] = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="Render only these roles (repeatable; default all; admin always)."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write here instead of standard output."),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option("--mode", help="The file's permissions, octal (644 for a compose bind mount)."),
+    ] = "600",
+) -> None:
+    """Write users.acl for redis-server --aclfile, passwords from NERV_ACL_<ROLE>_PASSWORD (hashed)."""
+    from nerv_cluster import acl
+
+    namespaces = namespace or [Settings.from_env().namespace]
+    try:
+        text = acl.render(namespaces, os.environ, roles=role or (*acl.GLOBAL_ROLES, *acl.ROLES))
+    except ConfigurationError as exc:
+        err_console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    if output is None:
+        sys.stdout.write(text)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(output, int(mode, 8))  # only hashes inside; a container's redis user may need to read it
+    err_console.print(f"wrote {len(acl.users(text))} users to {output}")
+
 
 cache_app = typer.Typer(no_args_is_help=True, help="The result cache of tasks with cache=Cache(...).")
 app.add_typer(cache_app, name="cache")

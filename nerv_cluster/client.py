@@ -13,7 +13,7 @@ import redis
 from pyrsistent import pmap
 from redis.backoff import ExponentialWithJitterBackoff
 
-from nerv_cluster import caching, constants, history, idempotency, limits, sentinel, tls, waits
+from nerv_cluster import caching, constants, history, idempotency, limits, redisauth, sentinel, tls, waits
 from nerv_cluster import rerun as reruns
 from nerv_cluster import state as st
 from nerv_cluster.bus import EventBus, Handler, RedisBridge
@@ -82,7 +82,12 @@ def connect(settings: Settings, retries: int | None = None) -> redis.Redis:
         options["socket_timeout"] = settings.redis_socket_timeout
     # rediss://: the CA bundle of NERV_REDIS_TLS_CA_CERTS (a ?ssl_ca_certs= in the URL wins).
     options.update(tls.client_options(settings, settings.redis_url))
-    return redis.Redis.from_url(settings.redis_url, **options)
+    # The process's ACL user (NERV_REDIS_USERNAME / NERV_REDIS_PASSWORD) when the URL names none.
+    url = redisauth.with_credentials(settings.redis_url, settings)
+    if url.startswith("unix://") and not redisauth.url_has_credentials(url):
+        given = (("username", settings.redis_username), ("password", settings.redis_password))
+        options.update({k: v for k, v in given if v})
+    return redis.Redis.from_url(url, **options)
 
 
 class Client:

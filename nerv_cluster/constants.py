@@ -9,8 +9,20 @@ from typing import Final
 
 #: Default Redis URL when ``NERV_REDIS_URL`` is not set.
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
-#: Default key prefix; tests and multi-tenant setups change it with ``NERV_PREFIX``.
+#: Default namespace: the prefix of every Redis key and channel (``NERV_NAMESPACE``, alias
+#: ``NERV_PREFIX``); teams sharing one Redis each take their own, confined to it by their ACL users
+#: (``nerv_cluster.acl``).
 DEFAULT_PREFIX: Final = "nerv"
+#: What follows the namespace in the names of Celery's (kombu's) own keys and channels: its queues,
+#: bindings, unacked hashes, pidbox and event channels (kombu's ``global_keyprefix``).
+CELERY_KEY_INFIX: Final = ":celery:"
+#: kombu's ``fanout_prefix``: what its pub/sub channels start with after the namespace's Celery prefix
+#: (kombu strips up to the first "." of a channel starting with "/": the "." is needed).
+CELERY_FANOUT_PREFIX: Final = "/fanout."
+
+#: The address the scheduler's ``/metrics`` binds unless ``NERV_METRICS_HOST`` says otherwise: loopback,
+#: so only what runs beside it (or a port-forward) can scrape it.
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
 
 #: The worker queues a task can ask for.
 QUEUES: Final = ("cpu", "io")
@@ -259,6 +271,7 @@ class Keys:
     __slots__ = (
         "active",
         "capacity",
+        "celery",
         "circuits",
         "claim_secret",
         "epoch",
@@ -269,6 +282,7 @@ class Keys:
         "prefix",
         "registry",
         "registry_seen",
+        "replication_probe",
         "runs",
         "schedules",
         "signing_key",
@@ -297,6 +311,14 @@ class Keys:
         self.claim_secret = f"{prefix}:scheduler:claim-secret"
         self.signing_key = f"{prefix}:signing-key"
         self.intake = f"{prefix}:intake"  # clients' requests, which only the scheduler applies (issue 13)
+        #: kombu's ``global_keyprefix``: Celery's queues, bindings and channels live under it.
+        self.celery = f"{prefix}{CELERY_KEY_INFIX}"
+        #: The channel a replicated write publishes to (nobody listens), see ``nerv_cluster.replication``.
+        self.replication_probe = f"{prefix}:replication-probe"
+
+    def queue(self, name: str) -> str:
+        """The Redis list of Celery queue ``name`` (``cpu``, ``io``) as kombu names it in this namespace."""
+        return f"{self.celery}{name}"
 
     def log(self, run_id: str) -> str:
         """The run's event log stream: the source of truth for the run."""

@@ -825,7 +825,7 @@ class EventLog:
         """Messages waiting in these Celery queues (not yet taken by any worker)."""
         pipe = self.redis.pipeline(transaction=False)
         for q in queues:
-            pipe.llen(q)
+            pipe.llen(self.keys.queue(q))
         return [int(n) for n in pipe.execute()]
 
     def active_runs(self) -> set[str]:

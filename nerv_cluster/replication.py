@@ -43,11 +43,17 @@ class Replication:
     min_replicas: int = 0
     timeout_ms: int = constants.DEFAULT_REPLICA_TIMEOUT_MS
     tries: int = constants.REPLICATION_TRIES
+    #: The namespace's probe channel (``Keys.replication_probe``): its ACL users may publish there.
+    probe_channel: str = constants.REPLICATION_PROBE_CHANNEL
 
     @classmethod
     def of(cls, settings: Any) -> Replication:
         """The policy the settings ask for."""
-        return cls(settings.redis_min_replicas, settings.redis_replica_timeout_ms)
+        return cls(
+            settings.redis_min_replicas,
+            settings.redis_replica_timeout_ms,
+            probe_channel=constants.Keys(settings.prefix).replication_probe,
+        )
 
     @property
     def on(self) -> bool:
@@ -94,7 +100,7 @@ class Replication:
                 # recorded"), and WAIT counts only this connection's writes: a write of no consequence
                 # (a publish is replicated) makes the WAIT cover everything the primary holds so far,
                 # the first try included.
-                pipe.publish(constants.REPLICATION_PROBE_CHANNEL, "")
+                pipe.publish(self.probe_channel, "")
             pipe.execute_command("WAIT", self.min_replicas, self.timeout_ms)
             replies = pipe.execute(raise_on_error=False)
             reply, acked = replies[0], replies[-1]

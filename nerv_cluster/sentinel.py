@@ -7,8 +7,9 @@ a connection still open to a demoted primary is dropped on its first ``READONLY`
 broker (workers, the scheduler's sends, Flower) uses kombu's own Sentinel transport with the same
 Sentinels and service name.
 
-URL form: ``sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/<db>]``; the password
-in the URL (or ``NERV_REDIS_PASSWORD``) is the data nodes'; the Sentinels' own password is
+URL form: ``sentinel://[[user]:password@]host:port[,host:port...]/<service name>[/<db>]``; the user and
+password in the URL (or ``NERV_REDIS_USERNAME`` / ``NERV_REDIS_PASSWORD``) are the data nodes' (the
+process's ACL user, ``nerv_cluster.acl``); the Sentinels' own password is
 ``NERV_REDIS_SENTINEL_PASSWORD``; ``NERV_REDIS_TLS=1`` speaks TLS to both (with
 ``NERV_REDIS_TLS_CA_CERTS`` as the CA bundle; the options are ``nerv_cluster.tls``'s).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import redis
 from redis.sentinel import (
@@ -167,7 +168,7 @@ def master_client(settings: Settings, **connection: Any) -> redis.Redis:
         redis_class=redis.Redis,
         connection_class=PrimarySSLConnection if tls else PrimaryConnection,
         db=url.db,
-        username=url.username,
+        username=url.username or settings.redis_username or None,
         password=url.password or settings.redis_password or None,
         **tls,
         **connection,
@@ -179,8 +180,10 @@ def broker(settings: Settings, url: str) -> tuple[str, dict[str, Any], dict[str,
     apart, the data nodes' password and db on the first), the transport options (service name,
     Sentinel password) and the ``broker_use_ssl`` options (None without TLS)."""
     parsed = SentinelURL.parse(url)
-    password = parsed.password or settings.redis_password or ""
-    auth = f":{password}@" if password else ""
+    # The process's ACL user too (kombu hands the first URL's user and password to the data nodes).
+    user = quote(parsed.username or settings.redis_username or "", safe="")
+    password = quote(parsed.password or settings.redis_password or "", safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
     urls = [f"sentinel://{auth}{host}:{port}/{parsed.db}" for host, port in parsed.sentinels]
     options: dict[str, Any] = {"master_name": parsed.service}
     sentinel_kwargs: dict[str, Any] = {}

@@ -24,10 +24,12 @@ class Settings:
     #: ``redis://``, ``rediss://``, ``unix://``, or ``sentinel://host:port[,host:port...]/<service>[/<db>]``
     #: for Redis behind Sentinel (``nerv_cluster.sentinel``).
     redis_url: str = constants.DEFAULT_REDIS_URL
-    #: The Redis data nodes' password when the URL carries none (meant for ``sentinel://`` URLs).
-    redis_password: str = ""
+    #: The ACL user (``nerv_cluster.acl``: one per role) and its password that this process connects
+    #: to Redis as, state and Celery broker alike, when the URL carries none (``nerv_cluster.redisauth``).
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
     #: The Sentinels' own password (``requirepass`` of the Sentinels), if they have one.
-    redis_sentinel_password: str = ""
+    redis_sentinel_password: str = field(default="", repr=False)
     #: TLS to the Sentinels and the data nodes of a ``sentinel://`` URL (one server: say ``rediss://``;
     #: with ``redis://`` it is refused, not ignored). The server's certificate is always verified.
     redis_tls: bool = False
@@ -44,6 +46,13 @@ class Settings:
     redis_replica_timeout_ms: int = constants.DEFAULT_REPLICA_TIMEOUT_MS
     #: Celery broker; defaults to ``redis_url``.
     broker_url: str = ""
+    #: Whether this process's broker connection brings back messages a vanished consumer left
+    #: unacknowledged (kombu's restore: writes to the queues). Off for Flower, which only watches, so
+    #: its Redis user (the flower role, ``nerv_cluster.acl``) writes no queue.
+    broker_restore: bool = True
+    #: The namespace (``NERV_NAMESPACE``; ``NERV_PREFIX`` is its older name): the prefix of every Redis
+    #: key and channel, Celery's included. Two teams on one Redis take two namespaces, each confined to
+    #: its own by its ACL users.
     prefix: str = constants.DEFAULT_PREFIX
     max_payload_bytes: int = constants.DEFAULT_MAX_PAYLOAD_BYTES
     max_result_bytes: int = constants.DEFAULT_MAX_RESULT_BYTES
@@ -86,8 +95,12 @@ class Settings:
     #: Retries of a Redis command on connection errors (exponential backoff capped at 1 s) before the
     #: error reaches the caller: how long a process rides out a Redis outage.
     redis_retries: int = constants.REDIS_RETRIES
-    #: Port of the scheduler's Prometheus ``/metrics`` (0: not served).
+    #: Port of the scheduler's Prometheus ``/metrics`` (0: not served), the address it binds (loopback
+    #: unless told: ``0.0.0.0`` in a container that Prometheus scrapes from outside), and a bearer token
+    #: it requires (``Authorization: Bearer <token>``; empty: none asked).
     metrics_port: int = 9808
+    metrics_host: str = constants.DEFAULT_METRICS_HOST
+    metrics_token: str = field(default="", repr=False)
     #: Seconds a scheduler leader's loop may go without completing a step before it lets its lease lapse.
     loop_stall_s: float = constants.DEFAULT_LOOP_STALL_S
     #: How deep child runs may nest (a task returning a Workflow past it fails; 0: no child runs).
@@ -120,6 +133,11 @@ class Settings:
     intake_timeout: float = constants.DEFAULT_INTAKE_TIMEOUT_S
 
     @property
+    def namespace(self) -> str:
+        """The namespace (the key prefix) in force."""
+        return self.prefix
+
+    @property
     def broker(self) -> str:
         """The Celery broker URL in force."""
         return self.broker_url or self.redis_url
@@ -137,6 +155,14 @@ class Settings:
         """Read ``NERV_*`` variables; ``overrides`` win over the environment."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        namespace, prefix = env.get("NERV_NAMESPACE") or "", env.get("NERV_PREFIX") or ""
+        if namespace and prefix and namespace != prefix:
+            raise ConfigurationError(
+                f"NERV_NAMESPACE={namespace!r} and NERV_PREFIX={prefix!r} disagree (NERV_PREFIX is "
+                "NERV_NAMESPACE's older name: set one)"
+            )
+        if namespace:
+            values["prefix"] = namespace
         for f in fields(cls):
             raw = env.get(f"NERV_{f.name.upper()}")
             if raw is None or raw == "":

@@ -213,3 +213,37 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
     Channel = SentinelChannel
     connection_errors = CONNECTION_ERRORS
+
+
+class _WatcherQoS(kombu_redis.QoS):
+    """kombu's QoS that never brings back other consumers' unacknowledged messages (kombu's periodic
+    ``restore_visible``, which takes a mutex and pushes the messages back onto their queues): writes
+    a watcher such as Flower must not make. The workers (and the scheduler's sends) still do it."""
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        return None
+
+
+class WatcherChannel(Channel):
+    """:class:`Channel` with :class:`_WatcherQoS`: for a process that only watches (Flower)."""
+
+    QoS = _WatcherQoS
+
+
+class WatcherTransport(Transport):
+    """:class:`Transport` for watchers (``NERV_BROKER_RESTORE=0``): its Redis user (``nerv_cluster.acl``,
+    the flower role) needs no write on the queues or the unacked hashes."""
+
+    Channel = WatcherChannel
+
+
+class SentinelWatcherChannel(SentinelChannel):
+    """:class:`SentinelChannel` with :class:`_WatcherQoS`."""
+
+    QoS = _WatcherQoS
+
+
+class SentinelWatcherTransport(SentinelTransport):
+    """:class:`SentinelTransport` for watchers."""
+
+    Channel = SentinelWatcherChannel

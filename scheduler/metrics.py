@@ -1,5 +1,9 @@
 """Prometheus metrics of the scheduler, served over HTTP (``NERV_METRICS_PORT``, default 9808).
 
+Bound to loopback unless ``NERV_METRICS_HOST`` names another address, and, with ``NERV_METRICS_TOKEN``,
+answered only to ``Authorization: Bearer <token>`` (401 otherwise): the metrics name task functions,
+queues and tenants, which a neighbour on the network need not learn.
+
 Besides the usual counters it exports the DAG-aware signal no queue-length autoscaler has: how many
 tasks will become ready as soon as the tasks now running finish (``nerv_tasks_ready_soon``), per
 queue, so workers can be scaled ahead of demand.
@@ -7,11 +11,17 @@ queue, so workers can be scaled ahead of demand.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import socket
+import threading
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from nerv_cluster import constants
 from nerv_cluster.jobs import Job
@@ -33,11 +43,57 @@ _RUN_END = {
 }
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server (a slow scraper does not hold the next one up)."""
+
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def with_bearer_token(app: Callable[..., Any], token: str) -> Callable[..., Any]:
+    """``app`` answering only requests that carry ``Authorization: Bearer <token>``; 401 otherwise
+    (the token compared in constant time). An empty token: ``app`` as it is."""
+    if not token:
+        return app
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if not hmac.compare_digest(given, expected):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="nerv-metrics"')],
+            )
+            return [b"a bearer token is required (NERV_METRICS_TOKEN)\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def serve_wsgi(app: Callable[..., Any], host: str, port: int) -> WSGIServer:
+    """Serve ``app`` on ``host:port`` from a daemon thread (IPv6 for an IPv6 address)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(_Server):
+        address_family = family
+
+    httpd = make_server(host, port, app, Server, handler_class=_Quiet)
+    threading.Thread(target=httpd.serve_forever, name="nerv-metrics", daemon=True).start()
+    return httpd
+
+
 class SchedulerMetrics:
     """The scheduler's metrics, in a registry of their own (several services may share a process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.server: WSGIServer | None = None
         r = self.registry
         self.leader = Gauge("nerv_scheduler_leader", "1 while this replica holds the lease", registry=r)
         self.runs_active = Gauge(
@@ -80,16 +136,17 @@ class SchedulerMetrics:
         for result in ("hit", "miss"):
             self.cache.labels(result=result)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> bool:
-        """Serve ``/metrics`` on ``port`` (0: don't); False when the port is taken (logged, not fatal)."""
+    def serve(self, port: int, addr: str = constants.DEFAULT_METRICS_HOST, token: str = "") -> bool:
+        """Serve ``/metrics`` on ``addr:port`` (port 0: don't), behind ``token`` if one is given; False
+        when the port is taken (logged, not fatal)."""
         if not port:
             return False
         try:
-            start_http_server(port, addr=addr, registry=self.registry)
+            self.server = serve_wsgi(with_bearer_token(make_wsgi_app(self.registry), token), addr, port)
         except OSError as exc:
-            log.warning("metrics not served: port %d: %s", port, exc)
+            log.warning("metrics not served: %s:%d: %s", addr, port, exc)
             return False
-        log.info("metrics on http://%s:%d/metrics", addr, port)
+        log.info("metrics on http://%s:%d/metrics%s", addr, port, " (bearer token required)" if token else "")
         return True
 
     def on_feed(self, state: State, events: Iterable[Event]) -> None:

@@ -568,7 +568,9 @@ class SchedulerService:
         stop = stop or threading.Event()
         standby_wait = self.lease.ttl_ms / 1000 / 5
         log.info("scheduler started; waiting for the lease")
-        self.metrics.serve(self.settings.metrics_port)
+        self.metrics.serve(
+            self.settings.metrics_port, self.settings.metrics_host, self.settings.metrics_token
+        )
         keeper = LeaseKeeper(self.lease, self.progress.stalled_for, self.settings.loop_stall_s)
         keeper.start()
         self.checkpointer.start()

@@ -8,6 +8,7 @@ there); `bash .ci/run` provides it. Schema validation needs the `kubernetes-vali
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shlex
@@ -201,7 +202,7 @@ def test_every_pod_may_reach_redis_and_has_resources(name: str) -> None:
             assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
 
 
-def test_redis_is_a_statefulset_with_aof_noeviction_and_a_password() -> None:
+def test_redis_is_a_statefulset_with_aof_noeviction_and_acl_users() -> None:
     objs = render("base")
     sts = one(objs, "StatefulSet", "nerv-redis")
     (c,) = containers(sts)
@@ -209,9 +210,18 @@ def test_redis_is_a_statefulset_with_aof_noeviction_and_a_password() -> None:
     opts = dict(zip(args[1::2], args[2::2], strict=False)) if args[0] == "redis-server" else {}
     assert opts.get("--appendonly") == "yes"
     assert opts.get("--maxmemory-policy") == "noeviction"
-    assert opts.get("--requirepass") == "$(REDIS_PASSWORD)"
-    pw = next(e for e in c["env"] if e["name"] == "REDIS_PASSWORD")
-    assert pw["valueFrom"]["secretKeyRef"] == {"name": "nerv-redis", "key": "password"}
+    assert "--requirepass" not in opts, "the ACL file's users, `default` off: no shared password"
+    # The ACL file comes from the nerv-redis-acl Secret, mounted where --aclfile looks.
+    aclfile = Path(opts["--aclfile"])
+    (volume,) = [v for v in pod_spec(sts)["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "nerv-redis-acl"
+    assert {"key": "users.acl", "path": aclfile.name} in volume["secret"]["items"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+    assert Path(mount["mountPath"]) == aclfile.parent and mount["readOnly"] is True
+    auth = next(e for e in c["env"] if e["name"] == "REDISCLI_AUTH")
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "nerv-redis-users", "key": "admin"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "redis-cli --user admin ping" in " ".join(c[probe]["exec"]["command"])
     claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
     mount = next(m for m in c["volumeMounts"] if m["name"] == claim)
     assert mount["mountPath"] == opts.get("--dir"), "the AOF must be written to the persistent volume"
@@ -270,10 +280,46 @@ def test_nerv_containers_get_config_and_the_redis_url_from_the_secret(name: str)
         (c,) = containers(w)
         assert uses_nerv_image(c), w["metadata"]["name"]
         assert {"configMapRef": {"name": config["metadata"]["name"]}} in c["envFrom"]
-        names = env_names(c)
-        assert names.index("REDIS_PASSWORD") < names.index("NERV_REDIS_URL"), "$(REDIS_PASSWORD) comes first"
         url = next(e["value"] for e in c["env"] if e["name"] == "NERV_REDIS_URL")
-        assert url == "redis://:$(REDIS_PASSWORD)@nerv-redis:6379/0"
+        assert url == "redis://nerv-redis:6379/0", "credentials come per role, not in the URL"
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_every_deployment_connects_as_its_role_user(name: str) -> None:
+    """Each Deployment its role's ACL user (none `default`, the roles' users distinct), with the
+    password of that role from the nerv-redis-users Secret; in dev, the users and passwords are
+    those of the ACL file Redis loads."""
+    objs = render(name)
+    expected = {"nerv-scheduler": "scheduler", "nerv-worker-cpu": "worker", "nerv-worker-io": "worker"}
+    expected |= {"nerv-flower": "flower", "nerv-console": "console"}
+    namespace = one(objs, "ConfigMap", "nerv-config")["data"]["NERV_NAMESPACE"]
+    users: dict[str, str] = {}
+    for w in (o for o in objs if o["kind"] == "Deployment"):
+        (c,) = containers(w)
+        env = {e["name"]: e for e in c["env"]}
+        role = expected[w["metadata"]["name"]]
+        user = env["NERV_REDIS_USERNAME"]["value"]
+        assert user == f"{namespace}-{role}" and user != "default", (w["metadata"]["name"], user)
+        ref = env["NERV_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"].startswith("nerv-redis-users") and ref["key"] == role
+        users[w["metadata"]["name"]] = user
+    assert users.keys() == expected.keys()
+    assert len({users[d] for d in ("nerv-scheduler", "nerv-worker-cpu", "nerv-flower", "nerv-console")}) == 4
+    flower = {e["name"]: e for e in containers(one(objs, "Deployment", "nerv-flower"))[0]["env"]}
+    assert flower["NERV_BROKER_RESTORE"]["value"] == "0", "Flower's user writes no queue"
+    if name != "dev":
+        return
+    secrets = by_kind(objs, "Secret")
+    passwords = {k: base64.b64decode(v).decode() for k, v in secrets["nerv-redis-users"]["data"].items()}
+    (acl_secret,) = [s for n, s in secrets.items() if n.startswith("nerv-redis-acl")]
+    text = base64.b64decode(acl_secret["data"]["users.acl"]).decode()
+    lines = {line.split()[1]: line for line in text.splitlines()}
+    assert "default" in lines and " off " in lines["default"] + " "
+    for role in {*expected.values(), "admin", "keda"}:
+        user = "admin" if role == "admin" else f"{namespace}-{role}"
+        digest = "#" + hashlib.sha256(passwords[role].encode()).hexdigest()
+        assert digest in lines[user].split(), f"{user}: the Secret's password is not the ACL file's"
+    assert passwords["keda-user"] == f"{namespace}-keda"
 
 
 @pytest.mark.parametrize("name", ["dev", "prod"])
@@ -288,8 +334,10 @@ def test_secret_references(name: str) -> None:
                     referenced.add((ref["name"], ref["key"]))
     for auth in by_kind(objs, "TriggerAuthentication").values():
         referenced |= {(r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    roles = ("admin", "scheduler", "worker", "flower", "console", "keda", "keda-user")
     assert referenced == {
-        ("nerv-redis", "password"),
+        *(("nerv-redis-users", role) for role in roles),
+        ("nerv-metrics", "token"),
         ("nerv-flower", "basic-auth"),
         ("nerv-console", "token"),
         ("nerv-signing", "key"),
@@ -298,11 +346,19 @@ def test_secret_references(name: str) -> None:
     if name == "prod":
         assert not secrets, "prod secrets are created out of band, never committed"
         return
-    for secret_name, key in referenced:
+    for secret_name, key in referenced - {("nerv-redis-users", "keda-user")}:  # a user name, no secret
         value = base64.b64decode(secrets[secret_name]["data"][key]).decode()
         assert "dev-only" in value, f"dev secret {secret_name}.{key} must say it is dev-only"
         if key == "password":
             assert re.fullmatch(r"[A-Za-z0-9._~-]+", value), "the Redis password goes into a URL"
+    volumes = {
+        v["secret"]["secretName"]
+        for w in objs
+        if w["kind"] in WORKLOADS
+        for v in pod_spec(w).get("volumes", [])
+        if "secret" in v
+    }
+    assert volumes and all(v in secrets for v in volumes), volumes
 
 
 def test_flower_has_basic_auth_and_a_closed_api() -> None:
@@ -358,7 +414,8 @@ def test_keda_scaledobjects_scale_each_worker_on_its_queue(name: str) -> None:
         assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
         (trigger,) = so["spec"]["triggers"]
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis" and meta["listName"] == queue
+        # kombu's list of the queue inside the namespace (global_keyprefix, Keys.queue).
+        assert trigger["type"] == "redis" and meta["listName"] == f"nerv:celery:{queue}"
         assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values must be strings"
         assert trigger["authenticationRef"]["name"] in auths
         host, port = meta["address"].rsplit(":", 1)
@@ -410,7 +467,7 @@ def test_prod_secret_env_files_are_ignored_by_git() -> None:
     secrets_dir = K8S / "overlays" / "prod" / "secrets"
     kustomization = yaml.safe_load((secrets_dir / "kustomization.yaml").read_text())
     for gen in kustomization["secretGenerator"]:
-        for env_file in gen["envs"]:
+        for env_file in [*gen.get("envs", []), *gen.get("files", [])]:
             assert (secrets_dir / f"{env_file}.example").is_file()
             proc = subprocess.run(
                 ["git", "check-ignore", "-q", str(secrets_dir / env_file)], cwd=ROOT, check=False
@@ -442,17 +499,49 @@ def test_compose_depends_on_waits_for_health() -> None:
             assert "healthcheck" in services()[dep]
 
 
-def test_compose_redis_persists_with_aof_and_a_password() -> None:
+def test_compose_redis_persists_with_aof_and_acl_users() -> None:
     redis = services()["redis"]
     cmd = redis["command"]
     assert cmd[0] == "redis-server" and redis["image"].startswith("redis:7")
     opts = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert opts["--appendonly"] == "yes" and opts["--maxmemory-policy"] == "noeviction"
-    assert opts["--requirepass"] == "${REDIS_PASSWORD:-nerv}"
+    assert "--requirepass" not in opts
+    assert f"${{NERV_ACL_FILE:-./deploy/redis/users.acl}}:{opts['--aclfile']}:ro" in redis["volumes"]
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF lives on a volume"
-    assert "redis-cli" in " ".join(redis["healthcheck"]["test"]) and "REDISCLI_AUTH" in redis["environment"]
+    assert "redis-cli --user admin" in " ".join(redis["healthcheck"]["test"])
+    assert redis["environment"]["REDISCLI_AUTH"] == "${NERV_ACL_ADMIN_PASSWORD:-dev-only-insecure-admin}"
     url = services()["scheduler"]["environment"]["NERV_REDIS_URL"]
-    assert url.startswith("redis://:${REDIS_PASSWORD:-nerv}@redis:6379/")
+    assert url == "redis://redis:6379/0", "credentials come per service"
+
+
+def test_compose_every_service_connects_as_its_role_user() -> None:
+    """Every nerv service its role's user (distinct roles, none `default`), password from its role's
+    variable with a dev-only default that the committed deploy/redis/users.acl was rendered from."""
+    from nerv_cluster import acl
+
+    roles = {"scheduler": "scheduler", "worker-cpu": "worker", "worker-io": "worker", "flower": "flower"}
+    roles |= {"console": "console", "demo": "client"}
+    svcs = services()
+    committed = acl.users((ROOT / "deploy" / "redis" / "users.acl").read_text())
+    dev_env: dict[str, str] = {}
+    for svc, role in roles.items():
+        env = svcs[svc]["environment"]
+        assert env["NERV_REDIS_USERNAME"] == f"${{NERV_NAMESPACE:-nerv}}-{role}", svc
+        var = acl.password_variable(role)
+        default = f"dev-only-insecure-{role}"
+        assert env["NERV_REDIS_PASSWORD"] == f"${{{var}:-{default}}}", svc
+        dev_env[var] = default
+        assert f"nerv-{role}" in committed and f"nerv-{role}" != "default"
+    assert len(set(roles.values())) == 5
+    for role in (*acl.GLOBAL_ROLES, "keda"):
+        dev_env[acl.password_variable(role)] = f"dev-only-insecure-{role}"
+    rendered = acl.render(["nerv"], dev_env)
+    assert (ROOT / "deploy" / "redis" / "users.acl").read_text() == rendered, (
+        "deploy/redis/users.acl is stale: re-render it (docs/acl.md)"
+    )
+    assert (K8S / "overlays" / "dev" / "users.acl").read_text() == rendered, "the dev overlay's copy is stale"
+    scheduler = svcs["scheduler"]["environment"]
+    assert scheduler["NERV_METRICS_HOST"] == "0.0.0.0" and scheduler["NERV_METRICS_TOKEN"]
 
 
 def test_compose_nerv_services() -> None:

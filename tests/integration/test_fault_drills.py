@@ -214,6 +214,8 @@ def test_cancel_mid_run_stops_running_tasks_within_two_seconds(cluster: Cluster)
 def test_pickle_and_unknown_messages_are_refused_and_the_worker_keeps_serving(cluster: Cluster) -> None:
     evil = Celery("evil", broker=cluster.redis_url, set_as_current=False)
     evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    # Into the workers' own queue: kombu's keys of the cluster's namespace (nerv_cluster.celery_app).
+    evil.conf.broker_transport_options = {"global_keyprefix": cluster.client.keys.celery}
     run_id = "injected-run"
     job = {"r": run_id, "k": "x", "a": 1, "fn": "nerv_testtasks.counted"}
     evil.send_task("nerv_testtasks.counted", args=[job], queue="cpu", routing_key="cpu", serializer="pickle")

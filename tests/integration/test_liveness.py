@@ -85,7 +85,9 @@ def test_io_worker_never_runs_a_copy_of_an_attempt_it_runs(own_cluster: Cluster)
     app = create_celery(Settings.from_env(c.env))
     try:
         Dispatcher(app).send([([copy], "io")])
-        _wait("the copy taken from the queue", lambda: c.redis.llen("io") == 0, timeout=10)
+        _wait(
+            "the copy taken from the queue", lambda: c.redis.llen(c.client.keys.queue("io")) == 0, timeout=10
+        )
     finally:
         app.close()
     res = c.client.wait(run_id, timeout=60)
@@ -232,10 +234,10 @@ def test_prefetched_jobs_of_a_dead_worker_are_resent_within_seconds(own_cluster:
     for i in range(3):
         wf.add(tt.counted, id=f"t{i}")
     run_id = c.client.submit(wf)
-    unacked = "unacked"  # kombu's hash of messages a consumer reserved
+    unacked = c.client.keys.celery + "unacked"  # kombu's hash of messages a consumer reserved
     _wait(
         "worker A to reserve every message",
-        lambda: c.redis.llen("cpu") == 0 and c.redis.hlen(unacked) >= 3,
+        lambda: c.redis.llen(c.client.keys.queue("cpu")) == 0 and c.redis.hlen(unacked) >= 3,
         timeout=20,
     )
     assert not any(ev.type is EventType.TASK_STARTED for ev in log_of(c.client, run_id))
@@ -258,7 +260,7 @@ def test_one_lost_worker_resends_only_the_queued_jobs_of_its_queues(own_cluster:
     for i in range(3):
         io_wf.add(tt.counted_io, id=f"io{i}")
     io_run = c.client.submit(io_wf)
-    _wait("the io jobs queued", lambda: c.redis.llen("io") == 3)
+    _wait("the io jobs queued", lambda: c.redis.llen(c.client.keys.queue("io")) == 3)
     wf = Workflow("cpu-victim")
     wf.add(tt.slow, 30.0, id="victim")
     run_id = c.client.submit(wf)
@@ -270,7 +272,9 @@ def test_one_lost_worker_resends_only_the_queued_jobs_of_its_queues(own_cluster:
         timeout=30,
     )
     time.sleep(2.0)  # a resend would be sent with the re-dispatch, in the same sweep
-    assert c.redis.llen("io") == 3, "a lost cpu worker made the queued io jobs of another run be sent again"
+    assert c.redis.llen(c.client.keys.queue("io")) == 3, (
+        "a lost cpu worker made the queued io jobs of another run be sent again"
+    )
     c.worker("io", 2)
     assert c.client.wait(io_run, timeout=30).status is RunStatus.COMPLETED
 

@@ -5,15 +5,21 @@ cluster makes (client, scheduler, worker, the Celery broker, the Sentinel's own)
    through the Sentinel and the primary, with passwords on both and ``NERV_REDIS_MIN_REPLICAS=1`` (each
    acknowledged write waited for the replica, which syncs over TLS).
 2. ``rediss://`` to the primary with ``NERV_REDIS_TLS_CA_CERTS``: the same run.
-3. A certificate from another CA: the client, the Sentinel path and the Celery broker fail at once
+3. The console and Flower over ``rediss://`` (Flower's events and inspect replies through the TLS broker).
+4. A certificate from another CA: the client, the Sentinel path and the Celery broker fail at once
    with the TLS verification error, not after the retries or a hang.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nerv_testtasks as tt
 import pytest
@@ -25,6 +31,8 @@ from redis.retry import Retry
 from nerv_cluster import RunStatus, Settings, Workflow
 from nerv_cluster.celery_app import create_celery
 from nerv_cluster.client import connect
+from nerv_cluster.constants import UI_READY_LINE
+from nerv_cluster.embedded import free_port
 from tests.integration.cluster import Cluster
 from tests.integration.tlsredis import DATA_PASSWORD, SENTINEL_PASSWORD, TlsRedis, make_ca, tls_redis_server
 
@@ -53,7 +61,7 @@ def _fan_in() -> tuple[Workflow, int]:
     return wf, sum(i + 1 for i in range(WIDTH))
 
 
-def _runs_to_completion(c: Cluster) -> None:
+def _runs_to_completion(c: Cluster) -> str:
     c.scheduler()
     c.wait_leader()
     c.worker("cpu", 2)
@@ -62,6 +70,53 @@ def _runs_to_completion(c: Cluster) -> None:
     res = c.client.wait(run_id, timeout=40)
     assert res.status is RunStatus.COMPLETED, (res.reason, c.tail(c.procs[0]))
     assert res.tasks["total"].result == expected
+    return run_id
+
+
+def _get_json(url: str, auth: str | None = None) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _poll(what: str, probe: Callable[[], Any], timeout: float = 40) -> Any:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if last:
+                return last
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not seen in {timeout}s (last: {last!r})")
+
+
+def test_console_and_flower_over_rediss(servers: TlsRedis, tmp_path: Path) -> None:
+    """The console reads a run and Flower watches the worker (its events and inspect replies over the
+    TLS broker), both through rediss:// with the test CA: their connections are TLS too."""
+    url = servers.rediss_url.removesuffix("/0") + "/2"
+    c = Cluster(url, tmp_path, NERV_REDIS_TLS_CA_CERTS=str(servers.certs.ca), NERV_BROKER_RESTORE="0")
+    try:
+        c.flush()
+        run_id = _runs_to_completion(c)
+        ui_port, flower_port = free_port(), free_port()
+        ui = c.spawn("console", "ui", "--host", "127.0.0.1", "--port", str(ui_port))
+        c.wait_log(ui, UI_READY_LINE, timeout=30)
+        run = _get_json(f"http://127.0.0.1:{ui_port}/api/runs/{run_id}?tasks=0")
+        assert run["status"] == "COMPLETED", run
+        c.spawn(
+            "flower", "--app", "worker.app:app", "flower", f"--port={flower_port}", "--address=127.0.0.1",
+            "--basic-auth=u:p", command=[sys.executable, "-m", "celery"],
+        )  # fmt: skip
+        auth = "Basic " + base64.b64encode(b"u:p").decode()
+        workers = _poll(
+            "the worker in Flower",
+            lambda: _get_json(f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", auth),
+        )
+        assert any(name.startswith("cpu@") for name in workers), workers
+    finally:
+        c.stop()
 
 
 def test_nothing_speaks_in_clear(servers: TlsRedis) -> None:

@@ -20,7 +20,8 @@ sentinel announce-ip $me
 requirepass $REDIS_PASSWORD
 sentinel sentinel-pass $REDIS_PASSWORD
 sentinel monitor nerv $primary 6379 2
-sentinel auth-pass nerv $REDIS_PASSWORD
+sentinel auth-user nerv sentinel
+sentinel auth-pass nerv $DATA_NODES_PASSWORD
 sentinel down-after-milliseconds nerv 5000
 sentinel failover-timeout nerv 60000
 sentinel parallel-syncs nerv 1
