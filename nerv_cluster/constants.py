@@ -262,6 +262,11 @@ UI_THREADS: Final = 200
 UI_READY_LINE: Final = "Uvicorn running on"
 
 
+#: The claim secret's key is the namespace followed by this (outside every ``<namespace>:*`` pattern, so
+#: only the scheduler's ACL user, which names it, can read it).
+CLAIM_SECRET_SUFFIX: Final = "!claim-secret"
+
+
 class Keys:
     """Every Redis key and channel name, built from one prefix.
 
@@ -308,7 +313,9 @@ class Keys:
         # its fenced write), the secret attempt tokens are minted with (scheduler only), and the
         # job-signing key of a cluster without NERV_SIGNING_KEY (dev and demo).
         self.transcribed = f"{prefix}:scheduler:transcribed"
-        self.claim_secret = f"{prefix}:scheduler:claim-secret"
+        # Not under "<prefix>:": the ACL users of workers and clients read every key there
+        # (deploy/redis, docs/acl.md), and a worker holding this secret could mint any attempt's token.
+        self.claim_secret = f"{prefix}{CLAIM_SECRET_SUFFIX}"
         self.signing_key = f"{prefix}:signing-key"
         self.intake = f"{prefix}:intake"  # clients' requests, which only the scheduler applies (issue 13)
         #: kombu's ``global_keyprefix``: Celery's queues, bindings and channels live under it.

@@ -124,6 +124,7 @@ def test_client_cannot_write_a_run_log_a_queue_the_lease_or_the_feed(server: Acl
     refused(server, lambda: r.xadd(k.feed, {"e": "{}"}), user)
     refused(server, lambda: r.set(k.checkpoint(RUN), "{}"), user)
     refused(server, lambda: r.lpush(k.handoff("w1"), "job"), user)
+    refused(server, lambda: r.get(k.claim_secret), user)  # what attempt tokens are minted with
     # What a client does: read runs, ask through the intake, take its reply.
     assert r.xrange(k.log(RUN)) and r.get(k.checkpoint(RUN)) == "{}" and r.zrange(k.runs, 0, -1) == [RUN]
     assert r.xadd(f"{A}:intake", {"request": "{}"})
@@ -163,6 +164,10 @@ def test_worker_cannot_take_the_lease_write_a_run_log_a_definition_or_a_checkpoi
     refused(server, lambda: r.set(k.cache_entry("f", "0" * 64), "x"), user)
     refused(server, lambda: r.delete(k.feed), user)
     refused(server, lambda: r.set(k.feed, "x"), user)
+    # The secret attempt tokens are minted with: a worker holding it could complete any attempt.
+    server.admin().set(k.claim_secret, "s" * 64)
+    refused(server, lambda: r.get(k.claim_secret), user)
+    assert server.as_role(A, "scheduler").get(k.claim_secret) == "s" * 64
     # What a worker does: read definitions, record outcomes and claims, tell the scheduler, take a
     # hand-off, stay alive, use Celery's keys.
     assert r.xrange(k.log(RUN))
