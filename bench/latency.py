@@ -6,7 +6,10 @@ an upstream result to the downstream start. Two clocks can time that pair:
 
 - "writer": the events' own ``ts`` (the clock of the process that made them: for STARTED and
   COMPLETED a worker, whether the worker appended them to the log itself or a scheduler transcribed
-  them later). Microsecond resolution; on one host every worker shares one clock.
+  them later; for the STARTED of a job handed straight to a waiting worker, the scheduler, whose
+  clock is Redis's time advanced by its monotonic clock, within a sampling error of a fraction of a
+  millisecond of the workers' on one host: such a pair can come out slightly negative). Microsecond
+  resolution; on one host every worker shares one clock.
 - "redis": ``logged_at``, the millisecond of the stream entry id (Redis's clock when the event
   entered the run's log). Millisecond resolution only; when the scheduler transcribes worker events
   it is the transcription's time, so it adds the scheduler's delay to each end of the pair.

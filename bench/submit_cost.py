@@ -11,7 +11,9 @@ the median of ``--repeat`` runs:
   size, the runnable tasks for the name check);
 - accept: the scheduler's side of the same submission, decoding the logged text and ``intake.accept``
   (its own validation and plan);
-- submit (with ``--redis-url``): one whole ``Client.submit`` (wire + validate + the write) on that Redis.
+- submit (with ``--redis-url``): one whole ``Client.submit`` on that Redis, against a scheduler this
+  starts: the client's checks, the intake request, the scheduler's checks and plan, its write of the
+  run's log and its answer (issue 13: only the scheduler writes run logs).
 
 The limits on task count and submission size are raised for the run (a million tasks is over the
 defaults, ``NERV_MAX_TASKS`` and ``NERV_MAX_SUBMISSION_BYTES``). The cyclic GC runs as it would in a
@@ -21,12 +23,15 @@ user's process (``--no-gc`` turns it off, to see its share).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +115,50 @@ def one_round(shape: Shape, redis_url: str | None) -> dict[str, tuple[float, flo
         from nerv_cluster import Client, Settings
 
         settings = Settings.from_env(redis_url=redis_url).with_(
-            max_tasks=BIG_TASKS, max_submission_bytes=BIG_SUBMISSION_BYTES
+            max_tasks=BIG_TASKS, max_submission_bytes=BIG_SUBMISSION_BYTES, intake_timeout=600.0
         )
-        with Client(settings=settings) as client:
+        with Client(settings=settings) as client, _scheduler(redis_url, client) as stop:
+            # The whole submit: the client's checks, the intake request, the scheduler's own checks
+            # and plan, its write of the run's log, and its answer.
             run_id = stage("submit", lambda: client.submit(wf, check_names=False))
-            client.redis.delete(client.keys.log(run_id))
+            stop()  # before the run's keys go: no worker runs it, nobody is to act on it
+            client.redis.delete(client.keys.log(run_id), client.keys.checkpoint(run_id))
+            client.redis.srem(client.keys.active, run_id)
     return out
+
+
+@contextlib.contextmanager
+def _scheduler(redis_url: str, client: Any) -> Iterator[Callable[[], None]]:
+    """A scheduler process on ``redis_url`` with the big limits, leader before this yields; yields the
+    function that stops it (also called on the way out)."""
+    env = {
+        **os.environ,
+        "NERV_REDIS_URL": redis_url,
+        "NERV_MAX_TASKS": str(BIG_TASKS),
+        "NERV_MAX_SUBMISSION_BYTES": str(BIG_SUBMISSION_BYTES),
+        "NERV_METRICS_PORT": "0",
+        "NERV_CHECKPOINT_EVENTS": "0",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "nerv_cluster", "scheduler"], env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    try:
+        deadline = time.monotonic() + 60
+        while not client.redis.exists(client.keys.lease):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench.submit_cost: the scheduler did not become leader")
+            time.sleep(0.05)
+        yield stop
+    finally:
+        stop()
 
 
 def main(argv: list[str] | None = None) -> int:

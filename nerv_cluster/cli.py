@@ -622,14 +622,22 @@ def demo(
     ui_port: int = typer.Option(
         constants.UI_DEFAULT_PORT, "--ui-port", help="The console's port (with --ui)."
     ),
+    join: bool = typer.Option(
+        False,
+        "--join",
+        help="Start nothing: run the workflow on the cluster already serving NERV_REDIS_URL (as a client).",
+    ),
 ) -> None:
     """Run a word-count workflow on a throw-away local cluster: nothing to install beyond this package.
 
     Starts Redis (embedded, unless NERV_REDIS_URL is set), a scheduler, a cpu worker and an io worker,
-    runs 2 x pages + 1 tasks with live progress, checks the answer, and shuts everything down.
+    runs 2 x pages + 1 tasks with live progress, checks the answer, and shuts everything down. With
+    --join it starts nothing and runs the workflow on the cluster already there (docker compose's demo).
     """
-    from nerv_cluster.demo import run_demo
+    from nerv_cluster.demo import join_demo, run_demo
 
+    if join:
+        raise typer.Exit(join_demo(console, pages=pages))
     raise typer.Exit(
         run_demo(console, pages=pages, keep_logs=keep_logs, redis_url=redis_url, ui=ui, ui_port=ui_port)
     )

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import redis
 from rich.console import Console
@@ -31,7 +32,6 @@ from nerv_cluster.embedded import EmbeddedRedisError
 from nerv_cluster.errors import NervError, ServiceFailed, WaitTimeoutError
 from nerv_cluster.launcher import LocalCluster, LocalStack, Service
 from nerv_cluster.model import RunStatus
-from nerv_cluster.sentinel import is_sentinel
 from nerv_cluster.settings import Settings
 from nerv_cluster.state import run_result
 
@@ -47,10 +47,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def probe(url: str) -> None:
     """Fail fast, before starting anything, when a given Redis does not answer."""
-    if is_sentinel(url):
-        probe = connect(Settings.from_env(redis_url=url, redis_socket_timeout=3), retries=0)
-    else:
-        probe = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3, retry=None)
+    # The process's own Redis user and password (NERV_REDIS_USERNAME/PASSWORD) go with the URL, as
+    # for every other connection: under ACL users (README "Security") an anonymous ping is refused.
+    probe = connect(Settings.from_env(redis_url=url, redis_socket_timeout=3), retries=0)
     try:
         probe.ping()
     except redis.RedisError as exc:
@@ -111,28 +110,14 @@ def run_demo(
         console.print(f"ready after {waited:.1f}s; submitting")
         ui_url = _start_console(console, cluster, ui_port) if ui else None
 
-        expected = wordcount.expected_total(pages)
-        started = time.perf_counter()
-        run_id = client.submit(wf)
         try:
-            run = progress.watch(client, run_id, console, timeout=120 + pages * 0.5)
+            ok, run_id = _run_wordcount(console, client, wf, pages)
         except WaitTimeoutError as exc:
             console.print(f"[red]{exc}[/]")
             for s in cluster:
                 console.rule(f"{s.name}: last lines of {s.log_path.name}")
                 console.print(s.log_tail(15), markup=False, highlight=False)
             return 1
-        wall = time.perf_counter() - started
-
-        result = run_result(run)
-        got = result.results.get("total")
-        if result.status is not RunStatus.COMPLETED:
-            console.print(progress.status_renderable(result))
-        ok = result.status is RunStatus.COMPLETED and got == expected
-        mark = "[green]✓ correct[/]" if got == expected else "[red]✗ wrong[/]"
-        console.print(f"total = {got} words (expected_total = {expected}) {mark}")
-        rate = len(wf) / wall
-        console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{rate:.0f} tasks/s[/]")
         code = 0 if ok else 1
         if ui_url is not None:
             console.print(f"the run: [bold]{ui_url}runs/{run_id}[/]")
@@ -155,6 +140,57 @@ def run_demo(
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return code
+
+
+def _run_wordcount(console: Console, client: Client, wf: Any, pages: int) -> tuple[bool, str]:
+    """Submit the word count, watch it live, print and check its answer: (right answer, run id)."""
+    from nerv_cluster.examples import wordcount
+
+    expected = wordcount.expected_total(pages)
+    started = time.perf_counter()
+    run_id = client.submit(wf)
+    run = progress.watch(client, run_id, console, timeout=120 + pages * 0.5)
+    wall = time.perf_counter() - started
+    result = run_result(run)
+    got = result.results.get("total")
+    if result.status is not RunStatus.COMPLETED:
+        console.print(progress.status_renderable(result))
+    ok = result.status is RunStatus.COMPLETED and got == expected
+    mark = "[green]✓ correct[/]" if got == expected else "[red]✗ wrong[/]"
+    console.print(f"total = {got} words (expected_total = {expected}) {mark}")
+    rate = len(wf) / wall
+    console.print(f"{len(wf)} tasks in {wall:.2f}s wall, submit to end: [bold]{rate:.0f} tasks/s[/]")
+    return ok, run_id
+
+
+def join_demo(console: Console, *, pages: int = 200, timeout: float = 60.0) -> int:
+    """The demo's workflow on a cluster that already runs (``nerv demo --join``: the compose stack's
+    scheduler and workers): only a client, so it runs as the client's ACL user, which may not run a
+    scheduler or workers of its own (README "Security"). Returns the exit code."""
+    from nerv_cluster.examples import wordcount
+
+    wf = wordcount.build(pages=pages)
+    names = {t.fn for t in wf.tasks}
+    with Client(settings=Settings.from_env()) as client:
+        console.print(
+            f"[bold]nerv demo[/] (joining the cluster on {client.settings.redis_url}): "
+            f"word count over {pages} pages, {len(wf)} tasks"
+        )
+        deadline = time.monotonic() + timeout
+        with console.status("waiting for a scheduler and workers with the demo's tasks…"):
+            while not (names <= client.registered_tasks().keys() and client.redis.get(client.keys.lease)):
+                if time.monotonic() > deadline:
+                    console.print(
+                        f"[red]no scheduler, or no workers with {sorted(names)}, after {timeout:.0f}s[/]"
+                    )
+                    return 1
+                time.sleep(0.2)
+        try:
+            ok, _ = _run_wordcount(console, client, wf, pages)
+        except WaitTimeoutError as exc:
+            console.print(f"[red]{exc}[/]")
+            return 1
+    return 0 if ok else 1
 
 
 def _start_console(console: Console, cluster: LocalCluster, port: int) -> str:

@@ -28,7 +28,7 @@ from nerv_cluster import constants
 from nerv_cluster.errors import JobSignatureError, MalformedJobError
 from nerv_cluster.jobs import Job
 from nerv_cluster.scripts import Resign
-from nerv_cluster.signing import Signer, claimed_id, signing_key
+from nerv_cluster.signing import Signer, claimed_id, worker_signer
 
 log = logging.getLogger("nerv.worker")
 
@@ -76,10 +76,13 @@ class Handoffs:
     def _open(self, raw: Any, worker_id: str) -> Job | None:
         """The job of a handed message, or None (logged) when the scheduler did not sign it or it is
         no job."""
-        if self._signer is None:
-            self._signer = Signer(signing_key(self._signing, self.redis, self.keys))
+        signer = self._signer
+        if signer is None:
+            signer, keep = worker_signer(self._signing, self.redis, self.keys)
+            if keep:
+                self._signer = signer
         try:
-            return Job.from_wire(raw, self._signer)
+            return Job.from_wire(raw, signer)
         except (JobSignatureError, MalformedJobError, KeyError, TypeError, ValueError, RecursionError) as exc:
             log.warning("refused job %s handed to %s: %s; not run", claimed_id(raw), worker_id, exc)
             return None

@@ -85,14 +85,41 @@ def set_once(client: Any, key: str, fresh: str) -> bytes:
 
 def signing_key(configured: str, client: Any, keys: Keys) -> bytes:
     """The cluster's signing key: ``configured`` (``NERV_SIGNING_KEY``) when set, else the per-cluster
-    key in Redis, created by whoever asks first (one round trip, at process start)."""
+    key in Redis, created by whoever asks first (one round trip, when a scheduler's term begins)."""
     if configured:
         return configured.encode()
     key = set_once(client, keys.signing_key, secrets.token_hex(_GENERATED_KEY_BYTES))
+    _warn_generated(keys)
+    return key
+
+
+def verifying_key(configured: str, client: Any, keys: Keys) -> bytes | None:
+    """The key a worker checks jobs with: ``configured`` when set, else the per-cluster key in Redis,
+    read only (a worker's ACL user may not write it, docs: README "Security"); None while no scheduler
+    has made it yet, when no job it signed can exist either."""
+    if configured:
+        return configured.encode()
+    value = client.get(keys.signing_key)
+    if value is None:
+        return None
+    _warn_generated(keys)
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _warn_generated(keys: Keys) -> None:
     log.warning(
         "NERV_SIGNING_KEY is not set: jobs are signed with a per-cluster key kept in Redis (%s); any "
         "process that can read Redis can sign jobs. Set NERV_SIGNING_KEY (a long random secret, the "
         "same for the scheduler and every worker) in production.",
         keys.signing_key,
     )
-    return key
+
+
+def worker_signer(configured: str, client: Any, keys: Keys) -> tuple[Signer, bool]:
+    """A worker's Signer and whether to keep it: before any scheduler made the cluster's key, one
+    with a random key of its own, which no job verifies against (no job can have been signed yet),
+    not to be kept: the next job reads the key again."""
+    key = verifying_key(configured, client, keys)
+    if key is None:
+        return Signer(secrets.token_bytes(_GENERATED_KEY_BYTES)), False
+    return Signer(key), True

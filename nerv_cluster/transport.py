@@ -32,6 +32,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 
+from nerv_cluster import constants
 from nerv_cluster.errors import MalformedJobError
 
 log = logging.getLogger("nerv.worker")
@@ -67,6 +68,19 @@ def _number_or_none(value: Any) -> bool:
     return value is None or (
         isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     )
+
+
+def check_envelope(item: Any) -> dict[str, Any]:
+    """The kombu message of an entry of a queue other than nerv's job queues (Celery's event and reply
+    queues): a JSON object with properties, whatever its body; :class:`MalformedJobError` otherwise,
+    so an entry kombu could not deliver is dropped instead of stopping the consumer."""
+    try:
+        msg = json.loads(bytes_to_str(item))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise MalformedJobError(f"not a kombu message: {type(exc).__name__}") from None
+    _need(isinstance(msg, dict) and isinstance(msg.get("properties"), dict), "not a kombu message")
+    _need(isinstance(msg["properties"].get("delivery_tag", ""), str), "a kombu message without a tag")
+    return msg
 
 
 def check_message(item: Any) -> dict[str, Any]:
@@ -160,7 +174,10 @@ class _RefusesGarbage:
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             try:
-                message = check_message(item)
+                # nerv's job queues hold only the scheduler's messages; the others (Flower's event
+                # queues, control replies) hold Celery's own, which need only be kombu messages.
+                strict = dest.rsplit(":", 1)[-1] in constants.QUEUES
+                message = check_message(item) if strict else check_envelope(item)
             except MalformedJobError as exc:
                 log.warning("refused an entry of queue %.40r that is no job message: %s", dest, exc)
                 return True

@@ -38,7 +38,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
-from nerv_cluster.signing import Signer, claimed_id, signing_key
+from nerv_cluster.signing import Signer, claimed_id, worker_signer
 from nerv_cluster.workflow import Workflow
 from worker.held import HeldAttempts
 
@@ -90,9 +90,12 @@ class TaskRunner:
     @property
     def signer(self) -> Signer:
         """What job messages are checked with (the key is read once per process)."""
-        if self._signer is None:
-            self._signer = Signer(signing_key(self._signing, self.log.redis, self.log.keys))
-        return self._signer
+        if self._signer is not None:
+            return self._signer
+        signer, keep = worker_signer(self._signing, self.log.redis, self.log.keys)
+        if keep:
+            self._signer = signer
+        return signer
 
     def open(self, wires: Sequence[object]) -> list[Job]:
         """The jobs of signed job messages; a message that is not signed by the scheduler, or was

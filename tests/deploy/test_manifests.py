@@ -572,7 +572,7 @@ def test_compose_nerv_services() -> None:
     assert console["ports"] == ["127.0.0.1:8765:8765"]
     assert "/healthz" in " ".join(console["healthcheck"]["test"])
     demo = svcs["demo"]
-    assert demo["profiles"] == ["demo"] and nerv_argv(compose_argv(demo)) == ["demo"]
+    assert demo["profiles"] == ["demo"] and nerv_argv(compose_argv(demo)) == ["demo", "--join"]
 
 
 # --- deploy/Dockerfile -------------------------------------------------------------------------------------

@@ -78,7 +78,10 @@ def test_bench_rows_show_level_latency_and_cpu_by_role(tmp_path: Path) -> None:
         level = r["level_latency"]
         assert (
             level["count"] > 0
-            and level["p50_ms"] >= 0
+            # (a hand-off's STARTED is dated by the scheduler's clock, Redis's time advanced by the
+            # monotonic clock, against the worker's time.time() for the COMPLETED: within a sampling
+            # error of each other, see scheduler/clock.py)
+            and level["p50_ms"] > -1.0
             and level["clock"] in ("writer", "redis", "writer+redis")
         )
         roles = r["cpu_us_per_task_by_role"]

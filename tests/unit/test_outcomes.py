@@ -157,7 +157,12 @@ def test_the_transcriber_folds_only_what_it_queues_and_records_its_position() ->
             admitted.append(eid)
             state = fold([event], state)
     tr.read_upto(batch.upto)
-    assert admitted == ["1-0", "4-0"]  # the worker's valid start, the client's cancel
+    # The worker's valid start only: a cancel on the feed is a forgery (clients ask through the intake).
+    assert admitted == ["1-0"]
+    # The one other type the feed carries: the scheduler's own rerun of a child run (taken back from
+    # the run's log, never folded from the feed).
+    rerun = ev(E.WORKFLOW_RERUN_REQUESTED, n=1)
+    assert tr.admit("6-0", rerun, batch, state)
     transcripts, position = tr.take()
     assert position == "5-0" and [(r, f) for r, f, _ in transcripts] == [(RUN, "")]
     assert transcripts[0][2] == rows[0][1]["e"], "the stored JSON itself is logged"
