@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from nerv_cluster import constants
 from nerv_cluster.model import EventType
+from nerv_cluster.signing import SIGNATURE_CHARS, Signer
 
 # --------------------------------------------------------------------------------------------------
 # profiles
@@ -426,9 +427,75 @@ def jobs(draw: st.DrawFn, run_id: str = "run-1", task_ids: tuple[str, ...] = ("t
     return out
 
 
+#: The test cluster's signing key (``NERV_SIGNING_KEY`` of a runner or hand-off under test), a signer
+#: of it, and one of another key (a forger's).
+SIGNING_KEY = "fuzz-signing-key"
+SIGNER = Signer(SIGNING_KEY.encode())
+OTHER_SIGNER = Signer(b"not the cluster's key")
+
+
+def seal(body: Any, signer: Signer = SIGNER) -> str:
+    """``body`` as the scheduler sends it: compact JSON, its signature in front (``Job.to_wire``)."""
+    return signer.seal(json.dumps(body, separators=(",", ":")))
+
+
+def signed_jobs(run_id: str = "run-1") -> st.SearchStrategy[str]:
+    """A job message as the scheduler sends it: a valid job, signed with :data:`SIGNING_KEY`."""
+    return jobs(run_id).map(seal)
+
+
+def signed_malformed(run_id: str = "run-1") -> st.SearchStrategy[str]:
+    """A properly signed body that is any JSON or a mutated job (types wrong, fields missing): it
+    passes the signature check and meets ``parse_job``."""
+    return st.one_of(json_values(), mutated(jobs(run_id))).map(seal)
+
+
+def _hex_other(c: str) -> str:
+    return "0" if c != "0" else "1"
+
+
+@st.composite
+def forged_wires(draw: st.DrawFn, run_id: str = "run-1") -> Any:
+    """A job message the scheduler did not send: a signed one altered (a byte of the signature or of the
+    JSON, truncated, the signature in upper case, a lone surrogate), an unsigned body (a dict, its JSON,
+    JSON behind 64 made-up hex digits), or a body signed with another key."""
+    body = draw(jobs(run_id))
+    wire = seal(body)
+    sig = SIGNATURE_CHARS
+    how = draw(st.integers(0, 9))
+    if how == 0:  # one character of the signature changed
+        i = draw(st.integers(0, sig - 1))
+        c = draw(st.sampled_from(["x", "é", " ", "\x00", _hex_other(wire[i])]))
+        return wire[:i] + c + wire[i + 1 :]
+    if how == 1:  # one character of the JSON changed (any change: the HMAC covers every byte)
+        i = draw(st.integers(sig, len(wire) - 1))
+        c = draw(st.characters(codec="utf-8").filter(lambda ch: ch != wire[i]))
+        return wire[:i] + c + wire[i + 1 :]
+    if how == 2:  # truncated, anywhere (down to nothing)
+        return wire[: draw(st.integers(0, len(wire) - 1))]
+    if how == 3:
+        return body  # an unsigned dict, as the scheduler sent jobs before signing
+    if how == 4:
+        return json.dumps(body)
+    if how == 5:
+        return "0" * sig + json.dumps(body, separators=(",", ":"))
+    if how == 6:
+        return seal(body, OTHER_SIGNER)
+    if how == 7 and any(c in "abcdef" for c in wire[:sig]):
+        return wire[:sig].upper() + wire[sig:]
+    if how == 8:  # a lone surrogate in the JSON (a Celery body's JSON can decode to one)
+        i = draw(st.integers(sig, len(wire)))
+        return wire[:i] + "\ud800" + wire[i:]
+    # the signature of one body in front of another (mutated) one
+    other = draw(mutated(st.just(body)))
+    if other == body:
+        other = {**body, "a": body["a"] + 1}
+    return wire[:sig] + json.dumps(other, separators=(",", ":"))
+
+
 def job_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
-    """One job of a message: arbitrary JSON, valid and mutated jobs."""
-    return st.one_of(json_values(), jobs(run_id), mutated(jobs(run_id)))
+    """One job of a message: arbitrary JSON, valid signed jobs, forged ones, signed malformed bodies."""
+    return st.one_of(json_values(), signed_jobs(run_id), forged_wires(run_id), signed_malformed(run_id))
 
 
 def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
@@ -439,14 +506,21 @@ def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
         json_values(),
         st.tuples(batch, st.just({}), st.just({})).map(list),
         mutated(
-            st.tuples(st.lists(jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(list)
+            st.tuples(st.lists(signed_jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(
+                list
+            )
         ),
     )
 
 
 def handoff_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
-    """A hand-off list entry (JSON text of one job): bytes, text, JSON, valid and mutated jobs."""
-    return st.one_of(st.binary(max_size=30), st.text(max_size=30), job_inputs(run_id).map(json.dumps))
+    """A hand-off list entry (one job message): bytes, text, JSON, signed, forged and signed malformed
+    jobs (a dict becomes its JSON: a list entry is text)."""
+    return st.one_of(
+        st.binary(max_size=30),
+        st.text(max_size=30),
+        job_inputs(run_id).map(lambda v: v if isinstance(v, str) else json.dumps(v)),
+    )
 
 
 def kombu_envelope(body: bytes, task: str, queue: str, rng: random.Random) -> dict[str, Any]:
@@ -497,7 +571,7 @@ CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": Non
 def kombu_entries(draw: st.DrawFn) -> Any:
     """A queue list entry: bytes, JSON, a valid kombu message of a valid job, or one mutated."""
     rng = random.Random(draw(st.integers(0, 2**32)))
-    body = json.dumps([[draw(jobs())], {}, CELERY_EMBED]).encode()
+    body = json.dumps([[draw(signed_jobs())], {}, CELERY_EMBED]).encode()
     valid = kombu_envelope(body, FN, "cpu", rng)
     return draw(
         st.one_of(
