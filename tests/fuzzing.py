@@ -592,7 +592,133 @@ def checkpoint_inputs(encoded: dict[str, Any]) -> st.SearchStrategy[Any]:
     return st.one_of(json_values(), mutated(st.just(encoded), max_changes=2))
 
 
-#: The wire forms and their strategies (the intake request and signed jobs join here).
+# --------------------------------------------------------------------------------------------------
+# intake requests (a stream entry's fields: ``i`` the request id, ``q`` the request, ``w`` a definition)
+
+_SCHEDULE_NAMES = ["nightly", "hourly"]
+request_ids = st.text("0123456789abcdef", min_size=32, max_size=32)
+
+
+def _run_ids() -> st.SearchStrategy[str]:
+    return st.sampled_from(["run-1", "other", "made-up-1", "no-such-run"])
+
+
+def request_bodies() -> st.SearchStrategy[dict[str, Any]]:
+    """A valid request (``Request.make``'s ``{"op", ...}``, before its fields are made), of every op,
+    about the test's runs, made-up runs and schedules."""
+    text = st.text(max_size=10)
+    spec = st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(_SCHEDULE_NAMES),
+            "factory": st.just("tests.fuzzing:definitions"),
+            "queue": st.sampled_from(constants.QUEUES),
+            "cron": st.sampled_from([None, "*/5 * * * *", "0 3 * * *"]),
+            "every": st.sampled_from([None, 60.0]),
+            "overlap": st.sampled_from(["skip", "allow", "cancel"]),
+            "catchup": st.sampled_from([False, True]),
+            "timezone": st.sampled_from(["UTC", "Europe/Paris"]),
+            "kwargs": st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), small_json),
+        }
+    )
+    forms: list[st.SearchStrategy[dict[str, Any]]] = [
+        st.fixed_dictionaries({"op": st.just("submit"), "run_id": _run_ids(), "idempotency_key": st.none()}),
+        st.fixed_dictionaries({"op": st.just("cancel"), "run_id": _run_ids(), "reason": text}),
+        st.fixed_dictionaries(
+            {"op": st.just("rerun"), "run_id": _run_ids(), "tasks": st.none() | st.lists(ids, max_size=3)}
+        ),
+        st.fixed_dictionaries(
+            {
+                "op": st.just("signal"),
+                "run_id": _run_ids(),
+                "name": st.sampled_from(["s0", "s1", "nobody-waits"]),
+                "payload": json_values(4),
+            }
+        ),
+        st.fixed_dictionaries(
+            {"op": st.just("set_limit"), "key": ids, "limit": st.none() | st.integers(-2, 2**40)}
+        ),
+        st.fixed_dictionaries({"op": st.just("schedule_set"), "spec": spec}),
+        st.fixed_dictionaries(
+            {
+                "op": st.sampled_from(
+                    ["schedule_pause", "schedule_resume", "schedule_trigger", "schedule_delete"]
+                ),
+                "name": st.sampled_from([*_SCHEDULE_NAMES, "no-such-schedule"]),
+            }
+        ),
+        st.fixed_dictionaries({"op": st.just("clear_cache"), "task": st.none() | ids}),
+    ]
+    return st.one_of(forms)
+
+
+def request_fields(body: dict[str, Any], rid: str, workflow: Any = None) -> dict[str, str]:
+    """The stream entry of a request: its id, its JSON, a submission's definition as JSON text."""
+    out = {constants.INTAKE_ID_FIELD: rid, constants.INTAKE_REQUEST_FIELD: json.dumps(body)}
+    if workflow is not None:
+        out[constants.INTAKE_WORKFLOW_FIELD] = workflow if isinstance(workflow, str) else json.dumps(workflow)
+    return out
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> dict[str, str]:
+    """A well-formed intake entry (what ``Request.fields`` makes): it parses; the scheduler may still
+    refuse it (an unknown run, a wait no node has, a cycle)."""
+    body = draw(request_bodies())
+    workflow = draw(st.one_of(definitions(), broken_graphs())) if body["op"] == "submit" else None
+    return request_fields(body, draw(request_ids), workflow)
+
+
+@st.composite
+def near_valid_requests(draw: st.DrawFn) -> Any:
+    """A well-formed entry changed in one place: the request mutated (a field of the wrong type,
+    missing, added, the op), the id broken, a field added or dropped, ``q`` or ``w`` no JSON, a
+    definition on the wrong op, a definition of any shape."""
+    fields = draw(valid_requests())
+    how = draw(st.integers(0, 7))
+    if how == 0:
+        body = json.loads(fields[constants.INTAKE_REQUEST_FIELD])
+        fields[constants.INTAKE_REQUEST_FIELD] = json.dumps(draw(mutated(st.just(body))))
+    elif how == 1:
+        fields[constants.INTAKE_ID_FIELD] = draw(
+            st.sampled_from(["", "x" * 32, "0" * 31, "0" * 33, "A" * 32, " " + "0" * 31, "0" * 32 + "\n"])
+        )
+    elif how == 2:
+        fields[draw(st.sampled_from(["x", "e", "t", ""]))] = draw(st.text(max_size=8))
+    elif how == 3:
+        del fields[draw(st.sampled_from(sorted(fields)))]
+    elif how == 4:
+        text = fields[constants.INTAKE_REQUEST_FIELD]
+        fields[constants.INTAKE_REQUEST_FIELD] = text[: draw(st.integers(0, len(text) - 1))]
+    elif how == 5:
+        fields[constants.INTAKE_WORKFLOW_FIELD] = json.dumps(draw(definition_inputs()))
+    elif how == 6 and constants.INTAKE_WORKFLOW_FIELD in fields:
+        fields[constants.INTAKE_WORKFLOW_FIELD] = draw(st.sampled_from(["", "{", "[1]", "null", "x" * 40]))
+    else:
+        body = json.loads(fields[constants.INTAKE_REQUEST_FIELD])
+        body["op"] = draw(st.sampled_from(["", "SUBMIT", "drop_all", "write_log", 5, None]))
+        fields[constants.INTAKE_REQUEST_FIELD] = json.dumps(body)
+    return fields
+
+
+def intake_requests() -> st.SearchStrategy[Any]:
+    """An intake stream entry's fields as the scheduler reads them (text to text): valid, near-valid,
+    arbitrary JSON or text in ``q``, and arbitrary field maps; now and then (for ``Request.parse``
+    alone) not even a map."""
+    text_fields = st.dictionaries(st.sampled_from(["i", "q", "w", "x", ""]), st.text(max_size=20), max_size=4)
+    return st.one_of(
+        valid_requests(),
+        near_valid_requests(),
+        near_valid_requests(),
+        st.builds(
+            lambda rid, q: {constants.INTAKE_ID_FIELD: rid, constants.INTAKE_REQUEST_FIELD: q},
+            request_ids,
+            st.one_of(json_values().map(json.dumps), st.text(max_size=30)),
+        ),
+        text_fields,
+    )
+
+
+#: The wire forms and their strategies.
 WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
     "definition": definition_inputs,
     "event": event_inputs,
@@ -600,6 +726,8 @@ WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
     "handoff": handoff_inputs,
     "kombu-message": kombu_entries,
     "checkpoint": checkpoint_inputs,
+    "signed-job": job_inputs,
+    "intake-request": intake_requests,
 }
 
 
