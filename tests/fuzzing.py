@@ -4,13 +4,14 @@ One strategy per wire form, each as three kinds of input: arbitrary JSON (or byt
 valid forms mutated (a field of the wrong type, a field missing, a huge or odd id, a value out of
 range). The unit fuzzers (``tests/unit/test_fuzz_*.py``) feed them to the code that decodes the form;
 the garbage drill (``tests/integration/test_garbage_drill.py``) draws from the same generators
-(:func:`garbage_messages`) with a seeded ``random.Random``, outside Hypothesis, to push them into a live
-cluster.
+(:func:`near_valid`, :func:`random_json`, :func:`garbage_bytes`, :func:`seal`) with a seeded
+``random.Random``, outside Hypothesis, to push them into a live cluster.
 
 Wire forms here: workflow definitions (``WORKFLOW_SUBMITTED``'s ``workflow``), events (the log's and the
-feed's entries), job message bodies (a Celery message's body, a hand-off list entry) and checkpoints.
-A new form (the intake's requests, signed jobs) adds a strategy here and a line to
-:data:`WIRE_FORMS`; see ``docs/fuzz.md``.
+feed's entries), signed job messages (``<signature><JSON>`` in a Celery message's body or on a hand-off
+list: valid ones signed with :data:`SIGNING_KEY`, forged ones, signed bodies that are no job),
+intake requests (an intake entry's fields ``i``, ``q``, ``w``) and checkpoints. A new form adds a
+strategy here and a line to :data:`WIRE_FORMS`; see ``docs/fuzz.md``.
 
 Profiles: ``HYPOTHESIS_PROFILE=ci`` (the default: derandomized, few examples, quick) or ``deep``
 (randomized, many examples); ``NERV_FUZZ_EXAMPLES=N`` sets the example count of either.
