@@ -121,7 +121,7 @@ def _warnings() -> Iterator[list[str]]:
     """The scheduler's warnings while the block runs."""
     records: list[str] = []
     handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign,assignment]
     logger = logging.getLogger("nerv.scheduler")
     logger.addHandler(handler)
     try:
