@@ -385,3 +385,16 @@ def test_replies_holding_bytes_that_are_no_utf8_are_decoded_with_replacements() 
     """Garbage bytes in one feed entry must not fail the whole XREAD (the scheduler refolded on each)."""
     client = connect(Settings.from_env({"NERV_REDIS_URL": "redis://127.0.0.1:1/0"}))
     assert client.connection_pool.connection_kwargs["encoding_errors"] == "replace"
+
+
+def test_a_job_handed_behind_more_than_max_refused_entries_is_still_taken() -> None:
+    """The scheduler handed a job (consuming the flag) behind more forged entries than one wait refuses:
+    the worker, stopping its wait, took one more entry, refused it, and the handed job (its attempt
+    claimed for this live worker) was never run: the run hung (fixed: ``Handoffs._stop_waiting``)."""
+    forged = fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}, fuzzing.OTHER_SIGNER)
+    handed = Job("run-1", "t9", 2, fuzzing.FN, [1], {}).to_wire(fuzzing.SIGNER, "tok")
+    fake = HandoffRedis([forged] * (handoff.MAX_REFUSED + 50) + [handed, forged], waiting=False)
+    with _warnings() as warned:
+        got = _handoffs(fake).take("w1", 30)
+    assert got is not None and (got.task_id, got.attempt, got.token) == ("t9", 2, "tok")
+    assert len(warned) == handoff.MAX_REFUSED + 50 and fake.entries == [forged]
