@@ -35,6 +35,10 @@ log = logging.getLogger("nerv.worker")
 #: Entries that are no job of the scheduler's, refused one after the other in one wait, before the
 #: worker stops waiting (a flood of them must not keep it from its queue).
 MAX_REFUSED = 100
+#: Entries popped after the worker found the scheduler handed it a job (the flag consumed), looking for
+#: that job behind entries that are no job: the job was pushed before anything queued behind it, so only
+#: what a forger pushed before the hand-off stands in front; a bound all the same.
+MAX_DRAINED = 10_000
 
 
 class Handoffs:
@@ -54,7 +58,8 @@ class Handoffs:
         A returned job is already claimed for this worker (its TASK_STARTED is recorded): run it
         without claiming. None: nothing was handed, and nothing will be until the next wait. An entry
         on the list that the scheduler did not sign, was altered, or is no job at all (an empty one
-        too) is refused (logged, not run) and the wait goes on, for at most ``MAX_REFUSED`` of them.
+        too) is refused (logged, not run) and the wait goes on, for at most ``MAX_REFUSED`` of them;
+        a job handed meanwhile is still found behind them when the worker stops waiting.
         """
         lst = self.keys.handoff(worker_id)
         waiting = self.keys.handoff_waiting(worker_id)
@@ -62,16 +67,32 @@ class Handoffs:
         for _ in range(MAX_REFUSED):
             left = deadline - time.monotonic()
             got = self.redis.blpop([lst], timeout=max(left, 0.001)) if left > 0 else None
-            raw = got[1] if got is not None else self._resign(waiting=waiting, handoff_list=lst)
-            if raw is None:
-                return None
-            job = self._open(raw, worker_id)
-            if job is not None or got is None:
+            if got is None:
+                break
+            job = self._open(got[1], worker_id)
+            if job is not None:
                 # A job was handed: the flag was consumed with it, so there is nothing else to resign.
                 return job
             # A refused entry (not the scheduler's): the hand-off may still come, wait on.
+        return self._stop_waiting(worker_id, waiting, lst)
+
+    def _stop_waiting(self, worker_id: str, waiting: str, lst: str) -> Job | None:
+        """Resign; when the scheduler consumed the flag first, the job it handed is on the list, maybe
+        behind entries that are no job of its own: pop on until it (taking only the first entry, as
+        before, lost a job handed behind more than ``MAX_REFUSED`` refused ones: its attempt, claimed
+        for this live worker, was never run)."""
         raw = self._resign(waiting=waiting, handoff_list=lst)
-        return None if raw is None else self._open(raw, worker_id)
+        for _ in range(MAX_DRAINED):
+            if raw is None:
+                return None
+            job = self._open(raw, worker_id)
+            if job is not None:
+                return job
+            raw = self.redis.lpop(lst)
+        log.warning(
+            "hand-off list of %s: over %d entries that are no job; stopped looking", worker_id, MAX_DRAINED
+        )
+        return None
 
     def _open(self, raw: Any, worker_id: str) -> Job | None:
         """The job of a handed message, or None (logged) when the scheduler did not sign it or it is

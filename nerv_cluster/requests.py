@@ -119,6 +119,8 @@ class Request:
             data = json.loads(text)
         except ValueError as exc:
             raise MalformedRequestError(f"the request is not JSON: {exc}") from None
+        except RecursionError:  # nesting deeper than the decoder goes: no request is that deep
+            raise MalformedRequestError("the request is not JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise MalformedRequestError("the request is not a JSON object")
         op = data.pop("op", None)
@@ -166,6 +168,8 @@ def decode_workflow(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise WorkflowError(f"the workflow definition is not JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the decoder goes: a clear refusal, not a crash's name
+        raise WorkflowError("the workflow definition is not JSON: nested too deeply") from None
 
 
 def submitted_json(event_head: Mapping[str, Any], workflow: str, source: str) -> str:

@@ -52,9 +52,16 @@ class Signer:
         no signature or one that does not match its body."""
         if not isinstance(wire, str) or len(wire) <= SIGNATURE_CHARS:
             raise JobSignatureError("the job message is not signed")
-        body = wire[SIGNATURE_CHARS:]
-        want = hmac.digest(self._key, body.encode(), "sha256").hex()
-        if not hmac.compare_digest(want, wire[:SIGNATURE_CHARS]):
+        body, signature = wire[SIGNATURE_CHARS:], wire[:SIGNATURE_CHARS]
+        # A forger's text may hold what neither step takes: a lone surrogate (JSON's "\ud800" decodes
+        # to one) does not encode, and compare_digest raises TypeError on non-ASCII text. Both are a
+        # forgery, to be refused as unsigned, not taken for a signed message that is no job.
+        try:
+            data = body.encode()
+        except UnicodeEncodeError:
+            raise JobSignatureError("the job message's signature does not match its contents") from None
+        want = hmac.digest(self._key, data, "sha256").hex()
+        if not signature.isascii() or not hmac.compare_digest(want, signature):
             raise JobSignatureError("the job message's signature does not match its contents")
         return body
 

@@ -4,13 +4,14 @@ One strategy per wire form, each as three kinds of input: arbitrary JSON (or byt
 valid forms mutated (a field of the wrong type, a field missing, a huge or odd id, a value out of
 range). The unit fuzzers (``tests/unit/test_fuzz_*.py``) feed them to the code that decodes the form;
 the garbage drill (``tests/integration/test_garbage_drill.py``) draws from the same generators
-(:func:`garbage_messages`) with a seeded ``random.Random``, outside Hypothesis, to push them into a live
-cluster.
+(:func:`near_valid`, :func:`random_json`, :func:`garbage_bytes`, :func:`seal`) with a seeded
+``random.Random``, outside Hypothesis, to push them into a live cluster.
 
 Wire forms here: workflow definitions (``WORKFLOW_SUBMITTED``'s ``workflow``), events (the log's and the
-feed's entries), job message bodies (a Celery message's body, a hand-off list entry) and checkpoints.
-A new form (the intake's requests, signed jobs) adds a strategy here and a line to
-:data:`WIRE_FORMS`; see ``docs/fuzz.md``.
+feed's entries), signed job messages (``<signature><JSON>`` in a Celery message's body or on a hand-off
+list: valid ones signed with :data:`SIGNING_KEY`, forged ones, signed bodies that are no job),
+intake requests (an intake entry's fields ``i``, ``q``, ``w``) and checkpoints. A new form adds a
+strategy here and a line to :data:`WIRE_FORMS`; see ``docs/fuzz.md``.
 
 Profiles: ``HYPOTHESIS_PROFILE=ci`` (the default: derandomized, few examples, quick) or ``deep``
 (randomized, many examples); ``NERV_FUZZ_EXAMPLES=N`` sets the example count of either.
@@ -32,6 +33,7 @@ from hypothesis import strategies as st
 
 from nerv_cluster import constants
 from nerv_cluster.model import EventType
+from nerv_cluster.signing import SIGNATURE_CHARS, Signer
 
 # --------------------------------------------------------------------------------------------------
 # profiles
@@ -426,9 +428,75 @@ def jobs(draw: st.DrawFn, run_id: str = "run-1", task_ids: tuple[str, ...] = ("t
     return out
 
 
+#: The test cluster's signing key (``NERV_SIGNING_KEY`` of a runner or hand-off under test), a signer
+#: of it, and one of another key (a forger's).
+SIGNING_KEY = "fuzz-signing-key"
+SIGNER = Signer(SIGNING_KEY.encode())
+OTHER_SIGNER = Signer(b"not the cluster's key")
+
+
+def seal(body: Any, signer: Signer = SIGNER) -> str:
+    """``body`` as the scheduler sends it: compact JSON, its signature in front (``Job.to_wire``)."""
+    return signer.seal(json.dumps(body, separators=(",", ":")))
+
+
+def signed_jobs(run_id: str = "run-1") -> st.SearchStrategy[str]:
+    """A job message as the scheduler sends it: a valid job, signed with :data:`SIGNING_KEY`."""
+    return jobs(run_id).map(seal)
+
+
+def signed_malformed(run_id: str = "run-1") -> st.SearchStrategy[str]:
+    """A properly signed body that is any JSON or a mutated job (types wrong, fields missing): it
+    passes the signature check and meets ``parse_job``."""
+    return st.one_of(json_values(), mutated(jobs(run_id))).map(seal)
+
+
+def _hex_other(c: str) -> str:
+    return "0" if c != "0" else "1"
+
+
+@st.composite
+def forged_wires(draw: st.DrawFn, run_id: str = "run-1") -> Any:
+    """A job message the scheduler did not send: a signed one altered (a byte of the signature or of the
+    JSON, truncated, the signature in upper case, a lone surrogate), an unsigned body (a dict, its JSON,
+    JSON behind 64 made-up hex digits), or a body signed with another key."""
+    body = draw(jobs(run_id))
+    wire = seal(body)
+    sig = SIGNATURE_CHARS
+    how = draw(st.integers(0, 9))
+    if how == 0:  # one character of the signature changed
+        i = draw(st.integers(0, sig - 1))
+        c = draw(st.sampled_from(["x", "é", " ", "\x00", _hex_other(wire[i])]))
+        return wire[:i] + c + wire[i + 1 :]
+    if how == 1:  # one character of the JSON changed (any change: the HMAC covers every byte)
+        i = draw(st.integers(sig, len(wire) - 1))
+        c = draw(st.characters(codec="utf-8").filter(lambda ch: ch != wire[i]))
+        return wire[:i] + c + wire[i + 1 :]
+    if how == 2:  # truncated, anywhere (down to nothing)
+        return wire[: draw(st.integers(0, len(wire) - 1))]
+    if how == 3:
+        return body  # an unsigned dict, as the scheduler sent jobs before signing
+    if how == 4:
+        return json.dumps(body)
+    if how == 5:
+        return "0" * sig + json.dumps(body, separators=(",", ":"))
+    if how == 6:
+        return seal(body, OTHER_SIGNER)
+    if how == 7 and any(c in "abcdef" for c in wire[:sig]):
+        return wire[:sig].upper() + wire[sig:]
+    if how == 8:  # a lone surrogate in the JSON (a Celery body's JSON can decode to one)
+        i = draw(st.integers(sig, len(wire)))
+        return wire[:i] + "\ud800" + wire[i:]
+    # the signature of one body in front of another (mutated) one
+    other = draw(mutated(st.just(body)))
+    if other == body:
+        other = {**body, "a": body["a"] + 1}
+    return wire[:sig] + json.dumps(other, separators=(",", ":"))
+
+
 def job_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
-    """One job of a message: arbitrary JSON, valid and mutated jobs."""
-    return st.one_of(json_values(), jobs(run_id), mutated(jobs(run_id)))
+    """One job of a message: arbitrary JSON, valid signed jobs, forged ones, signed malformed bodies."""
+    return st.one_of(json_values(), signed_jobs(run_id), forged_wires(run_id), signed_malformed(run_id))
 
 
 def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
@@ -439,14 +507,21 @@ def celery_bodies(run_id: str = "run-1") -> st.SearchStrategy[Any]:
         json_values(),
         st.tuples(batch, st.just({}), st.just({})).map(list),
         mutated(
-            st.tuples(st.lists(jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(list)
+            st.tuples(st.lists(signed_jobs(run_id), min_size=1, max_size=3), st.just({}), st.just({})).map(
+                list
+            )
         ),
     )
 
 
 def handoff_inputs(run_id: str = "run-1") -> st.SearchStrategy[Any]:
-    """A hand-off list entry (JSON text of one job): bytes, text, JSON, valid and mutated jobs."""
-    return st.one_of(st.binary(max_size=30), st.text(max_size=30), job_inputs(run_id).map(json.dumps))
+    """A hand-off list entry (one job message): bytes, text, JSON, signed, forged and signed malformed
+    jobs (a dict becomes its JSON: a list entry is text)."""
+    return st.one_of(
+        st.binary(max_size=30),
+        st.text(max_size=30),
+        job_inputs(run_id).map(lambda v: v if isinstance(v, str) else json.dumps(v)),
+    )
 
 
 def kombu_envelope(body: bytes, task: str, queue: str, rng: random.Random) -> dict[str, Any]:
@@ -497,7 +572,7 @@ CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": Non
 def kombu_entries(draw: st.DrawFn) -> Any:
     """A queue list entry: bytes, JSON, a valid kombu message of a valid job, or one mutated."""
     rng = random.Random(draw(st.integers(0, 2**32)))
-    body = json.dumps([[draw(jobs())], {}, CELERY_EMBED]).encode()
+    body = json.dumps([[draw(signed_jobs())], {}, CELERY_EMBED]).encode()
     valid = kombu_envelope(body, FN, "cpu", rng)
     return draw(
         st.one_of(
@@ -518,7 +593,133 @@ def checkpoint_inputs(encoded: dict[str, Any]) -> st.SearchStrategy[Any]:
     return st.one_of(json_values(), mutated(st.just(encoded), max_changes=2))
 
 
-#: The wire forms and their strategies (the intake request and signed jobs join here).
+# --------------------------------------------------------------------------------------------------
+# intake requests (a stream entry's fields: ``i`` the request id, ``q`` the request, ``w`` a definition)
+
+_SCHEDULE_NAMES = ["nightly", "hourly"]
+request_ids = st.text("0123456789abcdef", min_size=32, max_size=32)
+
+
+def _run_ids() -> st.SearchStrategy[str]:
+    return st.sampled_from(["run-1", "other", "made-up-1", "no-such-run"])
+
+
+def request_bodies() -> st.SearchStrategy[dict[str, Any]]:
+    """A valid request (``Request.make``'s ``{"op", ...}``, before its fields are made), of every op,
+    about the test's runs, made-up runs and schedules."""
+    text = st.text(max_size=10)
+    spec = st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(_SCHEDULE_NAMES),
+            "factory": st.just("tests.fuzzing:definitions"),
+            "queue": st.sampled_from(constants.QUEUES),
+            "cron": st.sampled_from([None, "*/5 * * * *", "0 3 * * *"]),
+            "every": st.sampled_from([None, 60.0]),
+            "overlap": st.sampled_from(["skip", "allow", "cancel"]),
+            "catchup": st.sampled_from([False, True]),
+            "timezone": st.sampled_from(["UTC", "Europe/Paris"]),
+            "kwargs": st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), small_json),
+        }
+    )
+    forms: list[st.SearchStrategy[dict[str, Any]]] = [
+        st.fixed_dictionaries({"op": st.just("submit"), "run_id": _run_ids(), "idempotency_key": st.none()}),
+        st.fixed_dictionaries({"op": st.just("cancel"), "run_id": _run_ids(), "reason": text}),
+        st.fixed_dictionaries(
+            {"op": st.just("rerun"), "run_id": _run_ids(), "tasks": st.none() | st.lists(ids, max_size=3)}
+        ),
+        st.fixed_dictionaries(
+            {
+                "op": st.just("signal"),
+                "run_id": _run_ids(),
+                "name": st.sampled_from(["s0", "s1", "nobody-waits"]),
+                "payload": json_values(4),
+            }
+        ),
+        st.fixed_dictionaries(
+            {"op": st.just("set_limit"), "key": ids, "limit": st.none() | st.integers(-2, 2**40)}
+        ),
+        st.fixed_dictionaries({"op": st.just("schedule_set"), "spec": spec}),
+        st.fixed_dictionaries(
+            {
+                "op": st.sampled_from(
+                    ["schedule_pause", "schedule_resume", "schedule_trigger", "schedule_delete"]
+                ),
+                "name": st.sampled_from([*_SCHEDULE_NAMES, "no-such-schedule"]),
+            }
+        ),
+        st.fixed_dictionaries({"op": st.just("clear_cache"), "task": st.none() | ids}),
+    ]
+    return st.one_of(forms)
+
+
+def request_fields(body: dict[str, Any], rid: str, workflow: Any = None) -> dict[str, str]:
+    """The stream entry of a request: its id, its JSON, a submission's definition as JSON text."""
+    out = {constants.INTAKE_ID_FIELD: rid, constants.INTAKE_REQUEST_FIELD: json.dumps(body)}
+    if workflow is not None:
+        out[constants.INTAKE_WORKFLOW_FIELD] = workflow if isinstance(workflow, str) else json.dumps(workflow)
+    return out
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> dict[str, str]:
+    """A well-formed intake entry (what ``Request.fields`` makes): it parses; the scheduler may still
+    refuse it (an unknown run, a wait no node has, a cycle)."""
+    body = draw(request_bodies())
+    workflow = draw(st.one_of(definitions(), broken_graphs())) if body["op"] == "submit" else None
+    return request_fields(body, draw(request_ids), workflow)
+
+
+@st.composite
+def near_valid_requests(draw: st.DrawFn) -> Any:
+    """A well-formed entry changed in one place: the request mutated (a field of the wrong type,
+    missing, added, the op), the id broken, a field added or dropped, ``q`` or ``w`` no JSON, a
+    definition on the wrong op, a definition of any shape."""
+    fields = draw(valid_requests())
+    how = draw(st.integers(0, 7))
+    if how == 0:
+        body = json.loads(fields[constants.INTAKE_REQUEST_FIELD])
+        fields[constants.INTAKE_REQUEST_FIELD] = json.dumps(draw(mutated(st.just(body))))
+    elif how == 1:
+        fields[constants.INTAKE_ID_FIELD] = draw(
+            st.sampled_from(["", "x" * 32, "0" * 31, "0" * 33, "A" * 32, " " + "0" * 31, "0" * 32 + "\n"])
+        )
+    elif how == 2:
+        fields[draw(st.sampled_from(["x", "e", "t", ""]))] = draw(st.text(max_size=8))
+    elif how == 3:
+        del fields[draw(st.sampled_from(sorted(fields)))]
+    elif how == 4:
+        text = fields[constants.INTAKE_REQUEST_FIELD]
+        fields[constants.INTAKE_REQUEST_FIELD] = text[: draw(st.integers(0, len(text) - 1))]
+    elif how == 5:
+        fields[constants.INTAKE_WORKFLOW_FIELD] = json.dumps(draw(definition_inputs()))
+    elif how == 6 and constants.INTAKE_WORKFLOW_FIELD in fields:
+        fields[constants.INTAKE_WORKFLOW_FIELD] = draw(st.sampled_from(["", "{", "[1]", "null", "x" * 40]))
+    else:
+        body = json.loads(fields[constants.INTAKE_REQUEST_FIELD])
+        body["op"] = draw(st.sampled_from(["", "SUBMIT", "drop_all", "write_log", 5, None]))
+        fields[constants.INTAKE_REQUEST_FIELD] = json.dumps(body)
+    return fields
+
+
+def intake_requests() -> st.SearchStrategy[Any]:
+    """An intake stream entry's fields as the scheduler reads them (text to text): valid, near-valid,
+    arbitrary JSON or text in ``q``, and arbitrary field maps; now and then (for ``Request.parse``
+    alone) not even a map."""
+    text_fields = st.dictionaries(st.sampled_from(["i", "q", "w", "x", ""]), st.text(max_size=20), max_size=4)
+    return st.one_of(
+        valid_requests(),
+        near_valid_requests(),
+        near_valid_requests(),
+        st.builds(
+            lambda rid, q: {constants.INTAKE_ID_FIELD: rid, constants.INTAKE_REQUEST_FIELD: q},
+            request_ids,
+            st.one_of(json_values().map(json.dumps), st.text(max_size=30)),
+        ),
+        text_fields,
+    )
+
+
+#: The wire forms and their strategies.
 WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
     "definition": definition_inputs,
     "event": event_inputs,
@@ -526,6 +727,8 @@ WIRE_FORMS: dict[str, Callable[..., st.SearchStrategy[Any]]] = {
     "handoff": handoff_inputs,
     "kombu-message": kombu_entries,
     "checkpoint": checkpoint_inputs,
+    "signed-job": job_inputs,
+    "intake-request": intake_requests,
 }
 
 

@@ -113,6 +113,8 @@ def test_unsigned_and_altered_jobs_are_refused_on_queues_and_hand_offs(own_clust
     keys = c.client.keys
     # 1. Through Celery: an unsigned job, and a signed one whose arguments were changed on the way.
     evil = Celery("evil", broker=c.redis_url, set_as_current=False)
+    # Into the namespace's queues (kombu's key prefix, as the cluster's own Celery app uses it).
+    evil.conf.broker_transport_options = {"global_keyprefix": keys.celery}
     plain = {"r": "injected", "k": "x", "a": 1, "fn": "nerv_testtasks.counted"}
     evil.send_task("nerv_testtasks.counted", args=[plain], queue="cpu", routing_key="cpu")
     wire = Job("injected", "y", 1, "nerv_testtasks.counted", [1], {}).to_wire(c.signer(), "tok")

@@ -1,29 +1,34 @@
 """Fuzzing the worker's messages (issue 13, point 7): a Celery message body or a hand-off entry that is
-not the scheduler's form is refused with one warning; the worker's task path never raises for it; and
-nothing is recorded for any attempt but those the message itself names."""
+not a job the scheduler signed (with the test key, ``fuzzing.SIGNING_KEY``) is refused with one warning:
+a forged or altered message as unsigned, a signed body that is no job by ``parse_job``; the worker's task
+path never raises for it; and nothing is recorded for any attempt but those of properly signed jobs."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import random
+import string
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pytest
 from celery import Celery
 from hypothesis import example, given
 from hypothesis import strategies as hst
 
-from nerv_cluster import constants
+from nerv_cluster import constants, handoff
 from nerv_cluster.client import connect
-from nerv_cluster.errors import MalformedJobError
+from nerv_cluster.errors import JobSignatureError, MalformedJobError
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, parse_job
-from nerv_cluster.model import Event
+from nerv_cluster.model import Event, EventType
 from nerv_cluster.registry import Registry, TaskFunction, task
 from nerv_cluster.settings import Settings
+from nerv_cluster.signing import SIGNATURE_CHARS
 from nerv_cluster.transport import check_message
 from tests import fuzzing
 from worker.app import UnknownTaskLine, _celery_task, _on_unknown
@@ -42,6 +47,9 @@ class RecordingLog:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        # What the runner's signer is read from: never used, the runner is given the key itself.
+        self.redis = None
+        self.keys = constants.Keys("nerv")
 
     def start_attempts(
         self,
@@ -64,7 +72,14 @@ class Runtime:
 
     def __init__(self) -> None:
         self.log = RecordingLog()
-        self._runner = TaskRunner(self.log, REG, "w1", 1 << 20, 3)  # type: ignore[arg-type]
+        self._runner = TaskRunner(
+            self.log,  # type: ignore[arg-type]
+            REG,
+            "w1",
+            1 << 20,
+            3,
+            signing=fuzzing.SIGNING_KEY,
+        )
 
     def runner(self) -> TaskRunner:
         return self._runner
@@ -79,12 +94,27 @@ def _typed(job: Job) -> None:
 
 
 @fuzzing.examples(60)
-@given(fuzzing.jobs())
-def test_the_schedulers_jobs_parse_as_they_were_written(body: dict[str, Any]) -> None:
+@given(fuzzing.jobs(), hst.text(string.hexdigits, max_size=32))
+def test_the_schedulers_jobs_open_as_they_were_written(body: dict[str, Any], token: str) -> None:
     job = parse_job(body)
     same = json.dumps(job.to_dict())  # as text: NaN is not equal to itself
     assert same == json.dumps(Job.from_dict(body).to_dict())
     assert json.dumps(parse_job(json.loads(same)).to_dict()) == same
+    opened = Job.from_wire(job.to_wire(fuzzing.SIGNER, token), fuzzing.SIGNER)
+    assert opened.token == token
+    assert json.dumps(opened.to_dict()) == json.dumps(dataclasses.replace(job, token=token).to_dict())
+
+
+@fuzzing.examples(150)
+@given(fuzzing.forged_wires())
+# Found by this fuzzer: non-ASCII text where the signature goes raised TypeError out of compare_digest,
+# a lone surrogate in the body UnicodeEncodeError: the worker logged both as "a signed message that is
+# no job" (refused still, but taken for the scheduler's own).
+@example("é" + fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN})[1:])
+@example(fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}) + "\ud800")
+def test_a_job_message_the_scheduler_did_not_sign_is_refused_as_such(wire: Any) -> None:
+    with pytest.raises(JobSignatureError):
+        Job.from_wire(wire, fuzzing.SIGNER)
 
 
 @fuzzing.examples(100)
@@ -97,9 +127,29 @@ def test_the_schedulers_jobs_parse_as_they_were_written(body: dict[str, Any]) ->
 @example({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN, "t": float("nan")})  # a NaN time limit
 @example({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN, "retry": {"max_retries": "2"}})
 @example({"r": "run-1", "k": "t0", "a": True, "fn": fuzzing.FN})
+@example({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN, "tok": 5})
 def test_any_job_parses_to_a_sound_job_or_is_refused(body: Any) -> None:
+    """``parse_job`` on any body (a signed wire's JSON included: the body after its signature)."""
+    if isinstance(body, str) and len(body) > SIGNATURE_CHARS:
+        try:
+            body = json.loads(body[SIGNATURE_CHARS:])
+        except ValueError:
+            return
     try:
         job = parse_job(body)
+    except MalformedJobError as exc:
+        assert str(exc)
+        return
+    _typed(job)
+
+
+@fuzzing.examples(100)
+@given(fuzzing.signed_malformed())
+def test_a_signed_body_that_is_no_job_is_refused_by_parse_job(wire: str) -> None:
+    """The signature passes (the scheduler's key), then the body meets ``parse_job``: a sound job or
+    MalformedJobError (ValueError only for text that is no JSON, which a seal of JSON never is)."""
+    try:
+        job = Job.from_wire(wire, fuzzing.SIGNER)
     except MalformedJobError as exc:
         assert str(exc)
         return
@@ -132,27 +182,45 @@ def _app_and_task() -> tuple[Celery, Runtime]:
 APP, RUNTIME = _app_and_task()
 
 
-def _named(body: Any) -> set[str]:
-    """The attempts a message body names, as far as it names any (as JSON text: any value may be there)."""
-    out = set()
-    for job in body[0] if isinstance(body, list) and body and isinstance(body[0], list) else []:
-        if isinstance(job, dict):
-            out.add(json.dumps([job.get("r"), job.get("k"), job.get("a")]))
-    return out
+def _verdict(wire: Any) -> tuple[str, str | None]:
+    """What the worker must make of one job of a message: ("job", its attempt as JSON text) for a job
+    the scheduler signed, ("forged", None) for any other signature, ("malformed", None) for a signed
+    body that is no job."""
+    try:
+        job = Job.from_wire(wire, fuzzing.SIGNER)
+    except JobSignatureError:
+        return "forged", None
+    except (MalformedJobError, ValueError):
+        return "malformed", None
+    return "job", json.dumps([job.run_id, job.task_id, job.attempt])
 
 
-def _recorded() -> set[str]:
-    return {json.dumps([e.run_id, e.task_id, e.attempt]) for e in RUNTIME.log.events}
+def _recorded() -> list[str]:
+    return [json.dumps([e.run_id, e.task_id, e.attempt]) for e in RUNTIME.log.events]
+
+
+def _check_refusals(wires: list[Any], warned: list[logging.LogRecord]) -> set[str]:
+    """One warning per refused job, saying why (never with a traceback); the attempts of the jobs the
+    scheduler signed are returned."""
+    verdicts = [_verdict(w) for w in wires]
+    refusals = [r.getMessage() for r in warned if r.getMessage().startswith("refused job")]
+    assert len(refusals) == sum(v != "job" for v, _ in verdicts), (verdicts, refusals)
+    forged = sum(v == "forged" for v, _ in verdicts)
+    assert sum("signed message that is no job" not in m for m in refusals) == forged, refusals
+    assert all(r.exc_info is None for r in warned)
+    return {a for v, a in verdicts if a is not None}
 
 
 @fuzzing.examples(100)
 @given(fuzzing.celery_bodies())
 # Found by this fuzzer: both raised out of the task (TypeError), which Celery logs as a crash.
-@example([[{"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}, 5], {}, {}])  # a packed batch, one bad
-@example([[{"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN, "kwargs": {"x": 1}}], {"x": 1}, {}])
-def test_a_celery_message_of_any_body_runs_its_own_jobs_or_nothing(body: Any) -> None:
+@example([[fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}), 5], {}, {}])  # one bad
+@example([[fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN})], {"x": 1}, {}])
+@example([[{"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}], {}, {}])  # unsigned, as before
+def test_a_celery_message_of_any_body_runs_its_own_signed_jobs_or_nothing(body: Any) -> None:
     """Through the registered Celery task (as the worker's pool calls it): args are the message's
-    jobs, kwargs its keyword arguments."""
+    jobs, kwargs its keyword arguments. A job not signed with the cluster's key, or altered, is refused
+    with one warning and nothing recorded for it; a signed body that is no job likewise."""
     RUNTIME.log.events.clear()
     args = body[0] if isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) else [body]
     kwargs = body[1] if isinstance(body, list) and len(body) == 3 and isinstance(body[1], dict) else {}
@@ -160,25 +228,37 @@ def test_a_celery_message_of_any_body_runs_its_own_jobs_or_nothing(body: Any) ->
         result = APP.tasks[fuzzing.FN].apply(args=args, kwargs=kwargs, task_id="msg-1")
     assert result.successful(), result.traceback
     recorded = _recorded()
-    if not recorded:
+    if kwargs:  # not the scheduler's form: the whole message refused, one warning
+        assert not recorded
         assert len(warned) == 1 and "refused a message" in warned[0].getMessage(), "refused without a word"
         assert warned[0].exc_info is None
-    else:
-        assert recorded <= _named([args, kwargs, {}]), "recorded an attempt the message does not name"
+        return
+    signed = _check_refusals(list(args), warned)
+    assert set(recorded) <= signed, "recorded an attempt the scheduler did not sign"
+    if not signed:
+        assert not recorded and warned, "refused without a word"
 
 
-@fuzzing.examples(60)
+@fuzzing.examples(80)
 @given(fuzzing.celery_bodies())
-def test_a_message_for_an_unregistered_task_fails_only_the_attempts_it_names(body: Any) -> None:
-    """``task_unknown``: a message of a nerv form fails its own attempts; any other body is refused."""
+def test_a_message_for_an_unregistered_task_fails_only_the_signed_jobs_it_carries(body: Any) -> None:
+    """``task_unknown``: each job the scheduler signed gets its failure recorded; a forged or malformed
+    one is refused (one warning each); any other body is refused as a whole, with one warning."""
 
     class Message:
         def decode(self) -> Any:
             return body
 
     RUNTIME.log.events.clear()
-    _on_unknown(RUNTIME, Message(), "no.such.task")  # type: ignore[arg-type]
-    assert _recorded() <= _named(body)
+    with _warnings() as warned:
+        _on_unknown(RUNTIME, Message(), "no.such.task")  # type: ignore[arg-type]
+    recorded = _recorded()
+    if not (isinstance(body, list) and body and isinstance(body[0], list)):
+        assert not recorded and len(warned) == 1 and "not a nerv job" in warned[0].getMessage()
+        return
+    signed = _check_refusals(list(body[0]), warned)
+    assert sorted(set(recorded)) == sorted(signed)
+    assert all(e.type is EventType.TASK_FAILED for e in RUNTIME.log.events)
 
 
 class HandoffRedis:
@@ -187,6 +267,7 @@ class HandoffRedis:
     def __init__(self, entries: list[Any], waiting: bool) -> None:
         self.entries = list(entries)
         self.waiting = waiting
+        self.popped = 0
 
     def register_script(self, source: str) -> Any:
         def resign(keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
@@ -198,34 +279,61 @@ class HandoffRedis:
         return resign
 
     def blpop(self, keys: Sequence[str], timeout: float) -> Any:
-        return (keys[0], self.entries.pop(0)) if self.entries else None
+        return (keys[0], self.lpop(keys[0])) if self.entries else None
 
     def lpop(self, key: str) -> Any:
-        return self.entries.pop(0) if self.entries else None
+        if not self.entries:
+            return None
+        self.popped += 1
+        return self.entries.pop(0)
 
 
-@fuzzing.examples(80)
+def _handoffs(fake: HandoffRedis) -> Handoffs:
+    return Handoffs(fake, constants.Keys("nerv"), signing=fuzzing.SIGNING_KEY)  # type: ignore[arg-type]
+
+
+@fuzzing.examples(100)
 @given(hst.lists(fuzzing.handoff_inputs(), max_size=4), hst.booleans(), hst.booleans())
 # Found by this fuzzer: take() raised on any entry that was no job's JSON (out of the Celery task, as a
 # crash with a traceback), and an empty entry hid the job handed after it.
 @example([b"\xff"], True, False)
 @example([""], False, True)
-def test_a_handoff_entry_that_is_no_job_is_refused_and_the_wait_ends_cleanly(
+@example([json.dumps({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN})], True, True)  # unsigned
+def test_a_handoff_entry_the_scheduler_did_not_sign_is_refused_and_the_wait_goes_on(
     entries: list[Any], waiting: bool, real: bool
 ) -> None:
-    """Garbage on a worker's hand-off list never raises out of ``take``: it is refused, the worker
-    stops waiting (its flag deleted), and a job the scheduler handed meanwhile is still taken."""
-    job = {"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}
+    """Garbage, forged or signed-malformed entries on a worker's hand-off list never raise out of
+    ``take``: each is refused with one warning, the wait goes on past it, and a job the scheduler
+    handed after them is taken; with none handed the worker stops waiting (its flag deleted)."""
+    job = Job("run-1", "t9", 2, fuzzing.FN, [1], {})
     if real:  # the scheduler handed a job after the garbage: it consumed the flag
-        entries, waiting = [*entries, json.dumps(job)], False
+        entries, waiting = [*entries, job.to_wire(fuzzing.SIGNER, "tok")], False
     fake = HandoffRedis(entries, waiting)
-    got = Handoffs(fake, constants.Keys("nerv")).take("w1", 0.01)  # type: ignore[arg-type]
+    with _warnings() as warned:
+        got = _handoffs(fake).take("w1", 1.0)
     if got is None:
         assert not fake.waiting, "the worker still looks as if it waited for a hand-off"
     else:
         _typed(got)
+    taken = entries[: fake.popped]
+    signed = [w for w in taken if _verdict(w)[0] == "job"]
+    assert len([r for r in warned if "refused job" in r.getMessage()]) == fake.popped - len(signed)
     if real:
         assert got is not None
+        if not [w for w in entries[:-1] if _verdict(w)[0] == "job"]:  # the first signed one is taken
+            assert (got.task_id, got.attempt, got.token) == ("t9", 2, "tok")
+
+
+def test_a_flood_of_refused_handoff_entries_ends_the_wait_after_max_refused() -> None:
+    """A forger filling a waiting worker's list cannot keep it from its queue: after ``MAX_REFUSED``
+    refusals it stops waiting (its flag deleted) and goes back to its queue."""
+    forged = fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}, fuzzing.OTHER_SIGNER)
+    fake = HandoffRedis([forged] * (handoff.MAX_REFUSED + 50), waiting=True)
+    with _warnings() as warned:
+        got = _handoffs(fake).take("w1", 30)
+    assert got is None and not fake.waiting
+    assert fake.popped == handoff.MAX_REFUSED
+    assert len(warned) == handoff.MAX_REFUSED
 
 
 @fuzzing.examples(150)
@@ -251,7 +359,8 @@ def test_a_queue_entry_is_a_message_nerv_could_have_sent_or_is_refused(entry: An
 
 def test_the_schedulers_own_message_passes_the_check() -> None:
     """A message as the scheduler's Celery app publishes it, read back raw from the list."""
-    body = json.dumps([[{"r": "run-1", "k": "a", "a": 1, "fn": fuzzing.FN}], {}, fuzzing.CELERY_EMBED])
+    job = fuzzing.seal({"r": "run-1", "k": "a", "a": 1, "fn": fuzzing.FN})
+    body = json.dumps([[job], {}, fuzzing.CELERY_EMBED])
     entry = json.dumps(fuzzing.kombu_envelope(body.encode(), fuzzing.FN, "cpu", random.Random(2)))
     assert check_message(entry)["headers"]["task"] == fuzzing.FN
     assert check_message(entry.encode())["properties"]["delivery_info"]["routing_key"] == "cpu"
@@ -276,3 +385,16 @@ def test_replies_holding_bytes_that_are_no_utf8_are_decoded_with_replacements() 
     """Garbage bytes in one feed entry must not fail the whole XREAD (the scheduler refolded on each)."""
     client = connect(Settings.from_env({"NERV_REDIS_URL": "redis://127.0.0.1:1/0"}))
     assert client.connection_pool.connection_kwargs["encoding_errors"] == "replace"
+
+
+def test_a_job_handed_behind_more_than_max_refused_entries_is_still_taken() -> None:
+    """The scheduler handed a job (consuming the flag) behind more forged entries than one wait refuses:
+    the worker, stopping its wait, took one more entry, refused it, and the handed job (its attempt
+    claimed for this live worker) was never run: the run hung (fixed: ``Handoffs._stop_waiting``)."""
+    forged = fuzzing.seal({"r": "run-1", "k": "t0", "a": 1, "fn": fuzzing.FN}, fuzzing.OTHER_SIGNER)
+    handed = Job("run-1", "t9", 2, fuzzing.FN, [1], {}).to_wire(fuzzing.SIGNER, "tok")
+    fake = HandoffRedis([forged] * (handoff.MAX_REFUSED + 50) + [handed, forged], waiting=False)
+    with _warnings() as warned:
+        got = _handoffs(fake).take("w1", 30)
+    assert got is not None and (got.task_id, got.attempt, got.token) == ("t9", 2, "tok")
+    assert len(warned) == handoff.MAX_REFUSED + 50 and fake.entries == [forged]
