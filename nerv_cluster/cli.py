@@ -403,7 +403,7 @@ def signal_cmd(
 
 app.add_typer(schedule_app, name="schedule")  # idem (issue 11): nerv schedule add|list|...
 
-acl_app = typer.Typer(no_args_is_help=True, help="Redis ACL users per role (docs/acl.md).")
+acl_app = typer.Typer(no_args_is_help=True, help="Redis ACL users per role (README.md#security).")
 app.add_typer(acl_app, name="acl")
 
 

@@ -309,12 +309,12 @@ class Keys:
         self.capacity = f"{prefix}:capacity"  # worker node -> JSON {queues, concurrency, at}
         self.limits = f"{prefix}:limits"  # LIMIT_SET events (client.set_limit), refolded by a leader
         self.schedules = f"{prefix}:schedules"  # SCHEDULE_* events (idem, issue 11): the schedules' log
-        # docs/outcomes.md: the feed entry up to which the leader transcribed workers' events (set in
+        # README.md#security: the feed entry up to which the leader transcribed workers' events (set in
         # its fenced write), the secret attempt tokens are minted with (scheduler only), and the
         # job-signing key of a cluster without NERV_SIGNING_KEY (dev and demo).
         self.transcribed = f"{prefix}:scheduler:transcribed"
         # Not under "<prefix>:": the ACL users of workers and clients read every key there
-        # (deploy/redis, docs/acl.md), and a worker holding this secret could mint any attempt's token.
+        # (deploy/redis, README.md#security), and a worker holding this secret could mint any attempt's token.
         self.claim_secret = f"{prefix}{CLAIM_SECRET_SUFFIX}"
         self.signing_key = f"{prefix}:signing-key"
         self.intake = f"{prefix}:intake"  # clients' requests, which only the scheduler applies (issue 13)

@@ -114,7 +114,7 @@ class Settings:
     #: for basic auth; without either it serves only a loopback address. Kept out of the repr.
     ui_token: str = field(default="", repr=False)
     #: The key the scheduler signs every job and hand-off with and workers verify them by (HMAC-SHA256,
-    #: see docs/outcomes.md). Unset: a per-cluster random key kept in Redis, with a warning (dev and
+    #: see README.md#security). Unset: a per-cluster random key kept in Redis, with a warning (dev and
     #: demo only: anyone who can read Redis can then sign jobs). Kept out of the repr.
     signing_key: str = field(default="", repr=False)
     ui_user: str = ""

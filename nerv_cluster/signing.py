@@ -11,7 +11,7 @@ the key is read once per process.
 
 The key is ``NERV_SIGNING_KEY``. Without it a cluster uses a random key created once in Redis (``SET
 NX``, so every process of the cluster reads the same one) and warns: that suits a laptop, not production,
-since any process that can read Redis can then sign jobs. See docs/outcomes.md.
+since any process that can read Redis can then sign jobs. See README.md#security.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def settle_cancels(out: Decisions, holders: Sequence[str]) -> None:
 
     A run with such a kept COMPLETED or FAILED is not ended now (its WORKFLOW_CANCELLED is dropped):
     the worker's event is on the feed, not yet folded, and is logged only once the scheduler reads it
-    (docs/outcomes.md); the run ends in the step that folds it, after it in the log.
+    (README.md#security); the run ends in the step that folds it, after it in the log.
     """
     replaced: dict[str, Event | None] = {}
     unread: set[str] = set()

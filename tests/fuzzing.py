@@ -11,7 +11,7 @@ Wire forms here: workflow definitions (``WORKFLOW_SUBMITTED``'s ``workflow``), e
 feed's entries), signed job messages (``<signature><JSON>`` in a Celery message's body or on a hand-off
 list: valid ones signed with :data:`SIGNING_KEY`, forged ones, signed bodies that are no job),
 intake requests (an intake entry's fields ``i``, ``q``, ``w``) and checkpoints. A new form adds a
-strategy here and a line to :data:`WIRE_FORMS`; see ``docs/fuzz.md``.
+strategy here and a line to :data:`WIRE_FORMS`; see ``README.md#security``.
 
 Profiles: ``HYPOTHESIS_PROFILE=ci`` (the default: derandomized, few examples, quick) or ``deep``
 (randomized, many examples); ``NERV_FUZZ_EXAMPLES=N`` sets the example count of either.

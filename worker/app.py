@@ -264,7 +264,7 @@ def _celery_task(app: Celery, tf: TaskFunction, runtime: WorkerRuntime, events: 
             queue = str((self.request.delivery_info or {}).get("routing_key") or "")
             on_handed = functools.partial(events.ran, str(self.request.hostname or ""), queue)
         runner = runtime.runner()
-        opened = runner.open(wires)  # signed by the scheduler, or refused (docs/outcomes.md)
+        opened = runner.open(wires)  # signed by the scheduler, or refused (README.md#security)
         if opened:
             runner.serve(opened, on_handed, str(self.request.id or ""))
 

@@ -1,5 +1,5 @@
 -- The scheduler's writes: only while it holds the lease (the fencing token must match).
--- First the workers' events it checked and transcribes (docs/outcomes.md), before the decisions that
+-- First the workers' events it checked and transcribes (README.md#security), before the decisions that
 -- follow from them, so a run's log reads cause before effect; an outcome only once (the outcomes hash's
 -- field#t marks it transcribed); with them the feed position they cover (position), where a new leader
 -- reads the feed from. Their channel gets them now: a worker publishes nothing.

@@ -1,7 +1,7 @@
 -- Record attempts' outcomes, each once: a second outcome for the same attempt is dropped.
 -- The outcome slot (the outcomes hash) is taken here, and the event goes to the feed only, with the
 -- attempt's claim token in a field of its own ('t'): the scheduler checks it and transcribes the event
--- into the run's log (a worker writes no run log: docs/outcomes.md). No MAXLEN: see start.lua.
+-- into the run's log (a worker writes no run log: README.md#security). No MAXLEN: see start.lua.
 -- Fixed keys and arguments: see nerv_cluster/scripts.py (Finish); the tail: per attempt, key outcomes
 -- hash, arguments field (task:attempt), outcome (event type), event JSON, token.
 -- Returns one 1/0 per attempt: 1 when recorded.

@@ -2,7 +2,7 @@
 -- First it records the outcomes of the attempts it ran before (as finish.lua does, each once): a packed
 -- batch claims each job when it starts, and the same round trip carries the outcomes of the jobs
 -- before it, so a job costs one round trip and a batch never holds claims on jobs it has not started.
--- A worker writes no run log (design.md §12, docs/outcomes.md): its events go to the feed only, with its
+-- A worker writes no run log (design.md §12, README.md#security): its events go to the feed only, with its
 -- attempt's claim token in a field of their own ('t'); the scheduler checks them and transcribes them into
 -- the run's log in its fenced write. No MAXLEN here: the feed is trimmed by the scheduler, only below what
 -- it transcribed.

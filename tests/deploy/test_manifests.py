@@ -537,7 +537,7 @@ def test_compose_every_service_connects_as_its_role_user() -> None:
         dev_env[acl.password_variable(role)] = f"dev-only-insecure-{role}"
     rendered = acl.render(["nerv"], dev_env)
     assert (ROOT / "deploy" / "redis" / "users.acl").read_text() == rendered, (
-        "deploy/redis/users.acl is stale: re-render it (docs/acl.md)"
+        "deploy/redis/users.acl is stale: re-render it (README.md#security)"
     )
     assert (K8S / "overlays" / "dev" / "users.acl").read_text() == rendered, "the dev overlay's copy is stale"
     scheduler = svcs["scheduler"]["environment"]

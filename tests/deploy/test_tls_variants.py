@@ -1,4 +1,4 @@
-"""The TLS variants of the deploy files (issue 13, point 4; docs/acl.md): the Kubernetes overlay
+"""The TLS variants of the deploy files (issue 13, point 4; README.md#security): the Kubernetes overlay
 ``overlays/tls`` and ``docker-compose.tls.yml``. Redis listens on TLS only, and every nerv process
 (scheduler, workers, Flower, the console, the demo) speaks ``rediss://`` verifying the server with the
 mounted CA; KEDA too. tests/integration/test_tls.py runs the processes themselves against a TLS Redis."""

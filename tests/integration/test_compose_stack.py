@@ -60,7 +60,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 #: substitutions are exercised (a service reading a variable the redis service does not is caught).
 COMPOSE_VARS = {
     "REDIS_PASSWORD": f"pw-{secrets.token_hex(8)}",
-    # The Redis users' passwords (docs/acl.md); NERV_ACL_FILE (the users.acl rendered from them) is
+    # The Redis users' passwords (README.md#security); NERV_ACL_FILE (the users.acl rendered from them) is
     # added per stack.
     **{
         acl.password_variable(role): f"acl-{role}-{secrets.token_hex(8)}"

@@ -11,7 +11,7 @@ The garbage comes from ``tests/fuzzing.py`` (seeded, so a failure can be replaye
 the cluster's secrets could make, well-formed: jobs for the real run's live attempts signed with a wrong
 key or not signed (on the queues and the hand-off lists), its attempts' TASK_STARTED and TASK_COMPLETED
 on the feed without a claim token or with a wrong one, and WORKFLOW_SUBMITTED, WORKFLOW_COMPLETED and
-LIMIT_SET entries on the feed (docs/outcomes.md, docs/intake.md).
+LIMIT_SET entries on the feed (README.md#security, README.md#security).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
    ``NERV_METRICS_TOKEN`` answers 401 without ``Authorization: Bearer <token>`` (a real scheduler).
 2. Flower's ``--basic-auth`` covers its pages and API but NOT its ``/metrics`` (Flower 2.2): this test
    holds that down, which is why the deploy files keep Flower's port internal (compose publishes it on
-   127.0.0.1 only; docs/acl.md).
+   127.0.0.1 only; README.md#security).
 """
 
 from __future__ import annotations

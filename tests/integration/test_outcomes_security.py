@@ -1,4 +1,4 @@
-"""Workers write only their attempts' claims and outcomes; jobs are signed (docs/outcomes.md).
+"""Workers write only their attempts' claims and outcomes; jobs are signed (README.md#security).
 
 Real processes: forged feed entries, unsigned and altered jobs (on a Celery queue and on a waiting
 worker's hand-off list), a worker presenting another attempt's token, and a scheduler killed while
@@ -176,7 +176,7 @@ def test_another_attempts_token_gets_a_worker_nothing(own_cluster: Cluster) -> N
     c.worker("cpu", 1)
     _wait("a to complete", lambda: _logged(c, run_id, EventType.TASK_COMPLETED, "a"))
     assert [ev.data["result"] for ev in _logged(c, run_id, EventType.TASK_COMPLETED)] == [3]
-    c.client.cancel(run_id)  # b's outcome slot is the forger's: it cannot complete (docs/outcomes.md)
+    c.client.cancel(run_id)  # b's outcome slot is the forger's: it cannot complete (README.md#security)
 
 
 def test_a_scheduler_killed_before_transcribing_loses_no_outcome(own_cluster: Cluster) -> None:
