@@ -168,6 +168,8 @@ def test_worker_cannot_take_the_lease_write_a_run_log_a_definition_or_a_checkpoi
     server.admin().set(k.claim_secret, "s" * 64)
     refused(server, lambda: r.get(k.claim_secret), user)
     assert server.as_role(A, "scheduler").get(k.claim_secret) == "s" * 64
+    # A run's pub/sub channel: only the scheduler announces a run's events.
+    refused(server, lambda: r.publish(k.channel(RUN), "{}"), user)
     # What a worker does: read definitions, record outcomes and claims, tell the scheduler, take a
     # hand-off, stay alive, use Celery's keys.
     assert r.xrange(k.log(RUN))
