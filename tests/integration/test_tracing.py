@@ -89,8 +89,14 @@ def test_a_worker_sigkilled_mid_task_leaves_the_span_of_the_lost_attempt_and_of_
     assert lost.end_ns == int(pending.ts * 1e9)
     restart = next(ev for ev in events if ev.type is EventType.TASK_STARTED and ev.attempt == 2)
     # (A hand-off claim is the scheduler's own event, seen before the log dated it.)
-    at = restart.ts if restart.source.startswith("scheduler:") else restart.logged_at
-    assert at is not None and retry.start_ns == int(at * 1e9)
+    if restart.source.startswith("scheduler:"):
+        assert retry.start_ns == int(restart.ts * 1e9)
+    else:
+        # A worker's TASK_STARTED is dated when it entered the feed, where the leader read it; the
+        # log's copy is the leader's transcription of it, one step later (issue 13: only the
+        # scheduler writes run logs).
+        assert restart.logged_at is not None
+        assert 0 <= int(restart.logged_at * 1e9) - retry.start_ns < 200_000_000
     # Links: each attempt to the attempts of its dependencies that fed it.
     assert lost.links == retry.links == ((trace, ids["first"]),)
     assert by_id[ids["after"]].links == ((trace, ids["retry"]),)
