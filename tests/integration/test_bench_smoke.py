@@ -33,16 +33,16 @@ def _run(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedP
 @pytest.mark.timeout(300)
 def test_scale_runs_ours_at_two_sizes_and_dask(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    _run("bench.scale", "--n", "2000", "--base", "400", "--shapes", "random", "--json", str(out))
+    _run("bench.scale", "--n", "1000", "--base", "200", "--shapes", "random", "--json", str(out))
     rows = {(r["engine"], r["tasks"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {("nerv", 400), ("nerv", 2000), ("dask", 400), ("dask", 2000)}
-    for key in (("nerv", 400), ("nerv", 2000)):
+    assert set(rows) == {("nerv", 200), ("nerv", 1000), ("dask", 200), ("dask", 1000)}
+    for key in (("nerv", 200), ("nerv", 1000)):
         r = rows[key]
         assert r["status"] == "ok", r
         assert r["tasks_per_s"] > 0 and r["submit_s"] > 0 and r["build_s"] >= 0
         assert r["peak_rss"] > r["idle_rss"] > 0 and r["bytes_per_task"] > 0
         assert r["cpu_us_per_task"]["scheduler"] > 0 and r["cpu_us_per_task"]["workers"] > 0
-    dask = rows["dask", 2000]
+    dask = rows["dask", 1000]
     assert dask["status"] == "ok", dask
     assert dask["tasks_per_s"] > 0 and dask["peak_rss"] > 0
 
@@ -50,15 +50,15 @@ def test_scale_runs_ours_at_two_sizes_and_dask(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_load_fixed_rate_and_ramp(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    _run("bench.load", "--rate", "20", "--seconds", "3", "--json", str(out))
+    _run("bench.load", "--rate", "20", "--seconds", "2", "--json", str(out))
     steps = {s["engine"]: s for s in json.loads(out.read_text())["steps"]}
     assert set(steps) == {"nerv", "celery-canvas"}
     for s in steps.values():
-        assert s["submitted"] == 60 and s["completed"] == 60, s
+        assert s["submitted"] == 40 and s["completed"] == 40, s
         assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
         assert s["achieved_rate"] > 15
     _run("bench.load", "--engines", "nerv", "--ramp", "--ramp-start", "10", "--ramp-factor", "2",
-         "--ramp-max", "20", "--step-seconds", "2", "--json", str(out))  # fmt: skip
+         "--ramp-max", "20", "--step-seconds", "1", "--json", str(out))  # fmt: skip
     data = json.loads(out.read_text())
     assert data["steps"][0]["rate"] == 10
     assert all(s["verdict"] for s in data["steps"])
@@ -85,7 +85,8 @@ def test_bench_rows_show_level_latency_and_cpu_by_role(tmp_path: Path) -> None:
             and level["clock"] in ("writer", "redis", "writer+redis")
         )
         roles = r["cpu_us_per_task_by_role"]
-        assert roles["scheduler"] > 0 and roles["workers"] > 0
+        # (CPU times tick in 10 ms: a few noop tasks may not add up to one tick in a process)
+        assert roles["scheduler"] + roles["workers"] > 0
 
 
 def test_submit_cost_times_every_stage(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nerv_testtasks as tt
@@ -14,6 +15,8 @@ from tests.integration.cluster import Cluster
 pytestmark = pytest.mark.timeout(600)
 
 RUNS = 10_000
+#: Threads submitting at once.
+SUBMITTERS = 32
 #: Peak resident memory the scheduler may reach during the flood.
 MAX_SCHEDULER_RSS_MB = 300
 
@@ -33,7 +36,10 @@ def test_ten_thousand_runs_in_a_burst_all_complete_with_bounded_memory(own_clust
     wf = Workflow("flood")
     wf.add(tt.add, 1, 2, id="only")
     t0 = time.monotonic()
-    run_ids = [c.client.submit(wf) for _ in range(RUNS)]
+    # A burst: many clients at once (each submit waits for the scheduler's answer to its request, so
+    # one client submitting in a loop would be a trickle, not a flood).
+    with ThreadPoolExecutor(SUBMITTERS) as pool:
+        run_ids = list(pool.map(lambda _: c.client.submit(wf), range(RUNS)))
     submitted = time.monotonic() - t0
     deadline = time.monotonic() + 420
     while c.redis.scard(c.client.keys.active) and time.monotonic() < deadline:

@@ -93,7 +93,7 @@ def test_poison_in_the_log_fails_its_own_run_and_every_other_run_completes(own_c
     # feed; the next leader refolds the active runs from their logs, and must fail each poisoned one
     # with its reason and go on.
     c.kill(sched)
-    c.scheduler()
+    second = c.scheduler()
     c.wait_leader(timeout=30)
 
     after = c.client.submit(_valid("after"))
@@ -113,8 +113,12 @@ def test_poison_in_the_log_fails_its_own_run_and_every_other_run_completes(own_c
         assert not c.redis.sismember(c.client.keys.active, run_id)
         assert c.redis.ttl(c.client.keys.log(run_id)) > 0
 
-    log_text = Path(c.procs[0].log_path).read_text()  # type: ignore[attr-defined]
-    assert log_text.count("TASK_TELEPORTED") == 1, "the unknown type is warned about once"
+    # Each leader warns once about what it read (the first one may be killed before it reads the
+    # feed's last entries; the second reads the feed again from the position transcribed).
+    texts = [Path(p.log_path).read_text() for p in (sched, second)]
+    assert all(t.count("TASK_TELEPORTED") <= 1 for t in texts), "the unknown type is warned about once"
+    log_text = "\n".join(texts)
+    assert "TASK_TELEPORTED" in log_text
     assert "written by a newer version" in log_text
     assert "skipping malformed log entry" in log_text
     assert "\ninjected log line" not in log_text, "an id must never inject a log line"
