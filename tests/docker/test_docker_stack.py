@@ -255,7 +255,9 @@ def test_docker_stack(engine: Engine, image: Image, stack: Compose) -> None:
         )
         steps.done(f"--scale worker-cpu={SCALE}: Flower's API lists {SCALE} cpu workers")
 
-        url = f"redis://:{stack.password}@127.0.0.1:{stack.port('redis', 6379)}/0"
+        # As a client: the stack's Redis loads deploy/redis/users.acl (its dev-only passwords, the
+        # compose file's defaults), where a client's user may only read runs and ask the intake.
+        url = f"redis://nerv-client:dev-only-insecure-client@127.0.0.1:{stack.port('redis', 6379)}/0"
         with Client(settings=Settings.from_env({"NERV_REDIS_URL": url})) as client:
             wf = Workflow("docker-spread")
             for i in range(SPREAD_TASKS):
