@@ -28,7 +28,7 @@ from nerv_cluster import constants
 from nerv_cluster.errors import JobSignatureError, MalformedJobError
 from nerv_cluster.jobs import Job
 from nerv_cluster.scripts import Resign
-from nerv_cluster.signing import Signer, claimed_id, worker_signer
+from nerv_cluster.signing import WorkerSigner, claimed_id
 
 log = logging.getLogger("nerv.worker")
 
@@ -49,8 +49,7 @@ class Handoffs:
         self.keys = keys
         self._resign = Resign(client)
         #: ``NERV_SIGNING_KEY`` ('' for the cluster's key in Redis), read into a Signer on first use.
-        self._signing = signing
-        self._signer: Signer | None = None
+        self._signer = WorkerSigner(signing, client, keys)
 
     def take(self, worker_id: str, timeout: float) -> Job | None:
         """Wait up to ``timeout`` seconds for the job handed to ``worker_id``, then stop waiting.
@@ -97,13 +96,8 @@ class Handoffs:
     def _open(self, raw: Any, worker_id: str) -> Job | None:
         """The job of a handed message, or None (logged) when the scheduler did not sign it or it is
         no job."""
-        signer = self._signer
-        if signer is None:
-            signer, keep = worker_signer(self._signing, self.redis, self.keys)
-            if keep:
-                self._signer = signer
         try:
-            return Job.from_wire(raw, signer)
+            return Job.from_wire(raw, self._signer.get())
         except (JobSignatureError, MalformedJobError, KeyError, TypeError, ValueError, RecursionError) as exc:
             log.warning("refused job %s handed to %s: %s; not run", claimed_id(raw), worker_id, exc)
             return None

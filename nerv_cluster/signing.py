@@ -122,6 +122,26 @@ def _warn_generated(keys: Keys) -> None:
     )
 
 
+class WorkerSigner:
+    """A worker process's Signer, read once it exists (see :func:`worker_signer`): the runner and the
+    hand-off wait share this instead of each caching its own."""
+
+    __slots__ = ("_client", "_configured", "_keys", "_signer")
+
+    def __init__(self, configured: str, client: Any, keys: Keys) -> None:
+        self._configured, self._client, self._keys = configured, client, keys
+        self._signer: Signer | None = None
+
+    def get(self) -> Signer:
+        """The Signer to check a job with now."""
+        if self._signer is not None:
+            return self._signer
+        signer, keep = worker_signer(self._configured, self._client, self._keys)
+        if keep:
+            self._signer = signer
+        return signer
+
+
 def worker_signer(configured: str, client: Any, keys: Keys) -> tuple[Signer, bool]:
     """A worker's Signer and whether to keep it: before any scheduler made the cluster's key, one
     with a random key of its own, which no job verifies against (no job can have been signed yet),

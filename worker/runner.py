@@ -38,7 +38,7 @@ from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
 from nerv_cluster.registry import Registry, TaskContext
-from nerv_cluster.signing import Signer, claimed_id, worker_signer
+from nerv_cluster.signing import Signer, WorkerSigner, claimed_id
 from nerv_cluster.workflow import Workflow
 from worker.held import HeldAttempts
 
@@ -74,7 +74,7 @@ class TaskRunner:
         self.log = log
         #: ``NERV_SIGNING_KEY`` ('' for the per-cluster key in Redis), read into ``signer`` once.
         self._signing = signing
-        self._signer: Signer | None = None
+        self._signer: WorkerSigner | None = None
         #: What a returned workflow is checked against before it is recorded.
         self.spawn_bounds = spawn_bounds or SpawnBounds()
         self.handoffs = handoffs
@@ -90,12 +90,9 @@ class TaskRunner:
     @property
     def signer(self) -> Signer:
         """What job messages are checked with (the key is read once per process)."""
-        if self._signer is not None:
-            return self._signer
-        signer, keep = worker_signer(self._signing, self.log.redis, self.log.keys)
-        if keep:
-            self._signer = signer
-        return signer
+        if self._signer is None:
+            self._signer = WorkerSigner(self._signing, self.log.redis, self.log.keys)
+        return self._signer.get()
 
     def open(self, wires: Sequence[object]) -> list[Job]:
         """The jobs of signed job messages; a message that is not signed by the scheduler, or was
