@@ -28,8 +28,9 @@ from nerv_cluster.state import RunState, TaskState
 
 #: Bumped whenever the encoding changes; a checkpoint of another version is ignored.
 #: 3: TaskState.first, RunState.reruns (rerun); 4: cache and child-run fields; 5: map growth, gathered (map);
-#: 6: waiting, woken, signals (waits, issue 11); 7: limits (TaskState.held, .slot; RunState.held).
-FORMAT = 7
+#: 6: waiting, woken, signals (waits, issue 11); 7: limits (TaskState.held, .slot; RunState.held);
+#: 8: TaskState.claim (claim nonces, README.md#security).
+FORMAT = 8
 
 _TASK_FIELDS = TaskState._fields
 _STATUS_AT = _TASK_FIELDS.index("status")
@@ -116,7 +117,7 @@ def _check(run: RunState) -> None:
         for value in (ts.dispatched_at, ts.started_at, ts.finished_at, ts.due_at):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ValueError(f"task {tid!r:.80} has a time that is no number: {value!r:.40}")
-        for text in (ts.worker, ts.via, ts.child, ts.slot, ts.cache_key, ts.cached_from):
+        for text in (ts.worker, ts.via, ts.child, ts.slot, ts.cache_key, ts.cached_from, ts.claim):
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"task {tid!r:.80} has a name that is no string: {text!r:.40}")
         if not all(type(b) is bool for b in (ts.dispatched, ts.held, ts.batch)):

@@ -142,6 +142,17 @@ TOKEN_FIELD: Final = "t"
 #: The event data key by which a worker's event carries its token to ``EventLog`` (which moves it to
 #: ``TOKEN_FIELD``: the logged event never holds it).
 TOKEN_KEY: Final = "tok"
+#: The event data key by which a worker's outcome carries its claim's nonce to ``EventLog``, which appends
+#: it to the token in ``TOKEN_FIELD`` (``<token>.<nonce>``): the logged event never holds it.
+NONCE_KEY: Final = "nonce"
+#: The data key of a TASK_STARTED that names its claim: the hash of the nonce only the process that
+#: claimed the attempt knows (``nerv_cluster.outcomes``); logged, folded into ``TaskState.claim``.
+CLAIM_KEY: Final = "claim"
+#: The data key of a waiting worker's TASK_COMPLETED naming the claim of the job it waits for (the
+#: scheduler's hand-off TASK_STARTED records it: the nonce never leaves the worker process).
+HANDOFF_CLAIM_KEY: Final = "handoff_claim"
+#: Between the token and the nonce in a feed entry's token field (both are hex: it is in neither).
+CREDENTIAL_SEP: Final = "."
 #: Worker nodes announce their queues and concurrency this often; older announcements are ignored.
 CAPACITY_INTERVAL_S: Final = 5.0
 CAPACITY_STALE_S: Final = 20.0

@@ -34,6 +34,7 @@ from nerv_cluster.errors import (
 )
 from nerv_cluster.intake import describe
 from nerv_cluster.model import Event
+from nerv_cluster.outcomes import credential
 from nerv_cluster.replication import Replication
 from nerv_cluster.scripts import FencedAppend, Scripts, Supersede
 
@@ -131,9 +132,13 @@ def is_full(exc: redis.ResponseError) -> bool:
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
+_SECRET_KEYS = (constants.TOKEN_KEY, constants.NONCE_KEY)
+
+
 def _sealed(ev: Event) -> tuple[str, str]:
-    """A worker's event as logged (its claim token, under ``TOKEN_KEY`` in its data, taken out) and
-    that token: the token travels in a stream field of its own and never reaches a run log."""
+    """A worker's event as logged (its claim token and an outcome's nonce, under ``TOKEN_KEY`` and
+    ``NONCE_KEY`` in its data, taken out) and its credential (``<token>.<nonce>``, or the token alone):
+    that travels in a stream field of its own and never reaches a run log."""
     data = ev.data
     tok = data.get(constants.TOKEN_KEY)
     if tok is None:
@@ -143,12 +148,12 @@ def _sealed(ev: Event) -> tuple[str, str]:
         ev.run_id,
         ev.task_id,
         ev.attempt,
-        {key: v for key, v in data.items() if key != constants.TOKEN_KEY},
+        {key: v for key, v in data.items() if key not in _SECRET_KEYS},
         ev.ts,
         ev.id,
         ev.source,
     )
-    return bare.to_json(), str(tok)
+    return bare.to_json(), credential(str(tok), str(data.get(constants.NONCE_KEY) or ""))
 
 
 def attempt_field(task_id: str, attempt: int) -> str:
@@ -327,7 +332,9 @@ class EventLog:
                 rid = started.run_id
                 tail_keys += [k.handoff_waiting(worker), k.handoff(worker), k.log(rid), k.claims(rid)]
                 args += [attempt_field(started.task_id, started.attempt), worker, k.channel(rid)]
-                args += [started.to_json(), job]
+                # The flag must hold the claim the TASK_STARTED names: the wait it was offered for, not
+                # a later one of the same worker (whose nonce is another), see fenced_append.lua.
+                args += [started.to_json(), job, str(started.data.get(constants.CLAIM_KEY, ""))]
         # One script, not a pipeline of two: a pipeline of scripts costs redis-py an extra round trip
         # (SCRIPT EXISTS) every time, and this is on every hop of a chain.
         # A key of this call's own: redis-py resends a call whose reply was lost, and the script must
@@ -404,7 +411,8 @@ class EventLog:
     def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
         """Record attempts' outcome events in one round trip; False where that attempt already had one.
 
-        ``waiting``: the worker id that will wait for a hand-off once the last outcome is recorded.
+        ``waiting``: the worker id that will wait for a hand-off once the last outcome is recorded; its
+        waiting flag holds the claim that outcome names for the job to be handed (``HANDOFF_CLAIM_KEY``).
         """
         if not events:
             return []
@@ -413,6 +421,7 @@ class EventLog:
         recorded = self.scripts.finish(
             feed=k.feed,
             waiting=k.handoff_waiting(waiting) if waiting else "",
+            waiting_claim=str(events[-1].data.get(constants.HANDOFF_CLAIM_KEY, "")) if waiting else "",
             waiting_ttl_ms=constants.HANDOFF_TTL_MS,
             tail_keys=keys,
             tail_args=args,

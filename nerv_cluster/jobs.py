@@ -10,6 +10,7 @@ from typing import Any
 from nerv_cluster import ids, mapping
 from nerv_cluster.errors import MalformedJobError, NervError
 from nerv_cluster.model import RetryPolicy
+from nerv_cluster.outcomes import is_claim
 from nerv_cluster.signing import Signer
 from nerv_cluster.state import RunState
 from nerv_cluster.workflow import resolve_refs
@@ -48,6 +49,9 @@ class Job:
     #: The attempt's claim token (``nerv_cluster.outcomes``): minted by the scheduler as it sends the
     #: job, presented with every event the worker writes about the attempt.
     token: str = field(default="", compare=False)
+    #: A handed job's claim (``nerv_cluster.handoff``): the one its waiting worker's outcome named, by
+    #: which that process finds the nonce it keeps for it ('' for a job sent through Celery).
+    claim: str = field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -75,6 +79,8 @@ class Job:
             out["f"] = self.first
         if self.token:
             out["tok"] = self.token
+        if self.claim:
+            out["c"] = self.claim
         return out
 
     def to_wire(self, signer: Signer, token: str) -> str:
@@ -109,6 +115,7 @@ class Job:
             handoff=bool(data.get("h")),
             first=int(data.get("f", 1)),
             token=str(data.get("tok", "")),
+            claim=str(data.get("c", "")),
         )
 
 
@@ -153,6 +160,9 @@ def parse_job(data: Any) -> Job:
     retry, token = data.get("retry"), data.get("tok", "")
     if not isinstance(token, str):
         raise MalformedJobError(f"the job's claim token is not a string: {token!r:.80}")
+    claim = data.get("c", "")
+    if claim != "" and not is_claim(claim):
+        raise MalformedJobError(f"the job's claim is not one: {claim!r:.80}")
     try:
         policy = RetryPolicy.from_dict(retry) if retry else None
     except (NervError, TypeError, ValueError, AttributeError) as exc:
@@ -171,6 +181,7 @@ def parse_job(data: Any) -> Job:
         handoff=bool(data.get("h")),
         first=first,
         token=token,
+        claim=claim,
     )
 
 

@@ -183,23 +183,25 @@ class Start(LuaScript):
 class Finish(LuaScript):
     """Record attempts' outcomes, each once (the outcome slot, and the event on the feed with its claim
     token: the scheduler transcribes it); one 1/0 per attempt. With ``waiting`` (a flag key), set
-    that flag when the last outcome was recorded (the worker then waits for a hand-off)."""
+    that flag to ``waiting_claim`` when the last outcome was recorded (the worker then waits for a
+    hand-off with that claim)."""
 
     name = "finish"
     replicated = True
     keys = ("feed",)
-    args = ("waiting", "waiting_ttl_ms")
+    args = ("waiting", "waiting_claim", "waiting_ttl_ms")
 
     def __call__(
         self,
         *,
         feed: str,
         waiting: str,
+        waiting_claim: str,
         waiting_ttl_ms: int,
         tail_keys: Sequence[str],
         tail_args: Sequence[Any],
     ) -> list[Any]:
-        return list(self._run([feed], [waiting, waiting_ttl_ms], tail_keys, tail_args))
+        return list(self._run([feed], [waiting, waiting_claim, waiting_ttl_ms], tail_keys, tail_args))
 
 
 class Lease(LuaScript):

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 from pyrsistent import PMap, pmap
 
 from nerv_cluster import caching, intake, mapping, waits
+from nerv_cluster.constants import CLAIM_KEY
 from nerv_cluster.errors import TaskFailedError
 from nerv_cluster.model import (
     TERMINAL_TASK_STATUSES,
@@ -150,6 +151,9 @@ class TaskState(NamedTuple):
     #: attempt holds (recorded by its TASK_DISPATCHED) while it is dispatched or running.
     held: bool = False
     slot: str | None = None
+    #: The current attempt's claim (nerv_cluster/outcomes.py): the hash of the nonce its TASK_STARTED
+    #: named, which only the process that started it knows; an outcome must present that nonce.
+    claim: str | None = None
 
 
 class RunState(NamedTuple):
@@ -532,6 +536,7 @@ def _started(run: RunState, ev: Event) -> RunState:
             lost=ts.lost + (0 if ts.batch else 1),
             via=via,
             batch=bool(ev.data.get("batch")),
+            claim=_text(ev.data, CLAIM_KEY, None),
         )
         return _put(run, tid, ts, new)
     new = ts._replace(
@@ -541,6 +546,7 @@ def _started(run: RunState, ev: Event) -> RunState:
         worker=worker,
         via=via,
         batch=bool(ev.data.get("batch")),
+        claim=_text(ev.data, CLAIM_KEY, None),
     )
     return _put(run, tid, ts, new, ready=run.ready.discard(tid))
 

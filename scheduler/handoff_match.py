@@ -13,29 +13,38 @@ worker's waiting flag still exists, so a waiter that already left costs a Celery
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from nerv_cluster.constants import CLAIM_KEY, HANDOFF_CLAIM_KEY
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType
+from nerv_cluster.outcomes import is_claim
 from nerv_cluster.state import State
 
 #: A job and its queue.
 Queued = tuple[Job, str]
+#: A waiting worker: its id, the Celery message it serves, the claim of the job it waits for.
+Waiter = tuple[str, str, str]
 #: A hand-off: the TASK_STARTED event that claims the attempt for the worker, the job, its queue.
 Handoff = tuple[Event, Job, str]
 
 
 class HandoffMatcher:
-    """The waiters seen in this step's outcomes: run -> task -> (worker id, Celery message it serves)."""
+    """The waiters seen in this step's outcomes: run -> task -> (worker id, Celery message it serves,
+    claim of the job it waits for)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._waiters: dict[str, dict[str, tuple[str, str]]] = {}
+        self._waiters: dict[str, dict[str, Waiter]] = {}
 
     def observe(self, ev: Event) -> None:
-        """Note the waiter of a TASK_COMPLETED read from the feed, if it waits."""
+        """Note the waiter of a TASK_COMPLETED read from the feed, if it waits. One that names no
+        well-formed claim for the job it waits for is handed nothing (its outcome's nonce was checked,
+        so the claim is its own: only it can record the handed job's outcome)."""
         if ev.type is EventType.TASK_COMPLETED and ev.task_id is not None:
-            waiter = ev.data.get("handoff")
-            if waiter:
-                where = (str(waiter), str(ev.data.get("via", "")))
+            waiter, claim = ev.data.get("handoff"), ev.data.get(HANDOFF_CLAIM_KEY)
+            if waiter and is_claim(claim):
+                where = (str(waiter), str(ev.data.get("via", "")), str(claim))
                 self._waiters.setdefault(ev.run_id, {})[ev.task_id] = where
 
     def clear(self) -> None:
@@ -54,7 +63,7 @@ class HandoffMatcher:
         handoffs: list[Handoff] = []
         for job, queue in jobs:
             waiting = waiters.get(job.run_id)
-            worker: tuple[str, str] | None = None
+            worker: Waiter | None = None
             if waiting and not job.timeout:
                 defs = state.runs[job.run_id].defs
                 for dep in defs[job.task_id].dependencies:
@@ -69,9 +78,16 @@ class HandoffMatcher:
                 job.run_id,
                 job.task_id,
                 job.attempt,
-                {"worker": worker[0], "handoff": True, **({"via": worker[1]} if worker[1] else {})},
+                {
+                    "worker": worker[0],
+                    "handoff": True,
+                    CLAIM_KEY: worker[2],
+                    **({"via": worker[1]} if worker[1] else {}),
+                },
                 ts=now,
                 source=source,
             )
-            handoffs.append((started, job, queue))
+            # The job names its claim: a thread pool's threads share one hand-off list, and the thread
+            # that pops the job finds the nonce the waiter keeps for that claim.
+            handoffs.append((started, replace(job, claim=worker[2]), queue))
         return rest, handoffs

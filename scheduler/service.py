@@ -253,7 +253,12 @@ class SchedulerService:
 
         self.effects.seal = seal
         self.dispatcher.seal = seal
-        self.effects.transcriber.begin(tokens, position)
+
+        def alive(worker: str) -> bool:
+            # Asked only for a takeover (a TASK_STARTED of an attempt another process runs): rare.
+            return bool(redis_.exists(keys.heartbeat(worker)))
+
+        self.effects.transcriber.begin(tokens, position, alive)
 
     def _fold_feed(self, entries: Batch, taken: Collection[str]) -> Batch:
         """Fold the feed's entries that pass :meth:`scheduler.transcribe.Transcriber.admit` (workers'

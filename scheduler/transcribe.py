@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nerv_cluster import outcomes
 from nerv_cluster import state as st
@@ -44,10 +45,18 @@ class Transcriber:
         #: The position last recorded in Redis (by a fenced write), or found there by a takeover.
         self.written = ""
         self._warned: OrderedDict[str, None] = OrderedDict()
+        self._alive: Callable[[str], bool] = outcomes.no_heartbeats
 
-    def begin(self, tokens: outcomes.AttemptTokens, position: str) -> None:
-        """A term starts: tokens under the cluster's claim secret, the feed read after ``position``."""
+    def begin(
+        self,
+        tokens: outcomes.AttemptTokens,
+        position: str,
+        alive: Callable[[str], bool] = outcomes.no_heartbeats,
+    ) -> None:
+        """A term starts: tokens under the cluster's claim secret, the feed read after ``position``;
+        ``alive(worker)`` tells whether a worker process's heartbeat is there (for takeovers)."""
         self.tokens = tokens
+        self._alive = alive
         self._pending.clear()
         self.position = self.written = position
 
@@ -63,7 +72,7 @@ class Transcriber:
         if kind in outcomes.WORKER_TYPES:
             assert self.tokens is not None, "admit() before begin()"
             sealed = batch.sealed.get(entry_id)
-            why = outcomes.check(state, ev, sealed[1] if sealed else "", self.tokens)
+            why = outcomes.check(state, ev, sealed[1] if sealed else "", self.tokens, self._alive)
             if why is None:
                 assert sealed is not None  # check() refuses an entry without a token
                 field = attempt_field(str(ev.task_id), int(ev.attempt or 0))

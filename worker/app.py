@@ -294,20 +294,8 @@ def _on_unknown(runtime: WorkerRuntime, message: Any, name: str) -> None:
             f"no worker on queue has task {name!r} registered (worker {runner.worker_id}); "
             "start workers with the module that defines it"
         )
-    ).to_dict()
-    source = f"worker:{runner.worker_id}"
-    failed = [
-        Event(
-            EventType.TASK_FAILED,
-            job.run_id,
-            job.task_id,
-            job.attempt,
-            {"error": error, constants.TOKEN_KEY: job.token},
-            source=source,
-        )
-        for job in jobs
-    ]
-    runner.log.finish_attempts(failed)
+    )
+    runner.fail(jobs, error)
 
 
 def create_worker_app(settings: Settings, modules: Iterable[str] | None = None) -> Celery:

@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ from nerv_cluster.failures import failure_outcome
 from nerv_cluster.handoff import Handoffs
 from nerv_cluster.jobs import Job, job_id
 from nerv_cluster.model import Event, EventType, TaskError
+from nerv_cluster.outcomes import claim_of, new_nonce
 from nerv_cluster.registry import Registry, TaskContext
 from nerv_cluster.signing import Signer, WorkerSigner, claimed_id
 from nerv_cluster.workflow import Workflow
@@ -46,6 +49,8 @@ log = logging.getLogger("nerv.worker")
 
 #: Longest a batch holds finished outcomes before recording them (downstream tasks wait for them).
 BATCH_FLUSH_S = 0.02
+#: Hand-off claims a process keeps the nonces of (one per waiting thread is needed; old ones go).
+MAX_WAITS = 1024
 #: Verdicts of a batch claim whose job this process runs.
 _RUN = frozenset({"ok", "strict"})
 
@@ -86,6 +91,13 @@ class TaskRunner:
         self.held = held if held is not None else HeldAttempts()
         #: True once the worker began a warm shutdown: serve no more hand-offs.
         self.stopping = stopping or (lambda: False)
+        #: Job id -> the nonce of this process's claim on that attempt; never written anywhere.
+        self._nonces: dict[str, str] = {}
+        #: Claim -> nonce of the hand-offs this process's outcomes asked for: shared by a thread pool's
+        #: threads, which share one hand-off list (the thread that pops a job may not be the one whose
+        #: outcome asked for it). Bounded, oldest out: a wait lasts ``HANDOFF_WAIT_S``.
+        self._waits: OrderedDict[str, str] = OrderedDict()
+        self._waits_lock = threading.Lock()
 
     @property
     def signer(self) -> Signer:
@@ -109,8 +121,16 @@ class TaskRunner:
         return jobs
 
     def _event(self, kind: EventType, job: Job, data: dict[str, Any]) -> Event:
-        # The claim token rides in the data to EventLog, which moves it out of the logged event.
+        # The claim token (and an outcome's nonce) ride in the data to EventLog, which moves them out of
+        # the logged event. A start makes the attempt's nonce and names only its hash: the nonce stays
+        # in this process until the outcome presents it (nerv_cluster/outcomes.py).
         data[constants.TOKEN_KEY] = job.token
+        if kind is EventType.TASK_STARTED:
+            nonce = new_nonce()
+            self._nonces[job.id] = nonce
+            data[constants.CLAIM_KEY] = claim_of(nonce)
+        else:
+            data[constants.NONCE_KEY] = self._nonces.pop(job.id, "")
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
 
     def claim(
@@ -181,11 +201,22 @@ class TaskRunner:
                 )
                 poisoned.append(self._failure(job, TaskError.from_exception(lost), time.time()))
             else:
+                self._nonces.pop(job.id, None)
                 why = "already has an outcome" if verdict == "done" else "is held by a live worker"
                 log.info("job %s not run: the attempt %s", job.id, why)
         self.held.release(dropped)
         self.log.finish_attempts(poisoned)
         return runnable
+
+    def fail(self, jobs: Sequence[Job], error: TaskError) -> None:
+        """Claim ``jobs`` and record each one FAILED with ``error``, without running it (a function this
+        worker does not have). Claimed first like any attempt: only the claim's holder records its outcome."""
+        claimed = self.claim(jobs)
+        data = {"error": error.to_dict(), "worker": self.worker_id}
+        try:
+            self.log.finish_attempts([self._event(EventType.TASK_FAILED, job, dict(data)) for job in claimed])
+        finally:
+            self.held.release(job.id for job in claimed)
 
     def serve(
         self, jobs: Sequence[Job], on_handed: Callable[[Job, Event], None] | None = None, via: str = ""
@@ -212,9 +243,12 @@ class TaskRunner:
                 return ran
             assert self.handoffs is not None
             handed = self.handoffs.take(self.worker_id, constants.HANDOFF_WAIT_S)
-            # A handed job is claimed for this process already (fenced_append.lua).
+            # A handed job is claimed for this process already (fenced_append.lua), with the claim the
+            # outcome before it named: its outcome presents that nonce.
             if handed is not None:
                 self.held.add(handed.id)
+                with self._waits_lock:
+                    self._nonces[handed.id] = self._waits.pop(handed.claim, "")
             batch, claimed = ([handed], True) if handed is not None else ([], False)
         return ran
 
@@ -294,6 +328,8 @@ class TaskRunner:
             return outcomes, waits and bool(recorded) and recorded[-1]
         finally:
             self.held.release(mine)
+            for jid in mine:  # attempts given up here: their claims are no longer this process's
+                self._nonces.pop(jid, None)
 
     def execute(self, job: Job, waiting: bool = False, via: str = "") -> Event:
         """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded.
@@ -332,6 +368,13 @@ class TaskRunner:
         # usual case: `docker stop` mid-task) must not take the next job of the chain into this process.
         if waiting and not self.stopping():
             data["handoff"] = self.worker_id
+            # The claim of the job to be handed: the scheduler's TASK_STARTED for it names this.
+            nonce = new_nonce()
+            claim = data[constants.HANDOFF_CLAIM_KEY] = claim_of(nonce)
+            with self._waits_lock:
+                self._waits[claim] = nonce
+                while len(self._waits) > MAX_WAITS:
+                    self._waits.popitem(last=False)
             if via:  # the message a job handed to this process runs in
                 data["via"] = via
         return self._event(EventType.TASK_COMPLETED, job, data)

@@ -18,8 +18,9 @@
 -- outcomes hashes, then 4 per hand-off: waiting flag, hand-off list, run log, claims hash; arguments
 -- n_transcripts quintuples (log's index into KEYS, outcomes hash's index or 0 for a TASK_STARTED,
 -- field (task:attempt) or '', channel, event JSON), n_events triples (index into KEYS, channel or ''
--- for none, event JSON), then, with hand-offs: the lists' ttl ms, then 5 per hand-off: field
--- (task:attempt), worker id, channel, TASK_STARTED event JSON, job message (signed).
+-- for none, event JSON), then, with hand-offs: the lists' ttl ms, then 6 per hand-off: field
+-- (task:attempt), worker id, channel, TASK_STARTED event JSON, job message (signed), claim (what the
+-- waiting flag must hold).
 -- Returns 1/0 per hand-off: 1 when handed.
 local done = redis.call('GET', reply)
 if done then
@@ -55,12 +56,15 @@ end
 local out = {}
 local base = first_event + 1 + 3 * n
 if #ARGV >= base then
-  local handoffs = (#ARGV - base) / 5
+  local handoffs = (#ARGV - base) / 6
   local first = #KEYS - 4 * handoffs
   for h = 0, handoffs - 1 do
-    local k, a = first + 1 + 4 * h, base + 1 + 5 * h
+    local k, a = first + 1 + 4 * h, base + 1 + 6 * h
     local flag, list, log, claims = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-    if redis.call('DEL', flag) == 1 then
+    -- Handed only to the wait whose claim the TASK_STARTED names: a flag of a later wait of the same
+    -- worker (whose outcome the scheduler has not read yet) is left alone, and the job goes through Celery.
+    if redis.call('GET', flag) == ARGV[a + 5] then
+      redis.call('DEL', flag)
       redis.call('HSET', claims, ARGV[a], ARGV[a + 1])
       redis.call('XADD', log, '*', 'e', ARGV[a + 3])
       redis.call('PUBLISH', ARGV[a + 2], ARGV[a + 3])

@@ -6,7 +6,8 @@
 -- hash, arguments field (task:attempt), outcome (event type), event JSON, token.
 -- Returns one 1/0 per attempt: 1 when recorded.
 -- With a waiting flag, the worker waits for a hand-off (fenced_append.lua) after the last attempt: the flag is
--- set only if that outcome was recorded, since only a recorded outcome can lead the scheduler to it.
+-- set only if that outcome was recorded, since only a recorded outcome can lead the scheduler to it. Its value
+-- is the claim that outcome names for the job to be handed (the hand-off must carry that claim).
 local out = {}
 for i = 0, (#ARGV - NARGV) / 4 - 1 do
   local outcomes = KEYS[NKEYS + 1 + i]
@@ -20,6 +21,6 @@ for i = 0, (#ARGV - NARGV) / 4 - 1 do
   end
 end
 if waiting ~= '' and out[#out] == 1 then
-  redis.call('SET', waiting, '1', 'PX', waiting_ttl_ms)
+  redis.call('SET', waiting, waiting_claim, 'PX', waiting_ttl_ms)
 end
 return out

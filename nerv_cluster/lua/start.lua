@@ -8,7 +8,7 @@
 -- it transcribed.
 -- Per attempt the verdict is 'done' when it already has an outcome (a redelivery, or superseded: do not
 -- run it), 'busy' when another live worker process holds it, 'poison' when processes holding it died
--- too often (the caller records the failure), 'ok' when this worker may run it.
+-- too often (claimed all the same: the caller records the failure), 'ok' when this worker may run it.
 -- With batch = '1' the attempts are a packed batch claimed together before any of them runs (cheap: one
 -- round trip for the batch); each claim is marked (field#b), since a process lost then may have died in
 -- any job of the batch: taking such an attempt over counts no loss. An attempt whose holder died is not
@@ -51,7 +51,9 @@ for i = 0, (#ARGV - abase) / 3 - 1 do
       end
     end
   end
-  if verdict == 'ok' then
+  -- A poison attempt is claimed too (a takeover, as its holder died): only its claim's holder can
+  -- record the failure the caller records for it (nerv_cluster/outcomes.py).
+  if verdict == 'ok' or verdict == 'poison' then
     redis.call('HSET', claims, field, worker)
     if batch == '1' then
       redis.call('HSET', claims, field .. '#b', 1)

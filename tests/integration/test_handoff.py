@@ -17,6 +17,7 @@ from nerv_cluster.container import container_for
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event
+from nerv_cluster.outcomes import claim_of, new_nonce
 from nerv_cluster.scripts import Resign
 from nerv_cluster.settings import Settings
 from scheduler.lease import Lease
@@ -88,12 +89,16 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     resign = Resign(r)
     signer = own_cluster.signer()
 
-    def finished(worker: str, tid: str) -> None:
-        done = Event(EventType.TASK_COMPLETED, "run1", tid, 1, {"result": 1, "worker": worker})
+    claim = claim_of(new_nonce())
+
+    def finished(worker: str, tid: str, waits_for: str = claim) -> None:
+        data = {"result": 1, "worker": worker, constants.HANDOFF_CLAIM_KEY: waits_for}
+        done = Event(EventType.TASK_COMPLETED, "run1", tid, 1, data)
         assert log.finish_attempts([done], waiting=worker) == [True]
 
-    def offer(worker: str, tid: str, tok: str = token) -> list[bool]:
-        started = Event(EventType.TASK_STARTED, "run1", tid, 1, {"worker": worker, "handoff": True})
+    def offer(worker: str, tid: str, tok: str = token, offered: str = claim) -> list[bool]:
+        data = {"worker": worker, "handoff": True, constants.CLAIM_KEY: offered}
+        started = Event(EventType.TASK_STARTED, "run1", tid, 1, data)
         job = Job("run1", tid, 1, "nerv_testtasks.add", [1, 2], {})
         return log.append_fenced([], tok, [(started, job.to_wire(signer, "tok"))])
 
@@ -132,6 +137,12 @@ def test_handoff_scripts_settle_every_race_one_way(own_cluster: Cluster) -> None
     again = Event(EventType.TASK_COMPLETED, "run1", "a", 1, {"result": 2, "worker": "w5"})
     assert log.finish_attempts([again], waiting="w5") == [False]
     assert not r.exists(keys.handoff_waiting("w5"))
+
+    # 6. An offer for an earlier wait of a worker that now waits again (with another claim: the
+    # scheduler had not read that outcome yet) hands nothing: only the claim's holder could finish it.
+    finished("w6", "i", waits_for=claim_of(new_nonce()))
+    assert offer("w6", "j") == [False]
+    assert r.exists(keys.handoff_waiting("w6")) and r.hget(keys.claims("run1"), "j:1") is None
 
 
 def test_cancel_terminates_a_handed_job_through_the_message_it_runs_in(cluster: Cluster) -> None:

@@ -20,6 +20,7 @@ from celery import Celery
 from nerv_cluster import EventType, RunStatus, Workflow
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event
+from nerv_cluster.outcomes import claim_of, new_nonce
 from nerv_cluster.signing import Signer
 from tests.integration.cluster import Cluster
 from tests.integration.dagcheck import log_of
@@ -81,7 +82,9 @@ def test_forged_feed_entries_are_dropped_and_the_run_completes_with_its_own_resu
     feed = c.redis.xrange(c.client.keys.feed)
     own = c.token(run_id, "a", 1)
     real = next(
-        f for _, f in feed if f.get("t") == own and Event.from_json(f["e"]).type is EventType.TASK_COMPLETED
+        f
+        for _, f in feed
+        if f.get("t", "").startswith(f"{own}.") and Event.from_json(f["e"]).type is EventType.TASK_COMPLETED
     )
     copy = Event.from_json(real["e"])
     _xadd(c, Event(copy.type, run_id, "a", 1, {"result": 668}, source=copy.source), real["t"])
@@ -177,6 +180,61 @@ def test_another_attempts_token_gets_a_worker_nothing(own_cluster: Cluster) -> N
     _wait("a to complete", lambda: _logged(c, run_id, EventType.TASK_COMPLETED, "a"))
     assert [ev.data["result"] for ev in _logged(c, run_id, EventType.TASK_COMPLETED)] == [3]
     c.client.cancel(run_id)  # b's outcome slot is the forger's: it cannot complete (README.md#security)
+
+
+def test_a_running_attempts_token_read_off_the_feed_completes_nothing(own_cluster: Cluster) -> None:
+    """Every worker can read the queues and the feed, which carry attempts' tokens: the token alone must
+    not let one worker complete, or claim away, an attempt another live worker runs."""
+    c = own_cluster
+    c.scheduler()
+    c.wait_leader()
+    c.worker("cpu", 1)
+    wf = Workflow("read-token")
+    wf.add(tt.slow, 3.0, id="a")
+    run_id = c.client.submit(wf)
+    _wait("a to start", lambda: _logged(c, run_id, EventType.TASK_STARTED, "a"))
+    real = _logged(c, run_id, EventType.TASK_STARTED, "a")[0]
+    holder, claim = str(real.data["worker"]), str(real.data["claim"])
+    token = next(
+        f["t"]
+        for _, f in c.redis.xrange(c.client.keys.feed)
+        if "t" in f and Event.from_json(f["e"]).type is EventType.TASK_STARTED
+    )
+    assert token == c.token(run_id, "a", 1)
+    mine = new_nonce()
+    forged = [
+        # the token alone, a made-up nonce, the claim itself (the hash, readable in the log)
+        (Event(EventType.TASK_COMPLETED, run_id, "a", 1, {"result": 666, "worker": "evil"}), token),
+        (Event(EventType.TASK_COMPLETED, run_id, "a", 1, {"result": 667}), f"{token}.{new_nonce()}"),
+        (Event(EventType.TASK_FAILED, run_id, "a", 1, {"error": {}}), f"{token}.{claim}"),
+        # a takeover of the live holder's attempt, then an outcome with the thief's own nonce
+        (
+            Event(EventType.TASK_STARTED, run_id, "a", 1, {"worker": "evil", "claim": claim_of(mine)}),
+            token,
+        ),
+        (Event(EventType.TASK_COMPLETED, run_id, "a", 1, {"result": 668}), f"{token}.{mine}"),
+        # a start in the holder's own name (a copy: dropped), then the thief's nonce again
+        (
+            Event(EventType.TASK_STARTED, run_id, "a", 1, {"worker": holder, "claim": claim_of(mine)}),
+            token,
+        ),
+        (Event(EventType.TASK_COMPLETED, run_id, "a", 1, {"result": 669}), f"{token}.{mine}"),
+    ]
+    for ev, presented in forged:
+        _xadd(c, ev, presented)
+    res = c.client.wait(run_id, timeout=30)
+    assert res.status is RunStatus.COMPLETED, res.reason
+    assert res.results == {"a": 3.0}
+    events = log_of(c.client, run_id)
+    ids = {ev.id for ev, _ in forged}
+    assert not [ev for ev in events if ev.id in ids], "a forged event reached the log"
+    assert [ev.data["worker"] for ev in events if ev.type is EventType.TASK_STARTED] == [holder]
+    assert c.execs(run_id) == {"a": 1}
+    logs = _logs(c)
+    assert logs.count("no nonce of the claim on attempt 1 of 'a'") >= 5, logs[-3000:]
+    assert f"attempt 1 of 'a' is running on {holder}, which is alive" in logs
+    # Neither a token nor a nonce ever reaches a log (credentials of their attempt).
+    assert all("tok" not in ev.data and "nonce" not in ev.data for ev in events)
 
 
 def test_a_scheduler_killed_before_transcribing_loses_no_outcome(own_cluster: Cluster) -> None:

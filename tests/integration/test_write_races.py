@@ -17,6 +17,7 @@ from nerv_cluster.client import connect
 from nerv_cluster.eventlog import EventLog
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event
+from nerv_cluster.outcomes import claim_of, new_nonce
 from scheduler.lease import Lease
 from tests.integration.cluster import Cluster
 
@@ -62,10 +63,13 @@ def test_a_resent_fenced_append_with_a_handoff_is_applied_once(
     keys = log.keys
     token = lease.token
     assert token is not None
-    done = Event(EventType.TASK_COMPLETED, "run1", "a", 1, {"result": 3, "worker": "w1"})
+    claim = claim_of(new_nonce())
+    done = Event(
+        EventType.TASK_COMPLETED, "run1", "a", 1, {"result": 3, "worker": "w1", "handoff_claim": claim}
+    )
     assert log.finish_attempts([done], waiting="w1") == [True]  # w1 now waits for a hand-off
     dispatched = Event(EventType.TASK_DISPATCHED, "run1", "b", 1, {"queue": "cpu"})
-    started = Event(EventType.TASK_STARTED, "run1", "b", 1, {"worker": "w1", "handoff": True})
+    started = Event(EventType.TASK_STARTED, "run1", "b", 1, {"worker": "w1", "handoff": True, "claim": claim})
     job = Job("run1", "b", 1, "nerv_testtasks.add", [1, 2], {})
     client.script_load(log.scripts.fenced_append.source)  # so the one call below is the script itself
     before = client.xlen(keys.log("run1"))
@@ -161,12 +165,18 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     step_until(lambda run: run is not None and len(run.queued) == 2)
     assert submitted.result(timeout=10) == run_id
     tok = {t: own_cluster.token(run_id, t, 1) for t in "ab"}
-    started = [Event(EventType.TASK_STARTED, run_id, t, 1, {"worker": "w1", "tok": tok[t]}) for t in "ab"]
+    nonce = {t: new_nonce() for t in "ab"}  # the worker's claims: only it can finish the attempts
+    started = [
+        Event(
+            EventType.TASK_STARTED, run_id, t, 1, {"worker": "w1", "tok": tok[t], "claim": claim_of(nonce[t])}
+        )
+        for t in "ab"
+    ]
     assert log.start_attempts(started, "w1", 3) == ["ok", "ok"]
     step_until(lambda run: run is not None and len(run.running) == 2)
 
     real_read = log.read_feed
-    done = {"result": 3, "worker": "w1", "tok": tok["a"]}
+    done = {"result": 3, "worker": "w1", "tok": tok["a"], "nonce": nonce["a"]}
     completed = Event(EventType.TASK_COMPLETED, run_id, "a", 1, done)
 
     def read_then_complete(
@@ -183,7 +193,13 @@ def test_cancel_meeting_a_completion_keeps_log_and_outcomes_in_agreement(
     step_until(lambda run: run is None)  # finished and closed
     cancelled.result(timeout=10)
     monkeypatch.undo()
-    late = Event(EventType.TASK_COMPLETED, run_id, "b", 1, {"result": 7, "worker": "w1", "tok": tok["b"]})
+    late = Event(
+        EventType.TASK_COMPLETED,
+        run_id,
+        "b",
+        1,
+        {"result": 7, "worker": "w1", "tok": tok["b"], "nonce": nonce["b"]},
+    )
     assert not log.finish_attempt(late), "b was cancelled: its worker records nothing"
 
     # (field#t: the scheduler's mark that it transcribed that outcome into the log)
