@@ -329,7 +329,6 @@ class SchedulerService:
             self.gate.next_due(now),
         )
         due = min((d for d in dues if d is not None), default=None)
-        due = min((d for d in dues if d is not None), default=None)
         if due is not None:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
