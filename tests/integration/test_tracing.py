@@ -138,11 +138,13 @@ def test_a_new_leader_ends_the_spans_the_dead_one_opened_with_the_same_ids_and_t
 
 
 def _wait_running(c: Cluster, run_id: str, task_id: str, timeout: float = 30):
-    """The TASK_STARTED of ``task_id``, once its function itself runs (past the claim)."""
+    """The TASK_STARTED of ``task_id`` as logged, once its function itself runs (past the claim). The
+    scheduler may hold the transcription for its next write (``TRANSCRIPT_HOLD_S``)."""
     deadline = time.monotonic() + timeout
-    while c.execs(run_id).get(task_id, 0) < 1:
+    while True:
+        if c.execs(run_id).get(task_id, 0) >= 1:
+            for ev in log_of(c.client, run_id):
+                if ev.type is EventType.TASK_STARTED and ev.task_id == task_id:
+                    return ev
         assert time.monotonic() < deadline, f"{task_id} never started running"
         time.sleep(0.02)
-    return next(
-        ev for ev in log_of(c.client, run_id) if ev.type is EventType.TASK_STARTED and ev.task_id == task_id
-    )
