@@ -166,10 +166,6 @@ BATCHES_PER_SLOT: Final = 4
 #: Longest the scheduler holds ready jobs back to pack them, and only behind a deep backlog (a full round
 #: of messages per worker slot waiting, see ``scheduler.dispatch.Outbox``).
 PACK_HOLD_S: Final = 0.02
-#: Workers' events that no decision followed in their step (a start, an outcome whose dependents are not
-#: ready) wait up to this long for the next fenced write, which carries them first anyway, instead of a
-#: write of their own: one round trip fewer in most steps of a deep DAG. Decisions never wait for it.
-TRANSCRIPT_HOLD_S: Final = 0.05
 #: Direct hand-off, for latency along chains. A worker process that has just finished a job whose
 #: success makes a dependent on the same queue ready waits this long on its own hand-off list, and the
 #: scheduler passes it that dependent there: the hop skips Celery's delivery (several ms a message:

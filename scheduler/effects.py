@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from nerv_cluster import children, constants
+from nerv_cluster import children
 from nerv_cluster.children import Spawn
 from nerv_cluster.errors import LeaseLostError
 from nerv_cluster.eventlog import EventLog
@@ -60,14 +60,6 @@ class Effects:
         also just the feed position when it moved (before trimming the feed up to it)."""
         if self.transcriber.pending or (force and self.transcriber.position != self.transcriber.written):
             self._append([])
-
-    def settle_transcripts(self, now: float, trim: bool = False) -> None:
-        """At the end of a step: write the pending transcripts once the oldest has waited
-        ``TRANSCRIPT_HOLD_S`` (``now``: monotonic), else leave them to the next fenced write; with
-        ``trim``, write them and the feed position now (the feed is about to be trimmed up to it)."""
-        since = self.transcriber.pending_since
-        if trim or (since is not None and now - since >= constants.TRANSCRIPT_HOLD_S):
-            self.flush_transcripts(force=trim)
 
     def token(self) -> str:
         """Our fencing token; the keeper thread may have dropped it a moment ago."""

@@ -261,8 +261,8 @@ class SchedulerService:
         self.effects.transcriber.begin(tokens, position, alive)
         if self.log.transcribed_position() is None:
             # No leader recorded a feed position yet (the refold read from the feed's tail): record this
-            # one now. Transcripts may wait for a write (TRANSCRIPT_HOLD_S), and a leader that died
-            # before its first would leave the next one nothing but the tail, past every event it read.
+            # one now. A leader that died after reading workers' events and before its first write
+            # would leave the next one nothing but the tail, past every event it had read.
             self.effects.transcriber.written = ""
             self.effects.flush_transcripts(force=True)
 
@@ -339,10 +339,6 @@ class SchedulerService:
             block = max(1, min(block, int((due - now) * 1000)))
         if self.outbox:  # jobs held back for packing: come back for them soon
             block = max(1, min(block, int(constants.PACK_HOLD_S * 1000)))
-        since = self.effects.transcriber.pending_since
-        if since is not None:  # workers' events held for the next write: log them in time
-            left = since + constants.TRANSCRIPT_HOLD_S - time.monotonic()
-            block = max(1, min(block, int(left * 1000) + 1))
         read = self.log.read_feed(
             self.cursor, self.settings.batch_size, None if self._touched else block, self.intake.cursor
         )
@@ -388,9 +384,8 @@ class SchedulerService:
         self.act()
         self._since_trim += len(read)
         trim = self._since_trim >= _TRIM_EVERY
-        # Workers' events no decision followed this step go with the next write, or alone once they
-        # have waited TRANSCRIPT_HOLD_S.
-        self.effects.settle_transcripts(time.monotonic(), trim)
+        # Workers' events no decision followed this step are logged now, not held to the next one.
+        self.effects.flush_transcripts(force=trim)
         if trim:  # never past what is transcribed: a new leader reads the feed from there
             self.log.trim_feed(self.effects.transcriber.written)
             self._since_trim = 0

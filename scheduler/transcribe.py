@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -46,8 +45,6 @@ class Transcriber:
         #: The position last recorded in Redis (by a fenced write), or found there by a takeover.
         self.written = ""
         self._warned: OrderedDict[str, None] = OrderedDict()
-        #: When (monotonic) the oldest pending transcript was queued; None when none is.
-        self.pending_since: float | None = None
         self._alive: Callable[[str], bool] = outcomes.no_heartbeats
 
     def begin(
@@ -61,14 +58,12 @@ class Transcriber:
         self.tokens = tokens
         self._alive = alive
         self._pending.clear()
-        self.pending_since = None
         self.position = self.written = position
 
     def clear(self) -> None:
         """The term ended: forget what is pending (the next leader reads the feed again)."""
         self.tokens = None
         self._pending.clear()
-        self.pending_since = None
 
     def admit(self, entry_id: str, ev: Event, batch: Batch, state: st.State) -> bool:
         """Whether to fold feed entry ``ev``; a valid worker event is also queued for transcription.
@@ -81,8 +76,6 @@ class Transcriber:
             if why is None:
                 assert sealed is not None  # check() refuses an entry without a token
                 field = attempt_field(str(ev.task_id), int(ev.attempt or 0))
-                if not self._pending:
-                    self.pending_since = time.monotonic()
                 self._pending.append((ev.run_id, "" if kind is EventType.TASK_STARTED else field, sealed[0]))
                 return True
             if why != "duplicate":
@@ -102,7 +95,6 @@ class Transcriber:
         ('' when it is recorded already). Handed over once: a write that fails leaves the term to end
         (a lost lease) or the state to be refolded from the recorded position (a Redis error)."""
         pending, self._pending = self._pending, []
-        self.pending_since = None
         position = self.position if self.position != self.written else ""
         return pending, position
 

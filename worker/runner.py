@@ -51,6 +51,9 @@ log = logging.getLogger("nerv.worker")
 BATCH_FLUSH_S = 0.02
 #: Hand-off claims a process keeps the nonces of (one per waiting thread is needed; old ones go).
 MAX_WAITS = 1024
+#: Attempts a process keeps its claims' nonces of (about 100 bytes each): the ones it runs, and recent
+#: ones it may be sent again.
+MAX_NONCES = 10_000
 #: Verdicts of a batch claim whose job this process runs.
 _RUN = frozenset({"ok", "strict"})
 
@@ -91,13 +94,16 @@ class TaskRunner:
         self.held = held if held is not None else HeldAttempts()
         #: True once the worker began a warm shutdown: serve no more hand-offs.
         self.stopping = stopping or (lambda: False)
-        #: Job id -> the nonce of this process's claim on that attempt; never written anywhere.
-        self._nonces: dict[str, str] = {}
+        #: Job id -> the nonce of this process's claim on that attempt; never written anywhere. Kept
+        #: after the outcome (bounded, oldest out): a process that claims an attempt again (the job
+        #: resent after its outcome could not be recorded) names the same claim, which the scheduler
+        #: folded already, so its outcome is taken (a second start of one worker is a copy there).
+        self._nonces: OrderedDict[str, str] = OrderedDict()
         #: Claim -> nonce of the hand-offs this process's outcomes asked for: shared by a thread pool's
         #: threads, which share one hand-off list (the thread that pops a job may not be the one whose
         #: outcome asked for it). Bounded, oldest out: a wait lasts ``HANDOFF_WAIT_S``.
         self._waits: OrderedDict[str, str] = OrderedDict()
-        self._waits_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     @property
     def signer(self) -> Signer:
@@ -126,12 +132,20 @@ class TaskRunner:
         # in this process until the outcome presents it (nerv_cluster/outcomes.py).
         data[constants.TOKEN_KEY] = job.token
         if kind is EventType.TASK_STARTED:
-            nonce = new_nonce()
-            self._nonces[job.id] = nonce
-            data[constants.CLAIM_KEY] = claim_of(nonce)
+            data[constants.CLAIM_KEY] = claim_of(self._nonce(job.id))
         else:
-            data[constants.NONCE_KEY] = self._nonces.pop(job.id, "")
+            data[constants.NONCE_KEY] = self._nonces.get(job.id, "")
         return Event(kind, job.run_id, job.task_id, job.attempt, data, source=f"worker:{self.worker_id}")
+
+    def _nonce(self, jid: str) -> str:
+        """The nonce of this process's claim on attempt ``jid``: made at its first claim here."""
+        with self._lock:
+            nonce = self._nonces.get(jid)
+            if nonce is None:
+                nonce = self._nonces[jid] = new_nonce()
+                while len(self._nonces) > MAX_NONCES:
+                    self._nonces.popitem(last=False)
+            return nonce
 
     def claim(
         self, jobs: Sequence[Job], via: str = "", outcomes: Sequence[Event] = (), batch: bool = False
@@ -201,7 +215,6 @@ class TaskRunner:
                 )
                 poisoned.append(self._failure(job, TaskError.from_exception(lost), time.time()))
             else:
-                self._nonces.pop(job.id, None)
                 why = "already has an outcome" if verdict == "done" else "is held by a live worker"
                 log.info("job %s not run: the attempt %s", job.id, why)
         self.held.release(dropped)
@@ -247,8 +260,10 @@ class TaskRunner:
             # outcome before it named: its outcome presents that nonce.
             if handed is not None:
                 self.held.add(handed.id)
-                with self._waits_lock:
+                with self._lock:
                     self._nonces[handed.id] = self._waits.pop(handed.claim, "")
+                    while len(self._nonces) > MAX_NONCES:
+                        self._nonces.popitem(last=False)
             batch, claimed = ([handed], True) if handed is not None else ([], False)
         return ran
 
@@ -328,8 +343,6 @@ class TaskRunner:
             return outcomes, waits and bool(recorded) and recorded[-1]
         finally:
             self.held.release(mine)
-            for jid in mine:  # attempts given up here: their claims are no longer this process's
-                self._nonces.pop(jid, None)
 
     def execute(self, job: Job, waiting: bool = False, via: str = "") -> Event:
         """Call the job's function; the outcome event (COMPLETED, RETRYING or FAILED), not yet recorded.
@@ -371,7 +384,7 @@ class TaskRunner:
             # The claim of the job to be handed: the scheduler's TASK_STARTED for it names this.
             nonce = new_nonce()
             claim = data[constants.HANDOFF_CLAIM_KEY] = claim_of(nonce)
-            with self._waits_lock:
+            with self._lock:
                 self._waits[claim] = nonce
                 while len(self._waits) > MAX_WAITS:
                     self._waits.popitem(last=False)

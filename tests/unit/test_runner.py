@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from nerv_cluster import constants
 from nerv_cluster.jobs import Job
 from nerv_cluster.model import Event, EventType
+from nerv_cluster.outcomes import claim_of
 from nerv_cluster.registry import Registry, task
 from worker.held import HeldAttempts
 from worker.runner import TaskRunner
@@ -115,6 +117,43 @@ def test_an_attempt_whose_outcome_cannot_be_recorded_is_given_up():
     with pytest.raises(ConnectionError):
         _runner(log, held).run(_job("a"))
     assert held.snapshot() == [], "a process that could not record the outcome no longer holds it"
+
+
+class ClaimLog(FakeLog):
+    """Keeps the events: the claims TASK_STARTED names and the nonces outcomes present."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Event] = []
+
+    def start_attempts(self, events: Sequence[Event], *args: Any, **kw: Any) -> list[str]:
+        self.events += [*kw.get("outcomes", ()), *events]
+        return super().start_attempts(events, *args, **kw)
+
+    def finish_attempts(self, events: Sequence[Event], waiting: str = "") -> list[bool]:
+        self.events += events
+        return super().finish_attempts(events, waiting)
+
+
+def test_an_outcome_presents_the_nonce_of_its_claim_and_a_second_claim_names_the_same_one():
+    """The scheduler takes an outcome only with the nonce of the claim it folded; a process that claims
+    an attempt again (its job resent after the outcome could not be recorded) must name that claim."""
+    log = ClaimLog()
+    log.fail_finish = True
+    runner = _runner(log)
+    with pytest.raises(ConnectionError):
+        runner.run(_job("a"))
+    log.fail_finish = False
+    assert runner.run(_job("a")) is EventType.TASK_COMPLETED
+    starts = [e for e in log.events if e.type is EventType.TASK_STARTED]
+    outcomes = [e for e in log.events if e.type is EventType.TASK_COMPLETED]
+    assert len(starts) == 2 and len(outcomes) == 2
+    claims = {e.data[constants.CLAIM_KEY] for e in starts}
+    nonces = {e.data[constants.NONCE_KEY] for e in outcomes}
+    assert len(claims) == 1 and {claim_of(n) for n in nonces} == claims
+    # Another attempt, another claim.
+    runner.run(_job("a", 2))
+    assert log.events[-2].data[constants.CLAIM_KEY] not in claims
 
 
 def test_jobs_are_held_while_they_run():
