@@ -282,3 +282,16 @@ def test_a_transcription_is_written_once_with_the_feed_position(own_cluster: Clu
     assert logged == [done]
     assert c.redis.get(keys.transcribed) == "6-0" and log.transcribed_position() == "6-0"
     assert c.redis.hget(keys.outcomes("run1"), "a:1#t") == "1"
+
+
+def test_the_first_leader_records_the_feed_position_it_starts_from(own_cluster: Cluster) -> None:
+    """Before any worker event: a leader that died after reading some and before its first write must
+    not leave the next one only the feed's tail (past what it read)."""
+    c = own_cluster
+    c.redis.xadd(c.client.keys.feed, {"e": "an entry before the cluster's first leader"})
+    tail = c.redis.xrevrange(c.client.keys.feed, count=1)[0][0]
+    assert c.client.log.transcribed_position() is None
+    c.scheduler()
+    c.wait_leader()
+    _wait("the position recorded", lambda: c.client.log.transcribed_position() is not None, timeout=10)
+    assert c.client.log.transcribed_position() == tail
