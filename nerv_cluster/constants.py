@@ -74,6 +74,9 @@ WORKER_HEARTBEAT_TTL_MS: Final = 4_000
 #: worker's heartbeat must stay missing before its tasks are re-dispatched, and how long past its time
 #: limit a task may run before the scheduler fails it (after the worker's own soft and hard limits).
 WATCHDOG_INTERVAL_S: Final = 0.5
+#: The scheduler's gauges (ready, running, ready soon) are refreshed each sweep, but never sooner than
+#: this many times their last refresh's cost after it (they walk every ready and active task).
+GAUGES_COST_FACTOR: Final = 20.0
 LOST_WORKER_GRACE_S: Final = 1.5
 #: How long a live worker's heartbeat may leave out a RUNNING attempt it was said to hold before the
 #: watchdog re-dispatches it: a few heartbeat intervals, so a beat written just before the claim (or
