@@ -142,9 +142,8 @@ class TaskRunner:
         with self._lock:
             nonce = self._nonces.get(jid)
             if nonce is None:
-                nonce = self._nonces[jid] = new_nonce()
-                while len(self._nonces) > MAX_NONCES:
-                    self._nonces.popitem(last=False)
+                nonce = new_nonce()
+                _keep(self._nonces, jid, nonce, MAX_NONCES)
             return nonce
 
     def claim(
@@ -261,9 +260,7 @@ class TaskRunner:
             if handed is not None:
                 self.held.add(handed.id)
                 with self._lock:
-                    self._nonces[handed.id] = self._waits.pop(handed.claim, "")
-                    while len(self._nonces) > MAX_NONCES:
-                        self._nonces.popitem(last=False)
+                    _keep(self._nonces, handed.id, self._waits.pop(handed.claim, ""), MAX_NONCES)
             batch, claimed = ([handed], True) if handed is not None else ([], False)
         return ran
 
@@ -385,9 +382,7 @@ class TaskRunner:
             nonce = new_nonce()
             claim = data[constants.HANDOFF_CLAIM_KEY] = claim_of(nonce)
             with self._lock:
-                self._waits[claim] = nonce
-                while len(self._waits) > MAX_WAITS:
-                    self._waits.popitem(last=False)
+                _keep(self._waits, claim, nonce, MAX_WAITS)
             if via:  # the message a job handed to this process runs in
                 data["via"] = via
         return self._event(EventType.TASK_COMPLETED, job, data)
@@ -409,6 +404,13 @@ class TaskRunner:
         data.update(worker=self.worker_id, started_at=started)
         log.info("job %s %s: %s", job.id, kind.value, error)
         return self._event(kind, job, data)
+
+
+def _keep(kept: OrderedDict[str, str], key: str, value: str, bound: int) -> None:
+    """``kept[key] = value``, the oldest entries dropped beyond ``bound``."""
+    kept[key] = value
+    while len(kept) > bound:
+        kept.popitem(last=False)
 
 
 def _ids(events: Sequence[Event]) -> list[str]:
